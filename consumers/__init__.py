@@ -1,0 +1,1 @@
+"""Dedup consumers (filled in by the consumers issue)."""

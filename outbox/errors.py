@@ -1,0 +1,172 @@
+"""Every exception the toolkit raises, in one flat module.
+
+The tree::
+
+    OutboxError
+    ├── ConfigurationError            bad settings, caught at construction
+    │   └── InvalidIdentifier         a table / schema / consumer name that is not a safe identifier
+    ├── MessageError (ValueError)     a message rejected by the writer before it reaches the table
+    │   ├── SerializationError        the payload cannot be turned into bytes
+    │   ├── PayloadTooLarge           the serialised payload is over the size limit
+    │   ├── InvalidTopic              not a legal Kafka topic / RabbitMQ exchange name
+    │   ├── InvalidKey                a key that is not a short string
+    │   ├── InvalidHeaders            header names or values of the wrong type
+    │   ├── InvalidMessageId          a message id that is not a UUID
+    │   └── InvalidDeliveryTime       naive datetimes, times in the past, negative delays
+    ├── DatabaseError                 database problems the toolkit can name
+    │   ├── UnsupportedDatabase       a dialect or server version the toolkit cannot run on
+    │   └── SchemaMissing             the toolkit's tables are not there (run `outbox db upgrade`)
+    ├── BrokerError                   broker problems, translated at the adapter boundary
+    │   ├── BrokerUnavailable         cannot connect / connection lost (retriable)
+    │   └── PublishFailed             a publish outcome that the caller asked to raise
+    ├── RelayError
+    │   ├── LeaseLost                 a partition lease was taken over (fencing generation moved)
+    │   └── SingleRelayOnly           a second relay on a database that supports only one (SQLite)
+    └── ConsumerError
+        ├── MessageIdMissing          no usable message id: sent to the dead letters, never processed
+        ├── DecodeError               the payload cannot be decoded (not retried)
+        ├── StaleVersion              optimistic version check matched no row
+        └── IllegalTransition         a state change the state machine does not allow
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BrokerError",
+    "BrokerUnavailable",
+    "ConfigurationError",
+    "ConsumerError",
+    "DatabaseError",
+    "DecodeError",
+    "IllegalTransition",
+    "InvalidDeliveryTime",
+    "InvalidHeaders",
+    "InvalidIdentifier",
+    "InvalidKey",
+    "InvalidMessageId",
+    "InvalidTopic",
+    "LeaseLost",
+    "MessageError",
+    "MessageIdMissing",
+    "OutboxError",
+    "PayloadTooLarge",
+    "PublishFailed",
+    "RelayError",
+    "SchemaMissing",
+    "SerializationError",
+    "SingleRelayOnly",
+    "StaleVersion",
+    "UnsupportedDatabase",
+]
+
+
+class OutboxError(Exception):
+    """Base class of every error raised by outboxkit."""
+
+
+class ConfigurationError(OutboxError, ValueError):
+    """A setting is missing, of the wrong type or out of range."""
+
+
+class InvalidIdentifier(ConfigurationError):
+    """A table, schema or consumer name that is not a plain SQL identifier."""
+
+
+class MessageError(OutboxError, ValueError):
+    """A message was rejected before anything reached the session."""
+
+
+class SerializationError(MessageError, TypeError):
+    """The payload could not be serialised."""
+
+
+class PayloadTooLarge(MessageError):
+    """The serialised payload is larger than the configured limit."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        self.size = size
+        self.limit = limit
+        super().__init__(
+            f"payload is {size:,} bytes, over the limit of {limit:,} bytes "
+            "(raise max_payload_bytes, or store the data elsewhere and send a reference)"
+        )
+
+
+class InvalidTopic(MessageError):
+    """The topic / exchange name is not legal."""
+
+
+class InvalidKey(MessageError):
+    """The key / routing key is not legal."""
+
+
+class InvalidHeaders(MessageError):
+    """Header names or values are of the wrong type."""
+
+
+class InvalidMessageId(MessageError):
+    """The message id is not a UUID."""
+
+
+class InvalidDeliveryTime(MessageError):
+    """deliver_at / delay are inconsistent, naive or in the past."""
+
+
+class DatabaseError(OutboxError):
+    """A database problem the toolkit can explain."""
+
+
+class UnsupportedDatabase(DatabaseError):
+    """The database or its version is not supported for this operation."""
+
+
+class SchemaMissing(DatabaseError):
+    """The toolkit's tables do not exist: run `outbox db upgrade`."""
+
+
+class BrokerError(OutboxError):
+    """A broker problem, translated from the client library's exception."""
+
+
+class BrokerUnavailable(BrokerError):
+    """The broker cannot be reached or the connection was lost."""
+
+
+class PublishFailed(BrokerError):
+    """A message could not be published."""
+
+    def __init__(self, message: str, *, retriable: bool) -> None:
+        self.retriable = retriable
+        super().__init__(message)
+
+
+class RelayError(OutboxError):
+    """A relay-level problem."""
+
+
+class LeaseLost(RelayError):
+    """Another relay holds this partition now; this relay must not touch its rows."""
+
+
+class SingleRelayOnly(RelayError):
+    """This database supports a single relay and another one is running."""
+
+
+class ConsumerError(OutboxError):
+    """A dedup consumer problem."""
+
+
+class MessageIdMissing(ConsumerError):
+    """The message carries no usable id, so it cannot be deduplicated."""
+
+
+class DecodeError(ConsumerError):
+    """The payload could not be decoded; retrying will not help."""
+
+
+class StaleVersion(ConsumerError):
+    """An optimistic update matched no row: the version moved or the row is gone."""
+
+
+class IllegalTransition(ConsumerError):
+    """The state machine does not allow this transition."""

@@ -1,0 +1,156 @@
+"""Run the toolkit's shipped Alembic migrations from Python (the ``outbox db`` commands use this).
+
+The scripts live in the repository's top-level ``alembic/`` folder and are packaged into the wheel
+as ``outbox/_migrations``. They keep their own version table, ``outbox_alembic_version``, so they
+never touch the application's ``alembic_version``.
+
+Already running Alembic for your application? Either run ``outbox db upgrade`` as a separate step,
+or call :func:`upgrade` from one of your own migrations::
+
+    from alembic import op
+    from outbox.migrations import upgrade as outbox_upgrade
+
+    def upgrade():
+        outbox_upgrade(op.get_bind(), "0001_initial")  # pin the revision your migration expects
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+from .errors import ConfigurationError
+from .schema import OutboxTables, default_tables
+
+__all__ = [
+    "VERSION_TABLE",
+    "alembic_config",
+    "current",
+    "downgrade",
+    "heads",
+    "offline_sql",
+    "script_location",
+    "tables_for_migration",
+    "upgrade",
+]
+
+VERSION_TABLE = "outbox_alembic_version"
+_ACTIVE_TABLES: list[OutboxTables] = []
+
+
+def script_location() -> str:
+    """Where the migration scripts are: in the installed package, or the source checkout."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "_migrations", here.parent / "alembic"):
+        if (candidate / "env.py").is_file() and (candidate / "versions").is_dir():
+            return str(candidate)
+    raise ConfigurationError(f"outboxkit's migration scripts are missing (looked in {here / '_migrations'})")
+
+
+def tables_for_migration() -> OutboxTables:
+    """The tables the running migration applies to (used by ``env.py`` and the scripts)."""
+    if _ACTIVE_TABLES:
+        return _ACTIVE_TABLES[-1]
+    try:
+        from alembic import context
+
+        tables = context.config.attributes.get("outbox_tables")
+        if tables is not None:
+            return tables  # type: ignore[no-any-return]
+    except Exception:
+        pass
+    return default_tables()
+
+
+def alembic_config(
+    *, url: str | None = None, connection: Connection | None = None, tables: OutboxTables | None = None,
+    output: io.StringIO | None = None,
+) -> Any:
+    """An Alembic ``Config`` pointing at the shipped scripts, for ``alembic.command`` functions."""
+    from alembic.config import Config
+
+    cfg = Config(output_buffer=output) if output is not None else Config()
+    cfg.set_main_option("script_location", script_location())
+    if url is not None:
+        cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    cfg.attributes["connection"] = connection
+    cfg.attributes["outbox_tables"] = tables or default_tables()
+    cfg.attributes["version_table"] = VERSION_TABLE
+    return cfg
+
+
+@contextlib.contextmanager
+def _connected(bind: Engine | Connection | str) -> Iterator[Connection]:
+    if isinstance(bind, Connection):
+        yield bind
+        return
+    engine = sa.create_engine(bind, poolclass=sa.pool.NullPool) if isinstance(bind, str) else bind
+    try:
+        with engine.begin() as conn:
+            yield conn
+    finally:
+        if isinstance(bind, str):
+            engine.dispose()
+
+
+@contextlib.contextmanager
+def _active(tables: OutboxTables | None) -> Iterator[None]:
+    _ACTIVE_TABLES.append(tables or default_tables())
+    try:
+        yield
+    finally:
+        _ACTIVE_TABLES.pop()
+
+
+def upgrade(bind: Engine | Connection | str, revision: str = "head", *, tables: OutboxTables | None = None) -> None:
+    """Create or upgrade the toolkit's tables to ``revision``."""
+    from alembic import command
+
+    with _connected(bind) as conn, _active(tables):
+        command.upgrade(alembic_config(connection=conn, tables=tables), revision)
+
+
+def downgrade(bind: Engine | Connection | str, revision: str, *, tables: OutboxTables | None = None) -> None:
+    """Downgrade to ``revision`` (``base`` drops every toolkit table)."""
+    from alembic import command
+
+    with _connected(bind) as conn, _active(tables):
+        command.downgrade(alembic_config(connection=conn, tables=tables), revision)
+
+
+def current(bind: Engine | Connection | str, *, tables: OutboxTables | None = None) -> str | None:
+    """The revision the database is at, or ``None`` if the toolkit's tables were never created."""
+    from alembic.runtime.migration import MigrationContext
+
+    schema = (tables or default_tables()).names.schema
+    with _connected(bind) as conn:
+        ctx = MigrationContext.configure(
+            conn, opts={"version_table": VERSION_TABLE, "version_table_schema": schema}
+        )
+        return ctx.get_current_revision()
+
+
+def heads() -> list[str]:
+    """The newest revision(s) the installed toolkit ships."""
+    from alembic.script import ScriptDirectory
+
+    return list(ScriptDirectory(script_location()).get_heads())
+
+
+def offline_sql(url: str, revision: str = "head", *, from_revision: str | None = None,
+                tables: OutboxTables | None = None) -> str:
+    """The DDL to reach ``revision``, as SQL text for a DBA (nothing is executed)."""
+    from alembic import command
+
+    out = io.StringIO()
+    cfg = alembic_config(url=url, tables=tables, output=out)
+    target = f"{from_revision}:{revision}" if from_revision else revision
+    with _active(tables):
+        command.upgrade(cfg, target, sql=True)
+    return out.getvalue()
