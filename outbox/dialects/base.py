@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import sqlalchemy as sa
-from sqlalchemy.engine import Connection
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.sql import Insert
 
 
@@ -31,6 +34,40 @@ class Dialect:
         """An INSERT that silently skips rows violating a unique constraint."""
         raise NotImplementedError
 
+    def insert_new_keys(
+        self, connection: Connection, table: sa.Table, rows: Sequence[Mapping[str, Any]], key_column: str
+    ) -> set[Any]:
+        """Insert ``rows``, skipping those whose primary key exists; return the ``key_column`` values inserted.
+
+        Used by the dedup consumers. One statement where the database has ``INSERT ... RETURNING``
+        together with insert-if-absent (PostgreSQL ``ON CONFLICT DO NOTHING RETURNING``, MariaDB
+        >= 10.5 ``INSERT IGNORE ... RETURNING``, SQLite >= 3.35). Elsewhere (MySQL) the existing keys
+        are read first in the same transaction, the rest inserted with INSERT IGNORE and the affected
+        row count checked; on a mismatch (a concurrent writer) each row is inserted on its own.
+        Duplicates never raise, so a PostgreSQL transaction is never aborted. All rows must share
+        the values of the primary-key columns other than ``key_column``.
+        """
+        if not rows:
+            return set()
+        key = table.c[key_column]
+        if connection.dialect.insert_returning:
+            stmt = self.insert_ignore(table).values([dict(r) for r in rows]).returning(key)
+            return set(connection.execute(stmt).scalars())
+        first = rows[0]
+        others = [c for c in table.primary_key.columns if c.name != key_column]
+        existing = set(
+            connection.execute(
+                sa.select(key).where(*(c == first[c.name] for c in others), key.in_([r[key_column] for r in rows]))
+            ).scalars()
+        )
+        rest = [dict(r) for r in rows if r[key_column] not in existing]
+        if not rest:
+            return set()
+        inserted = connection.execute(self.insert_ignore(table).values(rest)).rowcount
+        if inserted == len(rest):
+            return {r[key_column] for r in rest}
+        return {r[key_column] for r in rest if connection.execute(self.insert_ignore(table).values(r)).rowcount == 1}
+
     def lock_rows(self, select: sa.Select[Any]) -> sa.Select[Any]:
         """Apply the row-claiming lock to a SELECT (``FOR UPDATE SKIP LOCKED`` where available)."""
         return select
@@ -41,5 +78,15 @@ class Dialect:
     def notify(self, connection: Connection, channel: str) -> None:  # pragma: no cover - default no-op
         """Send a wake-up notification in the current transaction, where supported."""
 
-    def begin_claim(self, connection: Connection) -> None:
-        """Hook run at the start of a claim transaction (e.g. SQLite's BEGIN IMMEDIATE)."""
+    def lock_claim(self, select: sa.Select[Any], table: sa.Table) -> sa.Select[Any]:
+        """Lock the outbox rows a relay claims (``select`` may join ``table`` to a subquery)."""
+        return select
+
+    def prepare_relay_engine(self, engine: Engine) -> None:
+        """Adjust an engine for relay use (e.g. SQLite's WAL mode)."""
+
+    def start_listener(
+        self, engine: Engine, channel: str, on_wake: Callable[[], None], stop: threading.Event
+    ) -> threading.Thread | None:
+        """Start a background wake-up listener, where the database has one; ``None`` otherwise."""
+        return None

@@ -32,6 +32,9 @@ class MySQLDialect(Dialect):
     def lock_rows(self, select: sa.Select[Any]) -> sa.Select[Any]:
         return select.with_for_update(skip_locked=True)
 
+    def lock_claim(self, select: sa.Select[Any], table: sa.Table) -> sa.Select[Any]:
+        return select.with_for_update(skip_locked=True)
+
     def check_server(self, connection: Connection) -> None:
         info = connection.dialect.server_version_info or (0,)
         is_mariadb = bool(getattr(connection.dialect, "is_mariadb", False))

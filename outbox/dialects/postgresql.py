@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import logging
+import threading
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql as pg
-from sqlalchemy.engine import Connection
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.sql import Insert
 
+from .._redact import mask_secrets
+from ..errors import ConfigurationError
 from .base import Dialect
+
+log = logging.getLogger("outbox.relay")
 
 
 class PostgreSQLDialect(Dialect):
@@ -33,5 +40,51 @@ class PostgreSQLDialect(Dialect):
     def lock_rows(self, select: sa.Select[Any]) -> sa.Select[Any]:
         return select.with_for_update(skip_locked=True)
 
+    def lock_claim(self, select: sa.Select[Any], table: sa.Table) -> sa.Select[Any]:
+        return select.with_for_update(skip_locked=True, of=table)
+
     def notify(self, connection: Connection, channel: str) -> None:
         connection.execute(sa.select(sa.func.pg_notify(channel, "")))
+
+    def start_listener(
+        self, engine: Engine, channel: str, on_wake: Callable[[], None], stop: threading.Event
+    ) -> threading.Thread | None:
+        if engine.dialect.driver != "psycopg":
+            raise ConfigurationError(
+                f"NOTIFY wake-ups need the psycopg (3) driver, not {engine.dialect.driver!r}: "
+                "use a postgresql+psycopg:// URL or turn notify off"
+            )
+        thread = threading.Thread(
+            target=_listen, args=(engine, channel, on_wake, stop), name="outbox-listen", daemon=True
+        )
+        thread.start()
+        return thread
+
+
+def _listen(engine: Engine, channel: str, on_wake: Callable[[], None], stop: threading.Event) -> None:
+    """LISTEN on ``channel``; on every notification call ``on_wake``. Re-listens after reconnects."""
+    import psycopg
+    from psycopg import sql
+
+    attempt = 0
+    while not stop.is_set():
+        try:
+            params = engine.url.translate_connect_args(username="user", database="dbname")
+            conn = psycopg.connect(autocommit=True, connect_timeout=10, **{k: v for k, v in params.items() if v})
+            try:
+                conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
+                if attempt:
+                    log.info("LISTEN %s re-established", channel)
+                attempt = 0
+                on_wake()  # catch up on anything committed while we were not listening
+                while not stop.is_set():
+                    for _ in conn.notifies(timeout=1.0, stop_after=1):
+                        on_wake()
+            finally:
+                conn.close()
+        except Exception as exc:
+            attempt += 1
+            delay = min(30.0, 0.5 * 2**attempt)
+            log.warning("LISTEN %s lost (%s: %s); polling continues, retrying in %.1f s", channel,
+                        type(exc).__name__, mask_secrets(exc), delay)
+            stop.wait(delay)

@@ -6,7 +6,7 @@ from typing import Any, ClassVar
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import sqlite
-from sqlalchemy.engine import Connection
+from sqlalchemy.engine import Engine
 from sqlalchemy.sql import Insert
 
 from .base import Dialect
@@ -22,7 +22,11 @@ class SQLiteDialect(Dialect):
     def insert_ignore(self, table: sa.Table) -> Insert:
         return sqlite.insert(table).on_conflict_do_nothing()
 
-    def begin_claim(self, connection: Connection) -> None:
-        # Nothing to lock row-by-row: SQLite serialises writers. The relay checks that it is
-        # the only one through its lease (see SingleRelayOnly).
-        return None
+    def prepare_relay_engine(self, engine: Engine) -> None:
+        # WAL lets the application keep committing while the relay's transaction is open.
+        # Nothing is locked row by row: SQLite serialises writers, and the relay refuses to
+        # start next to another relay (SingleRelayOnly).
+        if engine.url.database in (None, "", ":memory:"):
+            return
+        with engine.connect() as conn:
+            conn.exec_driver_sql("PRAGMA journal_mode=WAL")

@@ -1,0 +1,143 @@
+"""Relay settings: keyword-only, checked at construction, loadable from TOML and environment."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigurationError
+from .writer import DEFAULT_PARTITIONS
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+__all__ = ["ORDERING_MODES", "RelayConfig", "load_toml"]
+
+ORDERING_MODES = ("strict", "none")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RelayConfig:
+    """How a relay claims, publishes and retries. Every field has a production-sane default."""
+
+    batch_size: int = 1000
+    """Rows claimed and published per round."""
+    poll_interval: float = 1.0
+    """Longest idle wait between claims (seconds). Busy relays claim again at once."""
+    min_poll_interval: float = 0.01
+    """First idle wait; doubles up to ``poll_interval`` while nothing is found."""
+    max_attempts: int = 12
+    """Publish attempts before a row is marked dead."""
+    backoff_initial: float = 1.0
+    """Seconds before the first retry of a row; doubles per attempt, with jitter."""
+    backoff_max: float = 300.0
+    ordering: str = "strict"
+    """``strict``: a failing or dead message holds back later messages of the same key.
+    ``none``: later messages pass it."""
+    delete_published: bool = True
+    """Delete rows once published (default). False keeps them as ``published`` (audit mode)."""
+    partitions: int = DEFAULT_PARTITIONS
+    """Partition count of the writers; relays extend it if they find rows of higher partitions."""
+    lease_ttl: float = 15.0
+    """A relay that has not renewed its leases for this long loses them."""
+    publish_timeout: float = 30.0
+    """Longest wait for the broker's verdict on one batch."""
+    shutdown_timeout: float = 30.0
+    """On SIGTERM/SIGINT, longest wait for outstanding confirms before leaving."""
+    notify: bool = False
+    """Wake up on PostgreSQL NOTIFY (the writer must use ``Outbox(notify=True)``)."""
+    relay_id: str | None = None
+    """Stable name of this relay in ``outbox status`` (default host:pid:random)."""
+    progress_interval: float = 10.0
+    """Seconds between progress log lines (0 disables them)."""
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _positive_int("batch_size", self.batch_size, 1, 100_000)
+        _positive_int("max_attempts", self.max_attempts, 1, 1_000_000)
+        _positive_int("partitions", self.partitions, 1, 32767)
+        for name in ("poll_interval", "min_poll_interval", "backoff_initial", "backoff_max", "lease_ttl",
+                     "publish_timeout", "shutdown_timeout"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
+                raise ConfigurationError(f"{name} must be a positive number of seconds, got {v!r}")
+        if self.min_poll_interval > self.poll_interval:
+            raise ConfigurationError(
+                f"min_poll_interval ({self.min_poll_interval}) must not exceed poll_interval ({self.poll_interval})"
+            )
+        if self.ordering not in ORDERING_MODES:
+            raise ConfigurationError(f"ordering must be one of {ORDERING_MODES}, got {self.ordering!r}")
+        if self.lease_ttl < 1.0:
+            raise ConfigurationError(f"lease_ttl must be at least 1 s, got {self.lease_ttl}")
+
+    @property
+    def renew_interval(self) -> float:
+        return self.lease_ttl / 3.0
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> RelayConfig:
+        """Build from a mapping (TOML ``[relay]`` table, env vars); unknown keys are an error."""
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for key, raw in values.items():
+            name = key.replace("-", "_")
+            if name not in known:
+                raise ConfigurationError(f"unknown relay setting {key!r}; known: {', '.join(sorted(known))}")
+            kwargs[name] = _coerce(name, raw, known[name].type)
+        return cls(**kwargs)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, base: Mapping[str, Any] | None = None) -> RelayConfig:
+        """``OUTBOX_RELAY_BATCH_SIZE=500`` style variables override ``base``."""
+        env = os.environ if environ is None else environ
+        values = dict(base or {})
+        for f in dataclasses.fields(cls):
+            var = f"OUTBOX_RELAY_{f.name.upper()}"
+            if var in env:
+                values[f.name] = env[var]
+        return cls.from_mapping(values)
+
+
+def _positive_int(name: str, v: object, lo: int, hi: int) -> None:
+    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+        raise ConfigurationError(f"{name} must be an int between {lo} and {hi}, got {v!r}")
+
+
+def _coerce(name: str, raw: Any, annotation: object) -> Any:
+    if not isinstance(raw, str):
+        return raw
+    ann = str(annotation)
+    try:
+        if ann == "int":
+            return int(raw)
+        if ann == "float":
+            return float(raw)
+        if ann == "bool":
+            low = raw.strip().lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+    except ValueError:
+        raise ConfigurationError(f"relay setting {name} = {raw!r} is not a valid {ann}") from None
+    return raw
+
+
+def load_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a TOML config file; errors name the file and the problem."""
+    p = Path(path)
+    try:
+        with p.open("rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigurationError(f"config file {p} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigurationError(f"config file {p} is not valid TOML: {exc}") from None

@@ -1,0 +1,408 @@
+"""The relay: claims committed outbox rows, publishes them, then deletes (or marks) them.
+
+One round, in one database transaction per batch:
+
+1. claim up to ``batch_size`` pending, available rows of the partitions this relay leases, in
+   ``id`` order within each partition (``FOR UPDATE SKIP LOCKED`` where the database has it);
+2. publish them and wait for the broker's verdict on each (Kafka acks / RabbitMQ confirms);
+3. re-check the partition leases' fencing generations in the same transaction, then delete the
+   delivered rows (or mark them ``published`` in audit mode), give failed rows a backoff, and mark
+   permanently failed or exhausted rows ``dead``; commit.
+
+A crash anywhere before the commit leaves the rows pending, so they are published again: at least
+once, never lost. Rows are only ever read after their writer committed, so a rolled-back message
+is never published.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import random
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+from tenacity import wait_exponential_jitter
+
+from . import dialects
+from ._redact import mask_secrets
+from .brokers.base import Outcome, Publisher, PublishResult
+from .config import RelayConfig
+from .errors import BrokerUnavailable, SchemaMissing
+from .leases import LeaseManager, _ranges, default_relay_id
+from .message import OutboxRecord
+from .schema import STATUS_DEAD, STATUS_PENDING, STATUS_PUBLISHED, OutboxTables, default_tables
+
+__all__ = ["Relay", "RelayStats"]
+
+log = logging.getLogger("outbox.relay")
+
+#: errors after which the relay backs off and starts over (reconnecting), instead of crashing
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (sa.exc.DBAPIError, sa.exc.TimeoutError, BrokerUnavailable)
+_MAX_ERROR_TEXT = 2000
+
+
+@dataclass
+class RelayStats:
+    published: int = 0
+    retried: int = 0
+    dead: int = 0
+    rounds: int = 0
+    fenced: int = 0
+    """rows not marked because their partition's lease moved to another relay"""
+    errors: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
+class Relay:
+    """Publishes committed outbox rows through a :class:`~outbox.brokers.Publisher`.
+
+    ``run()`` is the daemon loop (stop it with :meth:`stop`, e.g. from a signal handler);
+    ``drain()`` publishes everything that is due and returns, for scripts and tests.
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        publisher: Publisher,
+        *,
+        config: RelayConfig | None = None,
+        tables: OutboxTables | None = None,
+        on_published: Callable[[Sequence[OutboxRecord]], None] | None = None,
+    ) -> None:
+        self.engine = engine
+        self.publisher = publisher
+        self.config = config or RelayConfig()
+        self.tables = tables or default_tables()
+        self.dialect = dialects.dialect_for(engine)
+        self.relay_id = self.config.relay_id or default_relay_id()
+        self.stats = RelayStats()
+        self.on_published = on_published
+        self.leases = LeaseManager(
+            engine=engine, tables=self.tables, dialect=self.dialect, relay_id=self.relay_id,
+            ttl=self.config.lease_ttl, min_partitions=self.config.partitions,
+        )
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._started = False
+        self._last_rebalance = 0.0
+        self._last_progress = time.monotonic()
+        self._progress_mark = 0
+        self._listener: Any = None
+        self._active_partitions: set[int] = set()
+        self.db_label = mask_secrets(engine.url.render_as_string(hide_password=True))
+
+    # ------------------------------------------------------------------ lifecycle
+    def stop(self) -> None:
+        """Ask the loop to finish the batch in hand and leave (safe from signal handlers)."""
+        self._stop.set()
+        self._wake.set()
+
+    def wake(self) -> None:
+        """Claim again now instead of waiting out the idle interval."""
+        self._wake.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def start(self) -> None:
+        """Check the database, connect the broker, register and take a fair share of partitions."""
+        with self.engine.connect() as conn:
+            self.dialect.check_server(conn)
+            inspector = sa.inspect(conn)
+            for t in (self.tables.outbox, self.tables.leases, self.tables.relays):
+                if not inspector.has_table(t.name, schema=t.schema):
+                    raise SchemaMissing(
+                        f"table {t.name!r} does not exist in {self.db_label}: run `outbox db upgrade` first"
+                    )
+        self.dialect.prepare_relay_engine(self.engine)
+        self.publisher.start()
+        self.leases.register()
+        self.leases.ensure_partitions()
+        self.leases.rebalance()
+        self._last_rebalance = time.monotonic()
+        if self.config.notify and self._listener is None:
+            self._listener = self.dialect.start_listener(
+                self.engine, self.tables.names.outbox, self._wake.set, self._stop
+            )
+        self._started = True
+
+    def close(self) -> None:
+        """Release leases, leave the relays table and close the publisher (bounded waits)."""
+        try:
+            self.publisher.close(timeout=self.config.shutdown_timeout)
+        except Exception as exc:
+            log.warning("closing the publisher failed: %s", mask_secrets(exc))
+        try:
+            self.leases.release_all()
+            self.leases.unregister()
+        except Exception as exc:
+            log.warning("could not release leases (they expire in %.0f s): %s", self.config.lease_ttl,
+                        mask_secrets(exc))
+        self._started = False
+
+    # ------------------------------------------------------------------ loops
+    def run(self) -> RelayStats:
+        """Publish until :meth:`stop` is called. Database and broker outages are retried forever."""
+        waits = wait_exponential_jitter(initial=0.5, max=30.0, jitter=0.5)
+        failures = 0
+        idle = self.config.min_poll_interval
+        log.info("relay %s starting on %s (ordering=%s, batch=%d)", self.relay_id, self.db_label,
+                 self.config.ordering, self.config.batch_size)
+        try:
+            while not self._stop.is_set():
+                try:
+                    if not self._started:
+                        self.start()
+                        log.info("relay %s holds partitions %s", self.relay_id, _ranges(list(self.leases.held)))
+                    self._maybe_rebalance()
+                    n = self.run_once()
+                    failures = 0
+                except TRANSIENT_ERRORS as exc:
+                    failures += 1
+                    self.stats.errors += 1
+                    self._started = False
+                    delay = waits(_RetryState(failures))
+                    what = "broker" if isinstance(exc, BrokerUnavailable) else "database"
+                    log.error("%s unavailable (%s): %s; retrying in %.1f s", what,
+                              self.db_label if what == "database" else "publisher", _short(exc), delay)
+                    self._dispose_quietly()
+                    self._sleep(delay)
+                    continue
+                self._progress()
+                if n >= self.config.batch_size:
+                    idle = self.config.min_poll_interval
+                    continue
+                if n > 0:
+                    idle = self.config.min_poll_interval
+                    continue
+                self._sleep(idle)
+                idle = min(idle * 2, self.config.poll_interval)
+        finally:
+            log.info("relay %s stopping: %s", self.relay_id, self._summary())
+            if self._started:
+                self.close()
+            else:
+                try:
+                    self.publisher.close(timeout=self.config.shutdown_timeout)
+                except Exception:
+                    pass
+        return self.stats
+
+    def drain(self, *, timeout: float | None = None) -> int:
+        """Publish every row that is due now, then return how many were published."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        before = self.stats.published
+        if not self._started:
+            self.start()
+        while not self._stop.is_set():
+            self._maybe_rebalance()
+            n = self.run_once()
+            if n == 0:
+                break
+            if deadline is not None and time.monotonic() > deadline:
+                break
+        return self.stats.published - before
+
+    def run_once(self) -> int:
+        """One claim-publish-mark round. Returns the number of rows claimed."""
+        if not self._started:
+            self.start()
+        held = sorted(self.leases.held)
+        if not held:
+            return 0
+        now = _now()
+        with self.engine.begin() as conn:
+            records = self._claim(conn, held, now)
+            if not records:
+                return 0
+            results = self._publish(records)
+            self._mark(conn, records, results)
+        self.stats.rounds += 1
+        return len(records)
+
+    # ------------------------------------------------------------------ steps
+    def _claim(self, conn: Connection, held: list[int], now: dt.datetime) -> list[OutboxRecord]:
+        o = self.tables.outbox
+        blocked: list[str] = []
+        if self.config.ordering == "strict":
+            blocked = self._blocked_keys(conn, held, now)
+        # share the batch among the partitions that had rows last time, so a few busy keys still
+        # fill a batch, while each partition is read through its index in id order
+        active = len(self._active_partitions & set(held)) or len(held)
+        per_partition = max(16, -(-self.config.batch_size // active))
+        cols = (o.c.id, o.c.message_id, o.c.topic, o.c.key, o.c.payload, o.c.headers, o.c.content_type,
+                o.c.partition, o.c.attempts)
+        members = []
+        for p in held:
+            q = sa.select(o.c.id).where(o.c.partition == p, o.c.status == STATUS_PENDING, o.c.available_at <= now)
+            if blocked:
+                q = q.where(sa.or_(o.c.key.is_(None), o.c.key.not_in(blocked)))
+            members.append(sa.select(sa.literal_column("id")).select_from(
+                q.order_by(o.c.id).limit(per_partition).subquery()))
+        ids = sa.union_all(*members).subquery("claimable") if len(members) > 1 else members[0].subquery("claimable")
+        stmt = sa.select(*cols).join_from(o, ids, o.c.id == ids.c.id).order_by(o.c.id).limit(self.config.batch_size)
+        rows = conn.execute(self.dialect.lock_claim(stmt, o)).all()
+        self._active_partitions = {r.partition for r in rows}
+        return [
+            OutboxRecord(id=r.id, message_id=r.message_id, topic=r.topic, key=r.key, payload=bytes(r.payload),
+                         headers=r.headers or {}, content_type=r.content_type, partition=r.partition,
+                         attempts=r.attempts)
+            for r in rows
+        ]
+
+    def _blocked_keys(self, conn: Connection, held: list[int], now: dt.datetime) -> list[str]:
+        """Keys whose earliest undelivered message is dead or waiting out a retry backoff."""
+        o = self.tables.outbox
+        q = (
+            sa.select(o.c.key).distinct()
+            .where(o.c.partition.in_(held), o.c.key.is_not(None))
+            .where(sa.or_(o.c.status == STATUS_DEAD,
+                          sa.and_(o.c.status == STATUS_PENDING, o.c.attempts > 0, o.c.available_at > now)))
+        )
+        return [k for k in conn.execute(q).scalars()]
+
+    def _publish(self, records: list[OutboxRecord]) -> list[PublishResult]:
+        results = self.publisher.publish(records, timeout=self.config.publish_timeout)
+        if len(results) != len(records):  # a broken adapter must not lose or double-mark rows
+            log.error("publisher returned %d results for %d messages; retrying the batch", len(results), len(records))
+            return [PublishResult(r.id, Outcome.RETRY, "publisher returned no verdict") for r in records]
+        return results
+
+    def _mark(self, conn: Connection, records: list[OutboxRecord], results: list[PublishResult]) -> None:
+        o = self.tables.outbox
+        by_id = {r.id: r for r in records}
+        lost = self.leases.fence(conn, {r.partition for r in records})
+        if lost:
+            skipped = [r for r in records if r.partition in lost]
+            self.stats.fenced += len(skipped)
+            log.warning("partitions %s moved to another relay during the batch: leaving %d published rows "
+                        "to their new owner (they may be sent twice)", _ranges(sorted(lost)), len(skipped))
+        delivered: list[int] = []
+        retry: dict[tuple[str, int], list[int]] = defaultdict(list)
+        dead: dict[str, list[int]] = defaultdict(list)
+        failed_keys: dict[str, int] = {}
+        for res in results:
+            rec = by_id.get(res.id)
+            if rec is None or rec.partition in lost:
+                continue
+            if res.outcome is Outcome.DELIVERED:
+                delivered.append(res.id)
+                if rec.key is not None and rec.key in failed_keys and self.config.ordering == "strict":
+                    log.warning("key %r: message %s went out although earlier message %s failed in the same "
+                                "batch", rec.key, rec.message_id, failed_keys[rec.key])
+                continue
+            reason = _short(res.error or res.outcome.value)
+            if rec.key is not None:
+                failed_keys.setdefault(rec.key, rec.id)
+            if res.outcome is Outcome.FAILED or rec.attempts + 1 >= self.config.max_attempts:
+                if res.outcome is Outcome.RETRY:
+                    reason = f"gave up after {rec.attempts + 1} attempts: {reason}"
+                dead[reason].append(res.id)
+            else:
+                retry[(reason, rec.attempts)].append(res.id)
+        if delivered:
+            if self.config.delete_published:
+                for chunk in _chunks(delivered, 1000):
+                    conn.execute(o.delete().where(o.c.id.in_(chunk)))
+            else:
+                now = _now()
+                for chunk in _chunks(delivered, 1000):
+                    conn.execute(o.update().where(o.c.id.in_(chunk)).values(status=STATUS_PUBLISHED, published_at=now))
+            self.stats.published += len(delivered)
+            if self.on_published is not None:
+                ids = set(delivered)
+                self.on_published([r for r in records if r.id in ids])
+        now = _now()
+        for (reason, attempts), ids in retry.items():
+            delay = self._backoff(attempts)
+            conn.execute(o.update().where(o.c.id.in_(ids)).values(
+                attempts=o.c.attempts + 1, last_error=reason, available_at=now + dt.timedelta(seconds=delay)))
+            self.stats.retried += len(ids)
+            log.warning("%d message(s) not delivered, retrying in %.1f s: %s", len(ids), delay, reason)
+        for reason, ids in dead.items():
+            conn.execute(o.update().where(o.c.id.in_(ids)).values(
+                attempts=o.c.attempts + 1, last_error=reason, status=STATUS_DEAD))
+            self.stats.dead += len(ids)
+            log.error("%d message(s) marked dead (see `outbox dead list`): %s", len(ids), reason)
+
+    def _backoff(self, attempts: int) -> float:
+        base = min(self.config.backoff_max, self.config.backoff_initial * (2 ** min(attempts, 30)))
+        return base * random.uniform(0.5, 1.0)
+
+    # ------------------------------------------------------------------ helpers
+    def _maybe_rebalance(self) -> None:
+        if time.monotonic() - self._last_rebalance >= self.config.renew_interval:
+            self.leases.register()
+            self.leases.ensure_partitions()
+            self.leases.rebalance()
+            self._last_rebalance = time.monotonic()
+
+    def _sleep(self, seconds: float) -> None:
+        end = time.monotonic() + seconds
+        while not self._stop.is_set():
+            left = end - time.monotonic()
+            if left <= 0:
+                return
+            # wake early for NOTIFY, stop(), or the lease renewal deadline
+            until_renew = self._last_rebalance + self.config.renew_interval - time.monotonic()
+            if self._wake.wait(max(0.0, min(left, until_renew))):
+                self._wake.clear()
+                return
+            if until_renew <= left:
+                return
+
+    def _progress(self) -> None:
+        every = self.config.progress_interval
+        if every <= 0:
+            return
+        now = time.monotonic()
+        if now - self._last_progress >= every:
+            rate = (self.stats.published - self._progress_mark) / (now - self._last_progress)
+            if self.stats.published != self._progress_mark or self.stats.retried or self.stats.dead:
+                log.info("published %d (%.0f msg/s), retried %d, dead %d; partitions %s", self.stats.published,
+                         rate, self.stats.retried, self.stats.dead, _ranges(list(self.leases.held)))
+            self._last_progress = now
+            self._progress_mark = self.stats.published
+
+    def _summary(self) -> str:
+        s = self.stats
+        return f"published {s.published}, retried {s.retried}, dead {s.dead}, fenced {s.fenced}, errors {s.errors}"
+
+    def _dispose_quietly(self) -> None:
+        try:
+            self.engine.dispose()
+        except Exception:
+            pass
+
+
+class _RetryState:
+    """The bit of tenacity's RetryCallState that its wait strategies read."""
+
+    def __init__(self, attempt: int) -> None:
+        self.attempt_number = attempt
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def _short(exc: object) -> str:
+    text = mask_secrets(exc if not isinstance(exc, BaseException) else f"{type(exc).__name__}: {exc}")
+    text = " ".join(text.split())
+    return text if len(text) <= _MAX_ERROR_TEXT else text[: _MAX_ERROR_TEXT - 3] + "..."
+
+
+def _chunks(items: list[int], n: int) -> list[list[int]]:
+    return [items[i : i + n] for i in range(0, len(items), n)]
+
+
