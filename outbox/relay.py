@@ -28,7 +28,7 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
-from tenacity import wait_exponential_jitter
+from tenacity import wait_exponential, wait_random
 
 from . import dialects
 from ._redact import mask_secrets
@@ -124,7 +124,8 @@ class Relay:
                     raise SchemaMissing(
                         f"table {t.name!r} does not exist in {self.db_label}: run `outbox db upgrade` first"
                     )
-        self.dialect.prepare_relay_engine(self.engine)
+        self.engine = self.dialect.prepare_relay_engine(self.engine)
+        self.leases.engine = self.engine
         self.publisher.start()
         self.leases.register()
         self.leases.ensure_partitions()
@@ -153,7 +154,7 @@ class Relay:
     # ------------------------------------------------------------------ loops
     def run(self) -> RelayStats:
         """Publish until :meth:`stop` is called. Database and broker outages are retried forever."""
-        waits = wait_exponential_jitter(initial=0.5, max=30.0, jitter=0.5)
+        waits = wait_exponential(multiplier=0.5, max=30.0) + wait_random(0, 0.5)
         failures = 0
         idle = self.config.min_poll_interval
         log.info("relay %s starting on %s (ordering=%s, batch=%d)", self.relay_id, self.db_label,
@@ -295,6 +296,8 @@ class Relay:
             rec = by_id.get(res.id)
             if rec is None or rec.partition in lost:
                 continue
+            if res.held:  # never sent: stays pending, untouched, behind the failed message
+                continue
             if res.outcome is Outcome.DELIVERED:
                 delivered.append(res.id)
                 if rec.key is not None and rec.key in failed_keys and self.config.ordering == "strict":
@@ -313,11 +316,11 @@ class Relay:
         if delivered:
             if self.config.delete_published:
                 for chunk in _chunks(delivered, 1000):
-                    conn.execute(o.delete().where(o.c.id.in_(chunk)))
+                    self.dialect.delete_ids(conn, o, chunk)
             else:
                 now = _now()
                 for chunk in _chunks(delivered, 1000):
-                    conn.execute(o.update().where(o.c.id.in_(chunk)).values(status=STATUS_PUBLISHED, published_at=now))
+                    self.dialect.update_ids(conn, o, chunk, {"status": STATUS_PUBLISHED, "published_at": now})
             self.stats.published += len(delivered)
             if self.on_published is not None:
                 ids = set(delivered)

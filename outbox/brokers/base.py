@@ -32,6 +32,9 @@ class PublishResult:
     outcome: Outcome
     error: str | None = None
     """The broker's reason, for RETRY and FAILED."""
+    held: bool = False
+    """Not sent at all, because an earlier record with the same key failed in this batch (outcome
+    RETRY). The relay leaves such rows untouched: no attempt is counted against them."""
 
 
 @runtime_checkable
@@ -41,7 +44,10 @@ class Publisher(Protocol):
     ``publish`` sends a batch and returns exactly one result per record, in the order given; it
     never raises for a message-level problem (that is an outcome) and raises
     :class:`~outbox.errors.BrokerUnavailable` only when the broker cannot be reached at all.
-    Records with the same key are sent in the order given.
+    Records with the same key are sent in the order given. Once a record fails before later
+    records are sent (for example Kafka's client-side size check), the later records with the
+    same key are not sent: they come back as RETRY with ``held=True``, so per-key order survives a
+    failure in the middle of a batch.
     """
 
     def start(self) -> None:

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import sqlalchemy as sa
@@ -68,6 +67,10 @@ class Dialect:
             return {r[key_column] for r in rest}
         return {r[key_column] for r in rest if connection.execute(self.insert_ignore(table).values(r)).rowcount == 1}
 
+    def ensure_transaction(self, connection: Connection) -> None:
+        """Make sure the database transaction has really begun, so that a first SAVEPOINT neither
+        starts it nor, on its RELEASE, commits it (a no-op where the driver begins transactions itself)."""
+
     def lock_rows(self, select: sa.Select[Any]) -> sa.Select[Any]:
         """Apply the row-claiming lock to a SELECT (``FOR UPDATE SKIP LOCKED`` where available)."""
         return select
@@ -82,8 +85,17 @@ class Dialect:
         """Lock the outbox rows a relay claims (``select`` may join ``table`` to a subquery)."""
         return select
 
-    def prepare_relay_engine(self, engine: Engine) -> None:
-        """Adjust an engine for relay use (e.g. SQLite's WAL mode)."""
+    def delete_ids(self, connection: Connection, table: sa.Table, ids: Sequence[int]) -> None:
+        """Delete rows by primary key ``id``, touching (and locking) no other row."""
+        connection.execute(table.delete().where(table.c.id.in_(ids)))
+
+    def update_ids(self, connection: Connection, table: sa.Table, ids: Sequence[int], values: dict[str, Any]) -> None:
+        """Update rows by primary key ``id``, touching (and locking) no other row."""
+        connection.execute(table.update().where(table.c.id.in_(ids)).values(**values))
+
+    def prepare_relay_engine(self, engine: Engine) -> Engine:
+        """The engine the relay should use (e.g. READ COMMITTED on MySQL, WAL mode on SQLite)."""
+        return engine
 
     def start_listener(
         self, engine: Engine, channel: str, on_wake: Callable[[], None], stop: threading.Event

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any, ClassVar
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import sqlite
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.sql import Insert
 
 from .base import Dialect
+
+log = logging.getLogger("outbox.relay")
 
 
 class SQLiteDialect(Dialect):
@@ -22,11 +25,24 @@ class SQLiteDialect(Dialect):
     def insert_ignore(self, table: sa.Table) -> Insert:
         return sqlite.insert(table).on_conflict_do_nothing()
 
-    def prepare_relay_engine(self, engine: Engine) -> None:
+    def prepare_relay_engine(self, engine: Engine) -> Engine:
         # WAL lets the application keep committing while the relay's transaction is open.
         # Nothing is locked row by row: SQLite serialises writers, and the relay refuses to
         # start next to another relay (SingleRelayOnly).
         if engine.url.database in (None, "", ":memory:"):
-            return
-        with engine.connect() as conn:
-            conn.exec_driver_sql("PRAGMA journal_mode=WAL")
+            return engine
+        try:
+            with engine.connect() as conn:
+                mode = conn.exec_driver_sql("PRAGMA journal_mode").scalar()
+                if str(mode).lower() != "wal":
+                    conn.exec_driver_sql("PRAGMA journal_mode=WAL")
+        except sa.exc.OperationalError as exc:  # busy: keep the rollback journal, say what it costs
+            log.warning("could not switch SQLite to WAL mode (%s); writers may wait while the relay publishes", exc)
+        return engine
+
+    def ensure_transaction(self, connection: Connection) -> None:
+        # pysqlite (legacy transaction control) only sends BEGIN before INSERT/UPDATE/DELETE, so a
+        # SAVEPOINT issued first would open the transaction and its RELEASE would commit it.
+        dbapi_connection = connection.connection.dbapi_connection
+        if dbapi_connection is not None and not getattr(dbapi_connection, "in_transaction", True):
+            connection.exec_driver_sql("BEGIN")

@@ -1,0 +1,280 @@
+"""The relay on real databases (PostgreSQL, MariaDB, SQLite), publishing to the in-memory broker.
+
+Broker-specific behaviour (Kafka, RabbitMQ) is covered by tests/integration/test_relay_e2e.py and
+the contract suite; here the database side is exercised: claims, ordering, retries, dead rows,
+leases, fencing and shutdown.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import threading
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from outbox import Outbox, OutgoingMessage, SchemaMissing, SingleRelayOnly, admin, default_tables
+from outbox.brokers.base import Outcome
+from outbox.brokers.memory import MemoryPublisher
+from outbox.config import RelayConfig
+from outbox.relay import Relay
+
+T = default_tables().outbox
+FAST = {"min_poll_interval": 0.01, "poll_interval": 0.05, "backoff_initial": 0.05, "backoff_max": 0.2,
+        "progress_interval": 0, "lease_ttl": 3.0}
+
+
+def cfg(**kw) -> RelayConfig:
+    return RelayConfig(**{**FAST, **kw})
+
+
+def write(engine: sa.Engine, n: int, keys: int = 10, topic: str = "orders", start: int = 0, **kw) -> list:
+    box = Outbox()
+    with Session(engine) as s, s.begin():
+        return box.add_many(
+            s, [OutgoingMessage(topic, {"seq": i, "key": f"k{i % keys}"}, key=f"k{i % keys}", **kw)
+                for i in range(start, start + n)]
+        )
+
+
+def seqs_by_key(pub: MemoryPublisher) -> dict[str, list[int]]:
+    out: dict[str, list[int]] = {}
+    for m in pub.snapshot():
+        out.setdefault(m.key, []).append(json.loads(m.payload)["seq"])
+    return out
+
+
+def pending_rows(engine: sa.Engine) -> list:
+    with engine.connect() as c:
+        return c.execute(sa.select(T).order_by(T.c.id)).all()
+
+
+def test_committed_published_rolled_back_never_and_rows_deleted(engine: sa.Engine, dialect_name: str) -> None:
+    ids = write(engine, 50)
+    box = Outbox()
+    pub = MemoryPublisher()
+    relay = Relay(engine, pub, config=cfg())
+    with Session(engine) as s:
+        s.begin()
+        box.add(s, "orders", {"seq": -1}, key="open")
+        if dialect_name != "sqlite":  # SQLite has one writer: an open write transaction would block the relay
+            s.flush()  # the row is in the database but not committed: invisible to the relay
+            assert relay.drain() == 50
+        s.rollback()
+    assert relay.drain() == (0 if dialect_name != "sqlite" else 50)
+    relay.close()
+    got = pub.snapshot()
+    assert [m.message_id for m in got] == ids  # one key per partition is in id order; all here in id order
+    assert all(m.headers["message-id"] == str(m.message_id) for m in got)
+    assert pending_rows(engine) == []
+
+
+def test_per_key_order_across_batches(engine: sa.Engine) -> None:
+    write(engine, 3000, keys=37)
+    pub = MemoryPublisher()
+    relay = Relay(engine, pub, config=cfg(batch_size=128))
+    assert relay.drain() == 3000
+    relay.close()
+    for key, seqs in seqs_by_key(pub).items():
+        assert seqs == sorted(seqs), key
+    assert sum(len(v) for v in seqs_by_key(pub).values()) == 3000
+
+
+def test_retry_backoff_then_delivery_and_strict_order_holds_later_messages(engine: sa.Engine) -> None:
+    write(engine, 6, keys=2)  # k0: 0,2,4   k1: 1,3,5
+    pub = MemoryPublisher()
+    pub.fail(lambda r: json.loads(r.payload)["seq"] == 0, Outcome.RETRY, "leader not available", times=1)
+    relay = Relay(engine, pub, config=cfg(batch_size=1, backoff_initial=30, backoff_max=30))
+    relay.drain()
+    # seq 0 failed and waits 15-30 s; k0's later messages are held back, k1 flows
+    assert seqs_by_key(pub) == {"k1": [1, 3, 5]}
+    row = pending_rows(engine)[0]
+    assert row.attempts == 1 and "leader not available" in row.last_error
+    with engine.begin() as c:  # let the backoff run out
+        c.execute(T.update().values(available_at=dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=1)))
+    relay.drain()
+    relay.close()
+    assert seqs_by_key(pub) == {"k1": [1, 3, 5], "k0": [0, 2, 4]}
+
+
+def test_ordering_none_lets_later_messages_pass(engine: sa.Engine) -> None:
+    write(engine, 4, keys=1)
+    pub = MemoryPublisher()
+    pub.fail(lambda r: json.loads(r.payload)["seq"] == 0, Outcome.RETRY, "timeout", times=1)
+    relay = Relay(engine, pub, config=cfg(batch_size=1, ordering="none", backoff_initial=30, backoff_max=30))
+    relay.drain()
+    relay.close()
+    assert seqs_by_key(pub) == {"k0": [1, 2, 3]}
+
+
+def test_permanent_failure_is_dead_with_reason_others_flow_and_requeue_delivers(engine: sa.Engine) -> None:
+    write(engine, 20, keys=4)
+    pub = MemoryPublisher()
+    rule = pub.fail(lambda r: json.loads(r.payload)["seq"] == 5, Outcome.FAILED, "MSG_SIZE_TOO_LARGE: too big")
+    relay = Relay(engine, pub, config=cfg())
+    relay.drain()
+    dead = admin.list_dead(engine)
+    assert len(dead) == 1 and "MSG_SIZE_TOO_LARGE" in dead[0]["last_error"]
+    # strict: k1's messages after the dead one are held; the other keys all went out
+    got = seqs_by_key(pub)
+    assert got["k1"] == [1] and len(got["k0"]) == len(got["k2"]) == len(got["k3"]) == 5
+    assert admin.outbox_status(engine)["dead"] == 1
+    pub.clear_failures()
+    del rule
+    assert admin.requeue_dead(engine, key="k1") == 1
+    relay.drain()
+    relay.close()
+    assert seqs_by_key(pub)["k1"] == [1, 5, 9, 13, 17]
+    assert pending_rows(engine) == []
+
+
+def test_retries_exhausted_become_dead(engine: sa.Engine) -> None:
+    write(engine, 1)
+    pub = MemoryPublisher()
+    pub.fail(lambda r: True, Outcome.RETRY, "broker timeout")
+    relay = Relay(engine, pub, config=cfg(max_attempts=3, backoff_initial=0.01, backoff_max=0.01))
+    for _ in range(50):
+        relay.drain()
+        if pending_rows(engine)[0].status == "dead":
+            break
+        with engine.begin() as c:
+            c.execute(T.update().values(available_at=dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=1)))
+    relay.close()
+    row = pending_rows(engine)[0]
+    assert row.status == "dead" and row.attempts == 3
+    assert "gave up after 3 attempts: broker timeout" in row.last_error
+
+
+def test_delayed_messages_wait_for_their_time(engine: sa.Engine) -> None:
+    box = Outbox()
+    with Session(engine) as s, s.begin():
+        box.add(s, "t", b"later", delay=dt.timedelta(hours=1))
+        box.add(s, "t", b"now")
+    pub = MemoryPublisher()
+    relay = Relay(engine, pub, config=cfg())
+    relay.drain()
+    assert [m.payload for m in pub.snapshot()] == [b"now"]
+    with engine.begin() as c:  # an hour passes
+        c.execute(T.update().values(available_at=dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=1)))
+    relay.drain()
+    relay.close()
+    assert [m.payload for m in pub.snapshot()] == [b"now", b"later"]
+
+
+def test_audit_mode_keeps_published_rows(engine: sa.Engine) -> None:
+    write(engine, 5)
+    relay = Relay(engine, MemoryPublisher(), config=cfg(delete_published=False))
+    assert relay.drain() == 5
+    relay.close()
+    rows = pending_rows(engine)
+    assert {r.status for r in rows} == {"published"} and all(r.published_at for r in rows)
+    assert admin.outbox_status(engine)["pending"] == 0
+
+
+def test_broker_unavailable_is_retried_not_fatal(engine: sa.Engine) -> None:
+    write(engine, 10)
+    pub = MemoryPublisher()
+    pub.unavailable = True
+    relay = Relay(engine, pub, config=cfg())
+    t = threading.Thread(target=relay.run)
+    t.start()
+    try:
+        deadline_ok = True
+        for _ in range(200):  # wait until the relay has failed at least twice
+            if relay.stats.errors >= 2:
+                break
+            threading.Event().wait(0.02)
+        assert relay.stats.errors >= 2 and t.is_alive()
+        pub.unavailable = False
+        assert pub.wait_for(10, timeout=30), deadline_ok
+    finally:
+        relay.stop()
+        t.join(30)
+    assert not t.is_alive()
+    assert pending_rows(engine) == []
+
+
+def test_missing_tables_name_the_fix(fresh_database: str) -> None:
+    eng = sa.create_engine(fresh_database)
+    with pytest.raises(SchemaMissing, match="outbox db upgrade"):
+        Relay(eng, MemoryPublisher(), config=cfg()).start()
+    eng.dispose()
+
+
+@pytest.mark.parametrize("dialect_name", ["sqlite"], indirect=True)
+def test_sqlite_refuses_a_second_relay(engine: sa.Engine) -> None:
+    a = Relay(engine, MemoryPublisher(), config=cfg())
+    a.start()
+    b = Relay(engine, MemoryPublisher(), config=cfg())
+    with pytest.raises(SingleRelayOnly, match="supports a single relay"):
+        b.start()
+    a.close()
+    b.start()  # once the first one left, a new one may start
+    b.close()
+
+
+@pytest.mark.parametrize("dialect_name", ["postgresql", "mariadb"], indirect=True)
+def test_relays_share_partitions_fairly_and_never_overlap(engine: sa.Engine) -> None:
+    relays = [Relay(engine, MemoryPublisher(), config=cfg(relay_id=f"r{i}")) for i in range(3)]
+    for r in relays:
+        r.start()
+    for _ in range(3):  # a few renewal rounds converge on the fair share
+        for r in relays:
+            r.leases.register()
+            r.leases.rebalance()
+    held = [set(r.leases.held) for r in relays]
+    assert sorted(len(h) for h in held) == [10, 11, 11]
+    assert set().union(*held) == set(range(32))
+    assert sum(len(h) for h in held) == 32
+    relays[0].close()  # leaving hands its partitions over
+    for _ in range(2):
+        for r in relays[1:]:
+            r.leases.register()
+            r.leases.rebalance()
+    assert sorted(len(r.leases.held) for r in relays[1:]) == [16, 16]
+    for r in relays[1:]:
+        r.close()
+
+
+@pytest.mark.parametrize("dialect_name", ["postgresql", "mariadb"], indirect=True)
+def test_a_relay_whose_lease_lapsed_cannot_mark_rows(engine: sa.Engine) -> None:
+    write(engine, 10, keys=1)
+    slow_pub, new_pub = MemoryPublisher(), MemoryPublisher()
+    old = Relay(engine, slow_pub, config=cfg(relay_id="old"))
+    old.start()
+    new = Relay(engine, new_pub, config=cfg(relay_id="new"))
+    le = default_tables().leases
+
+    def takeover(records) -> None:  # while `old` publishes, its leases lapse and `new` takes over
+        with engine.begin() as c:
+            c.execute(le.update().values(expires_at=dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=1)))
+        with engine.begin() as c:
+            c.execute(default_tables().relays.delete().where(default_tables().relays.c.relay_id == "old"))
+        new.start()
+
+    orig = slow_pub.publish
+
+    def publish(records, *, timeout=30.0):
+        threading.Thread(target=takeover, args=(records,)).start() if False else None
+        return orig(records, timeout=timeout)
+
+    # take over between the claim and the mark: run the takeover in the publisher call, from another
+    # connection (the old relay's transaction is still open)
+    def publish_with_takeover(records, *, timeout=30.0):
+        t = threading.Thread(target=takeover, args=(records,))
+        t.start()
+        t.join(30)
+        return orig(records, timeout=timeout)
+
+    slow_pub.publish = publish_with_takeover  # type: ignore[method-assign]
+    old.run_once()
+    assert old.stats.fenced == 10 and old.stats.published == 0
+    assert len(pending_rows(engine)) == 10  # nothing marked by the fenced relay
+    slow_pub.publish = orig  # type: ignore[method-assign]
+    assert new.drain() == 10
+    new.close()
+    old.close()
+    assert pending_rows(engine) == []
+    del publish
