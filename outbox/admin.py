@@ -8,7 +8,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from .schema import STATUS_DEAD, STATUS_PENDING, OutboxTables, default_tables
+from .schema import DUE_NOW, STATUS_DEAD, STATUS_PENDING, OutboxTables, default_tables
 
 __all__ = ["dead_filter", "get_dead", "list_dead", "outbox_status", "purge_dead", "requeue_dead"]
 
@@ -32,6 +32,9 @@ def outbox_status(engine: Engine, *, tables: OutboxTables | None = None) -> dict
         retrying = conn.execute(
             sa.select(sa.func.count()).where(o.c.status == STATUS_PENDING, o.c.attempts > 0)
         ).scalar_one()
+        delayed = conn.execute(
+            sa.select(sa.func.count()).where(o.c.status == STATUS_PENDING, o.c.available_at > now)
+        ).scalar_one()
         dead = conn.execute(sa.select(sa.func.count()).where(o.c.status == STATUS_DEAD)).scalar_one()
         relays = [dict(row._mapping) for row in conn.execute(sa.select(r).order_by(r.c.relay_id))]
         leases = [dict(row._mapping) for row in conn.execute(sa.select(le).order_by(le.c.partition))]
@@ -52,6 +55,7 @@ def outbox_status(engine: Engine, *, tables: OutboxTables | None = None) -> dict
         "pending": pending,
         "due": due,
         "retrying": retrying,
+        "waiting": delayed,
         "dead": dead,
         "oldest_pending_at": oldest,
         "oldest_pending_age_s": (now - oldest).total_seconds() if oldest is not None else None,
@@ -109,7 +113,7 @@ def requeue_dead(
     with engine.begin() as conn:
         return int(conn.execute(
             o.update().where(*dead_filter(t, ids=ids, topic=topic, key=key, older_than=older_than))
-            .values(status=STATUS_PENDING, attempts=0, available_at=_now())
+            .values(status=STATUS_PENDING, attempts=0, available_at=DUE_NOW)
         ).rowcount)
 
 

@@ -170,21 +170,25 @@ class LeaseManager:
     def fence(self, conn: Connection, partitions: set[int]) -> set[int]:
         """In the caller's transaction: renew and lock the leases of ``partitions``; return those lost.
 
-        The caller must not mark rows of a lost partition: another relay owns them now.
+        Two statements whatever the partition count: renew (which locks the lease rows this relay
+        still owns until the caller commits), then read back owners and generations. The caller
+        must not mark rows of a lost partition: another relay owns them now.
         """
         le = self.tables.leases
         exp = _now() + dt.timedelta(seconds=self.ttl)
+        parts = sorted(partitions)
+        conn.execute(
+            le.update().where(le.c.partition.in_(parts), le.c.owner == self.relay_id).values(expires_at=exp)
+        )
+        current = {
+            p: (owner, gen)
+            for p, owner, gen in conn.execute(
+                sa.select(le.c.partition, le.c.owner, le.c.generation).where(le.c.partition.in_(parts))
+            )
+        }
         lost: set[int] = set()
-        for p in sorted(partitions):
-            gen = self.held.get(p)
-            n = 0
-            if gen is not None:
-                n = conn.execute(
-                    le.update()
-                    .where(le.c.partition == p, le.c.owner == self.relay_id, le.c.generation == gen)
-                    .values(expires_at=exp)
-                ).rowcount
-            if not n:
+        for p in parts:
+            if current.get(p) != (self.relay_id, self.held.get(p)):
                 lost.add(p)
                 self.held.pop(p, None)
         return lost

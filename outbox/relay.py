@@ -37,7 +37,7 @@ from .config import RelayConfig
 from .errors import BrokerUnavailable, SchemaMissing
 from .leases import LeaseManager, _ranges, default_relay_id
 from .message import OutboxRecord
-from .schema import STATUS_DEAD, STATUS_PENDING, STATUS_PUBLISHED, OutboxTables, default_tables
+from .schema import DUE_NOW, STATUS_DEAD, STATUS_PENDING, STATUS_PUBLISHED, OutboxTables, default_tables
 
 __all__ = ["Relay", "RelayStats"]
 
@@ -232,20 +232,31 @@ class Relay:
         return len(records)
 
     # ------------------------------------------------------------------ steps
+    def _promote(self, conn: Connection, held: list[int], now: dt.datetime) -> None:
+        """Rows whose delay or backoff has run out become due (``available_at = DUE_NOW``)."""
+        o = self.tables.outbox
+        conn.execute(
+            o.update()
+            .where(o.c.partition.in_(held), o.c.status == STATUS_PENDING)
+            .where(o.c.available_at > DUE_NOW, o.c.available_at <= now)
+            .values(available_at=DUE_NOW)
+        )
+
     def _claim(self, conn: Connection, held: list[int], now: dt.datetime) -> list[OutboxRecord]:
         o = self.tables.outbox
+        self._promote(conn, held, now)
         blocked: list[str] = []
         if self.config.ordering == "strict":
-            blocked = self._blocked_keys(conn, held, now)
+            blocked = self._blocked_keys(conn, held)
         # share the batch among the partitions that had rows last time, so a few busy keys still
-        # fill a batch, while each partition is read through its index in id order
+        # fill a batch, while each partition is read through the claim index in id order
         active = len(self._active_partitions & set(held)) or len(held)
         per_partition = max(16, -(-self.config.batch_size // active))
         cols = (o.c.id, o.c.message_id, o.c.topic, o.c.key, o.c.payload, o.c.headers, o.c.content_type,
                 o.c.partition, o.c.attempts)
         members = []
         for p in held:
-            q = sa.select(o.c.id).where(o.c.partition == p, o.c.status == STATUS_PENDING, o.c.available_at <= now)
+            q = sa.select(o.c.id).where(o.c.partition == p, o.c.status == STATUS_PENDING, o.c.available_at == DUE_NOW)
             if blocked:
                 q = q.where(sa.or_(o.c.key.is_(None), o.c.key.not_in(blocked)))
             members.append(sa.select(sa.literal_column("id")).select_from(
@@ -261,14 +272,14 @@ class Relay:
             for r in rows
         ]
 
-    def _blocked_keys(self, conn: Connection, held: list[int], now: dt.datetime) -> list[str]:
+    def _blocked_keys(self, conn: Connection, held: list[int]) -> list[str]:
         """Keys whose earliest undelivered message is dead or waiting out a retry backoff."""
         o = self.tables.outbox
         q = (
             sa.select(o.c.key).distinct()
             .where(o.c.partition.in_(held), o.c.key.is_not(None))
             .where(sa.or_(o.c.status == STATUS_DEAD,
-                          sa.and_(o.c.status == STATUS_PENDING, o.c.attempts > 0, o.c.available_at > now)))
+                          sa.and_(o.c.status == STATUS_PENDING, o.c.available_at > DUE_NOW, o.c.attempts > 0)))
         )
         return [k for k in conn.execute(q).scalars()]
 

@@ -7,6 +7,7 @@ tables (a test checks there is no drift on every dialect).
 
 from __future__ import annotations
 
+import datetime as dt
 from dataclasses import dataclass, field
 
 import sqlalchemy as sa
@@ -16,6 +17,7 @@ from .types import JSONDocument, MessageUUID, Payload, UTCDateTime
 
 __all__ = [
     "DEFAULT_TABLE_NAMES",
+    "DUE_NOW",
     "STATUS_DEAD",
     "STATUS_PENDING",
     "STATUS_PUBLISHED",
@@ -27,6 +29,12 @@ __all__ = [
 STATUS_PENDING = "pending"
 STATUS_DEAD = "dead"
 STATUS_PUBLISHED = "published"  # audit mode only; by default published rows are deleted
+
+#: ``available_at`` of a row that is due now. Due rows share this one value, so the claim index
+#: (partition, status, available_at, id) hands a partition's due rows out in ``id`` order without a
+#: sort, however large the backlog. Delayed and backing-off rows carry their real time and are
+#: moved to DUE_NOW by the relay when that time comes.
+DUE_NOW = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
 
 TOPIC_LENGTH = 249
 KEY_LENGTH = 255
@@ -92,7 +100,8 @@ class OutboxTables:
             sa.Column("content_type", sa.String(127), nullable=True),
             sa.Column("partition", sa.SmallInteger(), nullable=False),
             sa.Column("created_at", UTCDateTime(), nullable=False),
-            sa.Column("available_at", UTCDateTime(), nullable=False),
+            sa.Column("available_at", UTCDateTime(), nullable=False,
+                      comment="1970-01-01 = due now; later = delayed or backing off until then"),
             sa.Column("attempts", sa.Integer(), nullable=False, server_default=sa.text("0")),
             sa.Column("last_error", sa.Text(), nullable=True),
             sa.Column("status", sa.String(16), nullable=False, server_default=STATUS_PENDING),
@@ -107,7 +116,6 @@ class OutboxTables:
             self.outbox.c.available_at,
             self.outbox.c.id,
         )
-        sa.Index(f"ix_{n.outbox}_key", self.outbox.c.partition, self.outbox.c.key, self.outbox.c.id)
 
         self.processed = sa.Table(
             n.processed,

@@ -30,7 +30,7 @@ from .errors import (
 )
 from .ids import uuid7
 from .message import OutgoingMessage, partition_for
-from .schema import STATUS_PENDING, TOPIC_LENGTH, OutboxTables, default_tables
+from .schema import DUE_NOW, STATUS_PENDING, TOPIC_LENGTH, OutboxTables, default_tables
 from .serializers import JSONSerializer, Serializer
 
 __all__ = ["DEFAULT_PARTITIONS", "DEFAULT_TOPIC_PATTERN", "Outbox"]
@@ -249,9 +249,9 @@ class Outbox:
             seconds = delay.total_seconds() if isinstance(delay, dt.timedelta) else float(delay)
             if seconds < 0 or seconds != seconds:
                 raise InvalidDeliveryTime(f"delay must not be negative, got {seconds} s")
-            return now + dt.timedelta(seconds=seconds)
+            return now + dt.timedelta(seconds=seconds) if seconds > 0 else DUE_NOW
         if deliver_at is None:
-            return now
+            return DUE_NOW
         if not isinstance(deliver_at, dt.datetime):
             raise InvalidDeliveryTime(f"deliver_at must be a datetime, got {type(deliver_at).__name__}")
         if deliver_at.tzinfo is None or deliver_at.utcoffset() is None:
@@ -269,7 +269,7 @@ class Outbox:
                     f"deliver_at {deliver_at.isoformat()} is {late:.3f} s in the past; omit it to send now "
                     "or configure Outbox(allow_past_deliver_at=True)"
                 )
-            return now
+            return DUE_NOW
         return deliver_at
 
 

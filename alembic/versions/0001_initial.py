@@ -37,7 +37,8 @@ def upgrade() -> None:
         sa.Column("content_type", sa.String(127), nullable=True),
         sa.Column("partition", sa.SmallInteger(), nullable=False),
         sa.Column("created_at", UTCDateTime(), nullable=False),
-        sa.Column("available_at", UTCDateTime(), nullable=False),
+        sa.Column("available_at", UTCDateTime(), nullable=False,
+                  comment="1970-01-01 = due now; later = delayed or backing off until then"),
         sa.Column("attempts", sa.Integer(), nullable=False, server_default=sa.text("0")),
         sa.Column("last_error", sa.Text(), nullable=True),
         sa.Column("status", sa.String(16), nullable=False, server_default="pending"),
@@ -46,7 +47,6 @@ def upgrade() -> None:
         schema=s,
     )
     op.create_index(f"ix_{n.outbox}_claim", n.outbox, ["partition", "status", "available_at", "id"], schema=s)
-    op.create_index(f"ix_{n.outbox}_key", n.outbox, ["partition", "key", "id"], schema=s)
 
     op.create_table(
         n.processed,

@@ -27,6 +27,7 @@ from outbox import (
     default_tables,
     partition_for,
 )
+from outbox.schema import DUE_NOW
 
 biz = sa.MetaData()
 orders = sa.Table(
@@ -77,7 +78,7 @@ def test_commit_keeps_both_rows_and_the_row_is_right(business: sa.Engine) -> Non
     assert row.key == "order-1" and row.topic == "orders.placed"
     assert row.partition == partition_for("order-1", mid, 16)
     assert row.status == "pending" and row.attempts == 0
-    assert row.created_at.tzinfo is not None and row.available_at == row.created_at
+    assert row.created_at.tzinfo is not None and row.available_at == DUE_NOW  # due at once
 
 
 def test_rollback_leaves_neither(business: sa.Engine) -> None:
