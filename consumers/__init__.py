@@ -1,1 +1,76 @@
-"""Dedup consumers (filled in by the consumers issue)."""
+"""Dedup consumers: exactly-once database effects on top of at-least-once delivery.
+
+Subclass :class:`DedupConsumer` (or :class:`StagedConsumer`), then run it with
+:class:`KafkaRunner` / :class:`RabbitMQRunner` or ``outbox consume MODULE:CLASS``::
+
+    class ChargeOrder(DedupConsumer):
+        name = "billing.charge-order"
+
+        def handle(self, session, message):
+            ...
+            return {"charge_id": charge.id}
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from outbox.errors import (
+    ConfigurationError,
+    ConsumerError,
+    DecodeError,
+    IllegalTransition,
+    MessageIdMissing,
+    StaleVersion,
+)
+
+from .base import DedupConsumer, Outcome, Status
+from .deadletters import get_dead_letter, list_dead_letters, purge_dead_letters, requeue_dead_letters
+from .message import IncomingMessage, content_hash
+from .retention import purge_processed
+from .staged import StagedConsumer, stage
+from .versioning import StateMachine, versioned_update
+
+if TYPE_CHECKING:
+    from .kafka import KafkaRunner
+    from .rabbitmq import RabbitMQRunner, declare_queue
+
+__all__ = [
+    "ConfigurationError",
+    "ConsumerError",
+    "DecodeError",
+    "DedupConsumer",
+    "IllegalTransition",
+    "IncomingMessage",
+    "KafkaRunner",
+    "MessageIdMissing",
+    "Outcome",
+    "RabbitMQRunner",
+    "StagedConsumer",
+    "StaleVersion",
+    "StateMachine",
+    "Status",
+    "content_hash",
+    "declare_queue",
+    "get_dead_letter",
+    "list_dead_letters",
+    "purge_dead_letters",
+    "purge_processed",
+    "requeue_dead_letters",
+    "stage",
+    "versioned_update",
+]
+
+_LAZY = {"KafkaRunner": ".kafka", "RabbitMQRunner": ".rabbitmq", "declare_queue": ".rabbitmq"}
+
+
+def __getattr__(name: str) -> Any:
+    """Broker runners are imported on first use, so the core needs neither client library loaded."""
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'consumers' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value

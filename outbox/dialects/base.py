@@ -49,9 +49,13 @@ class Dialect:
         if not rows:
             return set()
         key = table.c[key_column]
+        if connection.dialect.insert_executemany_returning:
+            # executemany + RETURNING: SQLAlchemy batches it into multi-row INSERTs (a cached statement)
+            stmt = self.insert_ignore(table).returning(key)
+            return set(connection.execute(stmt, [dict(r) for r in rows]).scalars())
         if connection.dialect.insert_returning:
-            stmt = self.insert_ignore(table).values([dict(r) for r in rows]).returning(key)
-            return set(connection.execute(stmt).scalars())
+            return {k for r in rows for k in connection.execute(self.insert_ignore(table).values(dict(r))
+                                                                .returning(key)).scalars()}
         first = rows[0]
         others = [c for c in table.primary_key.columns if c.name != key_column]
         existing = set(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import sqlalchemy as sa
@@ -59,6 +59,31 @@ class PostgreSQLDialect(Dialect):
         )
         thread.start()
         return thread
+
+
+    def insert_new_keys(
+        self, connection: Connection, table: sa.Table, rows: Sequence[Mapping[str, Any]], key_column: str
+    ) -> set[Any]:
+        """One ``INSERT ... SELECT unnest(:keys) ON CONFLICT DO NOTHING RETURNING`` with the keys as one array.
+
+        Duplicates are found by the conflict pre-check, so they add no heap tuple (no dead tuples).
+        """
+        if not rows:
+            return set()
+        first = rows[0]
+        others = [c for c in first if c != key_column]
+        if len(rows) == 1 or any(r[c] != first[c] for r in rows for c in others):
+            return super().insert_new_keys(connection, table, rows, key_column)
+        key = table.c[key_column]
+        columns = [key_column, *others]
+        select = sa.select(
+            sa.func.unnest(sa.bindparam("_keys", type_=pg.ARRAY(key.type))),
+            *(sa.bindparam(f"_v_{c}", type_=table.c[c].type) for c in others),
+        )
+        stmt = pg.insert(table).from_select(columns, select).on_conflict_do_nothing().returning(key)
+        params: dict[str, Any] = {"_keys": [r[key_column] for r in rows]}
+        params.update({f"_v_{c}": first[c] for c in others})
+        return set(connection.execute(stmt, params).scalars())
 
 
 def _listen(engine: Engine, channel: str, on_wake: Callable[[], None], stop: threading.Event) -> None:

@@ -1,0 +1,161 @@
+"""What the Kafka and RabbitMQ runners share: settings checks, the DB-retry loop, test crash hooks."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import sqlalchemy as sa
+import tenacity
+
+from outbox._redact import mask_secrets
+from outbox.errors import ConfigurationError
+
+from .base import DedupConsumer, Outcome, backoff
+from .message import IncomingMessage
+
+log = logging.getLogger("consumers.runner")
+
+#: Test hooks: SIGKILL the process right before / right after the first batch's DB commit.
+CRASH_BEFORE_DB_COMMIT_ENV = "OUTBOX_TEST_CRASH_BEFORE_DB_COMMIT"
+CRASH_AFTER_DB_COMMIT_ENV = "OUTBOX_TEST_CRASH_AFTER_DB_COMMIT"
+
+
+def _die() -> None:  # pragma: no cover - the process is gone
+    log.critical("test hook: killing this process now")
+    for h in logging.getLogger().handlers:
+        h.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+    time.sleep(10)
+
+
+@dataclass
+class RunnerStats:
+    batches: int = 0
+    processed: int = 0
+    duplicates: int = 0
+    dead: int = 0
+    retries: int = 0
+
+
+class RunnerCore:
+    """Settings and loop plumbing common to both runners."""
+
+    def __init__(
+        self,
+        consumer: DedupConsumer,
+        *,
+        engine: sa.Engine,
+        batch_size: int,
+        batch_timeout: float,
+        requeue_interval: float | None,
+    ) -> None:
+        if not isinstance(consumer, DedupConsumer):
+            raise ConfigurationError(f"consumer must be a DedupConsumer instance, got {consumer!r}")
+        if not isinstance(engine, sa.Engine):
+            raise ConfigurationError(f"engine must be a sqlalchemy Engine, got {type(engine).__name__}")
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or not 1 <= batch_size <= 100_000:
+            raise ConfigurationError(f"batch_size must be an int between 1 and 100000, got {batch_size!r}")
+        if not isinstance(batch_timeout, (int, float)) or isinstance(batch_timeout, bool) or batch_timeout <= 0:
+            raise ConfigurationError(f"batch_timeout must be a positive number of seconds, got {batch_timeout!r}")
+        if requeue_interval is not None and (
+            not isinstance(requeue_interval, (int, float)) or requeue_interval <= 0
+        ):
+            raise ConfigurationError(f"requeue_interval must be positive seconds or None, got {requeue_interval!r}")
+        self.consumer = consumer
+        self.engine = engine
+        self.batch_size = batch_size
+        self.batch_timeout = float(batch_timeout)
+        self.requeue_interval = requeue_interval
+        self.stats = RunnerStats()
+        self._stop = threading.Event()
+        self._next_requeue_check = 0.0
+        self._crash_before = os.environ.get(CRASH_BEFORE_DB_COMMIT_ENV) == "1"
+        self._crash_after = os.environ.get(CRASH_AFTER_DB_COMMIT_ENV) == "1"
+        self._db_wait = backoff(0.2, 10.0, 0.2)
+
+    # ------------------------------------------------------------------ lifecycle
+    def stop(self) -> None:
+        """Ask ``run()`` to finish the batch in hand (commit, ack) and return. Safe from any thread or signal."""
+        self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    # ------------------------------------------------------------------ processing
+    def process(self, batch: Sequence[IncomingMessage]) -> list[Outcome] | None:
+        """Process a batch; database trouble is retried (with backoff) until it works or ``stop()``.
+
+        ``None`` means stopped before the batch committed: acknowledge nothing.
+        """
+        before = _die if self._crash_before else None
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                outcomes = self.consumer.process_batch(self.engine, batch, before_commit=before)
+                break
+            except Exception as exc:
+                state = tenacity.RetryCallState(retry_object=None, fn=None, args=(), kwargs={})  # type: ignore[arg-type]
+                state.attempt_number = attempt
+                delay = float(self._db_wait(state))
+                log.error("consumer %s: batch of %d not committed (%s); trying again in %.1fs",
+                          self.consumer.name, len(batch), mask_secrets(f"{type(exc).__name__}: {exc}"), delay)
+                if self._stop.wait(delay):
+                    return None
+        if self._crash_after:
+            _die()
+        self._count(outcomes)
+        return outcomes
+
+    def _count(self, outcomes: Sequence[Outcome]) -> None:
+        s = self.stats
+        s.batches += 1
+        for o in outcomes:
+            if o.status.value == "processed":
+                s.processed += 1
+            elif o.status.value == "duplicate":
+                s.duplicates += 1
+            elif o.status.value == "dead":
+                s.dead += 1
+            elif o.status.value == "retry":
+                s.retries += 1
+
+    def maybe_process_requeued(self) -> None:
+        """Every ``requeue_interval`` seconds, try this consumer's requeued dead letters."""
+        if self.requeue_interval is None:
+            return
+        now = time.monotonic()
+        if now < self._next_requeue_check:
+            return
+        self._next_requeue_check = now + self.requeue_interval
+        try:
+            outcomes = self.consumer.process_requeued(self.engine)
+        except Exception as exc:
+            log.error("consumer %s: requeued dead letters not processed: %s", self.consumer.name,
+                      mask_secrets(f"{type(exc).__name__}: {exc}"))
+            return
+        if outcomes:
+            log.info("consumer %s: %d requeued dead letter(s) tried again", self.consumer.name, len(outcomes))
+
+
+def check_str(what: str, value: object) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigurationError(f"{what} must be a non-empty str, got {value!r}")
+    return value
+
+
+def check_topics(value: object) -> list[str]:
+    topics = [value] if isinstance(value, str) else value
+    if not isinstance(topics, (list, tuple)) or not topics:
+        raise ConfigurationError(f"topics must be a non-empty list of topic names, got {value!r}")
+    return [check_str("each topic", t) for t in topics]
+
+
+Callback = Callable[[], None]

@@ -1,0 +1,474 @@
+"""The dedup algorithm: exactly-once database effects on top of at-least-once delivery.
+
+Subclass :class:`DedupConsumer`, give it a ``name`` and a ``handle`` method; a runner (Kafka,
+RabbitMQ) or your own code calls :meth:`DedupConsumer.process_batch`. For each batch, in ONE
+database transaction:
+
+1. every message id is inserted into the processed-messages table with the database's
+   insert-if-absent (``ON CONFLICT DO NOTHING RETURNING`` / ``INSERT IGNORE`` / ``INSERT OR
+   IGNORE``): a duplicate never raises, never aborts the transaction and, on PostgreSQL, leaves
+   no dead tuple;
+2. ``handle`` runs for the ids that were new; its result (JSON) is stored with the id;
+3. duplicates skip ``handle`` and get the stored result back;
+4. the transaction commits; only then does the runner commit offsets / ack.
+
+Fast path: the batch runs without savepoints. If a handler raises, the whole transaction rolls
+back and the batch is run again with a SAVEPOINT per message (its dedup row included), so a
+failing handler rolls back only its own effects and its own dedup row. Handlers must therefore
+keep their effects in the database transaction (anything outside it may run more than once).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+import inspect
+import logging
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+import tenacity
+from sqlalchemy.engine import Connection
+from sqlalchemy.orm import Session
+
+from outbox._identifiers import consumer_name
+from outbox._redact import mask_secrets
+from outbox.dialects import Dialect, dialect_for
+from outbox.errors import ConfigurationError, DecodeError, MessageIdMissing
+from outbox.schema import MESSAGE_ID_LENGTH, OutboxTables, default_tables
+from outbox.serializers import Serializer
+
+from . import deadletters
+from .message import IncomingMessage, content_hash
+
+__all__ = ["DedupConsumer", "Outcome", "Status"]
+
+log = logging.getLogger("consumers")
+
+ID_STRATEGIES = ("message-id", "content-hash")
+SAVEPOINT_MODES = ("on-failure", "always")
+
+
+class Status(str, enum.Enum):
+    PROCESSED = "processed"
+    """``handle`` ran and its effects committed."""
+    DUPLICATE = "duplicate"
+    """Seen before: ``handle`` skipped, the stored result handed back."""
+    RETRY = "retry"
+    """``handle`` failed; nothing of it committed; try again after ``retry_in`` seconds."""
+    SKIPPED = "skipped"
+    """Not tried: an earlier message of the same lane (Kafka partition) is waiting for a retry."""
+    DEAD = "dead"
+    """Given up: the dead-letter row committed with the batch."""
+
+
+@dataclass
+class Outcome:
+    message: IncomingMessage
+    status: Status
+    result: Any = None
+    error: BaseException | None = None
+    retry_in: float | None = None
+
+    @property
+    def done(self) -> bool:
+        """Settled for good: the runner may commit the offset / ack."""
+        return self.status in (Status.PROCESSED, Status.DUPLICATE, Status.DEAD)
+
+
+class _FastPathFailed(Exception):
+    pass
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+class DedupConsumer:
+    """Base class of a dedup consumer: the algorithm lives here, you write ``handle``.
+
+    Settings are class attributes; each can be overridden per instance with a keyword argument::
+
+        class ChargeOrder(DedupConsumer):
+            name = "billing.charge-order"
+            max_attempts = 5
+
+            def handle(self, session, message):
+                ...
+                return {"charge_id": charge.id}
+    """
+
+    #: the consumer's name: part of the dedup key, so never rename a running consumer
+    name: str = ""
+    #: tries per message (in this process) before it goes to the dead letters
+    max_attempts: int = 5
+    #: exponential backoff with jitter between tries (tenacity ``wait_exponential_jitter``), seconds
+    retry_initial: float = 0.5
+    retry_max: float = 30.0
+    retry_jitter: float = 0.5
+    #: ``"message-id"`` (the relay's id: Kafka header ``message-id``, AMQP ``message_id``) or
+    #: ``"content-hash"`` (SHA-256 of topic, key and payload: identical content is processed once)
+    id_strategy: str = "message-id"
+    #: optional id extractor for other producers: ``staticmethod(func(message) -> str | None)``
+    #: (or a regular method); it gets the :class:`IncomingMessage` (``.raw`` is the broker's object)
+    message_id: Callable[[IncomingMessage], str | None] | None = None
+    #: decodes ``message.body``; the default is :class:`outbox.serializers.JSONSerializer`
+    serializer: Serializer | None = None
+    #: ``"on-failure"`` (fast: savepoints only when redoing a batch that had a failure) or ``"always"``
+    savepoints: str = "on-failure"
+    #: exceptions that go to the dead letters at once, without retries
+    non_retriable: tuple[type[BaseException], ...] = (DecodeError, MessageIdMissing)
+
+    def __init__(
+        self,
+        *,
+        name: str | None = None,
+        max_attempts: int | None = None,
+        retry_initial: float | None = None,
+        retry_max: float | None = None,
+        retry_jitter: float | None = None,
+        id_strategy: str | None = None,
+        message_id: Callable[[IncomingMessage], str | None] | None = None,
+        serializer: Serializer | None = None,
+        savepoints: str | None = None,
+        tables: OutboxTables | None = None,
+        session_factory: Callable[[sa.Engine], Session] | None = None,
+    ) -> None:
+        cls = type(self)
+        self.name = consumer_name(name if name is not None else cls.name) if (name or cls.name) else ""
+        if not self.name:
+            raise ConfigurationError(f"{cls.__qualname__} has no name: set the class attribute `name`")
+        self.max_attempts = _positive_int("max_attempts", cls.max_attempts if max_attempts is None else max_attempts)
+        self.retry_initial = _non_negative("retry_initial",
+                                           cls.retry_initial if retry_initial is None else retry_initial)
+        self.retry_max = _non_negative("retry_max", cls.retry_max if retry_max is None else retry_max)
+        self.retry_jitter = _non_negative("retry_jitter", cls.retry_jitter if retry_jitter is None else retry_jitter)
+        self.id_strategy = id_strategy if id_strategy is not None else cls.id_strategy
+        if self.id_strategy not in ID_STRATEGIES:
+            raise ConfigurationError(f"id_strategy must be one of {ID_STRATEGIES}, got {self.id_strategy!r}")
+        if message_id is not None:
+            if not callable(message_id):
+                raise ConfigurationError(f"message_id must be a callable(message) -> str | None, got {message_id!r}")
+            self.message_id = message_id
+        if serializer is not None:
+            if not isinstance(serializer, Serializer):
+                raise ConfigurationError(f"serializer {serializer!r} has no serialize/deserialize methods")
+            self.serializer = serializer
+        self.savepoints = savepoints if savepoints is not None else cls.savepoints
+        if self.savepoints not in SAVEPOINT_MODES:
+            raise ConfigurationError(f"savepoints must be one of {SAVEPOINT_MODES}, got {self.savepoints!r}")
+        if tables is not None and not isinstance(tables, OutboxTables):
+            raise ConfigurationError(f"tables must be an OutboxTables, got {tables!r}")
+        self.tables: OutboxTables = tables or default_tables()
+        if session_factory is not None and not callable(session_factory):
+            raise ConfigurationError("session_factory must be a callable(engine) -> Session")
+        self._session_factory = session_factory
+        self._wait = backoff(self.retry_initial, self.retry_max, self.retry_jitter)
+        self._dialects: dict[str, Dialect] = {}
+
+    # ------------------------------------------------------------------ what users write
+    def handle(self, session: Session, message: IncomingMessage) -> Any:
+        """Apply the message. Runs at most once per message id, inside the batch's transaction.
+
+        Use ``session`` for every database effect (do not commit it). Return ``None`` or a
+        JSON-serialisable result: it is stored with the message id and handed back for duplicates.
+        """
+        raise NotImplementedError(f"{type(self).__qualname__} must implement handle(session, message)")
+
+    # ------------------------------------------------------------------ ids and retries
+    def identify(self, message: IncomingMessage) -> str:
+        """The dedup id of ``message``; raises :class:`MessageIdMissing` if there is no usable one."""
+        if message.dead_letter_id is not None and message.id:
+            value: object = message.id
+        elif self.message_id is not None:
+            value = self.message_id(message)
+        elif self.id_strategy == "content-hash":
+            value = content_hash(message.topic, message.key, message.payload)
+        else:
+            value = message.id
+        if value is None or (isinstance(value, str) and not value.strip()):
+            raise MessageIdMissing("no message id")
+        if not isinstance(value, str):
+            raise MessageIdMissing(f"no message id: the extractor returned a {type(value).__name__}, not a str")
+        if len(value) > MESSAGE_ID_LENGTH:
+            raise MessageIdMissing(f"no message id: the id is longer than {MESSAGE_ID_LENGTH} characters")
+        return value
+
+    def retry_delay(self, attempt: int) -> float:
+        """Seconds to wait after failed try number ``attempt`` (exponential, with jitter)."""
+        state = tenacity.RetryCallState(retry_object=None, fn=None, args=(), kwargs={})  # type: ignore[arg-type]
+        state.attempt_number = max(1, attempt)
+        return float(self._wait(state))
+
+    def is_retriable(self, exc: BaseException) -> bool:
+        return not isinstance(exc, self.non_retriable)
+
+    # ------------------------------------------------------------------ the algorithm
+    def session(self, engine: sa.Engine) -> Session:
+        if self._session_factory is not None:
+            return self._session_factory(engine)
+        return Session(bind=engine, expire_on_commit=False, autoflush=True)
+
+    def dialect(self, bind: Any) -> Dialect:
+        name = bind.dialect.name
+        d = self._dialects.get(name)
+        if d is None:
+            d = self._dialects[name] = dialect_for(bind)
+        return d
+
+    def process_batch(
+        self,
+        engine: sa.Engine,
+        messages: Sequence[IncomingMessage],
+        *,
+        before_commit: Callable[[], None] | None = None,
+    ) -> list[Outcome]:
+        """Process ``messages`` in one transaction; one :class:`Outcome` per message, in order.
+
+        Each message is tried once (``message.attempt`` says which try it is). A failure gives
+        ``RETRY`` (with ``retry_in``) or, after ``max_attempts`` tries or for a non-retriable
+        error, ``DEAD`` (the dead-letter row commits with the batch). Later messages of the same
+        lane as a ``RETRY`` are ``SKIPPED``. Raises only for database trouble (nothing committed).
+        """
+        outcomes: list[Outcome | None] = [None] * len(messages)
+        now = _now()
+        work: list[int] = []
+        no_id: list[tuple[int, MessageIdMissing]] = []
+        for i, m in enumerate(messages):
+            if m.serializer is None:
+                m.serializer = self.serializer
+            try:
+                m.id = self.identify(m)
+            except MessageIdMissing as exc:
+                no_id.append((i, exc))
+            else:
+                work.append(i)
+        if self.savepoints == "on-failure" and work:
+            try:
+                self._fast(engine, messages, work, no_id, outcomes, now, before_commit)
+            except _FastPathFailed as exc:
+                log.debug("consumer %s: a handler failed (%s); redoing the batch with savepoints", self.name,
+                          mask_secrets(exc.__cause__))
+            else:
+                return [o for o in outcomes if o is not None]
+        self._slow(engine, messages, work, no_id, outcomes, now, before_commit)
+        return [o for o in outcomes if o is not None]
+
+    def _dedup_rows(self, ids: Iterable[str], now: dt.datetime) -> list[dict[str, Any]]:
+        return [{"consumer": self.name, "message_id": i, "processed_at": now} for i in ids]
+
+    def _fast(
+        self,
+        engine: sa.Engine,
+        messages: Sequence[IncomingMessage],
+        work: list[int],
+        no_id: list[tuple[int, MessageIdMissing]],
+        outcomes: list[Outcome | None],
+        now: dt.datetime,
+        before_commit: Callable[[], None] | None,
+    ) -> None:
+        with self.session(engine) as session:
+            with session.begin():
+                conn = session.connection()
+                dialect = self.dialect(conn)
+                ids = list(dict.fromkeys(messages[i].id for i in work))  # type: ignore[misc]
+                new = dialect.insert_new_keys(conn, self.tables.processed, self._dedup_rows(ids, now), "message_id")
+                results: list[dict[str, Any]] = []
+                dups: list[int] = []
+                for i in work:
+                    m = messages[i]
+                    if m.id in new:
+                        new.discard(m.id)  # a second copy in the same batch is a duplicate
+                        try:
+                            result = self.handle(session, m)
+                        except Exception as exc:
+                            raise _FastPathFailed(m.id) from exc
+                        outcomes[i] = Outcome(m, Status.PROCESSED, result)
+                        if result is not None:
+                            results.append({"b_consumer": self.name, "b_message_id": m.id, "b_result": result})
+                    else:
+                        dups.append(i)
+                try:
+                    session.flush()
+                    self._store_results(conn, results)
+                except Exception as exc:
+                    raise _FastPathFailed("flush") from exc
+                stored = self._stored_results(conn, [messages[i].id for i in dups])  # type: ignore[misc]
+                for i in dups:
+                    outcomes[i] = Outcome(messages[i], Status.DUPLICATE, stored.get(messages[i].id))  # type: ignore[arg-type]
+                for i in work:
+                    dead_id = messages[i].dead_letter_id
+                    if dead_id is not None:
+                        deadletters.mark_resolved(conn, self.tables, dead_id)
+                self._record_no_id(conn, messages, no_id, outcomes, now)
+                if before_commit is not None:
+                    before_commit()
+
+    def _slow(
+        self,
+        engine: sa.Engine,
+        messages: Sequence[IncomingMessage],
+        work: list[int],
+        no_id: list[tuple[int, MessageIdMissing]],
+        outcomes: list[Outcome | None],
+        now: dt.datetime,
+        before_commit: Callable[[], None] | None,
+    ) -> None:
+        for i in work:
+            outcomes[i] = None
+        with self.session(engine) as session:
+            with session.begin():
+                conn = session.connection()
+                dialect = self.dialect(conn)
+                dialect.ensure_transaction(conn)
+                blocked: set[tuple[str, int]] = set()
+                for i in work:
+                    m = messages[i]
+                    if m.lane is not None and m.lane in blocked:
+                        outcomes[i] = Outcome(m, Status.SKIPPED)
+                        continue
+                    outcome = self._one_with_savepoint(session, conn, dialect, m, now)
+                    outcomes[i] = outcome
+                    if outcome.status is Status.RETRY and m.lane is not None:
+                        blocked.add(m.lane)
+                self._record_no_id(conn, messages, no_id, outcomes, now)
+                if before_commit is not None:
+                    before_commit()
+
+    def _one_with_savepoint(
+        self, session: Session, conn: Connection, dialect: Dialect, m: IncomingMessage, now: dt.datetime
+    ) -> Outcome:
+        sp = session.begin_nested()
+        try:
+            conn = session.connection()  # emits the SAVEPOINT (the session begins it lazily)
+            new = dialect.insert_new_keys(conn, self.tables.processed, self._dedup_rows([m.id], now), "message_id")  # type: ignore[list-item]
+            if new:
+                result = self.handle(session, m)
+                session.flush()
+                if result is not None:
+                    self._store_results(conn, [{"b_consumer": self.name, "b_message_id": m.id, "b_result": result}])
+                outcome = Outcome(m, Status.PROCESSED, result)
+            else:
+                outcome = Outcome(m, Status.DUPLICATE, self._stored_results(conn, [m.id]).get(m.id))  # type: ignore[list-item,arg-type]
+            if m.dead_letter_id is not None:
+                deadletters.mark_resolved(conn, self.tables, m.dead_letter_id)
+            sp.commit()
+            return outcome
+        except Exception as exc:
+            if sp.is_active:
+                sp.rollback()
+            return self._failed(conn, m, exc, now)
+
+    def _failed(self, conn: Connection, m: IncomingMessage, exc: Exception, now: dt.datetime) -> Outcome:
+        """Decide RETRY or DEAD for a failed try; DEAD writes the dead-letter row (same transaction)."""
+        if m.first_failed_at is None:
+            m.first_failed_at = now
+        final = m.dead_letter_id is not None or not self.is_retriable(exc) or m.attempt >= self.max_attempts
+        if not final:
+            delay = self.retry_delay(m.attempt)
+            log.warning("consumer %s: message %s failed (try %d of %d), retrying in %.2fs: %s", self.name, m.id,
+                        m.attempt, self.max_attempts, delay, mask_secrets(f"{type(exc).__name__}: {exc}"))
+            return Outcome(m, Status.RETRY, error=exc, retry_in=delay)
+        log.error("consumer %s: message %s goes to the dead letters after %d tries: %s", self.name, m.id, m.attempt,
+                  mask_secrets(f"{type(exc).__name__}: {exc}"))
+        deadletters.record_dead_letter(conn, self.tables, self.name, m, exc, attempts=m.attempt,
+                                       first_failed_at=m.first_failed_at, now=now)
+        return Outcome(m, Status.DEAD, error=exc)
+
+    def _record_no_id(
+        self,
+        conn: Connection,
+        messages: Sequence[IncomingMessage],
+        no_id: list[tuple[int, MessageIdMissing]],
+        outcomes: list[Outcome | None],
+        now: dt.datetime,
+    ) -> None:
+        for i, exc in no_id:
+            m = messages[i]
+            log.error("consumer %s: a message on %s has no usable id (%s): dead-lettered, not processed",
+                      self.name, m.topic, exc)
+            deadletters.record_dead_letter(conn, self.tables, self.name, m, exc, attempts=m.attempt, now=now)
+            outcomes[i] = Outcome(m, Status.DEAD, error=exc)
+
+    def _store_results(self, conn: Connection, results: list[dict[str, Any]]) -> None:
+        if not results:
+            return
+        t = self.tables.processed
+        stmt = (
+            t.update()
+            .where(t.c.consumer == sa.bindparam("b_consumer"), t.c.message_id == sa.bindparam("b_message_id"))
+            .values(result=sa.bindparam("b_result", type_=t.c.result.type))
+        )
+        conn.execute(stmt, results)
+
+    def _stored_results(self, conn: Connection, ids: list[str]) -> dict[str, Any]:
+        if not ids:
+            return {}
+        t = self.tables.processed
+        rows = conn.execute(
+            sa.select(t.c.message_id, t.c.result).where(t.c.consumer == self.name, t.c.message_id.in_(set(ids)))
+        )
+        return {r[0]: r[1] for r in rows}
+
+    # ------------------------------------------------------------------ convenience
+    def process(
+        self,
+        engine: sa.Engine,
+        messages: IncomingMessage | Sequence[IncomingMessage],
+        *,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> list[Outcome]:
+        """Process messages to a final outcome (PROCESSED, DUPLICATE or DEAD), retrying in this thread."""
+        batch = [messages] if isinstance(messages, IncomingMessage) else list(messages)
+        final: dict[int, Outcome] = {}
+        pending = batch
+        while pending:
+            outs = self.process_batch(engine, pending)
+            again = []
+            delay = 0.0
+            for o in outs:
+                if o.done:
+                    final[id(o.message)] = o
+                else:
+                    again.append(o.message)
+                    if o.status is Status.RETRY:
+                        o.message.attempt += 1
+                        delay = max(delay, o.retry_in or 0.0)
+            if again and delay:
+                sleep(delay)
+            pending = again
+        return [final[id(m)] for m in batch]
+
+    def process_requeued(self, engine: sa.Engine, *, limit: int = 100) -> list[Outcome]:
+        """Try the dead letters of this consumer marked ``requeued`` once more, through the dedup algorithm.
+
+        Each row ends ``resolved`` (processed now, or found already processed) or back at
+        ``dead`` with the new error.
+        """
+        with engine.connect() as conn:
+            msgs = deadletters.requeued_messages(conn, self.tables, self.name, limit)
+        if not msgs:
+            return []
+        return self.process_batch(engine, msgs)
+
+
+def backoff(initial: float, maximum: float, jitter: float) -> tenacity.wait.wait_base:
+    """tenacity's exponential backoff with jitter: ``initial * 2**(n-1)`` (capped) plus up to ``jitter`` s."""
+    if "multiplier" in inspect.signature(tenacity.wait_exponential_jitter.__init__).parameters:
+        return tenacity.wait_exponential_jitter(multiplier=initial, max=maximum, jitter=jitter)
+    return tenacity.wait_exponential_jitter(initial=initial, max=maximum, jitter=jitter)  # tenacity < 9.1
+
+
+def _positive_int(what: str, value: object) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigurationError(f"{what} must be a positive int, got {value!r}")
+    return value
+
+
+def _non_negative(what: str, value: object) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+        raise ConfigurationError(f"{what} must be a non-negative number of seconds, got {value!r}")
+    return float(value)

@@ -1,0 +1,234 @@
+"""The dead-letter table: messages a consumer gave up on, and the functions behind ``outbox dead``.
+
+A row's ``status`` is ``dead`` (given up), ``requeued`` (waiting for a running consumer with that
+name, or :meth:`DedupConsumer.process_requeued`, to try it again) or ``resolved`` (the retry
+succeeded, or found that the message had in fact been processed).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import traceback as tb
+from collections.abc import Sequence
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from outbox._redact import mask_secrets
+from outbox.errors import ConfigurationError
+from outbox.schema import STATUS_DEAD, OutboxTables, default_tables
+
+from .message import IncomingMessage
+
+__all__ = [
+    "STATUS_REQUEUED",
+    "STATUS_RESOLVED",
+    "get_dead_letter",
+    "list_dead_letters",
+    "purge_dead_letters",
+    "requeue_dead_letters",
+]
+
+STATUS_REQUEUED = "requeued"
+STATUS_RESOLVED = "resolved"
+_STATUSES = (STATUS_DEAD, STATUS_REQUEUED, STATUS_RESOLVED)
+_MAX_ERROR = 4000
+_MAX_TRACEBACK = 8000
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def describe_error(exc: BaseException) -> tuple[str, str]:
+    """``(one-line error, traceback summary)``, credentials masked, both bounded in size."""
+    error = mask_secrets(f"{type(exc).__name__}: {exc}")[:_MAX_ERROR]
+    text = "".join(tb.format_exception(type(exc), exc, exc.__traceback__, limit=8))
+    return error, mask_secrets(text)[-_MAX_TRACEBACK:]
+
+
+def record_dead_letter(
+    conn: Connection,
+    tables: OutboxTables,
+    consumer: str,
+    message: IncomingMessage,
+    exc: BaseException,
+    *,
+    attempts: int,
+    first_failed_at: dt.datetime | None = None,
+    now: dt.datetime | None = None,
+) -> None:
+    """Insert a dead letter, or for a requeued message put its row back to ``dead`` with the new error."""
+    now = now or _now()
+    error, trace = describe_error(exc)
+    t = tables.dead_letters
+    if message.dead_letter_id is not None:
+        conn.execute(
+            t.update()
+            .where(t.c.id == message.dead_letter_id)
+            .values(status=STATUS_DEAD, error=error, traceback=trace, attempts=t.c.attempts + attempts,
+                    last_failed_at=now)
+        )
+        return
+    conn.execute(
+        t.insert().values(
+            consumer=consumer,
+            message_id=message.id,
+            topic=message.topic,
+            key=message.key,
+            payload=bytes(message.payload),
+            headers=dict(message.headers) or None,
+            content_type=message.content_type,
+            source=message.source,
+            error=error,
+            traceback=trace,
+            attempts=attempts,
+            first_failed_at=first_failed_at or now,
+            last_failed_at=now,
+            status=STATUS_DEAD,
+        )
+    )
+
+
+def mark_resolved(conn: Connection, tables: OutboxTables, dead_id: int) -> None:
+    t = tables.dead_letters
+    conn.execute(t.update().where(t.c.id == dead_id).values(status=STATUS_RESOLVED))
+
+
+def requeued_messages(conn: Connection, tables: OutboxTables, consumer: str, limit: int) -> list[IncomingMessage]:
+    """Rows of ``consumer`` marked ``requeued``, as messages that carry their dead-letter id."""
+    t = tables.dead_letters
+    rows = conn.execute(
+        sa.select(t).where(t.c.consumer == consumer, t.c.status == STATUS_REQUEUED).order_by(t.c.id).limit(limit)
+    ).mappings()
+    out = []
+    for r in rows:
+        source = dict(r["source"] or {})
+        out.append(
+            IncomingMessage(
+                id=r["message_id"],
+                topic=r["topic"],
+                key=r["key"],
+                payload=bytes(r["payload"]),
+                headers=dict(r["headers"] or {}),
+                content_type=r["content_type"],
+                partition=source.get("partition"),
+                offset=source.get("offset"),
+                broker="requeue",
+                dead_letter_id=int(r["id"]),
+                first_failed_at=r["first_failed_at"],
+                attempt=1,
+            )
+        )
+    return out
+
+
+# ------------------------------------------------------------------ the `outbox dead` functions
+
+
+def _filters(
+    t: sa.Table,
+    *,
+    consumer: str | None,
+    topic: str | None,
+    key: str | None,
+    older_than: dt.timedelta | None,
+    status: str | None,
+) -> list[sa.ColumnElement[bool]]:
+    if older_than is not None and (not isinstance(older_than, dt.timedelta) or older_than < dt.timedelta(0)):
+        raise ConfigurationError(f"older_than must be a non-negative timedelta, got {older_than!r}")
+    if status is not None and status not in _STATUSES:
+        raise ConfigurationError(f"status must be one of {', '.join(_STATUSES)}, got {status!r}")
+    conds: list[sa.ColumnElement[bool]] = []
+    if consumer is not None:
+        conds.append(t.c.consumer == consumer)
+    if topic is not None:
+        conds.append(t.c.topic == topic)
+    if key is not None:
+        conds.append(t.c.key == key)
+    if older_than is not None:
+        conds.append(t.c.last_failed_at < _now() - older_than)
+    if status is not None:
+        conds.append(t.c.status == status)
+    return conds
+
+
+def list_dead_letters(
+    engine: sa.Engine,
+    *,
+    tables: OutboxTables | None = None,
+    consumer: str | None = None,
+    topic: str | None = None,
+    key: str | None = None,
+    older_than: dt.timedelta | None = None,
+    status: str | None = None,
+    limit: int = 100,
+) -> list[dict[str, Any]]:
+    """Dead letters matching every filter given, oldest first (payload and traceback left out)."""
+    if not isinstance(limit, int) or limit <= 0:
+        raise ConfigurationError(f"limit must be a positive int, got {limit!r}")
+    t = (tables or default_tables()).dead_letters
+    conds = _filters(t, consumer=consumer, topic=topic, key=key, older_than=older_than, status=status)
+    cols = [c for c in t.c if c.name not in ("payload", "traceback")]
+    with engine.connect() as conn:
+        rows = conn.execute(sa.select(*cols).where(*conds).order_by(t.c.id).limit(limit)).mappings().all()
+    return [dict(r) for r in rows]
+
+
+def get_dead_letter(engine: sa.Engine, dead_id: int, *, tables: OutboxTables | None = None) -> dict[str, Any] | None:
+    """One dead letter with every column (payload as bytes), or ``None``."""
+    t = (tables or default_tables()).dead_letters
+    with engine.connect() as conn:
+        row = conn.execute(sa.select(t).where(t.c.id == int(dead_id))).mappings().first()
+    if row is None:
+        return None
+    out = dict(row)
+    out["payload"] = bytes(out["payload"])
+    return out
+
+
+def requeue_dead_letters(
+    engine: sa.Engine,
+    *,
+    consumer: str,
+    ids: Sequence[int] | None = None,
+    topic: str | None = None,
+    key: str | None = None,
+    older_than: dt.timedelta | None = None,
+    tables: OutboxTables | None = None,
+) -> int:
+    """Mark matching ``dead`` rows of ``consumer`` as ``requeued``; return how many.
+
+    A running consumer of that name picks them up (runners check periodically), or call
+    :meth:`DedupConsumer.process_requeued`. They go through the same dedup algorithm, so a message
+    that was in fact processed stays a no-op.
+    """
+    if not consumer or not isinstance(consumer, str):
+        raise ConfigurationError("consumer is required: requeued rows go back to the consumer of that name")
+    t = (tables or default_tables()).dead_letters
+    conds = _filters(t, consumer=consumer, topic=topic, key=key, older_than=older_than, status=STATUS_DEAD)
+    if ids is not None:
+        conds.append(t.c.id.in_([int(i) for i in ids]))
+    with engine.begin() as conn:
+        return int(conn.execute(t.update().where(*conds).values(status=STATUS_REQUEUED)).rowcount)
+
+
+def purge_dead_letters(
+    engine: sa.Engine,
+    *,
+    consumer: str | None = None,
+    ids: Sequence[int] | None = None,
+    topic: str | None = None,
+    key: str | None = None,
+    older_than: dt.timedelta | None = None,
+    status: str | None = None,
+    tables: OutboxTables | None = None,
+) -> int:
+    """Delete matching dead letters (any status unless ``status`` is given); return how many."""
+    t = (tables or default_tables()).dead_letters
+    conds = _filters(t, consumer=consumer, topic=topic, key=key, older_than=older_than, status=status)
+    if ids is not None:
+        conds.append(t.c.id.in_([int(i) for i in ids]))
+    with engine.begin() as conn:
+        return int(conn.execute(t.delete().where(*conds)).rowcount)

@@ -1,0 +1,186 @@
+"""Shared fixtures of the consumer tests: a test-owned business table and message factories."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterator
+
+import pytest
+import sqlalchemy as sa
+
+from consumers import DedupConsumer, IncomingMessage
+
+biz = sa.MetaData()
+EFFECTS = sa.Table(
+    "test_consumer_effects",
+    biz,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("message_id", sa.String(255), nullable=False),
+    sa.Column("value", sa.String(255), nullable=True),
+)
+
+
+@pytest.fixture
+def effects(engine: sa.Engine) -> Iterator[sa.Table]:
+    """An empty business table where handlers record one row per effect."""
+    biz.create_all(engine)
+    with engine.begin() as c:
+        c.execute(EFFECTS.delete())
+    yield EFFECTS
+    with engine.begin() as c:
+        c.execute(EFFECTS.delete())
+
+
+@pytest.fixture
+def count_effects(engine: sa.Engine) -> Callable[..., int]:
+    def count(message_id: str | None = None) -> int:
+        q = sa.select(sa.func.count()).select_from(EFFECTS)
+        if message_id is not None:
+            q = q.where(EFFECTS.c.message_id == message_id)
+        with engine.connect() as c:
+            return int(c.execute(q).scalar_one())
+
+    return count
+
+
+@pytest.fixture
+def make_message() -> Callable[..., IncomingMessage]:
+    def make(msg_id: str | None = "auto", payload: bytes = b'{"n": 1}', *, topic: str = "orders",
+             key: str | None = "k", partition: int | None = None, offset: int | None = None,
+             broker: str | None = None) -> IncomingMessage:
+        return IncomingMessage(
+            id=str(uuid.uuid4()) if msg_id == "auto" else msg_id, topic=topic, key=key, payload=payload,
+            headers={"h": "v"}, content_type="application/json", partition=partition, offset=offset, broker=broker,
+        )
+
+    return make
+
+
+class Recorder(DedupConsumer):
+    """Writes one effect row per handled message; fails for ids in ``failing``."""
+
+    name = "test.recorder"
+    retry_initial = 0.001
+    retry_max = 0.01
+    retry_jitter = 0.001
+    max_attempts = 3
+
+    def __init__(self, **kw: object) -> None:
+        super().__init__(**kw)  # type: ignore[arg-type]
+        self.failing: set[str] = set()
+        self.calls: list[str] = []
+
+    def handle(self, session, message):
+        self.calls.append(message.id)
+        session.execute(EFFECTS.insert().values(message_id=message.id, value=str(message.body)))
+        if message.id in self.failing:
+            raise RuntimeError(f"handler failed for {message.id}")
+        return {"seen": message.id, "n": message.body.get("n")}
+
+
+@pytest.fixture
+def recorder_cls() -> type[Recorder]:
+    return Recorder
+
+
+# ------------------------------------------------------------------ broker helpers
+
+
+def wait_for(condition: Callable[[], object], timeout: float = 60.0, what: str = "condition") -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+class Threaded:
+    """Run a runner's ``run()`` in a thread; ``stop()`` and join on exit, re-raising its error."""
+
+    def __init__(self, runner) -> None:
+        import threading
+
+        self.runner = runner
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        try:
+            self.runner.run()
+        except BaseException as exc:  # pragma: no cover - reported by stop()
+            self.error = exc
+
+    def __enter__(self) -> Threaded:
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.runner.stop()
+        self.thread.join(60)
+        assert not self.thread.is_alive(), "runner did not stop"
+        if self.error is not None:
+            raise self.error
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+@pytest.fixture
+def helpers():
+    class H:
+        wait = staticmethod(wait_for)
+        threaded = Threaded
+
+    return H
+
+
+def kafka_produce(bootstrap: str, topic: str, items: list[tuple[str | None, str, bytes]]) -> None:
+    """Produce (message id or None, key, payload) with the relay's ``message-id`` header."""
+    from confluent_kafka import Producer
+
+    from outbox.brokers.base import MESSAGE_ID_HEADER
+
+    p = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True})
+    for msg_id, key, payload in items:
+        headers = [("content-type", b"application/json")]
+        if msg_id is not None:
+            headers.append((MESSAGE_ID_HEADER, msg_id.encode()))
+        p.produce(topic, value=payload, key=key.encode(), headers=headers)
+    assert p.flush(30) == 0
+
+
+@pytest.fixture
+def produce(kafka_bootstrap: str):
+    def go(topic: str, items: list[tuple[str | None, str, bytes]]) -> None:
+        kafka_produce(kafka_bootstrap, topic, items)
+
+    return go
+
+
+@pytest.fixture
+def committed(kafka_bootstrap: str):
+    """``committed(group, topic)`` -> {partition: committed offset} (-1001 when none)."""
+
+    def read(group: str, topic: str, partitions: int = 3) -> dict[int, int]:
+        from confluent_kafka import Consumer, TopicPartition
+
+        c = Consumer({"bootstrap.servers": kafka_bootstrap, "group.id": group, "enable.auto.commit": False})
+        try:
+            got = c.committed([TopicPartition(topic, p) for p in range(partitions)], timeout=20)
+            return {tp.partition: tp.offset for tp in got}
+        finally:
+            c.close()
+
+    return read
+
+
+KAFKA_TEST_CONFIG = {"session.timeout.ms": 6000, "heartbeat.interval.ms": 500,
+                     "topic.metadata.refresh.interval.ms": 1000}
+
+
+@pytest.fixture
+def kafka_config() -> dict[str, object]:
+    return dict(KAFKA_TEST_CONFIG)

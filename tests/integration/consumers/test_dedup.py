@@ -1,0 +1,220 @@
+"""The dedup algorithm on PostgreSQL, MariaDB and SQLite."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+import sqlalchemy as sa
+
+from consumers import (
+    DedupConsumer,
+    IncomingMessage,
+    Status,
+    get_dead_letter,
+    list_dead_letters,
+    purge_dead_letters,
+    requeue_dead_letters,
+)
+from outbox.schema import default_tables
+
+T = default_tables()
+
+
+def dedup_rows(engine: sa.Engine, consumer: str = "test.recorder") -> dict[str, object]:
+    with engine.connect() as c:
+        rows = c.execute(sa.select(T.processed.c.message_id, T.processed.c.result)
+                         .where(T.processed.c.consumer == consumer)).all()
+    return {r[0]: r[1] for r in rows}
+
+
+@pytest.mark.parametrize("savepoints", ["on-failure", "always"])
+def test_three_deliveries_one_effect(engine, effects, count_effects, make_message, recorder_cls, savepoints):
+    consumer = recorder_cls(savepoints=savepoints)
+    msgs = [make_message(payload=f'{{"n": {i}}}'.encode()) for i in range(5)]
+    first = consumer.process_batch(engine, msgs)
+    assert [o.status for o in first] == [Status.PROCESSED] * 5
+    assert [o.result for o in first] == [{"seen": m.id, "n": i} for i, m in enumerate(msgs)]
+    # redelivered twice more: once as a batch, once with every message twice in the same batch
+    copies = [IncomingMessage(id=m.id, topic=m.topic, key=m.key, payload=m.payload, content_type=m.content_type)
+              for m in msgs]
+    second = consumer.process_batch(engine, copies)
+    third = consumer.process_batch(engine, copies + copies)
+    assert {o.status for o in second + third} == {Status.DUPLICATE}
+    assert [o.result for o in second] == [o.result for o in first]  # the stored result comes back
+    assert count_effects() == 5
+    for m in msgs:
+        assert count_effects(m.id) == 1
+    assert len(consumer.calls) == 5
+    assert set(dedup_rows(engine)) == {m.id for m in msgs}
+
+
+def test_same_id_twice_in_one_batch(engine, effects, count_effects, make_message, recorder_cls):
+    consumer = recorder_cls()
+    m = make_message()
+    out = consumer.process_batch(engine, [m, make_message(m.id)])
+    assert [o.status for o in out] == [Status.PROCESSED, Status.DUPLICATE]
+    assert count_effects() == 1
+
+
+def test_consumers_are_independent(engine, effects, count_effects, make_message, recorder_cls):
+    a, b = recorder_cls(), recorder_cls(name="test.other")
+    m = make_message()
+    assert a.process_batch(engine, [m])[0].status is Status.PROCESSED
+    assert b.process_batch(engine, [make_message(m.id)])[0].status is Status.PROCESSED
+    assert count_effects(m.id) == 2
+
+
+def test_failing_handler_rolls_back_only_itself(engine, effects, count_effects, make_message, recorder_cls):
+    consumer = recorder_cls()
+    msgs = [make_message() for _ in range(4)]
+    consumer.failing = {msgs[1].id}
+    out = consumer.process_batch(engine, msgs)
+    assert [o.status for o in out] == [Status.PROCESSED, Status.RETRY, Status.PROCESSED, Status.PROCESSED]
+    assert out[1].retry_in is not None and out[1].retry_in >= 0
+    assert count_effects(msgs[1].id) == 0  # its effect rolled back ...
+    assert msgs[1].id not in dedup_rows(engine)  # ... and its dedup row too
+    assert {msgs[0].id, msgs[2].id, msgs[3].id} <= set(dedup_rows(engine))
+    assert count_effects() == 3
+
+
+def test_retry_then_dead_letter_then_requeue(engine, effects, count_effects, make_message, recorder_cls):
+    consumer = recorder_cls()
+    good, bad = make_message(), make_message(key="bad-key")
+    consumer.failing = {bad.id}
+    waits: list[float] = []
+    out = consumer.process(engine, [good, bad], sleep=waits.append)
+    assert [o.status for o in out] == [Status.PROCESSED, Status.DEAD]
+    assert len(waits) == consumer.max_attempts - 1  # retried with backoff, then given up
+    assert count_effects(bad.id) == 0 and count_effects(good.id) == 1
+    [dead] = list_dead_letters(engine, consumer=consumer.name)
+    assert dead["message_id"] == bad.id and dead["attempts"] == consumer.max_attempts
+    assert "handler failed" in dead["error"] and dead["status"] == "dead"
+    assert dead["topic"] == "orders" and dead["key"] == "bad-key"
+    full = get_dead_letter(engine, dead["id"])
+    assert full is not None and full["payload"] == bad.payload and "RuntimeError" in full["traceback"]
+    assert full["first_failed_at"] <= full["last_failed_at"]
+    assert list_dead_letters(engine, consumer="someone.else") == []
+    assert list_dead_letters(engine, consumer=consumer.name, older_than=dt.timedelta(hours=1)) == []
+
+    # still broken: a requeue puts the row back to dead with the new error
+    assert requeue_dead_letters(engine, consumer=consumer.name) == 1
+    assert [o.status for o in consumer.process_requeued(engine)] == [Status.DEAD]
+    again = get_dead_letter(engine, dead["id"])
+    assert again is not None and again["status"] == "dead" and again["attempts"] == consumer.max_attempts + 1
+
+    # fixed: requeue -> processed exactly once, row resolved; a second requeue is a no-op
+    consumer.failing = set()
+    assert requeue_dead_letters(engine, consumer=consumer.name, ids=[dead["id"]]) == 1
+    assert [o.status for o in consumer.process_requeued(engine)] == [Status.PROCESSED]
+    assert count_effects(bad.id) == 1
+    assert get_dead_letter(engine, dead["id"])["status"] == "resolved"  # type: ignore[index]
+    assert consumer.process_requeued(engine) == []
+    assert requeue_dead_letters(engine, consumer=consumer.name) == 0  # resolved rows are not requeued
+
+
+def test_requeue_of_a_processed_message_is_a_noop(engine, effects, count_effects, make_message, recorder_cls):
+    consumer = recorder_cls()
+    m = make_message()
+    consumer.process_batch(engine, [m])
+    # the same message was dead-lettered by another path (e.g. a redelivery that failed elsewhere)
+    with engine.begin() as c:
+        now = dt.datetime.now(dt.timezone.utc)
+        c.execute(T.dead_letters.insert().values(consumer=consumer.name, message_id=m.id, topic="orders",
+                                                 payload=m.payload, error="x", attempts=1, first_failed_at=now,
+                                                 last_failed_at=now, status="requeued",
+                                                 content_type="application/json"))
+    out = consumer.process_requeued(engine)
+    assert [o.status for o in out] == [Status.DUPLICATE]
+    assert count_effects(m.id) == 1
+    assert list_dead_letters(engine, consumer=consumer.name)[0]["status"] == "resolved"
+    assert purge_dead_letters(engine, consumer=consumer.name, status="resolved") == 1
+    assert list_dead_letters(engine) == []
+
+
+def test_decode_error_is_not_retried(engine, effects, count_effects, make_message, recorder_cls):
+    consumer = recorder_cls()
+    m = make_message(payload=b"{not json")
+    out = consumer.process(engine, [m], sleep=lambda s: pytest.fail("a decode error must not be retried"))
+    assert out[0].status is Status.DEAD
+    [dead] = list_dead_letters(engine)
+    assert dead["error"].startswith("DecodeError") and dead["attempts"] == 1
+
+
+def test_no_message_id_goes_to_dead_letters(engine, effects, count_effects, make_message, recorder_cls):
+    consumer = recorder_cls()
+    ok, anonymous = make_message(), make_message(None)
+    out = consumer.process_batch(engine, [ok, anonymous])
+    assert [o.status for o in out] == [Status.PROCESSED, Status.DEAD]
+    assert consumer.calls == [ok.id]  # never processed without dedup
+    [dead] = list_dead_letters(engine)
+    assert "no message id" in dead["error"] and dead["message_id"] is None
+    assert get_dead_letter(engine, dead["id"])["payload"] == anonymous.payload  # type: ignore[index]
+
+
+def test_content_hash_ids(engine, effects, count_effects, make_message, recorder_cls):
+    consumer = recorder_cls(id_strategy="content-hash")
+    same = [make_message(None, b'{"n": 7}') for _ in range(3)]
+    other_key = make_message(None, b'{"n": 7}', key="other")
+    out = consumer.process_batch(engine, [*same, other_key])
+    assert [o.status for o in out] == [Status.PROCESSED, Status.DUPLICATE, Status.DUPLICATE, Status.PROCESSED]
+    assert count_effects() == 2
+    assert len(same[0].id) == 64 and same[0].id == same[1].id != other_key.id  # type: ignore[arg-type]
+
+
+def test_custom_id_extractor(engine, effects, count_effects, make_message):
+    class ByHeader(DedupConsumer):
+        name = "test.by-header"
+        message_id = staticmethod(lambda m: m.headers.get("event-id"))
+
+        def handle(self, session, message):
+            session.execute(sa.text("INSERT INTO test_consumer_effects (message_id) VALUES (:m)"), {"m": message.id})
+
+    consumer = ByHeader()
+    a, b, c = make_message(), make_message(), make_message()
+    a.headers["event-id"] = b.headers["event-id"] = "evt-1"
+    out = consumer.process_batch(engine, [a, b, c])
+    assert [o.status for o in out] == [Status.PROCESSED, Status.DUPLICATE, Status.DEAD]
+    assert count_effects("evt-1") == 1 and count_effects() == 1
+
+
+def test_lane_holds_later_messages_of_the_same_partition(engine, effects, count_effects, make_message,
+                                                         recorder_cls):
+    consumer = recorder_cls()
+    p0 = [make_message(partition=0, offset=i, broker="kafka") for i in range(3)]
+    p1 = [make_message(partition=1, offset=i, broker="kafka") for i in range(2)]
+    consumer.failing = {p0[1].id}
+    out = consumer.process_batch(engine, [p0[0], p1[0], p0[1], p1[1], p0[2]])
+    assert [o.status for o in out] == [Status.PROCESSED, Status.PROCESSED, Status.RETRY, Status.PROCESSED,
+                                       Status.SKIPPED]
+    assert count_effects() == 3
+
+
+def test_duplicates_leave_no_orm_state_behind(engine, effects, count_effects, make_message):
+    """A handler using the ORM: a failure in flush is attributed to its message."""
+
+    class FlushFails(DedupConsumer):
+        name = "test.flush"
+        max_attempts = 1
+
+        def handle(self, session, message):
+            # duplicate primary key -> IntegrityError at flush, only for the message "dup"
+            session.execute(EFFECTS_PK.insert().values(id=1 if message.body["n"] == 0 else message.body["n"]))
+
+    EFFECTS_PK.create(engine, checkfirst=True)
+    with engine.begin() as c:
+        c.execute(EFFECTS_PK.delete())
+    try:
+        consumer = FlushFails()
+        out = consumer.process_batch(engine, [make_message(payload=b'{"n": 1}'), make_message(payload=b'{"n": 0}'),
+                                              make_message(payload=b'{"n": 2}')])
+        assert [o.status for o in out] == [Status.PROCESSED, Status.DEAD, Status.PROCESSED]
+        with engine.connect() as c:
+            assert sorted(c.execute(sa.select(EFFECTS_PK.c.id)).scalars()) == [1, 2]
+    finally:
+        with engine.begin() as c:
+            c.execute(EFFECTS_PK.delete())
+
+
+EFFECTS_PK = sa.Table("test_consumer_pk", sa.MetaData(), sa.Column("id", sa.Integer, primary_key=True,
+                                                                    autoincrement=False))
