@@ -1,0 +1,121 @@
+"""Kafka-only behaviour of KafkaPublisher (tansu, or KAFKA_BOOTSTRAP_SERVERS)."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from outbox.brokers import KafkaPublisher, Outcome
+from outbox.errors import ConfigurationError
+
+pytestmark = pytest.mark.kafka
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "named"),
+    [
+        ({"bootstrap_servers": ""}, "bootstrap_servers"),
+        ({"compression": "brotli"}, "compression"),
+        ({"linger_ms": -1}, "linger_ms"),
+        ({"message_timeout_ms": "soon"}, "message_timeout_ms"),
+        ({"topic_metadata_timeout_ms": 1.5}, "topic_metadata_timeout_ms"),
+        ({"auto_create_topics": "yes"}, "auto_create_topics"),
+        ({"connect_timeout": 0}, "connect_timeout"),
+        ({"config": {"acks": 1}}, "acks"),
+        ({"config": {"enable.idempotence": "false"}}, "enable.idempotence"),
+        ({"config": {"on_delivery": print}}, "on_delivery"),
+        ({"config": {"no.such.setting": 1}}, "no.such.setting"),
+    ],
+)
+def test_bad_settings_fail_at_construction(kwargs, named):
+    kwargs = {"bootstrap_servers": "127.0.0.1:9", **kwargs}
+    with pytest.raises(ConfigurationError, match=named.replace(".", r"\.")):
+        KafkaPublisher(**kwargs)
+
+
+def test_secret_settings_stay_out_of_configuration_errors():
+    with pytest.raises(ConfigurationError) as info:
+        KafkaPublisher(bootstrap_servers="127.0.0.1:9",
+                       config={"sasl.password": "hunter2-secret", "no.such.setting": 1})
+    assert "hunter2-secret" not in str(info.value)
+
+
+def test_auto_create_topics_lets_the_broker_create_the_topic(kafka_bootstrap, make_record):
+    from confluent_kafka.admin import AdminClient
+
+    topic = f"auto-{uuid.uuid4().hex[:8]}"
+    pub = KafkaPublisher(bootstrap_servers=kafka_bootstrap, auto_create_topics=True)
+    try:
+        pub.start()
+        result = pub.publish([make_record(topic, b"{}", key="k")], timeout=30)[0]
+        assert result.outcome is Outcome.DELIVERED, result.error
+    finally:
+        pub.close()
+        admin = AdminClient({"bootstrap.servers": kafka_bootstrap})
+        for fut in admin.delete_topics([topic]).values():
+            try:
+                fut.result(10)
+            except Exception:
+                pass
+
+
+def test_librdkafka_spelling_of_auto_create_wins(kafka_bootstrap):
+    pub = KafkaPublisher(bootstrap_servers=kafka_bootstrap, config={"allow.auto.create.topics": "true"})
+    try:
+        assert pub.auto_create_topics is True
+    finally:
+        pub.close()
+
+
+def test_without_auto_create_the_missing_topic_is_not_created(kafka_bootstrap, make_record):
+    from confluent_kafka.admin import AdminClient
+
+    topic = f"typo-{uuid.uuid4().hex[:8]}"
+    pub = KafkaPublisher(bootstrap_servers=kafka_bootstrap, topic_metadata_timeout_ms=500)
+    try:
+        result = pub.publish([make_record(topic, b"{}")], timeout=30)[0]
+    finally:
+        pub.close()
+    assert result.outcome is Outcome.FAILED
+    assert "UNKNOWN_TOPIC" in (result.error or "")
+    topics = AdminClient({"bootstrap.servers": kafka_bootstrap}).list_topics(timeout=10).topics
+    assert topic not in topics
+
+
+def test_a_closed_publisher_reopens_on_publish(kafka_bootstrap, kafka_topic, make_record):
+    pub = KafkaPublisher(bootstrap_servers=kafka_bootstrap)
+    pub.start()
+    pub.close()
+    try:
+        assert pub.publish([make_record(kafka_topic, b"{}")], timeout=30)[0].outcome is Outcome.DELIVERED
+    finally:
+        pub.close()
+
+
+def test_broker_gone_then_back(tmp_path, make_record):
+    """A broker that dies after start: BrokerUnavailable (no secret in it); once it is back, publishing resumes."""
+    from outbox.devbroker import DevKafkaBroker
+    from outbox.errors import BrokerUnavailable
+
+    broker = DevKafkaBroker(log_path=str(tmp_path / "tansu.log")).start()
+    pub = KafkaPublisher(bootstrap_servers=broker.bootstrap_servers, auto_create_topics=True,
+                         message_timeout_ms=10_000, connect_timeout=2,
+                         config={"reconnect.backoff.max.ms": 500, "log_level": 0})
+    topic = f"bounce-{uuid.uuid4().hex[:8]}"
+    try:
+        assert pub.publish([make_record(topic, b"1", key="k")], timeout=30)[0].outcome is Outcome.DELIVERED
+        broker.stop()
+        with pytest.raises(BrokerUnavailable, match="not reachable"):
+            pub.publish([make_record(topic, b"2", key="k")], timeout=2)
+        broker = DevKafkaBroker(port=broker.port, log_path=str(tmp_path / "tansu2.log")).start()
+        # The new broker does not know the idempotent producer's id: librdkafka raises a fatal
+        # error, the batch comes back RETRY and the producer is recreated; the next try delivers.
+        result = pub.publish([make_record(topic, b"3", key="k")], timeout=30)[0]
+        if result.outcome is Outcome.RETRY:
+            assert "fatal" in (result.error or "")
+            result = pub.publish([make_record(topic, b"3", key="k")], timeout=30)[0]
+        assert result.outcome is Outcome.DELIVERED, result.error
+    finally:
+        pub.close(timeout=2)
+        broker.stop()

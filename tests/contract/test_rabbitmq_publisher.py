@@ -1,0 +1,234 @@
+"""RabbitMQ-only behaviour of RabbitMQPublisher, against the real broker."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+import uuid
+
+import pytest
+
+from outbox.brokers import MESSAGE_ID_HEADER, Outcome, RabbitMQPublisher
+from outbox.errors import ConfigurationError
+
+pytestmark = pytest.mark.rabbitmq
+
+
+@pytest.fixture
+def routed(amqp_names, rabbit_admin):
+    """A topic exchange bound with '#' to a queue; returns (exchange, queue)."""
+    rabbit_admin.exchange_declare(amqp_names["exchange"], "topic", durable=True)
+    rabbit_admin.queue_declare(amqp_names["queue"])
+    rabbit_admin.queue_bind(amqp_names["queue"], amqp_names["exchange"], "#")
+    return amqp_names["exchange"], amqp_names["queue"]
+
+
+@pytest.fixture
+def publisher(rabbitmq_url):
+    pubs = []
+
+    def make(**kw):
+        pub = RabbitMQPublisher(url=rabbitmq_url, **kw)
+        pubs.append(pub)
+        return pub
+
+    yield make
+    for p in pubs:
+        p.close(timeout=5)
+
+
+def _depth(admin, queue):
+    return admin.queue_declare(queue, passive=True).method.message_count
+
+
+def _drain(admin, queue):
+    out = []
+    while True:
+        method, props, body = admin.basic_get(queue, auto_ack=True)
+        if method is None:
+            return out
+        out.append((method, props, body))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "named"),
+    [
+        ({"url": ""}, "url"),
+        ({"exchange_type": "x-delayed"}, "exchange_type"),
+        ({"confirm_window": 0}, "confirm_window"),
+        ({"confirm_window": "many"}, "confirm_window"),
+        ({"heartbeat": -1}, "heartbeat"),
+        ({"connection_attempts": 0}, "connection_attempts"),
+        ({"declare_exchanges": "perhaps"}, "declare_exchanges"),
+        ({"mandatory": None}, "mandatory"),
+        ({"connect_timeout": "never"}, "connect_timeout"),
+        ({"max_message_bytes": 0}, "max_message_bytes"),
+        ({"connection_name": 5}, "connection_name"),
+        ({"url": "amqp://u:topsecret@host:notaport/%2F"}, "url"),
+    ],
+)
+def test_bad_settings_fail_at_construction(kwargs, named):
+    kwargs = {"url": "amqp://guest:guest@127.0.0.1:5672/%2F", **kwargs}
+    with pytest.raises(ConfigurationError, match=named) as info:
+        RabbitMQPublisher(**kwargs)
+    assert "topsecret" not in str(info.value)
+
+
+def test_settings_given_as_text_are_accepted():
+    pub = RabbitMQPublisher(url="amqp://guest:guest@127.0.0.1:5672/%2F", confirm_window="250",
+                            declare_exchanges="true", connect_timeout="2.5")
+    assert (pub.confirm_window, pub.declare_exchanges, pub.connect_timeout) == (250, True, 2.5)
+
+
+def test_properties_on_the_wire(publisher, routed, rabbit_admin, make_record):
+    exchange, queue = routed
+    rec = make_record(exchange, b'{"a": 1}', key="orders.eu", headers={"trace": "t-1"},
+                      content_type="application/json")
+    assert publisher().publish([rec])[0].outcome is Outcome.DELIVERED
+    ((method, props, body),) = _drain(rabbit_admin, queue)
+    assert method.routing_key == "orders.eu"
+    assert body == b'{"a": 1}'
+    assert props.delivery_mode == 2
+    assert props.message_id == str(rec.message_id)
+    assert props.content_type == "application/json"
+    assert props.headers["trace"] == "t-1"
+    assert props.headers[MESSAGE_ID_HEADER] == str(rec.message_id)
+    assert abs(props.timestamp - time.time()) < 300
+
+
+def test_unroutable_message_fails_with_no_route_while_others_deliver(publisher, routed, rabbit_admin,
+                                                                     amqp_names, make_record):
+    exchange, queue = routed
+    lonely = amqp_names["dlx"]  # an exchange with no bindings at all
+    rabbit_admin.exchange_declare(lonely, "topic", durable=True)
+    batch = [make_record(exchange, b"1", key="a"), make_record(lonely, b"x", key="nowhere"),
+             make_record(exchange, b"2", key="b")]
+    results = publisher().publish(batch)
+    assert [r.outcome for r in results] == [Outcome.DELIVERED, Outcome.FAILED, Outcome.DELIVERED]
+    assert results[1].error == f"unroutable: NO_ROUTE (exchange={lonely!r}, routing_key='nowhere')"
+    assert sorted(body for _, _, body in _drain(rabbit_admin, queue)) == [b"1", b"2"]
+
+
+def test_without_mandatory_unroutable_messages_vanish_as_delivered(publisher, amqp_names, rabbit_admin, make_record):
+    lonely = amqp_names["dlx"]
+    rabbit_admin.exchange_declare(lonely, "topic", durable=True)
+    results = publisher(mandatory=False).publish([make_record(lonely, b"x", key="k")])
+    assert results[0].outcome is Outcome.DELIVERED
+
+
+def test_exchange_deleted_after_first_use(publisher, routed, rabbit_admin, amqp_names, make_record):
+    exchange, queue = routed
+    doomed = amqp_names["dlx"]
+    rabbit_admin.exchange_declare(doomed, "topic", durable=True)
+    rabbit_admin.queue_bind(queue, doomed, "#")
+    pub = publisher()
+    assert [r.outcome for r in pub.publish([make_record(doomed, b"0"), make_record(exchange, b"0")])] == [
+        Outcome.DELIVERED, Outcome.DELIVERED]
+    _drain(rabbit_admin, queue)
+    rabbit_admin.exchange_delete(doomed)
+
+    batch = [make_record(exchange, b"1", key="a"), make_record(doomed, b"x", key="b"),
+             make_record(exchange, b"2", key="c"), make_record(exchange, b"3", key="b")]
+    results = pub.publish(batch, timeout=30)
+    assert [r.outcome for r in results] == [Outcome.DELIVERED, Outcome.FAILED, Outcome.DELIVERED, Outcome.RETRY]
+    assert "404" in results[1].error and doomed in results[1].error
+    assert results[3].held
+    bodies = [body for _, _, body in _drain(rabbit_admin, queue)]
+    # the channel was reopened and unconfirmed messages sent again: duplicates allowed, order kept
+    assert set(bodies) == {b"1", b"2"}
+    assert bodies.index(b"1") < len(bodies) and bodies[-1] == b"2"
+    # the publisher still works afterwards
+    assert pub.publish([make_record(exchange, b"4")])[0].outcome is Outcome.DELIVERED
+
+
+def test_declare_exchanges_creates_a_missing_exchange(publisher, amqp_names, rabbit_admin, make_record):
+    name = amqp_names["exchange"]
+    result = publisher(declare_exchanges=True, mandatory=False).publish([make_record(name, b"{}", key="k")])[0]
+    assert result.outcome is Outcome.DELIVERED
+    assert rabbit_admin.exchange_declare(name, passive=True)  # raises if it does not exist
+
+
+def test_small_window_still_delivers_everything_in_order(publisher, routed, rabbit_admin, make_record):
+    exchange, queue = routed
+    records = [make_record(exchange, f"{i}".encode(), key="same") for i in range(500)]
+    results = publisher(confirm_window=7).publish(records, timeout=60)
+    assert all(r.outcome is Outcome.DELIVERED for r in results)
+    assert [int(body) for _, _, body in _drain(rabbit_admin, queue)] == list(range(500))
+
+
+def test_a_closed_publisher_reopens_on_publish(publisher, routed, make_record):
+    exchange, _ = routed
+    pub = publisher()
+    pub.start()
+    pub.close()
+    assert pub.publish([make_record(exchange, b"{}")])[0].outcome is Outcome.DELIVERED
+
+
+def _close_connections(name):
+    listing = subprocess.run(["rabbitmqctl", "-q", "list_connections", "--no-table-headers", "pid",
+                              "client_properties"], capture_output=True, text=True, timeout=60)
+    pids = [line.split("\t")[0] for line in listing.stdout.splitlines() if f'"{name}"' in line]
+    for pid in pids:
+        subprocess.run(["rabbitmqctl", "-q", "close_connection", pid, "test: connection killed"],
+                       capture_output=True, timeout=60, check=True)
+    return len(pids)
+
+
+def test_reconnects_after_the_broker_closes_the_connection(publisher, routed, rabbit_admin, make_record, caplog):
+    try:
+        subprocess.run(["rabbitmqctl", "-q", "status"], capture_output=True, timeout=60, check=True)
+    except (OSError, subprocess.SubprocessError):
+        pytest.skip("rabbitmqctl is not usable here")
+    exchange, queue = routed
+    name = f"contract-{uuid.uuid4().hex[:8]}"
+    pub = publisher(connection_name=name)
+    assert pub.publish([make_record(exchange, b"before")])[0].outcome is Outcome.DELIVERED
+    deadline = time.monotonic() + 30
+    while not _close_connections(name):  # the connection may take a moment to be listed
+        assert time.monotonic() < deadline, "the publisher's connection never showed up"
+    records = [make_record(exchange, f"{i}".encode(), key="k") for i in range(50)]
+    with caplog.at_level("WARNING", logger="outbox.brokers.rabbitmq"):
+        results = pub.publish(records, timeout=30)
+    assert all(r.outcome is Outcome.DELIVERED for r in results), {r.error for r in results}
+    assert any("reconnecting" in r.getMessage() for r in caplog.records)
+    assert all("guest:guest" not in r.getMessage() for r in caplog.records)
+    bodies = [body for _, _, body in _drain(rabbit_admin, queue)]
+    assert bodies[0] == b"before"
+    assert [int(b) for b in bodies[1:]] == list(range(50))
+
+
+def test_connection_lost_in_the_middle_of_a_batch(rabbitmq_url, routed, rabbit_admin, make_record, caplog):
+    try:
+        subprocess.run(["rabbitmqctl", "-q", "status"], capture_output=True, timeout=60, check=True)
+    except (OSError, subprocess.SubprocessError):
+        pytest.skip("rabbitmqctl is not usable here")
+    exchange, queue = routed
+    name = f"contract-{uuid.uuid4().hex[:8]}"
+
+    class KilledMidway(RabbitMQPublisher):
+        """Has the broker drop the connection just before the 25th message goes out."""
+
+        def _properties(self, rec):
+            if rec.payload == b"25" and not getattr(self, "killed", False):
+                self.killed = True
+                deadline = time.monotonic() + 30
+                while not _close_connections(name):
+                    assert time.monotonic() < deadline
+            return super()._properties(rec)
+
+    pub = KilledMidway(url=rabbitmq_url, connection_name=name)
+    try:
+        records = [make_record(exchange, f"{i}".encode(), key="k") for i in range(50)]
+        with caplog.at_level("WARNING", logger="outbox.brokers.rabbitmq"):
+            results = pub.publish(records, timeout=30)
+    finally:
+        pub.close()
+    assert pub.killed
+    assert any("connection lost" in r.getMessage() for r in caplog.records)
+    assert [r.id for r in results] == [r.id for r in records]
+    assert all(r.outcome is Outcome.DELIVERED for r in results), {r.error for r in results}
+    bodies = [int(body) for _, _, body in _drain(rabbit_admin, queue)]
+    # unconfirmed messages were sent again after the reconnect: duplicates allowed, but every
+    # message is there and first occurrences keep the order
+    first_seen = list(dict.fromkeys(bodies))
+    assert first_seen == list(range(50))
