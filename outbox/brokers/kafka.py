@@ -147,6 +147,9 @@ class KafkaPublisher:
             "message.timeout.ms": message_timeout_ms,
             "topic.metadata.propagation.max.ms": topic_metadata_timeout_ms,
             "allow.auto.create.topics": auto_create_topics,
+            # the Java client's partitioner: a key lands on the same Kafka partition whichever
+            # language produced it (librdkafka's default, CRC-32, would disagree with Java producers)
+            "partitioner": "murmur2_random",
             "logger": logging.getLogger(f"{__name__}.librdkafka"),
             **user,
             "error_cb": self._on_error,
