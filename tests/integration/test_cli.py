@@ -1,0 +1,136 @@
+"""The operator commands on real databases: status, dead (outbox rows and consumer dead letters),
+and the relay's settings from flags, environment and TOML."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from consumers import DedupConsumer, IncomingMessage
+from outbox import ConfigurationError, Outbox, default_tables
+from outbox.brokers.base import Outcome
+from outbox.brokers.memory import MemoryPublisher
+from outbox.cli import build_parser, main
+from outbox.cli.relay import build
+from outbox.config import RelayConfig
+from outbox.relay import Relay
+
+T = default_tables()
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture
+def dead_rows(engine: sa.Engine) -> sa.Engine:
+    box = Outbox()
+    with Session(engine) as s, s.begin():
+        box.add(s, "orders", {"n": 1}, key="a")
+        box.add(s, "orders", {"n": 2}, key="b")
+        box.add(s, "invoices", {"n": 3}, key="a")
+    pub = MemoryPublisher()
+    pub.fail(lambda r: r.key == "a", Outcome.FAILED, "MSG_SIZE_TOO_LARGE: 2,000,000 bytes")
+    relay = Relay(engine, pub, config=RelayConfig(progress_interval=0))
+    relay.drain()
+    relay.close()
+    return engine
+
+
+def test_status_and_dead_commands(dead_rows: sa.Engine, db_url: str, capsys) -> None:
+    # key "a": the first message is dead, so (strict ordering) the later one waits behind it
+    code, out, _ = run_cli(capsys, "status", "--db", db_url)
+    assert code == 0 and "dead:           1" in out and "pending:        1" in out and "partitions:     32" in out
+    code, out, _ = run_cli(capsys, "status", "--db", db_url, "--json")
+    st = json.loads(out)
+    assert (st["pending"], st["dead"]) == (1, 1) and st["relays"] == []
+
+    code, out, _ = run_cli(capsys, "dead", "list", "--db", db_url, "--json")
+    rows = json.loads(out)
+    assert code == 0 and [(r["topic"], r["key"]) for r in rows] == [("orders", "a")]
+    assert "MSG_SIZE_TOO_LARGE" in rows[0]["last_error"]
+    code, out, _ = run_cli(capsys, "dead", "list", "--db", db_url, "--topic", "invoices")
+    assert code == 0 and "(none)" in out
+    code, out, _ = run_cli(capsys, "dead", "show", "--db", db_url, str(rows[0]["id"]))
+    assert code == 0 and '{"n":1}' in out and "MSG_SIZE_TOO_LARGE" in out
+
+    code, _, err = run_cli(capsys, "dead", "requeue", "--db", db_url)
+    assert code == 2 and "needs a filter" in err
+    code, out, _ = run_cli(capsys, "dead", "requeue", "--db", db_url, "--topic", "orders")
+    assert code == 0 and "requeued 1 message(s)" in out
+    pub = MemoryPublisher()
+    relay = Relay(dead_rows, pub, config=RelayConfig(progress_interval=0))
+    assert relay.drain() == 2  # the requeued message, then the one that waited behind it
+    relay.close()
+    assert [json.loads(m.payload)["n"] for m in pub.snapshot()] == [1, 3]
+    code, out, _ = run_cli(capsys, "dead", "purge", "--db", db_url, "--all", "--json")
+    assert json.loads(out) == {"purged": 0}
+    with dead_rows.connect() as c:
+        assert c.execute(sa.select(sa.func.count()).select_from(T.outbox)).scalar_one() == 0
+
+
+class Picky(DedupConsumer):
+    name = "cli.picky"
+    max_attempts = 1
+    fixed = False
+
+    def handle(self, session, message):
+        if not Picky.fixed:
+            raise ValueError("cannot ship to the moon")
+        session.execute(sa.text("SELECT 1"))
+        return {"ok": True}
+
+
+def test_dead_commands_for_consumer_dead_letters(engine: sa.Engine, db_url: str, capsys) -> None:
+    msg = IncomingMessage(id="m-1", topic="orders", key="k", payload=b'{"x": 1}', headers={},
+                          content_type="application/json")
+    Picky.fixed = False
+    outcomes = Picky().process_batch(engine, [msg])
+    assert outcomes[0].status.value == "dead"
+    code, out, _ = run_cli(capsys, "dead", "list", "--db", db_url, "--consumer", "cli.picky", "--json")
+    rows = json.loads(out)
+    assert len(rows) == 1 and "cannot ship to the moon" in rows[0]["error"]
+    code, out, _ = run_cli(capsys, "dead", "requeue", "--db", db_url, "--consumer", "cli.picky", "--all")
+    assert code == 0 and "requeued 1" in out
+    Picky.fixed = True
+    done = Picky().process_requeued(engine)
+    assert [o.status.value for o in done] == ["processed"]
+    with engine.connect() as c:
+        assert c.execute(sa.select(sa.func.count()).select_from(T.processed)).scalar_one() == 1
+
+
+def test_relay_settings_precedence_flags_env_file(tmp_path, monkeypatch) -> None:
+    cfg = tmp_path / "relay.toml"
+    cfg.write_text(
+        '[relay]\ndb = "sqlite:///x.db"\nkafka = "127.0.0.1:1"\nbatch_size = 10\nmax_attempts = 3\n'
+        'ordering = "none"\n[kafka]\n"linger.ms" = 1\n'
+    )
+    monkeypatch.setenv("OUTBOX_RELAY_MAX_ATTEMPTS", "4")
+    args = build_parser().parse_args(["relay", "--config", str(cfg), "--batch-size", "20"])
+    engine, publisher, config = build(args)
+    assert (config.batch_size, config.max_attempts, config.ordering) == (20, 4, "none")
+    assert type(publisher).__name__ == "KafkaPublisher"
+    engine.dispose()
+    publisher.close(timeout=0.1)
+
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[relay]\nbatchsize = 1\n")
+    with pytest.raises(ConfigurationError, match="unknown relay setting 'batchsize'"):
+        build(build_parser().parse_args(["relay", "--config", str(bad), "--db", "sqlite://", "--kafka", "h:1"]))
+    monkeypatch.delenv("OUTBOX_DB_URL", raising=False)
+    monkeypatch.delenv("OUTBOX_KAFKA_BOOTSTRAP_SERVERS", raising=False)
+    monkeypatch.delenv("OUTBOX_RABBITMQ_URL", raising=False)
+    with pytest.raises(ConfigurationError, match="no broker given"):
+        build(build_parser().parse_args(["relay", "--db", "sqlite://"]))
+    with pytest.raises(ConfigurationError, match="no database given"):
+        build(build_parser().parse_args(["relay", "--kafka", "h:1"]))
+
+
+def test_cli_errors_never_show_passwords(capsys) -> None:
+    code, out, err = run_cli(capsys, "status", "--db", "postgresql+psycopg://app:hunter2@127.0.0.1:1/x")
+    assert code != 0 and "hunter2" not in out + err and "error:" in err
