@@ -1,8 +1,9 @@
 """Run the toolkit's shipped Alembic migrations from Python (the ``outbox db`` commands use this).
 
 The scripts live in the repository's top-level ``alembic/`` folder and are packaged into the wheel
-as ``outbox/_migrations``. They keep their own version table, ``outbox_alembic_version``, so they
-never touch the application's ``alembic_version``.
+as ``outbox/_migrations``. They keep their own version table, ``outbox_alembic_version`` (renamed
+tables get one of their own, see :func:`version_table_for`), so they never touch the application's
+``alembic_version``.
 
 Already running Alembic for your application? Either run ``outbox db upgrade`` as a separate step,
 or call :func:`upgrade` from one of your own migrations::
@@ -17,6 +18,7 @@ or call :func:`upgrade` from one of your own migrations::
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,7 +28,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from .errors import ConfigurationError
-from .schema import OutboxTables, default_tables
+from .schema import DEFAULT_TABLE_NAMES, OutboxTables, default_tables
 
 __all__ = [
     "VERSION_TABLE",
@@ -38,10 +40,29 @@ __all__ = [
     "script_location",
     "tables_for_migration",
     "upgrade",
+    "version_table_for",
 ]
 
 VERSION_TABLE = "outbox_alembic_version"
 _ACTIVE_TABLES: list[OutboxTables] = []
+
+
+def version_table_for(tables: OutboxTables | None = None) -> str:
+    """The version table of one set of toolkit tables.
+
+    ``outbox_alembic_version`` for the default names (in ``names.schema`` if one is set). Tables
+    renamed with a different outbox table name keep a version table of their own, named after it
+    (``shop_outbox`` -> ``shop_outbox_alembic_version``), so two sets of toolkit tables in one
+    schema never share, and skip, each other's migrations.
+    """
+    names = (tables or default_tables()).names
+    if names.outbox == DEFAULT_TABLE_NAMES.outbox:
+        return VERSION_TABLE
+    name = f"{names.outbox}_alembic_version"
+    if len(name) > 63:  # PostgreSQL's identifier limit; keep it unique with a digest of the full name
+        digest = hashlib.sha256(names.outbox.encode()).hexdigest()[:8]
+        name = f"{names.outbox[:42]}_{digest}_alembic_ver"
+    return name
 
 
 def script_location() -> str:
@@ -81,7 +102,7 @@ def alembic_config(
         cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
     cfg.attributes["connection"] = connection
     cfg.attributes["outbox_tables"] = tables or default_tables()
-    cfg.attributes["version_table"] = VERSION_TABLE
+    cfg.attributes["version_table"] = version_table_for(tables)
     return cfg
 
 
@@ -101,11 +122,25 @@ def _connected(bind: Engine | Connection | str) -> Iterator[Connection]:
 
 @contextlib.contextmanager
 def _active(tables: OutboxTables | None) -> Iterator[None]:
+    """Tell ``env.py`` and the scripts which tables to migrate, and keep an enclosing Alembic run working.
+
+    ``alembic.context`` and ``alembic.op`` are module-level proxies: entering a run installs them and
+    leaving it *deletes* them. When :func:`upgrade` is called from inside the application's own
+    migration (``outbox_upgrade(op.get_bind(), ...)``), our run would leave the application's run
+    without its ``op`` and ``context``. So the proxies that were installed before are put back after.
+    """
+    from alembic import context as alembic_context
+    from alembic import op as alembic_op
+
+    outer = [getattr(m, "_proxy", None) for m in (alembic_context, alembic_op)]
     _ACTIVE_TABLES.append(tables or default_tables())
     try:
         yield
     finally:
         _ACTIVE_TABLES.pop()
+        for proxy in outer:
+            if proxy is not None:
+                proxy._install_proxy()
 
 
 def upgrade(bind: Engine | Connection | str, revision: str = "head", *, tables: OutboxTables | None = None) -> None:
@@ -131,7 +166,7 @@ def current(bind: Engine | Connection | str, *, tables: OutboxTables | None = No
     schema = (tables or default_tables()).names.schema
     with _connected(bind) as conn:
         ctx = MigrationContext.configure(
-            conn, opts={"version_table": VERSION_TABLE, "version_table_schema": schema}
+            conn, opts={"version_table": version_table_for(tables), "version_table_schema": schema}
         )
         return ctx.get_current_revision()
 
