@@ -161,7 +161,7 @@ def _run(args: argparse.Namespace, workdir: Path) -> int:
             if now >= next_show:
                 _say(f"  written {written:>6}  published {relay.stats.published:>6}  "
                      f"consumed {runner.stats.processed - warm:>6}  duplicates ignored {runner.stats.duplicates:>4}")
-                next_show = now + 1.0
+                next_show = now + 0.25
             if now - start > 120:
                 _say("error: the pipeline did not finish within 120 s")
                 break

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import decimal
+import re
 import uuid
 
 import pytest
@@ -116,3 +117,29 @@ def test_secrets_are_masked() -> None:
 def test_ranges_are_compact() -> None:
     assert _ranges([0, 1, 2, 5, 7, 8]) == "0-2,5,7-8"
     assert _ranges([]) == "-"
+
+
+@pytest.mark.parametrize(
+    ("version", "mariadb", "needed"),
+    [((10, 5, 22), True, "MariaDB >= 10.6"), ((5, 7, 44), False, "MySQL >= 8.0.1")],
+)
+def test_old_mysql_servers_get_an_error_naming_the_version(version, mariadb, needed) -> None:
+    from types import SimpleNamespace
+
+    from outbox import UnsupportedDatabase
+    from outbox.dialects import dialect_for
+
+    conn = SimpleNamespace(dialect=SimpleNamespace(server_version_info=version, is_mariadb=mariadb))
+    with pytest.raises(UnsupportedDatabase, match=re.escape(needed)):
+        dialect_for("mysql").check_server(conn)  # type: ignore[arg-type]
+    newer = SimpleNamespace(dialect=SimpleNamespace(server_version_info=(10, 11, 0) if mariadb else (8, 0, 36),
+                                                    is_mariadb=mariadb))
+    dialect_for("mariadb").check_server(newer)  # type: ignore[arg-type]
+
+
+def test_unknown_dialect_is_refused_with_the_supported_list() -> None:
+    from outbox import UnsupportedDatabase
+    from outbox.dialects import dialect_for
+
+    with pytest.raises(UnsupportedDatabase, match=re.escape("PostgreSQL, MySQL 8 / MariaDB >= 10.6 or SQLite")):
+        dialect_for("oracle")
