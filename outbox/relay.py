@@ -369,6 +369,7 @@ class Relay:
                 return
             # wake early for NOTIFY, stop(), or the lease renewal deadline
             until_renew = self._last_rebalance + self.config.renew_interval - time.monotonic()
+            until_renew = until_renew if self._started else left  # not started (backing off): no leases to renew
             if self._wake.wait(max(0.0, min(left, until_renew))):
                 self._wake.clear()
                 return

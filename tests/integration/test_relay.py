@@ -1,6 +1,6 @@
 """The relay on real databases (PostgreSQL, MariaDB, SQLite), publishing to the in-memory broker.
 
-Broker-specific behaviour (Kafka, RabbitMQ) is covered by tests/integration/test_relay_e2e.py and
+Broker-specific behaviour (Kafka, RabbitMQ) is covered by tests/integration/relay_e2e/ and
 the contract suite; here the database side is exercised: claims, ordering, retries, dead rows,
 leases, fencing and shutdown.
 """
