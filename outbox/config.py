@@ -94,15 +94,20 @@ class RelayConfig:
         return cls(**kwargs)
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None, base: Mapping[str, Any] | None = None) -> RelayConfig:
-        """``OUTBOX_RELAY_BATCH_SIZE=500`` style variables override ``base``."""
+    def env_values(cls, environ: Mapping[str, str] | None = None) -> dict[str, str]:
+        """The ``OUTBOX_RELAY_<FIELD>`` variables that are set, by field name (not yet validated)."""
         env = os.environ if environ is None else environ
-        values = dict(base or {})
+        out = {}
         for f in dataclasses.fields(cls):
             var = f"OUTBOX_RELAY_{f.name.upper()}"
             if var in env:
-                values[f.name] = env[var]
-        return cls.from_mapping(values)
+                out[f.name] = env[var]
+        return out
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, base: Mapping[str, Any] | None = None) -> RelayConfig:
+        """``OUTBOX_RELAY_BATCH_SIZE=500`` style variables override ``base``."""
+        return cls.from_mapping({**dict(base or {}), **cls.env_values(environ)})
 
 
 def _positive_int(name: str, v: object, lo: int, hi: int) -> None:

@@ -233,14 +233,19 @@ class Relay:
 
     # ------------------------------------------------------------------ steps
     def _promote(self, conn: Connection, held: list[int], now: dt.datetime) -> None:
-        """Rows whose delay or backoff has run out become due (``available_at = DUE_NOW``)."""
+        """Rows whose delay or backoff has run out become due (``available_at = DUE_NOW``).
+
+        Read first, then update by primary key: a range UPDATE on InnoDB would lock the next
+        index record too, which is another partition's (another relay's) first due row.
+        """
         o = self.tables.outbox
-        conn.execute(
-            o.update()
+        ids = list(conn.execute(
+            sa.select(o.c.id)
             .where(o.c.partition.in_(held), o.c.status == STATUS_PENDING)
             .where(o.c.available_at > DUE_NOW, o.c.available_at <= now)
-            .values(available_at=DUE_NOW)
-        )
+        ).scalars())
+        for chunk in _chunks(ids, 1000):
+            self.dialect.update_ids(conn, o, chunk, {"available_at": DUE_NOW})
 
     def _claim(self, conn: Connection, held: list[int], now: dt.datetime) -> list[OutboxRecord]:
         o = self.tables.outbox
@@ -256,14 +261,17 @@ class Relay:
                 o.c.partition, o.c.attempts)
         members = []
         for p in held:
-            q = sa.select(o.c.id).where(o.c.partition == p, o.c.status == STATUS_PENDING, o.c.available_at == DUE_NOW)
+            q = sa.select(o.c.id, o.c.partition).where(
+                o.c.partition == p, o.c.status == STATUS_PENDING, o.c.available_at == DUE_NOW)
             if blocked:
                 q = q.where(sa.or_(o.c.key.is_(None), o.c.key.not_in(blocked)))
-            members.append(sa.select(sa.literal_column("id")).select_from(
-                q.order_by(o.c.id).limit(per_partition).subquery()))
+            sub = q.order_by(o.c.id).limit(per_partition).subquery()
+            members.append(sa.select(sub.c.id, sub.c.partition))
         ids = sa.union_all(*members).subquery("claimable") if len(members) > 1 else members[0].subquery("claimable")
         stmt = sa.select(*cols).join_from(o, ids, o.c.id == ids.c.id).order_by(o.c.id).limit(self.config.batch_size)
         rows = conn.execute(self.dialect.lock_claim(stmt, o)).all()
+        if rows and self.dialect.supports_skip_locked:
+            rows = self._without_gaps(conn, rows, sa.select(ids.c.id, ids.c.partition))
         self._active_partitions = {r.partition for r in rows}
         return [
             OutboxRecord(id=r.id, message_id=r.message_id, topic=r.topic, key=r.key, payload=bytes(r.payload),
@@ -271,6 +279,35 @@ class Relay:
                          attempts=r.attempts)
             for r in rows
         ]
+
+    def _without_gaps(self, conn: Connection, rows: Sequence[Any], due_ids: sa.Select[Any]) -> list[Any]:
+        """Keep, per partition, only the claimed rows before the first row SKIP LOCKED passed over.
+
+        Partitions are leased, so normally nobody else holds our rows' locks. But during a lease
+        handover the previous owner may still hold some, and InnoDB's next-key locks can touch a
+        neighbouring partition's first row. Publishing past a skipped row would break per-key
+        order, so the rest of that partition waits for the next round.
+        """
+        by_id = {r.id: r for r in rows}
+        claimed_parts: dict[int, list[int]] = defaultdict(list)
+        for r in rows:
+            claimed_parts[r.partition].append(r.id)
+        expected: dict[int, list[int]] = defaultdict(list)
+        for i, p in sorted(conn.execute(due_ids).all()):
+            expected[p].append(i)
+        keep: list[Any] = []
+        cut = 0
+        for p, claimed in claimed_parts.items():
+            want = expected.get(p, [])
+            n = 0
+            while n < len(claimed) and n < len(want) and claimed[n] == want[n]:
+                n += 1
+            cut += len(claimed) - n
+            keep.extend(by_id[i] for i in claimed[:n])
+        if cut:
+            log.debug("left %d claimed row(s) for the next round: an earlier row of their partition was locked", cut)
+        keep.sort(key=lambda r: r.id)
+        return keep
 
     def _blocked_keys(self, conn: Connection, held: list[int]) -> list[str]:
         """Keys whose earliest undelivered message is dead or waiting out a retry backoff."""

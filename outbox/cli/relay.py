@@ -81,8 +81,8 @@ def build(args: argparse.Namespace) -> tuple[Any, Any, RelayConfig]:
         "notify": args.notify, "relay_id": args.relay_id,
         "delete_published": (not args.audit) if args.audit is not None else None,
     }
-    base = RelayConfig.from_env(base=relay_file)
-    merged = {**{k: v for k, v in base.__dict__.items()}, **{k: v for k, v in cli.items() if v is not None}}
+    # merge first, validate once: the file, then the environment, then the command line
+    merged = {**relay_file, **RelayConfig.env_values(), **{k: v for k, v in cli.items() if v is not None}}
     config = RelayConfig.from_mapping(merged)
 
     options = _kv(args.broker_option)

@@ -118,6 +118,14 @@ def test_relay_settings_precedence_flags_env_file(tmp_path, monkeypatch) -> None
     engine.dispose()
     publisher.close(timeout=0.1)
 
+    # values are validated after merging: a file setting fixed up on the command line is fine
+    lazy = tmp_path / "lazy.toml"
+    lazy.write_text("[relay]\nmin_poll_interval = 10\n")
+    _, pub2, conf2 = build(build_parser().parse_args(
+        ["relay", "--config", str(lazy), "--poll-interval", "20", "--db", "sqlite://", "--kafka", "h:1"]))
+    assert (conf2.min_poll_interval, conf2.poll_interval) == (10, 20)
+    pub2.close(timeout=0.1)
+
     bad = tmp_path / "bad.toml"
     bad.write_text("[relay]\nbatchsize = 1\n")
     with pytest.raises(ConfigurationError, match="unknown relay setting 'batchsize'"):
