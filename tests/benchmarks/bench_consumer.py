@@ -1,0 +1,230 @@
+"""Scenario 5: the dedup consumer (KafkaRunner + DedupConsumer) against a plain confluent-kafka
+consumer loop doing the same inserts in batches of the same size without dedup.
+
+``--n`` messages are produced straight to Kafka with a ``message-id`` header; 10 % of them repeat
+an earlier message (same id, key and payload). Both consumers insert one row per message they
+process into a business table through the same ORM handler, commit the database transaction per
+batch and then commit the Kafka offsets synchronously. Each is timed from the first batch
+received to the last offset commit (the group join is not counted; ``session.timeout.ms`` 6000).
+Dead tuples (``n_dead_tup``) of the processed-messages and business tables are read before and
+after, with autovacuum off on both tables.
+
+Targets: dedup >= 20,000 msg/s and >= 0.8 x baseline; no dead tuples from duplicates.
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+import time
+import uuid
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _bench as b
+import sqlalchemy as sa
+from confluent_kafka import Consumer, Producer, TopicPartition
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+
+from consumers import DedupConsumer, KafkaRunner
+from outbox.schema import default_tables
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Event(Base):
+    __tablename__ = "bench_events"
+    id: Mapped[int] = mapped_column(sa.BigInteger, primary_key=True, autoincrement=True)
+    message_id: Mapped[str] = mapped_column(sa.String(64))
+    key: Mapped[str | None] = mapped_column(sa.String(64), nullable=True)
+    payload: Mapped[bytes] = mapped_column(sa.LargeBinary)
+
+
+def handler(session: Session, message_id: str | None, key: str | None, payload: bytes) -> None:
+    """The business effect, shared by both consumers: one row per message."""
+    session.add(Event(message_id=message_id or "", key=key, payload=payload))
+
+
+class Sink(DedupConsumer):
+    name = "bench.sink"
+
+    def handle(self, session, message):
+        handler(session, message.id, message.key, message.payload)
+
+
+class TimedRunner(KafkaRunner):
+    """Stops once ``target`` messages are settled; times first batch -> last offset commit."""
+
+    target = 0
+    t_first = 0.0
+    t_last = 0.0
+    settled = 0
+
+    def process(self, batch):
+        if not self.t_first:
+            self.t_first = time.perf_counter()
+        return super().process(batch)
+
+    def _commit(self, kc, outcomes):
+        super()._commit(kc, outcomes)
+        self.settled += sum(1 for o in outcomes if o.done)
+        if self.settled >= self.target:
+            self.t_last = time.perf_counter()
+            self.stop()
+
+
+def produce(bootstrap: str, topic: str, n: int, keys: int, dup_share: float) -> int:
+    rnd = random.Random(42)
+    sent: list[tuple[bytes, bytes, bytes]] = []
+    dups = 0
+    producer = Producer(b.kafka_producer_conf(bootstrap))
+    for i in range(n):
+        if sent and rnd.random() < dup_share:
+            k, v, mid = sent[rnd.randrange(len(sent))]
+            dups += 1
+        else:
+            k, v, mid = b.key_of(i, keys).encode(), b.payload_bytes(i), str(uuid.uuid4()).encode()
+            sent.append((k, v, mid))
+        while True:
+            try:
+                producer.produce(topic, value=v, key=k, headers=[("message-id", mid)])
+                break
+            except BufferError:
+                producer.poll(0.05)
+        if i % 1000 == 999:
+            producer.poll(0)
+    if producer.flush(60):
+        raise SystemExit("produce: messages left unconfirmed")
+    return dups
+
+
+def baseline(engine, bootstrap: str, topic: str, n: int, batch: int, conf: dict) -> float:
+    kc = Consumer({**conf, "bootstrap.servers": bootstrap, "group.id": f"bench-plain-{uuid.uuid4().hex[:6]}",
+                   "enable.auto.commit": False, "enable.auto.offset.store": False})
+    kc.subscribe([topic])
+    seen = 0
+    t_first = 0.0
+    try:
+        while seen < n:
+            msgs = [m for m in kc.consume(batch, 0.5) if m.error() is None]
+            if not msgs:
+                continue
+            if not t_first:
+                t_first = time.perf_counter()
+            with Session(engine) as s, s.begin():
+                for m in msgs:
+                    mid = dict(m.headers() or []).get("message-id", b"").decode()
+                    key = m.key()
+                    handler(s, mid, key.decode() if key is not None else None, bytes(m.value() or b""))
+            upto: dict[tuple[str, int], int] = {}
+            for m in msgs:
+                upto[(m.topic(), m.partition())] = m.offset() + 1
+            kc.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in upto.items()], asynchronous=False)
+            seen += len(msgs)
+        return time.perf_counter() - t_first
+    finally:
+        kc.close()
+
+
+def dead_tuples(engine) -> dict[str, int]:
+    """n_dead_tup (and n_live_tup, to show the statistics did arrive) per table."""
+    names = {"processed": default_tables().processed.name, "events": Event.__tablename__}
+    with engine.connect() as conn:
+        conn.execute(sa.text("SELECT pg_stat_force_next_flush()"))
+        conn.execute(sa.text("SELECT pg_stat_clear_snapshot()"))
+        out = {}
+        for label, table in names.items():
+            dead, live = conn.execute(
+                sa.text("SELECT n_dead_tup, n_live_tup FROM pg_stat_user_tables WHERE relname = :t"), {"t": table}
+            ).one()
+            out[label] = int(dead)
+            out[f"{label}_live"] = int(live)
+        conn.rollback()
+    return out
+
+
+def seed_history(engine, consumer: str, rows: int) -> None:
+    """Give the processed-messages table ``rows`` earlier ids of this consumer, then ANALYZE it.
+
+    A production table has history and statistics. Without statistics (a new table, or autovacuum
+    off) PostgreSQL reads the duplicates' stored results by scanning every row of the consumer, so
+    the dedup consumer would slow down as the table grows (see docs/benchmarks.md).
+    """
+    t = default_tables().processed
+    if rows:
+        sel = sa.select(sa.literal(consumer), sa.cast(sa.func.gen_random_uuid(), sa.String),
+                        sa.func.now()).select_from(sa.func.generate_series(1, rows))
+        with engine.begin() as conn:
+            conn.execute(t.insert().from_select(["consumer", "message_id", "processed_at"], sel))
+    b.vacuum(engine)
+
+
+def flush_stats(engine) -> None:
+    """Backends report their table statistics when they exit: close the pool, then wait for it."""
+    engine.dispose()
+    time.sleep(1.0)
+
+
+def main() -> None:
+    p = b.parser(__doc__ or "", n=200_000, keys=1000)
+    p.add_argument("--consumer-batch", type=int, default=500, help="messages per DB transaction (both sides)")
+    p.add_argument("--dup-share", type=float, default=0.10)
+    p.add_argument("--history", type=int, default=200_000,
+                   help="earlier processed ids in the table before the run (PostgreSQL; then ANALYZE)")
+    p.add_argument("--profile", metavar="PATH", help="sample the dedup consumer run with py-spy into PATH")
+    args = b.parse(p)
+    if args.db != "postgresql":
+        b.note("dead-tuple counts are PostgreSQL-only; throughput is still measured")
+    conf = {"session.timeout.ms": 6000, "auto.offset.reset": "earliest"}
+    with b.bench_database(args.db) as engine, b.kafka_broker(args.kafka) as bootstrap:
+        Base.metadata.create_all(engine)
+        pg = args.db == "postgresql"
+        if pg:
+            seed_history(engine, Sink.name, args.history)
+            with engine.begin() as conn:
+                for t in (default_tables().processed.name, Event.__tablename__):
+                    conn.execute(sa.text(f'ALTER TABLE "{t}" SET (autovacuum_enabled = false)'))
+        topic = b.create_topic(bootstrap)
+        t0 = time.perf_counter()
+        dups = produce(bootstrap, topic, args.n, args.keys, args.dup_share)
+        b.note(f"produced {args.n} ({dups} duplicates) in {time.perf_counter() - t0:.1f} s")
+        before = dead_tuples(engine) if pg else {}
+
+        runner = TimedRunner(Sink(), engine=engine, bootstrap_servers=bootstrap, topics=[topic],
+                             group_id=f"bench-dedup-{uuid.uuid4().hex[:6]}", config=conf,
+                             batch_size=args.consumer_batch, requeue_interval=None)
+        runner.target = args.n
+        with b.profiled(args.profile):
+            runner.run()
+        t_dedup = runner.t_last - runner.t_first
+        stats = runner.stats
+        if stats.processed != args.n - dups or stats.duplicates != dups:
+            raise SystemExit(f"dedup consumer: {stats}, expected {args.n - dups} processed, {dups} duplicates")
+        with engine.connect() as conn:
+            rows_dedup = conn.execute(sa.select(sa.func.count()).select_from(Event)).scalar_one()
+        if pg:
+            flush_stats(engine)
+        after = dead_tuples(engine) if pg else {}
+        t_plain = baseline(engine, bootstrap, topic, args.n, args.consumer_batch, conf)
+
+    dedup_rate, plain_rate = args.n / t_dedup, args.n / t_plain
+    b.emit("consumer_db", args.db)
+    b.emit("consumer_messages", args.n)
+    b.emit("consumer_history_rows", args.history if args.db == "postgresql" else 0)
+    b.emit("consumer_duplicates", dups)
+    b.emit("consumer_dedup_rows_inserted", rows_dedup)
+    b.emit("consumer_dedup_msgs_per_s", dedup_rate)
+    b.emit("baseline_plain_consumer_msgs_per_s", plain_rate)
+    b.emit("consumer_dedup_vs_plain_ratio", b.ratio(dedup_rate, plain_rate))
+    if pg:
+        for label in ("processed", "events"):
+            b.emit(f"consumer_{label}_table_n_dead_tup_before", before[label])
+            b.emit(f"consumer_{label}_table_n_dead_tup_after", after[label])
+            b.emit(f"consumer_{label}_table_n_live_tup_after", after[f"{label}_live"])
+
+
+if __name__ == "__main__":
+    main()
