@@ -15,6 +15,7 @@ import datetime as dt
 import logging
 import os
 import socket
+import time
 import uuid
 from dataclasses import dataclass, field
 
@@ -49,6 +50,13 @@ class LeaseManager:
     held: dict[int, int] = field(default_factory=dict)
     """partition -> generation this relay holds it under."""
     partition_count: int = 0
+    acquired_at: dict[int, float] = field(default_factory=dict)
+    """partition -> monotonic time this relay took it over from a relay whose lease lapsed."""
+
+    def recently_acquired(self, window: float) -> set[int]:
+        """Partitions taken over less than ``window`` seconds ago (a previous owner may still be busy)."""
+        now = time.monotonic()
+        return {p for p, t in self.acquired_at.items() if p in self.held and now - t < window}
 
     # ---------------------------------------------------------------- membership
     def register(self) -> None:
@@ -129,14 +137,14 @@ class LeaseManager:
             elif len(self.held) < target:
                 want = target - len(self.held)
                 q = (
-                    sa.select(le.c.partition, le.c.generation)
+                    sa.select(le.c.partition, le.c.generation, le.c.owner)
                     .where(sa.or_(le.c.owner.is_(None), le.c.expires_at < now, le.c.owner == self.relay_id))
                     .where(le.c.partition < total)
                     .order_by(le.c.partition)
                     .limit(want + len(self.held))
                 )
                 gained = []
-                for p, gen in conn.execute(self.dialect.lock_rows(q)).all():
+                for p, gen, previous in conn.execute(self.dialect.lock_rows(q)).all():
                     if p in self.held or len(gained) >= want:
                         continue
                     took = conn.execute(
@@ -147,6 +155,8 @@ class LeaseManager:
                     ).rowcount
                     if took:
                         self.held[p] = gen + 1
+                        if previous not in (None, self.relay_id):  # taken over from a lapsed relay
+                            self.acquired_at[p] = time.monotonic()
                         gained.append(p)
                 if gained:
                     log.info("took partitions %s (now %d of %d, %d relays)", _ranges(gained), len(self.held),

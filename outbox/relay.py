@@ -259,18 +259,10 @@ class Relay:
         per_partition = max(16, -(-self.config.batch_size // active))
         cols = (o.c.id, o.c.message_id, o.c.topic, o.c.key, o.c.payload, o.c.headers, o.c.content_type,
                 o.c.partition, o.c.attempts)
-        members = []
-        for p in held:
-            q = sa.select(o.c.id, o.c.partition).where(
-                o.c.partition == p, o.c.status == STATUS_PENDING, o.c.available_at == DUE_NOW)
-            if blocked:
-                q = q.where(sa.or_(o.c.key.is_(None), o.c.key.not_in(blocked)))
-            sub = q.order_by(o.c.id).limit(per_partition).subquery()
-            members.append(sa.select(sub.c.id, sub.c.partition))
-        ids = sa.union_all(*members).subquery("claimable") if len(members) > 1 else members[0].subquery("claimable")
+        ids = self.dialect.due_ids(o, held, per_partition, DUE_NOW, blocked)
         stmt = sa.select(*cols).join_from(o, ids, o.c.id == ids.c.id).order_by(o.c.id).limit(self.config.batch_size)
         rows = conn.execute(self.dialect.lock_claim(stmt, o)).all()
-        if rows and self.dialect.supports_skip_locked:
+        if rows and self.dialect.supports_skip_locked and self._may_have_gaps(rows):
             rows = self._without_gaps(conn, rows, sa.select(ids.c.id, ids.c.partition))
         self._active_partitions = {r.partition for r in rows}
         return [
@@ -279,6 +271,18 @@ class Relay:
                          attempts=r.attempts)
             for r in rows
         ]
+
+    def _may_have_gaps(self, rows: Sequence[Any]) -> bool:
+        """Whether SKIP LOCKED may have passed over one of our rows in this claim.
+
+        On PostgreSQL only another relay's still-open transaction can hold our rows' locks, and
+        that happens only right after we took a partition over (for at most a lease period plus
+        a publish timeout). InnoDB's next-key locks can reach our rows at any time.
+        """
+        if self.dialect.skip_locked_reaches_neighbours:
+            return True
+        recent = self.leases.recently_acquired(self.config.lease_ttl + self.config.publish_timeout)
+        return bool(recent) and any(r.partition in recent for r in rows)
 
     def _without_gaps(self, conn: Connection, rows: Sequence[Any], due_ids: sa.Select[Any]) -> list[Any]:
         """Keep, per partition, only the claimed rows before the first row SKIP LOCKED passed over.
@@ -293,7 +297,7 @@ class Relay:
         for r in rows:
             claimed_parts[r.partition].append(r.id)
         expected: dict[int, list[int]] = defaultdict(list)
-        for i, p in sorted(conn.execute(due_ids).all()):
+        for i, p in sorted(tuple(r) for r in conn.execute(due_ids)):
             expected[p].append(i)
         keep: list[Any] = []
         cut = 0

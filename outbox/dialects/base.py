@@ -89,6 +89,30 @@ class Dialect:
         """Lock the outbox rows a relay claims (``select`` may join ``table`` to a subquery)."""
         return select
 
+    #: SKIP LOCKED may pass over rows of partitions this relay owns even outside a lease
+    #: handover (InnoDB's next-key locks reach into neighbouring index ranges), so every claim
+    #: must be checked for gaps, not only claims from freshly taken partitions.
+    skip_locked_reaches_neighbours: ClassVar[bool] = False
+
+    def due_ids(
+        self, table: sa.Table, partitions: Sequence[int], per_partition: int, due: Any, blocked: Sequence[str]
+    ) -> sa.Subquery:
+        """``(id, partition)`` of up to ``per_partition`` due rows of each partition, in id order.
+
+        Portable form: one UNION ALL branch per partition, each an index range read.
+        """
+        members = []
+        for p in partitions:
+            q = sa.select(table.c.id, table.c.partition).where(
+                table.c.partition == p, table.c.status == "pending", table.c.available_at == due)
+            if blocked:
+                q = q.where(sa.or_(table.c.key.is_(None), table.c.key.not_in(blocked)))
+            sub = q.order_by(table.c.id).limit(per_partition).subquery()
+            members.append(sa.select(sub.c.id, sub.c.partition))
+        if len(members) == 1:
+            return members[0].subquery("claimable")
+        return sa.union_all(*members).subquery("claimable")
+
     def delete_ids(self, connection: Connection, table: sa.Table, ids: Sequence[int]) -> None:
         """Delete rows by primary key ``id``, touching (and locking) no other row."""
         connection.execute(table.delete().where(table.c.id.in_(ids)))

@@ -21,6 +21,7 @@ class MySQLDialect(Dialect):
     name: ClassVar[str] = "mysql"
     supports_skip_locked: ClassVar[bool] = True
     supports_concurrent_relays: ClassVar[bool] = True
+    skip_locked_reaches_neighbours: ClassVar[bool] = True
 
     @staticmethod
     def type_variants() -> dict[str, sa.types.TypeEngine[Any]]:

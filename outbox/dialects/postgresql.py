@@ -40,6 +40,31 @@ class PostgreSQLDialect(Dialect):
     def lock_rows(self, select: sa.Select[Any]) -> sa.Select[Any]:
         return select.with_for_update(skip_locked=True)
 
+    def due_ids(
+        self, table: sa.Table, partitions: Sequence[int], per_partition: int, due: Any, blocked: Sequence[str]
+    ) -> sa.Subquery:
+        """One LATERAL index read per partition, over ``unnest(:partitions)``.
+
+        The statement text does not depend on how many partitions are held (arrays, not IN
+        lists), so psycopg can prepare it once and the server plans it once.
+        """
+        parts = sa.func.unnest(
+            sa.bindparam("claim_partitions", list(partitions), type_=pg.ARRAY(sa.SmallInteger()))
+        ).table_valued("part").render_derived(name="held")
+        q = sa.select(table.c.id, table.c.partition).where(
+            table.c.partition == parts.c.part, table.c.status == "pending", table.c.available_at == due)
+        if blocked:
+            q = q.where(sa.or_(table.c.key.is_(None), table.c.key != sa.all_(
+                sa.bindparam("claim_blocked", list(blocked), type_=pg.ARRAY(sa.String())))))
+        per = q.order_by(table.c.id).limit(per_partition).lateral("per_partition")
+        return sa.select(per.c.id, per.c.partition).select_from(parts.join(per, sa.true())).subquery("claimable")
+
+    def delete_ids(self, connection: Connection, table: sa.Table, ids: Sequence[int]) -> None:
+        connection.execute(table.delete().where(table.c.id == sa.any_(_id_array(ids))))
+
+    def update_ids(self, connection: Connection, table: sa.Table, ids: Sequence[int], values: dict[str, Any]) -> None:
+        connection.execute(table.update().where(table.c.id == sa.any_(_id_array(ids))).values(**values))
+
     def lock_claim(self, select: sa.Select[Any], table: sa.Table) -> sa.Select[Any]:
         return select.with_for_update(skip_locked=True, of=table)
 
@@ -84,6 +109,10 @@ class PostgreSQLDialect(Dialect):
         params: dict[str, Any] = {"_keys": [r[key_column] for r in rows]}
         params.update({f"_v_{c}": first[c] for c in others})
         return set(connection.execute(stmt, params).scalars())
+
+
+def _id_array(ids: Sequence[int]) -> Any:
+    return sa.bindparam("row_ids", [int(i) for i in ids], type_=pg.ARRAY(sa.BigInteger()))
 
 
 def _listen(engine: Engine, channel: str, on_wake: Callable[[], None], stop: threading.Event) -> None:

@@ -286,8 +286,12 @@ def test_a_locked_row_is_never_overtaken_by_later_rows_of_its_partition(engine: 
     write(engine, 6, keys=2)  # k0: 0,2,4   k1: 1,3,5
     with engine.connect() as c:
         first_k0 = c.execute(sa.select(T.c.id).where(T.c.key == "k0").order_by(T.c.id).limit(1)).scalar_one()
+    le = default_tables().leases
     pub = MemoryPublisher()
     relay = Relay(engine, pub, config=cfg())
+    relay.leases.ensure_partitions()
+    with engine.begin() as c:  # a previous owner whose leases lapsed: it may still hold row locks
+        c.execute(le.update().values(owner="lapsed-relay", expires_at=dt.datetime(2000, 1, 1, tzinfo=dt.timezone.utc)))
     relay.start()
     other = engine.connect()
     tx = other.begin()
