@@ -187,15 +187,18 @@ class LeaseManager:
         le = self.tables.leases
         exp = _now() + dt.timedelta(seconds=self.ttl)
         parts = sorted(partitions)
-        conn.execute(
-            le.update().where(le.c.partition.in_(parts), le.c.owner == self.relay_id).values(expires_at=exp)
-        )
-        current = {
-            p: (owner, gen)
-            for p, owner, gen in conn.execute(
-                sa.select(le.c.partition, le.c.owner, le.c.generation).where(le.c.partition.in_(parts))
-            )
-        }
+        renew = le.update().where(le.c.partition.in_(parts), le.c.owner == self.relay_id).values(expires_at=exp)
+        if conn.dialect.update_returning:  # one round trip: the rows we still own come back
+            current = {p: (self.relay_id, gen) for p, gen in conn.execute(
+                renew.returning(le.c.partition, le.c.generation))}
+        else:
+            conn.execute(renew)
+            current = {
+                p: (owner, gen)
+                for p, owner, gen in conn.execute(
+                    sa.select(le.c.partition, le.c.owner, le.c.generation).where(le.c.partition.in_(parts))
+                )
+            }
         lost: set[int] = set()
         for p in parts:
             if current.get(p) != (self.relay_id, self.held.get(p)):

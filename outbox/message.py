@@ -26,7 +26,7 @@ class OutgoingMessage:
     content_type: str | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class OutboxRecord:
     """A committed outbox row as the relay publishes it."""
 

@@ -46,6 +46,8 @@ log = logging.getLogger("outbox.relay")
 #: errors after which the relay backs off and starts over (reconnecting), instead of crashing
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (sa.exc.DBAPIError, sa.exc.TimeoutError, BrokerUnavailable)
 _MAX_ERROR_TEXT = 2000
+#: seconds between look-ups of rows whose delay ran out and of keys blocked behind failing rows
+REFRESH = 0.1
 
 
 @dataclass
@@ -98,6 +100,10 @@ class Relay:
         self._progress_mark = 0
         self._listener: Any = None
         self._active_partitions: set[int] = set()
+        self._blocked: set[str] = set()
+        self._last_refresh = 0.0
+        self._refresh_due = True
+        self._held_set: list[int] = []
         self.db_label = mask_secrets(engine.url.render_as_string(hide_password=True))
 
     # ------------------------------------------------------------------ lifecycle
@@ -203,6 +209,7 @@ class Relay:
         """Publish every row that is due now, then return how many were published."""
         deadline = None if timeout is None else time.monotonic() + timeout
         before = self.stats.published
+        self._refresh_due = True
         if not self._started:
             self.start()
         while not self._stop.is_set():
@@ -249,10 +256,15 @@ class Relay:
 
     def _claim(self, conn: Connection, held: list[int], now: dt.datetime) -> list[OutboxRecord]:
         o = self.tables.outbox
-        self._promote(conn, held, now)
-        blocked: list[str] = []
-        if self.config.ordering == "strict":
-            blocked = self._blocked_keys(conn, held)
+        # Delayed rows and the keys held back behind failing ones change slowly: look them up at
+        # most every REFRESH seconds (and after any failure), not in every round of a busy drain.
+        mono = time.monotonic()
+        if self._refresh_due or mono - self._last_refresh >= REFRESH or self._held_set != held:
+            self._promote(conn, held, now)
+            if self.config.ordering == "strict":
+                self._blocked = set(self._blocked_keys(conn, held))
+            self._last_refresh, self._refresh_due, self._held_set = mono, False, list(held)
+        blocked = sorted(self._blocked)
         # share the batch among the partitions that had rows last time, so a few busy keys still
         # fill a batch, while each partition is read through the claim index in id order
         active = len(self._active_partitions & set(held)) or len(held)
@@ -265,11 +277,11 @@ class Relay:
         if rows and self.dialect.supports_skip_locked and self._may_have_gaps(rows):
             rows = self._without_gaps(conn, rows, sa.select(ids.c.id, ids.c.partition))
         self._active_partitions = {r.partition for r in rows}
+        if len(rows) < self.config.batch_size:  # not a full drain: look for delayed rows next time
+            self._refresh_due = True
         return [
-            OutboxRecord(id=r.id, message_id=r.message_id, topic=r.topic, key=r.key, payload=bytes(r.payload),
-                         headers=r.headers or {}, content_type=r.content_type, partition=r.partition,
-                         attempts=r.attempts)
-            for r in rows
+            OutboxRecord(rid, mid, topic, key, bytes(payload), headers or {}, ctype, part, attempts)
+            for rid, mid, topic, key, payload, headers, ctype, part, attempts in rows
         ]
 
     def _may_have_gaps(self, rows: Sequence[Any]) -> bool:
@@ -377,6 +389,8 @@ class Relay:
             if self.on_published is not None:
                 ids = set(delivered)
                 self.on_published([r for r in records if r.id in ids])
+        if retry or dead:
+            self._refresh_due = True  # recompute blocked keys before the next claim
         now = _now()
         for (reason, attempts), ids in retry.items():
             delay = self._backoff(attempts)

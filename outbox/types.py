@@ -35,7 +35,7 @@ def Payload() -> sa.types.TypeEngine[bytes]:
 
 def JSONDocument() -> sa.types.TypeEngine[Any]:
     """A JSON document: JSONB on PostgreSQL, JSON elsewhere."""
-    return _with_variants(sa.JSON(), "json")
+    return _with_variants(sa.JSON(none_as_null=True), "json")  # None is SQL NULL, not JSON null
 
 
 def MessageUUID() -> sa.types.TypeEngine[Any]:

@@ -27,7 +27,7 @@ class MySQLDialect(Dialect):
     def type_variants() -> dict[str, sa.types.TypeEngine[Any]]:
         return {
             "payload": mysql.LONGBLOB(),
-            "json": mysql.JSON(),
+            "json": mysql.JSON(none_as_null=True),
             "timestamp": mysql.DATETIME(fsp=6),
         }
 

@@ -29,7 +29,7 @@ class PostgreSQLDialect(Dialect):
     def type_variants() -> dict[str, sa.types.TypeEngine[Any]]:
         return {
             "payload": pg.BYTEA(),
-            "json": pg.JSONB(),
+            "json": pg.JSONB(none_as_null=True),
             "uuid": pg.UUID(as_uuid=True),
             "timestamp": pg.TIMESTAMP(timezone=True),
         }

@@ -20,7 +20,7 @@ class SQLiteDialect(Dialect):
 
     @staticmethod
     def type_variants() -> dict[str, sa.types.TypeEngine[Any]]:
-        return {"payload": sqlite.BLOB(), "json": sqlite.JSON()}
+        return {"payload": sqlite.BLOB(), "json": sqlite.JSON(none_as_null=True)}
 
     def insert_ignore(self, table: sa.Table) -> Insert:
         return sqlite.insert(table).on_conflict_do_nothing()
