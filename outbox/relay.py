@@ -48,6 +48,8 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (sa.exc.DBAPIError, sa.exc.T
 _MAX_ERROR_TEXT = 2000
 #: seconds between look-ups of rows whose delay ran out and of keys blocked behind failing rows
 REFRESH = 0.1
+#: seconds between full re-reads of every partition from its first due row
+WATERMARK_RESET = 5.0
 
 
 @dataclass
@@ -104,6 +106,10 @@ class Relay:
         self._last_refresh = 0.0
         self._refresh_due = True
         self._held_set: list[int] = []
+        # partition -> last id published there. Between refreshes a claim starts after it, so a
+        # long drain does not walk over the index entries of rows it already deleted.
+        self._after: dict[int, int] = {}
+        self._last_watermark_reset = 0.0
         self.db_label = mask_secrets(engine.url.render_as_string(hide_password=True))
 
     # ------------------------------------------------------------------ lifecycle
@@ -130,6 +136,8 @@ class Relay:
                     raise SchemaMissing(
                         f"table {t.name!r} does not exist in {self.db_label}: run `outbox db upgrade` first"
                     )
+        self._after.clear()
+        self._refresh_due = True
         self.engine = self.dialect.prepare_relay_engine(self.engine)
         self.leases.engine = self.engine
         self.publisher.start()
@@ -239,20 +247,22 @@ class Relay:
         return len(records)
 
     # ------------------------------------------------------------------ steps
-    def _promote(self, conn: Connection, held: list[int], now: dt.datetime) -> None:
+    def _promote(self, conn: Connection, held: list[int], now: dt.datetime) -> set[int]:
         """Rows whose delay or backoff has run out become due (``available_at = DUE_NOW``).
 
         Read first, then update by primary key: a range UPDATE on InnoDB would lock the next
         index record too, which is another partition's (another relay's) first due row.
         """
         o = self.tables.outbox
-        ids = list(conn.execute(
-            sa.select(o.c.id)
+        rows = conn.execute(
+            sa.select(o.c.id, o.c.partition)
             .where(o.c.partition.in_(held), o.c.status == STATUS_PENDING)
             .where(o.c.available_at > DUE_NOW, o.c.available_at <= now)
-        ).scalars())
+        ).all()
+        ids = [r[0] for r in rows]
         for chunk in _chunks(ids, 1000):
             self.dialect.update_ids(conn, o, chunk, {"available_at": DUE_NOW})
+        return {r[1] for r in rows}
 
     def _claim(self, conn: Connection, held: list[int], now: dt.datetime) -> list[OutboxRecord]:
         o = self.tables.outbox
@@ -260,9 +270,21 @@ class Relay:
         # most every REFRESH seconds (and after any failure), not in every round of a busy drain.
         mono = time.monotonic()
         if self._refresh_due or mono - self._last_refresh >= REFRESH or self._held_set != held:
-            self._promote(conn, held, now)
+            promoted = self._promote(conn, held, now)
+            blocked_before = self._blocked
             if self.config.ordering == "strict":
                 self._blocked = set(self._blocked_keys(conn, held))
+            # Re-read partitions from their start where rows may now be due behind the watermark:
+            # everywhere after a failure, a change of partitions, an unblocked key, or every
+            # WATERMARK_RESET seconds (rows committed late with a lower id); else only where
+            # delayed rows just became due.
+            if (self._refresh_due or self._held_set != held or blocked_before - self._blocked
+                    or mono - self._last_watermark_reset >= WATERMARK_RESET):
+                self._after.clear()
+                self._last_watermark_reset = mono
+            else:
+                for p in promoted:
+                    self._after.pop(p, None)
             self._last_refresh, self._refresh_due, self._held_set = mono, False, list(held)
         blocked = sorted(self._blocked)
         # share the batch among the partitions that had rows last time, so a few busy keys still
@@ -271,7 +293,7 @@ class Relay:
         per_partition = max(16, -(-self.config.batch_size // active))
         cols = (o.c.id, o.c.message_id, o.c.topic, o.c.key, o.c.payload, o.c.headers, o.c.content_type,
                 o.c.partition, o.c.attempts)
-        ids = self.dialect.due_ids(o, held, per_partition, DUE_NOW, blocked)
+        ids = self.dialect.due_ids(o, held, per_partition, DUE_NOW, blocked, self._after)
         stmt = sa.select(*cols).join_from(o, ids, o.c.id == ids.c.id).order_by(o.c.id).limit(self.config.batch_size)
         rows = conn.execute(self.dialect.lock_claim(stmt, o)).all()
         if rows and self.dialect.supports_skip_locked and self._may_have_gaps(rows):
@@ -378,6 +400,10 @@ class Relay:
             else:
                 retry[(reason, rec.attempts)].append(res.id)
         if delivered:
+            for rid in delivered:
+                p = by_id[rid].partition
+                if rid > self._after.get(p, 0):
+                    self._after[p] = rid
             if self.config.delete_published:
                 for chunk in _chunks(delivered, 1000):
                     self.dialect.delete_ids(conn, o, chunk)

@@ -95,16 +95,20 @@ class Dialect:
     skip_locked_reaches_neighbours: ClassVar[bool] = False
 
     def due_ids(
-        self, table: sa.Table, partitions: Sequence[int], per_partition: int, due: Any, blocked: Sequence[str]
+        self, table: sa.Table, partitions: Sequence[int], per_partition: int, due: Any, blocked: Sequence[str],
+        after: Mapping[int, int] | None = None,
     ) -> sa.Subquery:
-        """``(id, partition)`` of up to ``per_partition`` due rows of each partition, in id order.
+        """``(id, partition)`` of up to ``per_partition`` due rows of each partition, in id order,
+        starting after ``after[partition]`` (the last id this relay published there, if any).
 
         Portable form: one UNION ALL branch per partition, each an index range read.
         """
+        after = after or {}
         members = []
         for p in partitions:
             q = sa.select(table.c.id, table.c.partition).where(
-                table.c.partition == p, table.c.status == "pending", table.c.available_at == due)
+                table.c.partition == p, table.c.status == "pending", table.c.available_at == due,
+                table.c.id > after.get(p, 0))
             if blocked:
                 q = q.where(sa.or_(table.c.key.is_(None), table.c.key.not_in(blocked)))
             sub = q.order_by(table.c.id).limit(per_partition).subquery()

@@ -41,18 +41,22 @@ class PostgreSQLDialect(Dialect):
         return select.with_for_update(skip_locked=True)
 
     def due_ids(
-        self, table: sa.Table, partitions: Sequence[int], per_partition: int, due: Any, blocked: Sequence[str]
+        self, table: sa.Table, partitions: Sequence[int], per_partition: int, due: Any, blocked: Sequence[str],
+        after: Mapping[int, int] | None = None,
     ) -> sa.Subquery:
         """One LATERAL index read per partition, over ``unnest(:partitions)``.
 
         The statement text does not depend on how many partitions are held (arrays, not IN
         lists), so psycopg can prepare it once and the server plans it once.
         """
+        after = after or {}
         parts = sa.func.unnest(
-            sa.bindparam("claim_partitions", list(partitions), type_=pg.ARRAY(sa.SmallInteger()))
-        ).table_valued("part").render_derived(name="held")
+            sa.bindparam("claim_partitions", list(partitions), type_=pg.ARRAY(sa.SmallInteger())),
+            sa.bindparam("claim_after", [after.get(p, 0) for p in partitions], type_=pg.ARRAY(sa.BigInteger())),
+        ).table_valued("part", "after_id").render_derived(name="held")
         q = sa.select(table.c.id, table.c.partition).where(
-            table.c.partition == parts.c.part, table.c.status == "pending", table.c.available_at == due)
+            table.c.partition == parts.c.part, table.c.status == "pending", table.c.available_at == due,
+            table.c.id > parts.c.after_id)
         if blocked:
             q = q.where(sa.or_(table.c.key.is_(None), table.c.key != sa.all_(
                 sa.bindparam("claim_blocked", list(blocked), type_=pg.ARRAY(sa.String())))))

@@ -306,3 +306,28 @@ def test_a_locked_row_is_never_overtaken_by_later_rows_of_its_partition(engine: 
     relay.drain()
     relay.close()
     assert seqs_by_key(pub)["k0"] == [0, 2, 4]
+
+
+@pytest.mark.parametrize("dialect_name", ["postgresql", "mariadb"], indirect=True)
+def test_a_row_committed_late_with_a_lower_id_is_still_published(engine: sa.Engine) -> None:
+    """Claims start after the last published id of each partition; a row whose transaction
+    committed after later ids were published must still go out (the watermark is re-read)."""
+    box = Outbox()
+    late = Session(engine)
+    late.begin()
+    box.add(late, "t", {"seq": 0, "key": "k0"}, key="k0")
+    late.flush()  # id allocated now, committed only after the next rows went out
+    write(engine, 5, keys=1, start=1)  # key "k0" too: same partition, higher ids, committed first
+    pub = MemoryPublisher()
+    relay = Relay(engine, pub, config=cfg())
+    t = threading.Thread(target=relay.run)
+    t.start()
+    try:
+        assert pub.wait_for(5, timeout=30)
+        late.commit()
+        assert pub.wait_for(lambda msgs: any(json.loads(m.payload)["seq"] == 0 for m in msgs), timeout=30)
+    finally:
+        late.close()
+        relay.stop()
+        t.join(30)
+    assert pending_rows(engine) == []
