@@ -194,10 +194,7 @@ class Relay:
                     self._sleep(delay)
                     continue
                 self._progress()
-                if n >= self.config.batch_size:
-                    idle = self.config.min_poll_interval
-                    continue
-                if n > 0:
+                if n > 0:  # busy: claim again at once, and start idling from the shortest wait
                     idle = self.config.min_poll_interval
                     continue
                 self._sleep(idle)

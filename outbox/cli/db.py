@@ -18,7 +18,7 @@ import argparse
 import logging
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -171,35 +171,29 @@ def _status(url: str, tables: OutboxTables) -> dict[str, Any]:
 # --------------------------------------------------------------------------- commands
 
 
-def run_upgrade(args: argparse.Namespace) -> int:
+def _migrate(args: argparse.Namespace, step: Callable[..., None], verb: str) -> int:
+    """Run ``step`` (upgrade or downgrade) to ``args.revision`` and say what changed."""
     _quiet_alembic()
     url = require_db(args)
     tables = tables_from_args(args)
     with _connection(url) as conn, _alembic_errors():
         before = migrations.current(conn, tables=tables)
-        migrations.upgrade(conn, args.revision, tables=tables)
-        after = migrations.current(conn, tables=tables)
-    if before == after:
-        print(f"{_masked(url)}: already at {_describe(after)}, nothing to do")
-    else:
-        print(f"{_masked(url)}: upgraded {_describe(before)} -> {_describe(after)}")
-    return 0
-
-
-def run_downgrade(args: argparse.Namespace) -> int:
-    _quiet_alembic()
-    url = require_db(args)
-    tables = tables_from_args(args)
-    with _connection(url) as conn, _alembic_errors():
-        before = migrations.current(conn, tables=tables)
-        migrations.downgrade(conn, args.revision, tables=tables)
+        step(conn, args.revision, tables=tables)
         after = migrations.current(conn, tables=tables)
     if before == after:
         print(f"{_masked(url)}: already at {_describe(after)}, nothing to do")
     else:
         dropped = "  (every toolkit table dropped)" if after is None else ""
-        print(f"{_masked(url)}: downgraded {_describe(before)} -> {_describe(after)}{dropped}")
+        print(f"{_masked(url)}: {verb} {_describe(before)} -> {_describe(after)}{dropped}")
     return 0
+
+
+def run_upgrade(args: argparse.Namespace) -> int:
+    return _migrate(args, migrations.upgrade, "upgraded")
+
+
+def run_downgrade(args: argparse.Namespace) -> int:
+    return _migrate(args, migrations.downgrade, "downgraded")
 
 
 def run_current(args: argparse.Namespace) -> int:

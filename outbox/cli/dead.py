@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from .. import admin
@@ -50,13 +52,48 @@ def _filters(args: argparse.Namespace) -> dict[str, Any]:
     return {"ids": args.ids, "topic": args.topic, "key": args.key, "older_than": args.older_than}
 
 
+@dataclass(frozen=True)
+class _Kind:
+    """The storage operations behind one kind of dead message, so one flow serves both."""
+
+    list: Callable[..., list[dict[str, Any]]]
+    get: Callable[[int], dict[str, Any] | None]
+    requeue: Callable[..., int]
+    purge: Callable[..., int]
+    columns: list[str]
+    missing: str
+
+
+def _outbox_kind(engine: Any, tables: Any) -> _Kind:
+    return _Kind(
+        list=lambda **f: admin.list_dead(engine, tables=tables, **f),
+        get=lambda row_id: admin.get_dead(engine, row_id, tables=tables),
+        requeue=lambda **f: admin.requeue_dead(engine, tables=tables, **f),
+        purge=lambda **f: admin.purge_dead(engine, tables=tables, **f),
+        columns=["id", "message_id", "topic", "key", "attempts", "created_at", "last_error"],
+        missing="no outbox row with id",
+    )
+
+
+def _consumer_kind(engine: Any, tables: Any, consumer: str) -> _Kind:
+    from consumers import deadletters as dl
+
+    return _Kind(
+        list=lambda **f: dl.list_dead_letters(engine, tables=tables, consumer=consumer, **f),
+        get=lambda row_id: dl.get_dead_letter(engine, row_id, tables=tables),
+        requeue=lambda **f: dl.requeue_dead_letters(engine, tables=tables, consumer=consumer, **f),
+        purge=lambda **f: dl.purge_dead_letters(engine, tables=tables, consumer=consumer, **f),
+        columns=["id", "consumer", "message_id", "topic", "key", "attempts", "last_failed_at", "error"],
+        missing="no dead letter with id",
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     engine = make_engine(require_db(args))
     tables = tables_from_args(args)
     try:
-        if args.consumer:
-            return _consumer(args, engine, tables)
-        return _outbox(args, engine, tables)
+        kind = _consumer_kind(engine, tables, args.consumer) if args.consumer else _outbox_kind(engine, tables)
+        return _act(args, kind)
     finally:
         engine.dispose()
 
@@ -66,67 +103,32 @@ def _need_filter(args: argparse.Namespace) -> None:
         raise ConfigurationError(f"`dead {args.action}` needs a filter (--id, --topic, --key, --older-than) or --all")
 
 
-def _outbox(args: argparse.Namespace, engine: Any, tables: Any) -> int:
+def _act(args: argparse.Namespace, kind: _Kind) -> int:
     if args.action == "list":
-        rows = admin.list_dead(engine, tables=tables, topic=args.topic, key=args.key, older_than=args.older_than,
-                               limit=args.limit)
+        rows = kind.list(topic=args.topic, key=args.key, older_than=args.older_than, limit=args.limit)
         if args.ids:
             rows = [r for r in rows if r["id"] in set(args.ids)]
         if args.json:
             print_json(rows)
         else:
-            print_table(rows, ["id", "message_id", "topic", "key", "attempts", "created_at", "last_error"])
+            print_table(rows, kind.columns)
         return 0
     if args.action == "show":
-        row = admin.get_dead(engine, args.id, tables=tables)
+        row = kind.get(args.id)
         if row is None:
-            raise ConfigurationError(f"no outbox row with id {args.id}")
-        row["payload"] = bytes(row["payload"]).decode("utf-8", "replace")
-        if args.json:
-            print_json(row)
-        else:
-            for k, v in row.items():
-                print(f"{k:>13}: {v}")
-        return 0
-    _need_filter(args)
-    if args.action == "requeue":
-        n = admin.requeue_dead(engine, tables=tables, **_filters(args))
-        _report(args, "requeued", n)
-    else:
-        n = admin.purge_dead(engine, tables=tables, **_filters(args))
-        _report(args, "purged", n)
-    return 0
-
-
-def _consumer(args: argparse.Namespace, engine: Any, tables: Any) -> int:
-    from consumers import deadletters as dl
-
-    if args.action == "list":
-        rows = dl.list_dead_letters(engine, tables=tables, consumer=args.consumer, topic=args.topic, key=args.key,
-                                    older_than=args.older_than, limit=args.limit)
-        if args.ids:
-            rows = [r for r in rows if r["id"] in set(args.ids)]
-        if args.json:
-            print_json(rows)
-        else:
-            print_table(rows, ["id", "consumer", "message_id", "topic", "key", "attempts", "last_failed_at", "error"])
-        return 0
-    if args.action == "show":
-        row = dl.get_dead_letter(engine, args.id, tables=tables)
-        if row is None:
-            raise ConfigurationError(f"no dead letter with id {args.id}")
+            raise ConfigurationError(f"{kind.missing} {args.id}")
         if isinstance(row.get("payload"), (bytes, bytearray, memoryview)):
             row["payload"] = bytes(row["payload"]).decode("utf-8", "replace")
         if args.json:
             print_json(row)
         else:
+            width = max(len(k) for k in row)
             for k, v in row.items():
-                print(f"{k:>15}: {v}")
+                print(f"{k:>{width}}: {v}")
         return 0
     _need_filter(args)
-    fn = dl.requeue_dead_letters if args.action == "requeue" else dl.purge_dead_letters
-    n = fn(engine, tables=tables, consumer=args.consumer, **_filters(args))
-    _report(args, "requeued" if args.action == "requeue" else "purged", n)
+    action = kind.requeue if args.action == "requeue" else kind.purge
+    _report(args, "requeued" if args.action == "requeue" else "purged", action(**_filters(args)))
     return 0
 
 
