@@ -1,0 +1,91 @@
+"""Database errors the toolkit can explain, translated where SQLAlchemy raises them.
+
+:func:`explain_errors` registers (once per engine) a ``handle_error`` listener that turns
+
+- a missing toolkit table (a forgotten ``outbox db upgrade``) into :class:`~outbox.errors.SchemaMissing`,
+  on PostgreSQL (``relation ... does not exist``), MySQL/MariaDB (error 1146) and SQLite
+  (``no such table``);
+- a duplicate ``message_id`` in an outbox table into :class:`~outbox.errors.InvalidMessageId`.
+
+Both are raised in place of SQLAlchemy's exception and chained to the driver's (``__cause__``).
+Only errors about the toolkit's own tables are touched; every other error passes unchanged.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import weakref
+from typing import Any
+
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
+
+from ._redact import mask_secrets
+from .errors import InvalidMessageId, SchemaMissing
+
+__all__ = ["explain_errors", "known_table"]
+
+_MISSING = (
+    re.compile(r'relation "(?:[^"]+\.)?(?P<name>[^".]+)" does not exist'),  # PostgreSQL
+    re.compile(r"Table '(?:[^'.]+\.)?(?P<name>[^'.]+)' doesn't exist"),  # MySQL / MariaDB 1146
+    re.compile(r"no such table: (?:\w+\.)?(?P<name>\w+)"),  # SQLite
+)
+_UNIQUE_SQLITE = re.compile(r"UNIQUE constraint failed: (?P<name>\w+)\.message_id")
+_UNIQUE_NAMED = re.compile(r"uq_(?P<name>\w+?)_message_id")
+_PG_KEY = re.compile(r"Key \(message_id\)=\((?P<id>[^)]+)\)")
+_MY_KEY = re.compile(r"Duplicate entry '(?P<id>[^']+)'")
+
+_lock = threading.Lock()
+_tables: set[str] = set()  # toolkit table names (any configured OutboxTables)
+_outboxes: set[str] = set()  # of which outbox tables (they carry the unique message_id)
+_engines: weakref.WeakSet[Engine] = weakref.WeakSet()
+
+
+def known_table(name: str, *, outbox: bool = False) -> None:
+    """Teach the translator a toolkit table name (the writer does this for its tables)."""
+    with _lock:
+        _tables.add(name)
+        if outbox:
+            _outboxes.add(name)
+
+
+def explain_errors(engine: Engine) -> None:
+    """Register the translating ``handle_error`` listener on ``engine`` (idempotent, cheap)."""
+    if engine in _engines:
+        return
+    with _lock:
+        if engine in _engines:
+            return
+        event.listen(engine, "handle_error", _translate)
+        _engines.add(engine)
+
+
+def _db_label(ctx: Any) -> str:
+    engine = getattr(ctx, "engine", None)
+    if engine is None:
+        return "the database"
+    return mask_secrets(engine.url.render_as_string(hide_password=True))
+
+
+def _translate(ctx: Any) -> None:
+    original = ctx.original_exception
+    text = str(original)
+    for pattern in _MISSING:
+        m = pattern.search(text)
+        if m and m.group("name") in _tables:
+            raise SchemaMissing(
+                f"the toolkit's table {m.group('name')!r} does not exist in {_db_label(ctx)}: "
+                "run `outbox db upgrade --db URL` (or outbox.migrations.upgrade(engine)) first"
+            )
+    if "message_id" not in text and "uq_" not in text:
+        return
+    m = _UNIQUE_SQLITE.search(text) or _UNIQUE_NAMED.search(text)
+    if not m or m.group("name") not in _outboxes:
+        return
+    key = _PG_KEY.search(text) or _MY_KEY.search(text)
+    which = f"message_id {key.group('id')}" if key else "a message_id in this flush"
+    raise InvalidMessageId(
+        f"{which} is already in the outbox table {m.group('name')!r} (committed earlier): "
+        "every message needs its own id (roll the session back and retry with a new one)"
+    )
