@@ -84,7 +84,12 @@ def _translate(ctx: Any) -> None:
     if not m or m.group("name") not in _outboxes:
         return
     key = _PG_KEY.search(text) or _MY_KEY.search(text)
-    which = f"message_id {key.group('id')}" if key else "a message_id in this flush"
+    if key:
+        which = f"message_id {key.group('id')}"
+    else:  # SQLite does not say which value; a one-row INSERT does
+        params = getattr(getattr(ctx, "execution_context", None), "compiled_parameters", None) or []
+        one = params[0].get("message_id") if len(params) == 1 else None
+        which = f"message_id {one}" if one is not None else "a message_id in this flush"
     raise InvalidMessageId(
         f"{which} is already in the outbox table {m.group('name')!r} (committed earlier): "
         "every message needs its own id (roll the session back and retry with a new one)"

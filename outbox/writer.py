@@ -217,8 +217,8 @@ class Outbox:
         if added is None:
             added = {}
             sync.info[_IDS_KEY] = added
-            if not event.contains(sync, "after_commit", _forget_ids):
-                event.listen(sync, "after_commit", _forget_ids)
+            if not event.contains(sync, "after_transaction_end", _forget_ids):
+                event.listen(sync, "after_transaction_end", _forget_ids)
                 event.listen(sync, "after_soft_rollback", _prune_ids)
             _explain_errors_for(sync, self._row_cls)
         return added
@@ -482,9 +482,10 @@ def _clear_notifies(session: Session) -> None:
     session.info.pop(_NOTIFY_KEY, None)
 
 
-def _forget_ids(session: Session) -> None:
+def _forget_ids(session: Session, transaction: Any) -> None:
+    """The whole transaction ended (committed or rolled back): its ids are the table's business now."""
     added = session.info.get(_IDS_KEY)
-    if added:
+    if added and transaction.parent is None:
         added.clear()
 
 
