@@ -5,7 +5,9 @@
 - a missing toolkit table (a forgotten ``outbox db upgrade``) into :class:`~outbox.errors.SchemaMissing`,
   on PostgreSQL (``relation ... does not exist``), MySQL/MariaDB (error 1146) and SQLite
   (``no such table``);
-- a duplicate ``message_id`` in an outbox table into :class:`~outbox.errors.InvalidMessageId`.
+- a duplicate ``message_id`` in an outbox table into :class:`~outbox.errors.InvalidMessageId`;
+- MySQL/MariaDB error 1366 (text the column's character set cannot hold: an outbox table that is not
+  utf8mb4) into the ``MessageError`` of that field, saying how to convert the table.
 
 Both are raised in place of SQLAlchemy's exception and chained to the driver's (``__cause__``).
 Only errors about the toolkit's own tables are touched; every other error passes unchanged.
@@ -22,7 +24,7 @@ from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
 from ._redact import mask_secrets
-from .errors import InvalidMessageId, SchemaMissing
+from .errors import InvalidHeaders, InvalidKey, InvalidMessageId, InvalidTopic, MessageError, SchemaMissing
 
 __all__ = ["explain_errors", "known_table"]
 
@@ -35,6 +37,11 @@ _UNIQUE_SQLITE = re.compile(r"UNIQUE constraint failed: (?P<name>\w+)\.message_i
 _UNIQUE_NAMED = re.compile(r"uq_(?P<name>\w+?)_message_id")
 _PG_KEY = re.compile(r"Key \(message_id\)=\((?P<id>[^)]+)\)")
 _MY_KEY = re.compile(r"Duplicate entry '(?P<id>[^']+)'")
+_CHARSET = re.compile(r"Incorrect string value: '(?P<value>[^']*)' for column (?P<where>\S+) at row")
+_INSERT_INTO = re.compile(r"INSERT INTO [`\"]?(?:\w+[`\"]?\.[`\"]?)?(?P<name>\w+)", re.I)
+_FIELD_ERRORS: dict[str, type[MessageError]] = {
+    "topic": InvalidTopic, "key": InvalidKey, "headers": InvalidHeaders, "content_type": InvalidHeaders,
+}
 
 _lock = threading.Lock()
 _tables: set[str] = set()  # toolkit table names (any configured OutboxTables)
@@ -78,6 +85,9 @@ def _translate(ctx: Any) -> None:
                 f"the toolkit's table {m.group('name')!r} does not exist in {_db_label(ctx)}: "
                 "run `outbox db upgrade --db URL` (or outbox.migrations.upgrade(engine)) first"
             )
+    m = _CHARSET.search(text)
+    if m:
+        _charset(ctx, m)
     if "message_id" not in text and "uq_" not in text:
         return
     m = _UNIQUE_SQLITE.search(text) or _UNIQUE_NAMED.search(text)
@@ -93,4 +103,23 @@ def _translate(ctx: Any) -> None:
     raise InvalidMessageId(
         f"{which} is already in the outbox table {m.group('name')!r} (committed earlier): "
         "every message needs its own id (roll the session back and retry with a new one)"
+    )
+
+
+def _charset(ctx: Any, m: re.Match[str]) -> None:
+    parts = [p.strip("`'\"") for p in m.group("where").split(".")]
+    column = parts[-1]
+    if len(parts) >= 2:
+        table = parts[-2]
+    else:  # MySQL names only the column
+        into = _INSERT_INTO.search(getattr(ctx, "statement", None) or "")
+        table = into.group("name") if into else ""
+    if table not in _outboxes:
+        return
+    error = _FIELD_ERRORS.get(column, MessageError)
+    value = m.group("value").replace("\\\\", "\\")
+    raise error(
+        f"the {column} {value} cannot be stored: the character set of {table}.{column} is not utf8mb4. "
+        f"Convert the table once (ALTER TABLE {table} CONVERT TO CHARACTER SET utf8mb4) and create databases "
+        "with CHARACTER SET utf8mb4 (then roll the session back and retry)"
     )

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import math
+import os
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -324,3 +325,55 @@ def test_forgotten_db_upgrade_says_what_to_do(fresh_database: str, dialect_name:
     assert "'outbox_messages' does not exist" in text and "run `outbox db upgrade --db URL`" in text
     assert "S3cretPW" not in text and "[SQL:" not in text
     assert err.__cause__ is not None  # chained to the driver's error
+
+
+MYSQL_ADMIN = os.environ.get("OUTBOX_TEST_MYSQL_URL", "mysql+pymysql://root@127.0.0.1:3306/test")
+
+
+@pytest.fixture(scope="module")
+def latin1_mariadb() -> Iterator[sa.Engine]:
+    """A MariaDB database whose default character set is latin1, as some servers are configured."""
+    from outbox import migrations
+
+    name = f"okw_latin1_{uuid.uuid4().hex[:8]}"
+    admin = sa.create_engine(MYSQL_ADMIN, isolation_level="AUTOCOMMIT", poolclass=sa.pool.NullPool)
+    with admin.connect() as c:
+        c.execute(sa.text(f"CREATE DATABASE `{name}` CHARACTER SET latin1"))
+    engine = sa.create_engine(sa.engine.make_url(MYSQL_ADMIN).set(database=name), poolclass=sa.pool.NullPool)
+    try:
+        migrations.upgrade(engine)
+        biz.create_all(engine)
+        yield engine
+    finally:
+        engine.dispose()
+        with admin.connect() as c:
+            c.execute(sa.text(f"DROP DATABASE IF EXISTS `{name}`"))
+        admin.dispose()
+
+
+@pytest.mark.parametrize(("field", "kwargs", "error"), [
+    pytest.param(f, kw, err, id=f"writer-mariadb-latin1-{f}", marks=pytest.mark.catalogue(
+        area="writer", input=f"{f} outside latin1 on a MariaDB outbox table that is not utf8mb4",
+        expected=f"{err.__name__} at flush: 'CONVERT TO CHARACTER SET utf8mb4'"))
+    for f, kw, err in [("key", {"key": "日本"}, InvalidKey), ("topic", {"topic": "tópico-😀"}, InvalidTopic),
+                       ("content_type", {"content_type": "text/😀"}, InvalidHeaders)]
+])
+def test_text_the_table_charset_cannot_hold_is_explained_at_flush(
+    latin1_mariadb: sa.Engine, field: str, kwargs: dict[str, Any], error: type[Exception]
+) -> None:
+    box = Outbox(topic_pattern=".+")
+    args = {"topic": "t", **kwargs}
+    with Session(latin1_mariadb) as s:
+        s.execute(orders.insert().values(id=1))
+        box.add(s, args.pop("topic"), b"x", **args)  # valid Unicode: only the table's character set refuses it
+        with pytest.raises(MessageError) as info:
+            s.commit()
+        assert type(info.value) is error, f"{type(info.value).__name__}: {info.value}"
+        assert f"outbox_messages.{field} is not utf8mb4" in str(info.value)
+        assert "CONVERT TO CHARACTER SET utf8mb4" in str(info.value) and "[SQL:" not in str(info.value)
+        s.rollback()
+        s.execute(orders.insert().values(id=1))
+        box.add(s, "t", b"fine", key="plain")
+        s.commit()
+    assert counts(latin1_mariadb) == (1, 1)
+    _empty(latin1_mariadb)
