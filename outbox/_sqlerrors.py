@@ -25,6 +25,7 @@ from sqlalchemy.engine import Engine
 
 from ._redact import mask_secrets
 from .errors import InvalidHeaders, InvalidKey, InvalidMessageId, InvalidTopic, MessageError, SchemaMissing
+from .schema import DEFAULT_TABLE_NAMES
 
 __all__ = ["explain_errors", "known_table"]
 
@@ -55,6 +56,10 @@ def known_table(name: str, *, outbox: bool = False) -> None:
         _tables.add(name)
         if outbox:
             _outboxes.add(name)
+
+
+for _name in DEFAULT_TABLE_NAMES.all():  # known without an Outbox (the CLI, consumers)
+    known_table(_name, outbox=_name == DEFAULT_TABLE_NAMES.outbox)
 
 
 def explain_errors(engine: Engine) -> None:
