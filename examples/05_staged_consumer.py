@@ -1,11 +1,16 @@
-"""A staged consumer: a step that already finished is never repeated when the message comes back.
+"""05 - A staged consumer: a step that already finished is never repeated when the message comes back.
 
-``python examples/05_staged_consumer.py`` runs it on SQLite: the label printer fails once, the
-message is redelivered, and the reservation (stage 1) is not made again.
+    python examples/05_staged_consumer.py       # SQLite file example_staged.db in the current folder
+    OUTBOX_DB_URL=postgresql+psycopg://postgres@127.0.0.1/test python examples/05_staged_consumer.py
+
+The label printer fails once, the message is redelivered, and the reservation (stage 1) is not
+made again. Each run uses a new message and order, so it runs again on the same database.
+PostgreSQL needs ``pip install 'outboxkit[postgresql]'``.
 """
 
 from __future__ import annotations
 
+import os
 import uuid
 
 import sqlalchemy as sa
@@ -41,7 +46,7 @@ class Fulfil(StagedConsumer):
 
 
 def main() -> None:
-    engine = sa.create_engine("sqlite:///example_staged.db")
+    engine = sa.create_engine(os.environ.get("OUTBOX_DB_URL") or "sqlite:///example_staged.db")
     migrations.upgrade(engine)
     metadata.create_all(engine)
     consumer = Fulfil()
@@ -59,6 +64,8 @@ def main() -> None:
         n = conn.execute(sa.select(sa.func.count()).select_from(reservations)
                          .where(reservations.c.order_id == order_id)).scalar_one()
     print("reservations for the order:", n)
+    assert n == 1
+    engine.dispose()
 
 
 if __name__ == "__main__":

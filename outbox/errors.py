@@ -7,12 +7,12 @@ The tree::
     │   └── InvalidIdentifier         a table / schema / consumer name that is not a safe identifier
     ├── MessageError (ValueError)     a message rejected by the writer before it reaches the table
     │   ├── SerializationError        the payload cannot be turned into bytes
-    │   ├── PayloadTooLarge           the serialised payload is over the size limit
-    │   ├── InvalidTopic              not a legal Kafka topic / RabbitMQ exchange name
-    │   ├── InvalidKey                a key that is not a short string
-    │   ├── InvalidHeaders            header names or values of the wrong type
-    │   ├── InvalidMessageId          a message id that is not a UUID
-    │   └── InvalidDeliveryTime       naive datetimes, times in the past, negative delays
+    │   ├── PayloadTooLarge           payload + key + headers over max_payload_bytes
+    │   ├── InvalidTopic              not a legal Kafka topic / RabbitMQ exchange name, or too long
+    │   ├── InvalidKey                a key that is not a short string, or holds NUL / lone surrogates
+    │   ├── InvalidHeaders            headers (and content_type) of the wrong type, too long, NUL, surrogates
+    │   ├── InvalidMessageId          not a UUID, or an id already added / committed
+    │   └── InvalidDeliveryTime       naive datetimes, times in the past, negative or non-finite delays
     ├── DatabaseError                 database problems the toolkit can name
     │   ├── UnsupportedDatabase       a dialect or server version the toolkit cannot run on
     │   └── SchemaMissing             the toolkit's tables are not there (run `outbox db upgrade`)
@@ -81,14 +81,19 @@ class SerializationError(MessageError, TypeError):
 
 
 class PayloadTooLarge(MessageError):
-    """The serialised payload is larger than the configured limit."""
+    """The message (payload + key + header bytes) is larger than ``Outbox(max_payload_bytes=...)``."""
 
-    def __init__(self, size: int, limit: int) -> None:
+    def __init__(self, size: int, limit: int, *, payload: int | None = None, key: int = 0, headers: int = 0) -> None:
         self.size = size
         self.limit = limit
+        parts = f" (payload {payload:,} + key {key:,} + headers {headers:,})" if payload is not None and (
+            key or headers) else ""
+        what = "message" if parts else "payload"
         super().__init__(
-            f"payload is {size:,} bytes, over the limit of {limit:,} bytes "
-            "(raise max_payload_bytes, or store the data elsewhere and send a reference)"
+            f"{what} is {size:,} bytes{parts}, over the limit of {limit:,} bytes. Store the data elsewhere and "
+            "send a reference, or raise the limit with Outbox(max_payload_bytes=N) together with the brokers' "
+            "limits (Kafka: message.max.bytes on the broker and the relay's producer; RabbitMQ: max_message_size), "
+            "see the README's 'Message size'"
         )
 
 
@@ -101,11 +106,11 @@ class InvalidKey(MessageError):
 
 
 class InvalidHeaders(MessageError):
-    """Header names or values are of the wrong type."""
+    """Header names or values (or ``content_type``) that no broker or database would take."""
 
 
 class InvalidMessageId(MessageError):
-    """The message id is not a UUID."""
+    """The message id is not a UUID, or another message of this transaction (or a committed one) has it."""
 
 
 class InvalidDeliveryTime(MessageError):

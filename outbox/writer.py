@@ -8,6 +8,7 @@ work the same way (``add`` is synchronous on both).
 from __future__ import annotations
 
 import datetime as dt
+import math
 import re
 import uuid
 from collections.abc import Iterable, Mapping
@@ -16,7 +17,7 @@ from typing import Any
 from sqlalchemy import event
 from sqlalchemy.orm import Session, registry
 
-from . import dialects
+from . import _sqlerrors, dialects
 from .errors import (
     ConfigurationError,
     InvalidDeliveryTime,
@@ -30,17 +31,28 @@ from .errors import (
 )
 from .ids import uuid7
 from .message import OutgoingMessage, partition_for
-from .schema import DUE_NOW, STATUS_PENDING, TOPIC_LENGTH, OutboxTables, default_tables
+from .schema import DUE_NOW, KEY_LENGTH, STATUS_PENDING, TOPIC_LENGTH, OutboxTables, default_tables
 from .serializers import JSONSerializer, Serializer
 
-__all__ = ["DEFAULT_PARTITIONS", "DEFAULT_TOPIC_PATTERN", "Outbox"]
+__all__ = ["DEFAULT_MAX_PAYLOAD_BYTES", "DEFAULT_PARTITIONS", "DEFAULT_TOPIC_PATTERN", "Outbox"]
 
 DEFAULT_PARTITIONS = 32
-DEFAULT_MAX_PAYLOAD = 1024 * 1024
+#: payload + key + header bytes of one message: librdkafka's default ``message.max.bytes``.
+DEFAULT_MAX_PAYLOAD_BYTES = 1_000_000
+DEFAULT_MAX_PAYLOAD = DEFAULT_MAX_PAYLOAD_BYTES  # old name
+#: librdkafka's ``message.max.bytes`` cannot go higher; PostgreSQL's bytea stops at 1 GiB.
+_MAX_PAYLOAD_CEILING = 1_000_000_000
 #: Legal for both Kafka topics and RabbitMQ exchanges.
 DEFAULT_TOPIC_PATTERN = rf"[A-Za-z0-9._\-]{{1,{TOPIC_LENGTH}}}"
+#: RabbitMQ sends the headers in one content-header frame (frame_max is 128 KiB by default).
 _MAX_HEADER_BYTES = 64 * 1024
+#: A RabbitMQ header-table field name is a short string: at most 255 bytes.
+_MAX_HEADER_NAME_BYTES = 255
+_CONTENT_TYPE_LENGTH = 127  # the content_type column is VARCHAR(127)
+#: The latest time Python's datetime, MySQL/MariaDB DATETIME and PostgreSQL can all hold.
+_LATEST = dt.datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=dt.timezone.utc)
 _NOTIFY_KEY = "outboxkit.notify_channels"
+_IDS_KEY = "outboxkit.message_ids"
 
 
 class _OutboxRow:
@@ -77,23 +89,36 @@ class Outbox:
         serializer: Serializer | None = None,
         tables: OutboxTables | None = None,
         partitions: int = DEFAULT_PARTITIONS,
-        max_payload_bytes: int = DEFAULT_MAX_PAYLOAD,
+        max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
         topic_pattern: str = DEFAULT_TOPIC_PATTERN,
         naive_datetimes: str = "reject",
         allow_past_deliver_at: bool = False,
         notify: bool = False,
         default_headers: Mapping[str, str] | None = None,
     ) -> None:
-        if not isinstance(partitions, int) or not 1 <= partitions <= 32767:
+        if not _is_int(partitions) or not 1 <= partitions <= 32767:
             raise ConfigurationError(f"partitions must be an int between 1 and 32767, got {partitions!r}")
-        if not isinstance(max_payload_bytes, int) or max_payload_bytes <= 0:
-            raise ConfigurationError(f"max_payload_bytes must be a positive int, got {max_payload_bytes!r}")
+        if not _is_int(max_payload_bytes) or not 1 <= max_payload_bytes <= _MAX_PAYLOAD_CEILING:
+            raise ConfigurationError(
+                f"max_payload_bytes must be an int between 1 and {_MAX_PAYLOAD_CEILING:,} "
+                f"(librdkafka's largest message.max.bytes), got {max_payload_bytes!r}"
+            )
         if naive_datetimes not in ("reject", "utc"):
             raise ConfigurationError(f"naive_datetimes must be 'reject' or 'utc', got {naive_datetimes!r}")
+        for name, flag in (("allow_past_deliver_at", allow_past_deliver_at), ("notify", notify)):
+            if not isinstance(flag, bool):
+                raise ConfigurationError(f"{name} must be True or False, got {type(flag).__name__} {flag!r}")
         if serializer is not None and not isinstance(serializer, Serializer):
             raise ConfigurationError(
                 f"serializer {serializer!r} has no serialize/deserialize methods (see outbox.Serializer)"
             )
+        if tables is not None and not isinstance(tables, OutboxTables):
+            raise ConfigurationError(
+                f"tables must be an outbox.OutboxTables, e.g. OutboxTables(TableNames(outbox='my_outbox')), "
+                f"got {type(tables).__name__} {tables!r}"
+            )
+        if not isinstance(topic_pattern, str):
+            raise ConfigurationError(f"topic_pattern must be a regex str, got {type(topic_pattern).__name__}")
         try:
             self._topic_re = re.compile(topic_pattern)
         except re.error as exc:
@@ -107,8 +132,14 @@ class Outbox:
         self.allow_past_deliver_at = allow_past_deliver_at
         self.notify = notify
         self.notify_channel = self.tables.names.outbox
-        self.default_headers = self._check_headers(default_headers)
+        try:
+            self.default_headers = self._check_headers(default_headers)
+        except InvalidHeaders as exc:
+            raise ConfigurationError(f"default_headers: {exc}") from None
         self._row_cls = _row_class(self.tables)
+        self._table_key = self.tables.outbox.fullname
+        for t in self.tables.all():
+            _sqlerrors.known_table(t.name, outbox=t is self.tables.outbox)
 
     # ------------------------------------------------------------------ public API
     def add(
@@ -140,22 +171,57 @@ class Outbox:
         """Validate every message, then add them all (or none, if one is invalid)."""
         now = _now()
         rows = []
+        seen: dict[uuid.UUID, int] = {}
         for i, m in enumerate(messages):
             msg = m if isinstance(m, OutgoingMessage) else _from_mapping(m, i)
             try:
-                rows.append(self._build(msg, now))
+                row = self._build(msg, now)
+                mid: uuid.UUID = row.message_id  # type: ignore[attr-defined]
+                if mid in seen:
+                    raise InvalidMessageId(
+                        f"message_id {mid} is also the id of message #{seen[mid]}: every message needs its own id"
+                    )
             except MessageError as exc:
                 exc.args = (f"message #{i}: {exc.args[0]}",)
                 raise
+            seen[mid] = i
+            rows.append(row)
         self._attach(session, rows)
         return [r.message_id for r in rows]  # type: ignore[attr-defined]
 
     # ------------------------------------------------------------------ internals
     def _attach(self, session: Any, rows: list[_OutboxRow]) -> None:
         sync = _sync_session(session)
+        added = self._added_ids(sync)
+        key = self._table_key
+        for i, row in enumerate(rows):
+            if (key, row.message_id) in added:  # type: ignore[attr-defined]
+                where = f"message #{i}: " if len(rows) > 1 else ""
+                raise InvalidMessageId(
+                    f"{where}message_id {row.message_id} was already added in this session's transaction: "  # type: ignore[attr-defined]
+                    "every message needs its own id"
+                )
+        for row in rows:
+            added[(key, row.message_id)] = row  # type: ignore[attr-defined]
         sync.add_all(rows)
         if self.notify:
             self._arm_notify(sync)
+
+    def _added_ids(self, sync: Session) -> dict[tuple[str, uuid.UUID], _OutboxRow]:
+        """The outbox rows this session's transaction holds, by id (kept until commit or rollback).
+
+        The first call on a session also makes sure that database errors about the toolkit's
+        tables (a forgotten ``db upgrade``, an id committed earlier) are explained at flush.
+        """
+        added: dict[tuple[str, uuid.UUID], _OutboxRow] | None = sync.info.get(_IDS_KEY)
+        if added is None:
+            added = {}
+            sync.info[_IDS_KEY] = added
+            if not event.contains(sync, "after_transaction_end", _forget_ids):
+                event.listen(sync, "after_transaction_end", _forget_ids)
+                event.listen(sync, "after_soft_rollback", _prune_ids)
+            _explain_errors_for(sync, self._row_cls)
+        return added
 
     def _arm_notify(self, sync: Session) -> None:
         channels: set[str] | None = sync.info.get(_NOTIFY_KEY)
@@ -168,47 +234,44 @@ class Outbox:
         channels.add(self.notify_channel)
 
     def _build(self, msg: OutgoingMessage, now: dt.datetime) -> _OutboxRow:
-        topic = msg.topic
-        if not isinstance(topic, str) or not self._topic_re.fullmatch(topic):
-            raise InvalidTopic(
-                f"topic {topic!r} is not a valid topic/exchange name: it must match {self.topic_pattern!r} "
-                "(letters, digits, '.', '_' and '-', at most 249 characters)"
-            )
+        topic = self._check_topic(msg.topic)
         key = msg.key
+        key_bytes = 0
         if key is not None:
             if not isinstance(key, str):
                 raise InvalidKey(
                     f"key must be a str or None, got {type(key).__name__} {key!r}; convert it with str()"
                 )
-            if len(key.encode("utf-8")) > 255 or key == "":
-                raise InvalidKey(f"key must be 1-255 UTF-8 bytes, got {len(key.encode('utf-8'))} bytes")
+            key_bytes = _text_bytes(key, "key", InvalidKey)
+            if key_bytes > KEY_LENGTH or key == "":
+                raise InvalidKey(
+                    f"key must be 1-{KEY_LENGTH} UTF-8 bytes (a RabbitMQ routing key's limit; the key column "
+                    f"is VARCHAR({KEY_LENGTH})), got {key_bytes} bytes"
+                )
         headers = self._check_headers(msg.headers)
         if self.default_headers:
             headers = {**self.default_headers, **headers}
         mid = _message_id(msg.message_id)
         available_at = self._available_at(msg.deliver_at, msg.delay, now)
-        try:
-            data, ctype = self.serializer.serialize(msg.payload)
-        except MessageError:
-            raise
-        except Exception as exc:
-            raise SerializationError(
-                f"cannot serialise payload of type {type(msg.payload).__qualname__!r}: {exc}"
-            ) from exc
-        if not isinstance(data, (bytes, bytearray)):
-            raise SerializationError(
-                f"serializer returned {type(data).__name__}, not bytes, for a {type(msg.payload).__qualname__!r}"
-            )
-        if len(data) > self.max_payload_bytes:
-            raise PayloadTooLarge(len(data), self.max_payload_bytes)
+        data, ctype = self._serialize(msg.payload)
+        header_bytes = sum(len(k.encode("utf-8")) + len(v.encode("utf-8")) for k, v in headers.items())
+        total = len(data) + key_bytes + header_bytes
+        if total > self.max_payload_bytes:
+            raise PayloadTooLarge(total, self.max_payload_bytes, payload=len(data), key=key_bytes, headers=header_bytes)
         content_type = msg.content_type if msg.content_type is not None else ctype
-        if not isinstance(content_type, str) or len(content_type) > 127:
-            raise MessageError(f"content_type must be a str of at most 127 characters, got {content_type!r}")
+        if not isinstance(content_type, str):
+            raise InvalidHeaders(f"content_type must be a str, got {type(content_type).__name__} {content_type!r}")
+        _text_bytes(content_type, "content_type", InvalidHeaders)
+        if len(content_type) > _CONTENT_TYPE_LENGTH:
+            raise InvalidHeaders(
+                f"content_type must be at most {_CONTENT_TYPE_LENGTH} characters (the content_type column is "
+                f"VARCHAR({_CONTENT_TYPE_LENGTH})), got {len(content_type)}"
+            )
         return self._row_cls(
             message_id=mid,
             topic=topic,
             key=key,
-            payload=bytes(data),
+            payload=data,
             headers=headers or None,
             content_type=content_type,
             partition=partition_for(key, mid, self.partitions),
@@ -217,6 +280,40 @@ class Outbox:
             attempts=0,
             status=STATUS_PENDING,
         )
+
+    def _check_topic(self, topic: object) -> str:
+        if not isinstance(topic, str):
+            raise InvalidTopic(f"topic must be a str, got {type(topic).__name__} {topic!r}")
+        if not self._topic_re.fullmatch(topic):
+            rule = ("letters, digits, '.', '_' and '-', at most 249 characters"
+                    if self.topic_pattern == DEFAULT_TOPIC_PATTERN else "your Outbox(topic_pattern=...)")
+            raise InvalidTopic(
+                f"topic {topic!r} is not a valid topic/exchange name: it must match {self.topic_pattern!r} ({rule})"
+            )
+        _text_bytes(topic, "topic", InvalidTopic)
+        if len(topic) > TOPIC_LENGTH:
+            raise InvalidTopic(
+                f"topic is {len(topic)} characters, over the limit of {TOPIC_LENGTH}: the outbox table's topic "
+                f"column is VARCHAR({TOPIC_LENGTH}), Kafka's limit for a topic name"
+            )
+        return topic
+
+    def _serialize(self, payload: Any) -> tuple[bytes, Any]:
+        what = type(payload).__qualname__
+        try:
+            data, ctype = self.serializer.serialize(payload)
+        except MessageError:
+            raise
+        except UnicodeEncodeError as exc:
+            raise SerializationError(
+                f"cannot serialise payload of type {what!r}: it contains a lone surrogate "
+                f"{exc.object[exc.start:exc.end]!r}, which is not valid UTF-8 (text mis-decoded from bytes?)"
+            ) from exc
+        except Exception as exc:
+            raise SerializationError(f"cannot serialise payload of type {what!r}: {exc}") from exc
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise SerializationError(f"serializer returned {type(data).__name__}, not bytes, for a {what!r}")
+        return bytes(data), ctype
 
     def _check_headers(self, headers: Mapping[str, str] | None) -> dict[str, str]:
         if headers is None:
@@ -228,14 +325,23 @@ class Outbox:
         for k, v in headers.items():
             if not isinstance(k, str) or not k:
                 raise InvalidHeaders(f"header names must be non-empty str, got {type(k).__name__} {k!r}")
+            name_bytes = _text_bytes(k, f"header name {k!r}", InvalidHeaders)
+            if name_bytes > _MAX_HEADER_NAME_BYTES:
+                raise InvalidHeaders(
+                    f"header name {k[:40]!r}... is {name_bytes} UTF-8 bytes, over the limit of "
+                    f"{_MAX_HEADER_NAME_BYTES} (a RabbitMQ header name is a short string)"
+                )
             if not isinstance(v, str):
                 raise InvalidHeaders(
-                    f"header {k!r} must have a str value, got {type(v).__name__} {v!r}"
+                    f"header {k!r} must have a str value, got {type(v).__name__} {v!r}; convert it with str()"
                 )
-            size += len(k) + len(v)
+            size += name_bytes + _text_bytes(v, f"header {k!r}", InvalidHeaders)
             out[k] = v
         if size > _MAX_HEADER_BYTES:
-            raise InvalidHeaders(f"headers are {size:,} characters, over the limit of {_MAX_HEADER_BYTES:,}")
+            raise InvalidHeaders(
+                f"headers are {size:,} UTF-8 bytes, over the limit of {_MAX_HEADER_BYTES:,} "
+                "(RabbitMQ sends them in one frame); put large data in the payload"
+            )
         return out
 
     def _available_at(
@@ -244,12 +350,7 @@ class Outbox:
         if deliver_at is not None and delay is not None:
             raise InvalidDeliveryTime("pass deliver_at or delay, not both")
         if delay is not None:
-            if isinstance(delay, bool) or not isinstance(delay, (int, float, dt.timedelta)):
-                raise InvalidDeliveryTime(f"delay must be a timedelta or seconds, got {type(delay).__name__}")
-            seconds = delay.total_seconds() if isinstance(delay, dt.timedelta) else float(delay)
-            if seconds < 0 or seconds != seconds:
-                raise InvalidDeliveryTime(f"delay must not be negative, got {seconds} s")
-            return now + dt.timedelta(seconds=seconds) if seconds > 0 else DUE_NOW
+            return _after_delay(delay, now)
         if deliver_at is None:
             return DUE_NOW
         if not isinstance(deliver_at, dt.datetime):
@@ -261,7 +362,13 @@ class Outbox:
                     "(or configure Outbox(naive_datetimes='utc') to read naive times as UTC)"
                 )
             deliver_at = deliver_at.replace(tzinfo=dt.timezone.utc)
-        deliver_at = deliver_at.astimezone(dt.timezone.utc)
+        try:
+            deliver_at = deliver_at.astimezone(dt.timezone.utc)
+        except (OverflowError, ValueError) as exc:
+            raise InvalidDeliveryTime(
+                f"deliver_at {deliver_at.isoformat()} cannot be expressed in UTC ({exc}): "
+                "the latest time the databases can store is 9999-12-31 23:59:59 UTC"
+            ) from None
         if deliver_at < now:
             if not self.allow_past_deliver_at:
                 late = (now - deliver_at).total_seconds()
@@ -271,6 +378,57 @@ class Outbox:
                 )
             return DUE_NOW
         return deliver_at
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _text_bytes(value: str, what: str, error: type[MessageError]) -> int:
+    """UTF-8 length of ``value``, or ``error`` if a database would reject it.
+
+    PostgreSQL stores no NUL in text or JSONB; no database (nor Kafka, nor RabbitMQ) stores a lone
+    surrogate, which is not valid UTF-8. Every other str is valid UTF-8, so it fits MySQL's utf8mb4.
+    """
+    if "\x00" in value:
+        raise error(f"{what} contains NUL (\\x00) at position {value.index(chr(0))}: PostgreSQL cannot store it")
+    try:
+        return len(value.encode("utf-8"))
+    except UnicodeEncodeError as exc:
+        raise error(
+            f"{what} contains a lone surrogate {value[exc.start]!r} at position {exc.start}: it is not valid "
+            "UTF-8 (text mis-decoded from bytes, e.g. with errors='surrogateescape'?)"
+        ) from None
+
+
+def _after_delay(delay: object, now: dt.datetime) -> dt.datetime:
+    if isinstance(delay, bool) or not isinstance(delay, (int, float, dt.timedelta)):
+        raise InvalidDeliveryTime(f"delay must be a timedelta or seconds, got {type(delay).__name__}")
+    if isinstance(delay, dt.timedelta):
+        step = delay
+    else:
+        try:
+            seconds = float(delay)
+        except OverflowError:
+            seconds = math.inf
+        if not math.isfinite(seconds):
+            raise InvalidDeliveryTime(f"delay must be a finite number of seconds, got {str(delay)[:40]}")
+        if seconds < 0:
+            raise InvalidDeliveryTime(f"delay must not be negative, got {seconds} s")
+        try:
+            step = dt.timedelta(seconds=seconds)
+        except OverflowError:
+            step = dt.timedelta.max
+    if step < dt.timedelta(0):
+        raise InvalidDeliveryTime(f"delay must not be negative, got {step.total_seconds()} s")
+    if not step:
+        return DUE_NOW
+    if step > _LATEST - now:
+        raise InvalidDeliveryTime(
+            f"delay {str(delay)[:40]} puts the delivery time after 9999-12-31 23:59:59 UTC, the latest time the "
+            "databases can store"
+        )
+    return now + step
 
 
 def _now() -> dt.datetime:
@@ -322,5 +480,30 @@ def _send_notifies(session: Session) -> None:
 
 def _clear_notifies(session: Session) -> None:
     session.info.pop(_NOTIFY_KEY, None)
+
+
+def _forget_ids(session: Session, transaction: Any) -> None:
+    """The whole transaction ended (committed or rolled back): its ids are the table's business now."""
+    added = session.info.get(_IDS_KEY)
+    if added and transaction.parent is None:
+        added.clear()
+
+
+def _prune_ids(session: Session, previous_transaction: Any) -> None:
+    """After a rollback (savepoint or whole transaction), keep only the rows still in the session."""
+    added = session.info.get(_IDS_KEY)
+    if added:
+        for k in [k for k, row in added.items() if row not in session]:
+            del added[k]
+
+
+def _explain_errors_for(sync: Session, row_cls: type[_OutboxRow]) -> None:
+    try:
+        bind = sync.get_bind(mapper=row_cls)
+    except Exception:  # an unbound session: it fails at flush with SQLAlchemy's own error
+        return
+    engine = getattr(bind, "engine", None)
+    if engine is not None:
+        _sqlerrors.explain_errors(engine)
 
 

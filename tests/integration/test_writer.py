@@ -205,8 +205,10 @@ def test_explicit_message_id_is_unique(business: sa.Engine) -> None:
     mid = uuid.uuid4()
     with Session(business) as s, s.begin():
         assert box.add(s, "t", b"1", message_id=str(mid)) == mid
-    with pytest.raises(sa.exc.IntegrityError), Session(business) as s, s.begin():
+    with pytest.raises(InvalidMessageId, match=f"message_id {mid} is already in the outbox table") as info, \
+            Session(business) as s, s.begin():
         box.add(s, "t", b"2", message_id=mid)
+    assert isinstance(info.value.__cause__, Exception)  # the driver's unique-violation error
 
 
 @pytest.mark.parametrize("dialect_name", ["sqlite", "postgresql"], indirect=True)
@@ -251,3 +253,30 @@ def test_pydantic_payload(business: sa.Engine) -> None:
     with business.connect() as c:
         assert json.loads(c.execute(sa.select(T.c.payload)).scalar_one()) == {
             "order_id": 7, "at": "2026-01-02T03:04:05Z"}
+
+
+def test_duplicate_id_detection_follows_savepoints_and_transactions(business: sa.Engine) -> None:
+    box = Outbox()
+    a, b = uuid.uuid4(), uuid.uuid4()
+    with Session(business) as s:
+        with s.begin():
+            with s.begin_nested():  # released: its rows belong to the transaction
+                box.add(s, "t", b"1", message_id=a)
+            with pytest.raises(InvalidMessageId, match=str(a)):
+                box.add(s, "t", b"again", message_id=a)
+            sp = s.begin_nested()
+            box.add(s, "t", b"2", message_id=b)
+            s.flush()
+            sp.rollback()  # gone with its savepoint: the id is free again
+            box.add(s, "t", b"2 again", message_id=b)
+        with s.begin():  # a new transaction starts with a clean slate; the committed id is in the table
+            box.add(s, "t", b"3")
+        c = uuid.uuid4()
+        s.begin()
+        box.add(s, "t", b"4", message_id=c)
+        s.rollback()
+        with s.begin():
+            box.add(s, "t", b"4 after rollback", message_id=c)
+    with business.connect() as conn:
+        got = sorted(bytes(p) for p in conn.execute(sa.select(T.c.payload)).scalars())
+    assert got == [b"1", b"2 again", b"3", b"4 after rollback"]

@@ -1,0 +1,130 @@
+"""Database errors the toolkit can explain, translated where SQLAlchemy raises them.
+
+:func:`explain_errors` registers (once per engine) a ``handle_error`` listener that turns
+
+- a missing toolkit table (a forgotten ``outbox db upgrade``) into :class:`~outbox.errors.SchemaMissing`,
+  on PostgreSQL (``relation ... does not exist``), MySQL/MariaDB (error 1146) and SQLite
+  (``no such table``);
+- a duplicate ``message_id`` in an outbox table into :class:`~outbox.errors.InvalidMessageId`;
+- MySQL/MariaDB error 1366 (text the column's character set cannot hold: an outbox table that is not
+  utf8mb4) into the ``MessageError`` of that field, saying how to convert the table.
+
+Both are raised in place of SQLAlchemy's exception and chained to the driver's (``__cause__``).
+Only errors about the toolkit's own tables are touched; every other error passes unchanged.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import weakref
+from typing import Any
+
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
+
+from ._redact import mask_secrets
+from .errors import InvalidHeaders, InvalidKey, InvalidMessageId, InvalidTopic, MessageError, SchemaMissing
+from .schema import DEFAULT_TABLE_NAMES
+
+__all__ = ["explain_errors", "known_table"]
+
+_MISSING = (
+    re.compile(r'relation "(?:[^"]+\.)?(?P<name>[^".]+)" does not exist'),  # PostgreSQL
+    re.compile(r"Table '(?:[^'.]+\.)?(?P<name>[^'.]+)' doesn't exist"),  # MySQL / MariaDB 1146
+    re.compile(r"no such table: (?:\w+\.)?(?P<name>\w+)"),  # SQLite
+)
+_UNIQUE_SQLITE = re.compile(r"UNIQUE constraint failed: (?P<name>\w+)\.message_id")
+_UNIQUE_NAMED = re.compile(r"uq_(?P<name>\w+?)_message_id")
+_PG_KEY = re.compile(r"Key \(message_id\)=\((?P<id>[^)]+)\)")
+_MY_KEY = re.compile(r"Duplicate entry '(?P<id>[^']+)'")
+_CHARSET = re.compile(r"Incorrect string value: '(?P<value>[^']*)' for column (?P<where>\S+) at row")
+_INSERT_INTO = re.compile(r"INSERT INTO [`\"]?(?:\w+[`\"]?\.[`\"]?)?(?P<name>\w+)", re.I)
+_FIELD_ERRORS: dict[str, type[MessageError]] = {
+    "topic": InvalidTopic, "key": InvalidKey, "headers": InvalidHeaders, "content_type": InvalidHeaders,
+}
+
+_lock = threading.Lock()
+_tables: set[str] = set()  # toolkit table names (any configured OutboxTables)
+_outboxes: set[str] = set()  # of which outbox tables (they carry the unique message_id)
+_engines: weakref.WeakSet[Engine] = weakref.WeakSet()
+
+
+def known_table(name: str, *, outbox: bool = False) -> None:
+    """Teach the translator a toolkit table name (the writer does this for its tables)."""
+    with _lock:
+        _tables.add(name)
+        if outbox:
+            _outboxes.add(name)
+
+
+for _name in DEFAULT_TABLE_NAMES.all():  # known without an Outbox (the CLI, consumers)
+    known_table(_name, outbox=_name == DEFAULT_TABLE_NAMES.outbox)
+
+
+def explain_errors(engine: Engine) -> None:
+    """Register the translating ``handle_error`` listener on ``engine`` (idempotent, cheap)."""
+    if engine in _engines:
+        return
+    with _lock:
+        if engine in _engines:
+            return
+        event.listen(engine, "handle_error", _translate)
+        _engines.add(engine)
+
+
+def _db_label(ctx: Any) -> str:
+    engine = getattr(ctx, "engine", None)
+    if engine is None:
+        return "the database"
+    return mask_secrets(engine.url.render_as_string(hide_password=True))
+
+
+def _translate(ctx: Any) -> None:
+    original = ctx.original_exception
+    text = str(original)
+    for pattern in _MISSING:
+        m = pattern.search(text)
+        if m and m.group("name") in _tables:
+            raise SchemaMissing(
+                f"the toolkit's table {m.group('name')!r} does not exist in {_db_label(ctx)}: "
+                "run `outbox db upgrade --db URL` (or outbox.migrations.upgrade(engine)) first"
+            )
+    m = _CHARSET.search(text)
+    if m:
+        _charset(ctx, m)
+    if "message_id" not in text and "uq_" not in text:
+        return
+    m = _UNIQUE_SQLITE.search(text) or _UNIQUE_NAMED.search(text)
+    if not m or m.group("name") not in _outboxes:
+        return
+    key = _PG_KEY.search(text) or _MY_KEY.search(text)
+    if key:
+        which = f"message_id {key.group('id')}"
+    else:  # SQLite does not say which value; a one-row INSERT does
+        params = getattr(getattr(ctx, "execution_context", None), "compiled_parameters", None) or []
+        one = params[0].get("message_id") if len(params) == 1 else None
+        which = f"message_id {one}" if one is not None else "a message_id in this flush"
+    raise InvalidMessageId(
+        f"{which} is already in the outbox table {m.group('name')!r} (committed earlier): "
+        "every message needs its own id (roll the session back and retry with a new one)"
+    )
+
+
+def _charset(ctx: Any, m: re.Match[str]) -> None:
+    parts = [p.strip("`'\"") for p in m.group("where").split(".")]
+    column = parts[-1]
+    if len(parts) >= 2:
+        table = parts[-2]
+    else:  # MySQL names only the column
+        into = _INSERT_INTO.search(getattr(ctx, "statement", None) or "")
+        table = into.group("name") if into else ""
+    if table not in _outboxes:
+        return
+    error = _FIELD_ERRORS.get(column, MessageError)
+    value = m.group("value").replace("\\\\", "\\")
+    raise error(
+        f"the {column} {value} cannot be stored: the character set of {table}.{column} is not utf8mb4. "
+        f"Convert the table once (ALTER TABLE {table} CONVERT TO CHARACTER SET utf8mb4) and create databases "
+        "with CHARACTER SET utf8mb4 (then roll the session back and retry)"
+    )
