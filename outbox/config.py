@@ -76,6 +76,8 @@ class RelayConfig:
             raise ConfigurationError(f"ordering must be one of {ORDERING_MODES}, got {self.ordering!r}")
         if self.lease_ttl < 1.0:
             raise ConfigurationError(f"lease_ttl must be at least 1 s, got {self.lease_ttl}")
+        if self.relay_id is not None:
+            _relay_id(self.relay_id)
 
     @property
     def renew_interval(self) -> float:
@@ -113,6 +115,21 @@ class RelayConfig:
 def _positive_int(name: str, v: object, lo: int, hi: int) -> None:
     if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
         raise ConfigurationError(f"{name} must be an int between {lo} and {hi}, got {v!r}")
+
+
+#: the relays and leases tables hold relay ids in String(255) columns
+RELAY_ID_LENGTH = 255
+
+
+def _relay_id(v: object) -> None:
+    if not isinstance(v, str):
+        raise ConfigurationError(f"relay_id must be a str, got {type(v).__name__}")
+    if not v.strip():
+        raise ConfigurationError("relay_id must not be empty (omit it for the default host:pid:random)")
+    if len(v) > RELAY_ID_LENGTH:
+        raise ConfigurationError(f"relay_id must be at most {RELAY_ID_LENGTH} characters, got {len(v)}")
+    if any(ord(c) < 32 or 127 <= ord(c) < 160 for c in v):
+        raise ConfigurationError(f"relay_id must not contain control characters, got {v!r}")
 
 
 def _coerce(name: str, raw: Any, annotation: object) -> Any:
