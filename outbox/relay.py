@@ -191,9 +191,7 @@ class Relay:
                     self.stats.errors += 1
                     self._started = False
                     delay = waits(_RetryState(failures))
-                    what = "broker" if isinstance(exc, BrokerUnavailable) else "database"
-                    log.error("%s unavailable (%s): %s; retrying in %.1f s", what,
-                              self.db_label if what == "database" else "publisher", _short(exc), delay)
+                    self._log_loop_error(exc, delay)
                     self._dispose_quietly()
                     self._sleep(delay)
                     continue
@@ -564,6 +562,15 @@ class Relay:
         if bad or held_back:
             self._refresh_due = True
         return records
+
+    def _log_loop_error(self, exc: BaseException, delay: float) -> None:
+        if isinstance(exc, BrokerUnavailable):
+            log.error("broker unavailable (publisher): %s; retrying in %.1f s", _short(exc), delay)
+        elif is_permanent(exc, self.dialect):  # not an outage: say so, rather than "unavailable"
+            log.error("database error on %s that a retry may not fix (not an outage): %s; retrying in %.1f s",
+                      self.db_label, _short(exc), delay)
+        else:
+            log.error("database unavailable (%s): %s; retrying in %.1f s", self.db_label, _short(exc), delay)
 
     def _backoff(self, attempts: int) -> float:
         base = min(self.config.backoff_max, self.config.backoff_initial * (2 ** min(attempts, 30)))
