@@ -21,7 +21,10 @@ import sqlalchemy as sa
 
 from .message import OutboxRecord
 
-__all__ = ["MAX_ATTEMPTS_VALUE", "MAX_PARTITION", "RowError", "claim_columns", "decode_row"]
+__all__ = [
+    "KNOWN_STATUSES", "MAX_ATTEMPTS_VALUE", "MAX_PARTITION", "RowError", "claim_columns", "decode_row",
+    "unclaimable_rows",
+]
 
 #: largest ``attempts`` the relay can still count up from (the column is a 32-bit INTEGER)
 MAX_ATTEMPTS_VALUE = 2**31 - 2
@@ -165,3 +168,48 @@ def _int(name: str, value: Any, lo: int, hi: int) -> int:
 def _short_repr(value: Any, limit: int = 60) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# ------------------------------------------------------------------ rows no claim can ever reach
+
+#: statuses the toolkit writes; anything else is a hand edit or a bad migration
+KNOWN_STATUSES = ("dead", "pending", "published")
+
+
+def unclaimable_rows(
+    conn: Any, table: sa.Table, held: list[int], partition_count: int, limit: int = 1000
+) -> list[tuple[int, dict[str, Any], str]]:
+    """Rows no relay will ever claim: ``(id, the values they were found with, the reason)``.
+
+    - pending rows whose partition is outside ``0..partition_count - 1`` (no lease covers it);
+    - rows of the ``held`` partitions with a status the toolkit does not know.
+
+    Every query is a range read of the claim index (partition, status, ...): the partition
+    ranges below 0 and from ``partition_count``, and the four status ranges around the known
+    statuses, so an unknown status is found under any collation without a table scan.
+    """
+    o = table
+    found: list[tuple[int, dict[str, Any], str]] = []
+    top = partition_count - 1
+    out_of_range = (
+        sa.select(o.c.id, o.c.partition)
+        .where(sa.or_(o.c.partition < 0, o.c.partition > top), o.c.status == "pending")
+        .limit(limit)
+    )
+    for rid, part in conn.execute(out_of_range):
+        found.append((rid, {"partition": part, "status": "pending"},
+                      f"row {rid}: partition {part} is out of range 0..{top}, so no relay can claim it; "
+                      "`outbox dead requeue` gives it the partition of its key"))
+    if held:
+        a, b, c = sorted(KNOWN_STATUSES)
+        ranges = [o.c.status < a, sa.and_(o.c.status > a, o.c.status < b), sa.and_(o.c.status > b, o.c.status < c),
+                  o.c.status > c]
+        for cond in ranges:
+            if len(found) >= limit:
+                break
+            q = sa.select(o.c.id, o.c.status).where(o.c.partition.in_(held), cond).limit(limit - len(found))
+            for rid, status in conn.execute(q):
+                found.append((rid, {"status": status},
+                              f"row {rid}: unknown status {status!r} (only 'pending' rows are sent); "
+                              "fix the row, or `outbox dead requeue` it"))
+    return found

@@ -33,7 +33,7 @@ from tenacity import wait_exponential, wait_random
 from . import dialects
 from ._dberrors import is_permanent
 from ._redact import mask_secrets
-from ._rows import RowError, claim_columns, decode_row
+from ._rows import RowError, claim_columns, decode_row, unclaimable_rows
 from .brokers.base import Outcome, Publisher, PublishResult
 from .config import RelayConfig
 from .errors import BrokerUnavailable, SchemaMissing
@@ -50,6 +50,8 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (sa.exc.DBAPIError, sa.exc.T
 _MAX_ERROR_TEXT = 2000
 #: seconds between look-ups of rows whose delay ran out and of keys blocked behind failing rows
 REFRESH = 0.1
+#: seconds between looks for rows no claim can reach (partition out of range, unknown status)
+SWEEP_INTERVAL = 5.0
 #: seconds between full re-reads of every partition from its first due row
 WATERMARK_RESET = 5.0
 
@@ -114,6 +116,7 @@ class Relay:
         self._last_watermark_reset = 0.0
         # row id -> whether it was delivered: rows no statement could update (see _give_up_row)
         self._unmarkable: dict[int, bool] = {}
+        self._last_sweep = 0.0
         self.db_label = mask_secrets(engine.url.render_as_string(hide_password=True))
 
     # ------------------------------------------------------------------ lifecycle
@@ -149,6 +152,7 @@ class Relay:
         self.leases.ensure_partitions()
         self.leases.rebalance()
         self._last_rebalance = time.monotonic()
+        self._sweep_unclaimable(force=True)
         if self.config.notify and self._listener is None:
             self._listener = self.dialect.start_listener(
                 self.engine, self.tables.names.outbox, self._wake.set, self._stop
@@ -583,6 +587,29 @@ class Relay:
             self.leases.ensure_partitions()
             self.leases.rebalance()
             self._last_rebalance = time.monotonic()
+            self._sweep_unclaimable()
+
+    def _sweep_unclaimable(self, *, force: bool = False) -> None:
+        """Mark dead the rows no claim can reach (partition out of range, unknown status), with the reason.
+
+        At most every SWEEP_INTERVAL seconds, a bounded number of rows, through indexed reads only.
+        """
+        mono = time.monotonic()
+        if not force and mono - self._last_sweep < SWEEP_INTERVAL:
+            return
+        self._last_sweep = mono
+        o = self.tables.outbox
+        with self.engine.begin() as conn:
+            found = unclaimable_rows(conn, o, sorted(self.leases.held), self.leases.partition_count)
+            for rid, was, reason in found:
+                # only if the row still is as found: an operator may have fixed it meanwhile
+                n = conn.execute(o.update().where(o.c.id == rid, *(o.c[k] == v for k, v in was.items()))
+                                 .values(status=STATUS_DEAD, last_error=reason)).rowcount
+                if n:
+                    self.stats.dead += 1
+                    log.error("%s; marked dead (see `outbox dead list`)", reason)
+        if found:
+            self._refresh_due = True
 
     def _sleep(self, seconds: float) -> None:
         end = time.monotonic() + seconds

@@ -17,6 +17,7 @@ from outbox import Outbox, OutgoingMessage, admin, default_tables
 from outbox.brokers.memory import MemoryPublisher
 from outbox.config import RelayConfig
 from outbox.relay import Relay
+from outbox.writer import DEFAULT_PARTITIONS
 
 T = default_tables().outbox
 FAST = {"min_poll_interval": 0.01, "poll_interval": 0.05, "backoff_initial": 0.05, "backoff_max": 0.2,
@@ -119,3 +120,74 @@ def test_relay_run_survives_a_bad_row(engine: sa.Engine, dialect_name: str) -> N
         t.join(30)
     assert not errors
     assert row(engine, ids[0]).status == "dead"
+
+
+# ------------------------------------------------------------------ rows no claim can reach (issue 9.8a/8b)
+
+
+def lease_count(engine: sa.Engine) -> int:
+    le = default_tables().leases
+    with engine.connect() as c:
+        return int(c.execute(sa.select(sa.func.count()).select_from(le)).scalar_one())
+
+
+@pytest.mark.parametrize("partition", [-1, 40000], ids=["negative", "over-smallint"])
+def test_partition_out_of_range_goes_dead_and_requeue_rederives_it(
+    engine: sa.Engine, dialect_name: str, partition: int
+) -> None:
+    if partition > 32767 and dialect_name != "sqlite":
+        pytest.skip("SMALLINT refuses it: only SQLite can hold such a row")
+    ids = write(engine, 10)
+    bad = ids[3]
+    key_partition = row(engine, bad).partition
+    corrupt(engine, bad, f"{quoted(dialect_name, 'partition')} = :p", p=partition)
+    pub = MemoryPublisher()
+    relay = Relay(engine, pub, config=cfg(ordering="none"))
+    relay.drain()
+    r = row(engine, bad)
+    assert r.status == "dead", "before the fix the row stayed pending (reported due) for ever"
+    assert f"partition {partition} is out of range 0..{DEFAULT_PARTITIONS - 1}" in r.last_error
+    assert lease_count(engine) == DEFAULT_PARTITIONS  # the bad row did not make the relay create 40001 leases
+    assert sorted(pub.published_ids) == sorted(set(ids) - {bad})
+    assert [d["id"] for d in admin.list_dead(engine)] == [bad]
+    assert admin.requeue_dead(engine, ids=[bad]) == 1
+    assert row(engine, bad).partition == key_partition  # the partition of its key, as the writer computed it
+    relay.drain()
+    relay.close()
+    assert pub.published_ids[-1] == bad
+    assert remaining(engine) == []
+
+
+def test_unknown_status_counted_marked_dead_with_old_status_and_requeued(engine: sa.Engine) -> None:
+    ids = write(engine, 10)
+    bad = ids[5]
+    corrupt(engine, bad, "status = 'bogus'")
+    st = admin.outbox_status(engine)
+    assert st["pending"] + st["dead"] + st["unknown_status"] == 10  # every row of the table is counted
+    assert st["unknown_status"] == 1
+    pub = MemoryPublisher()
+    relay = Relay(engine, pub, config=cfg(ordering="none"))
+    relay.drain()
+    r = row(engine, bad)
+    assert r.status == "dead"
+    assert "unknown status 'bogus'" in r.last_error
+    assert admin.outbox_status(engine)["unknown_status"] == 0
+    assert admin.requeue_dead(engine, ids=[bad]) == 1
+    relay.drain()
+    relay.close()
+    assert sorted(pub.published_ids) == sorted(ids)
+
+
+def test_status_cli_shows_unknown_status_line(engine: sa.Engine, db_url: str, dialect_name: str,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    from outbox.cli import main
+
+    ids = write(engine, 3)
+    corrupt(engine, ids[0], "status = 'bogus'")
+    assert main(["status", "--db", db_url]) == 0
+    out = capsys.readouterr().out
+    assert "unknown status: 1" in out
+
+
+def quoted(dialect: str, column: str) -> str:
+    return f"`{column}`" if dialect == "mariadb" else f'"{column}"'
