@@ -558,7 +558,7 @@ class Relay:
             try:
                 records.append(decode_row(r, json_as_text=self.dialect.json_as_text))
             except RowError as exc:
-                bad.append((r.id, _short(exc)))
+                bad.append((r.id, _short(str(exc))))
                 if strict and isinstance(r.key, str):
                     held_back.add((r.topic, r.key))
         for rid, reason in bad:
