@@ -503,13 +503,10 @@ class Relay:
         try:
             fn()
         except sa.exc.DBAPIError as exc:
-            savepoint.rollback()
             if not is_permanent(exc, self.dialect):
-                raise
-            return exc
-        except BaseException:
+                raise  # the claim's whole transaction rolls back (the connection may be gone)
             savepoint.rollback()
-            raise
+            return exc
         savepoint.commit()
         return None
 

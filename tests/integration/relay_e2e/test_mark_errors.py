@@ -287,3 +287,41 @@ def test_relay_with_a_300_character_id_refuses_to_start(db) -> None:
     assert done.returncode == 2, done.stderr
     assert "relay_id" in done.stderr and "255" in done.stderr
     assert "unavailable" not in done.stderr
+
+
+class CutAfterFirstPublish(MemoryPublisher):
+    """Drops the relay's database connections right after the first batch is published (a test-side hook)."""
+
+    def __init__(self, proxy) -> None:
+        super().__init__()
+        self.proxy = proxy
+        self.cut = False
+
+    def publish(self, records, *, timeout: float = 30.0):
+        results = super().publish(records, timeout=timeout)
+        if not self.cut:
+            self.cut = True
+            self.proxy.down()  # the marking statements now hit a dead connection
+            self.proxy.up()
+        return results
+
+
+@pytest.mark.parametrize("dialect", ["postgresql", "mariadb"])
+def test_connection_cut_while_marking_is_retried_not_dead(db, dialect: str, tcp_proxy) -> None:
+    d = db(dialect)
+    write(d.engine, "orders", range(50), keys=5)
+    url = sa.engine.make_url(d.url)
+    proxy = tcp_proxy(url.host or "127.0.0.1", url.port or (5432 if dialect == "postgresql" else 3306))
+    proxy.up()
+    engine = sa.create_engine(url.set(host="127.0.0.1", port=proxy.port), pool_pre_ping=True)
+    pub = CutAfterFirstPublish(proxy)
+    relay = Relay(engine, pub, config=RelayConfig(**FAST))
+    daemon = Daemon(relay)
+    try:
+        wait_until(lambda: d.rows() == 0, 60, "every row to be published and deleted")
+    finally:
+        daemon.stop()
+        engine.dispose()
+    assert pub.cut and relay.stats.errors >= 1  # the cut was seen, as an outage
+    assert relay.stats.dead == 0 and d.dead_rows() == []
+    assert len({m.message_id for m in pub.messages}) == 50  # every message out (the first batch twice)
