@@ -20,6 +20,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from .message import OutboxRecord
+from .schema import KEY_LENGTH, TOPIC_LENGTH
 
 __all__ = [
     "KNOWN_STATUSES", "MAX_ATTEMPTS_VALUE", "MAX_PARTITION", "RowError", "claim_columns", "decode_row",
@@ -31,6 +32,7 @@ MAX_ATTEMPTS_VALUE = 2**31 - 2
 #: largest partition a SMALLINT column holds (writers use 1..32767 partitions)
 MAX_PARTITION = 32767
 
+CONTENT_TYPE_LENGTH = 127
 _RAW = ("message_id", "payload", "headers")
 _COLUMNS = ("id", "message_id", "topic", "key", "payload", "headers", "content_type", "partition", "attempts")
 
@@ -56,10 +58,10 @@ def decode_row(row: Any, *, json_as_text: bool) -> OutboxRecord:
             id=rid,
             message_id=_message_id(row.message_id),
             topic=_topic(row.topic),
-            key=_optional_text("key", row.key),
+            key=_key(row.key),
             payload=_payload(row.payload),
             headers=_headers(row.headers, json_as_text),
-            content_type=_optional_text("content_type", row.content_type),
+            content_type=_optional_text("content_type", row.content_type, CONTENT_TYPE_LENGTH),
             partition=_int("partition", row.partition, 0, MAX_PARTITION),
             attempts=_int("attempts", row.attempts, 0, MAX_ATTEMPTS_VALUE),
         )
@@ -121,13 +123,24 @@ def _topic(value: Any) -> str:
         raise RowError("topic must be non-empty text, got an empty topic")
     if "\x00" in value:
         raise RowError("topic must not contain NUL characters")
+    if len(value) > TOPIC_LENGTH:
+        raise RowError(f"topic must be at most {TOPIC_LENGTH} characters, got {len(value)}")
     return value
 
 
-def _optional_text(name: str, value: Any) -> str | None:
-    if value is None or isinstance(value, str):
-        return value
-    raise RowError(f"{name} must be text or NULL, got {_kind(value)}")
+def _key(value: Any) -> str | None:
+    key = _optional_text("key", value)
+    if key is not None and not 1 <= len(key.encode("utf-8")) <= KEY_LENGTH:
+        raise RowError(f"key must be NULL or 1-{KEY_LENGTH} UTF-8 bytes, got {len(key.encode('utf-8'))} bytes")
+    return key
+
+
+def _optional_text(name: str, value: Any, limit: int | None = None) -> str | None:
+    if value is not None and not isinstance(value, str):
+        raise RowError(f"{name} must be text or NULL, got {_kind(value)}")
+    if value is not None and limit is not None and len(value) > limit:
+        raise RowError(f"{name} must be at most {limit} characters, got {len(value)}")
+    return value
 
 
 def _payload(value: Any) -> bytes:
@@ -181,7 +194,7 @@ def unclaimable_rows(
 ) -> list[tuple[int, dict[str, Any], str]]:
     """Rows no relay will ever claim: ``(id, the values they were found with, the reason)``.
 
-    - pending rows whose partition is outside ``0..partition_count - 1`` (no lease covers it);
+    - rows not dead or published whose partition is outside ``0..partition_count - 1`` (no lease covers it);
     - rows of the ``held`` partitions with a status the toolkit does not know.
 
     Every query is a range read of the claim index (partition, status, ...): the partition
@@ -192,13 +205,14 @@ def unclaimable_rows(
     found: list[tuple[int, dict[str, Any], str]] = []
     top = partition_count - 1
     out_of_range = (
-        sa.select(o.c.id, o.c.partition)
-        .where(sa.or_(o.c.partition < 0, o.c.partition > top), o.c.status == "pending")
+        sa.select(o.c.id, o.c.partition, o.c.status)
+        .where(sa.or_(o.c.partition < 0, o.c.partition > top), o.c.status.not_in(("dead", "published")))
         .limit(limit)
     )
-    for rid, part in conn.execute(out_of_range):
-        found.append((rid, {"partition": part, "status": "pending"},
-                      f"row {rid}: partition {part} is out of range 0..{top}, so no relay can claim it; "
+    for rid, part, status in conn.execute(out_of_range):
+        also = "" if status == "pending" else f" (and its status {status!r} is unknown)"
+        found.append((rid, {"partition": part, "status": status},
+                      f"row {rid}: partition {part} is out of range 0..{top}, so no relay can claim it{also}; "
                       "`outbox dead requeue` gives it the partition of its key"))
     if held:
         a, b, c = sorted(KNOWN_STATUSES)
