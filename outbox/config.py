@@ -22,6 +22,9 @@ __all__ = ["ORDERING_MODES", "RelayConfig", "load_toml"]
 
 ORDERING_MODES = ("strict", "none")
 
+#: longest interval setting: a retry scheduled further out would overflow the datetime columns
+MAX_SECONDS = 365 * 86400
+
 
 @dataclass(frozen=True, kw_only=True)
 class RelayConfig:
@@ -66,8 +69,9 @@ class RelayConfig:
         for name in ("poll_interval", "min_poll_interval", "backoff_initial", "backoff_max", "lease_ttl",
                      "publish_timeout", "shutdown_timeout"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
-                raise ConfigurationError(f"{name} must be a positive number of seconds, got {v!r}")
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= MAX_SECONDS:
+                raise ConfigurationError(f"{name} must be a positive number of seconds up to {MAX_SECONDS:,} "
+                                         f"(one year), got {v!r}")
         if self.min_poll_interval > self.poll_interval:
             raise ConfigurationError(
                 f"min_poll_interval ({self.min_poll_interval}) must not exceed poll_interval ({self.poll_interval})"

@@ -7,7 +7,13 @@ One round, in one database transaction per batch:
 2. publish them and wait for the broker's verdict on each (Kafka acks / RabbitMQ confirms);
 3. re-check the partition leases' fencing generations in the same transaction, then delete the
    delivered rows (or mark them ``published`` in audit mode), give failed rows a backoff, and mark
-   permanently failed or exhausted rows ``dead``; commit.
+   permanently failed or exhausted rows ``dead``, inside a SAVEPOINT; commit.
+
+A claimed row the relay cannot interpret (:mod:`outbox._rows`) is marked ``dead`` with its
+reason in step 1 and never reaches the publisher. Database errors are classified
+(:mod:`outbox._dberrors`): outages are retried with backoff; a permanent error in step 3 rolls
+back to the savepoint and the marking is redone step by step, then row by row, so only the
+offending row is marked dead and a delivered batch is never published again because of it.
 
 A crash anywhere before the commit leaves the rows pending, so they are published again: at least
 once, never lost. Rows are only ever read after their writer committed, so a rolled-back message

@@ -279,6 +279,13 @@ def test_relay_id_is_validated(bad: str, fragment: str) -> None:
         RelayConfig(relay_id=bad)
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), 1e12], ids=["nan", "inf", "huge"])
+def test_backoff_that_would_overflow_the_retry_time_is_refused(value: float) -> None:
+    """Before: accepted, and the first retry crashed the relay (timedelta overflow / NaN) at mark time."""
+    with pytest.raises(ConfigurationError, match="up to 31,536,000"):
+        RelayConfig(backoff_max=value)
+
+
 def test_relay_with_a_300_character_id_refuses_to_start(db) -> None:
     """Before the fix it logged "database unavailable" forever (the id did not fit String(255))."""
     d = db("sqlite")
