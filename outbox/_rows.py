@@ -194,7 +194,10 @@ def unclaimable_rows(
 ) -> list[tuple[int, dict[str, Any], str]]:
     """Rows no relay will ever claim: ``(id, the values they were found with, the reason)``.
 
-    - rows not dead or published whose partition is outside ``0..partition_count - 1`` (no lease covers it);
+    - rows not dead or published whose partition no writer can produce (below 0, above 32767), so no
+      lease will ever cover it. A partition from ``partition_count`` up to 32767 is not one of them:
+      a writer may use more partitions than the relays know yet, and the relays extend their
+      leases to it (:meth:`~outbox.leases.LeaseManager.ensure_partitions`), so its rows are claimed;
     - rows of the ``held`` partitions with a status the toolkit does not know.
 
     Every query is a range read of the claim index (partition, status, ...): the partition
@@ -206,7 +209,7 @@ def unclaimable_rows(
     top = partition_count - 1
     out_of_range = (
         sa.select(o.c.id, o.c.partition, o.c.status)
-        .where(sa.or_(o.c.partition < 0, o.c.partition > top), o.c.status.not_in(("dead", "published")))
+        .where(sa.or_(o.c.partition < 0, o.c.partition > MAX_PARTITION), o.c.status.not_in(("dead", "published")))
         .limit(limit)
     )
     for rid, part, status in conn.execute(out_of_range):
