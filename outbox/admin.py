@@ -128,13 +128,14 @@ def requeue_dead(
 
 
 def _rederive_partitions(conn: sa.Connection, t: OutboxTables, where: list[sa.ColumnElement[bool]]) -> None:
-    """Dead rows whose partition no lease covers get their key's partition back (as the writer computes it)."""
+    """Dead rows whose partition no writer can produce get their key's partition back, as the writer
+    computes it with the partition count the relays lease (see :func:`outbox.message.partition_for`)."""
     o, le = t.outbox, t.leases
     count = min(conn.execute(sa.select(sa.func.count()).select_from(le)).scalar_one() or DEFAULT_PARTITIONS,
                 MAX_PARTITION + 1)
     raw_mid = sa.type_coerce(o.c.message_id, sa.types.NullType()).label("message_id")
     rows = conn.execute(sa.select(o.c.id, o.c.key, raw_mid).where(
-        *where, sa.or_(o.c.partition < 0, o.c.partition >= count))).all()
+        *where, sa.or_(o.c.partition < 0, o.c.partition > MAX_PARTITION))).all()
     for rid, key, mid in rows:
         try:
             mid = mid if isinstance(mid, uuid.UUID) else uuid.UUID(str(mid))
