@@ -481,7 +481,6 @@ class Relay:
         """Run ``steps`` in one SAVEPOINT; after a permanent error, step by step and then row by row."""
         if not steps:
             return
-        self.dialect.ensure_transaction(conn)
         error = self._attempt(conn, lambda: [s.run(conn, s.ids) for s in steps])
         if error is None:
             for s in steps:
@@ -505,6 +504,7 @@ class Relay:
 
     def _attempt(self, conn: Connection, fn: Callable[[], object]) -> sa.exc.DBAPIError | None:
         """Run ``fn`` in a SAVEPOINT; return a permanent error (rolled back to the savepoint), raise others."""
+        self.dialect.ensure_transaction(conn)  # a first SAVEPOINT must not begin (and its RELEASE commit) it
         savepoint = conn.begin_nested()
         try:
             fn()
