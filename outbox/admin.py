@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import datetime as dt
+import uuid
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from .schema import DUE_NOW, STATUS_DEAD, STATUS_PENDING, OutboxTables, default_tables
+from ._rows import KNOWN_STATUSES, MAX_PARTITION
+from .message import partition_for
+from .schema import DUE_NOW, STATUS_DEAD, STATUS_PENDING, STATUS_PUBLISHED, OutboxTables, default_tables
+from .writer import DEFAULT_PARTITIONS
 
 __all__ = ["dead_filter", "get_dead", "list_dead", "outbox_status", "purge_dead", "requeue_dead"]
 
@@ -36,6 +40,8 @@ def outbox_status(engine: Engine, *, tables: OutboxTables | None = None) -> dict
             sa.select(sa.func.count()).where(o.c.status == STATUS_PENDING, o.c.available_at > now)
         ).scalar_one()
         dead = conn.execute(sa.select(sa.func.count()).where(o.c.status == STATUS_DEAD)).scalar_one()
+        published = conn.execute(sa.select(sa.func.count()).where(o.c.status == STATUS_PUBLISHED)).scalar_one()
+        unknown = conn.execute(sa.select(sa.func.count()).where(o.c.status.not_in(KNOWN_STATUSES))).scalar_one()
         relays = [dict(row._mapping) for row in conn.execute(sa.select(r).order_by(r.c.relay_id))]
         leases = [dict(row._mapping) for row in conn.execute(sa.select(le).order_by(le.c.partition))]
     if oldest is not None and oldest.tzinfo is None:
@@ -57,6 +63,8 @@ def outbox_status(engine: Engine, *, tables: OutboxTables | None = None) -> dict
         "retrying": retrying,
         "waiting": delayed,
         "dead": dead,
+        "published": published,
+        "unknown_status": unknown,
         "oldest_pending_at": oldest,
         "oldest_pending_age_s": (now - oldest).total_seconds() if oldest is not None else None,
         "relays": relays,
@@ -110,11 +118,31 @@ def requeue_dead(
     """Make dead rows pending again (attempts reset, due now). Returns how many."""
     t = tables or default_tables()
     o = t.outbox
+    where = dead_filter(t, ids=ids, topic=topic, key=key, older_than=older_than)
     with engine.begin() as conn:
+        _rederive_partitions(conn, t, where)
         return int(conn.execute(
-            o.update().where(*dead_filter(t, ids=ids, topic=topic, key=key, older_than=older_than))
+            o.update().where(*where)
             .values(status=STATUS_PENDING, attempts=0, available_at=DUE_NOW)
         ).rowcount)
+
+
+def _rederive_partitions(conn: sa.Connection, t: OutboxTables, where: list[sa.ColumnElement[bool]]) -> None:
+    """Dead rows whose partition no writer can produce get their key's partition back, as the writer
+    computes it with the partition count the relays lease (see :func:`outbox.message.partition_for`)."""
+    o, le = t.outbox, t.leases
+    count = min(conn.execute(sa.select(sa.func.count()).select_from(le)).scalar_one() or DEFAULT_PARTITIONS,
+                MAX_PARTITION + 1)
+    raw_mid = sa.type_coerce(o.c.message_id, sa.types.NullType()).label("message_id")
+    rows = conn.execute(sa.select(o.c.id, o.c.key, raw_mid).where(
+        *where, sa.or_(o.c.partition < 0, o.c.partition > MAX_PARTITION))).all()
+    for rid, key, mid in rows:
+        try:
+            mid = mid if isinstance(mid, uuid.UUID) else uuid.UUID(str(mid))
+            partition = partition_for(key if isinstance(key, str) else None, mid, count)
+        except ValueError:
+            partition = rid % count
+        conn.execute(o.update().where(o.c.id == rid).values(partition=partition))
 
 
 def purge_dead(

@@ -22,6 +22,9 @@ __all__ = ["ORDERING_MODES", "RelayConfig", "load_toml"]
 
 ORDERING_MODES = ("strict", "none")
 
+#: longest interval setting: a retry scheduled further out would overflow the datetime columns
+MAX_SECONDS = 365 * 86400
+
 
 @dataclass(frozen=True, kw_only=True)
 class RelayConfig:
@@ -66,8 +69,9 @@ class RelayConfig:
         for name in ("poll_interval", "min_poll_interval", "backoff_initial", "backoff_max", "lease_ttl",
                      "publish_timeout", "shutdown_timeout"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
-                raise ConfigurationError(f"{name} must be a positive number of seconds, got {v!r}")
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= MAX_SECONDS:
+                raise ConfigurationError(f"{name} must be a positive number of seconds up to {MAX_SECONDS:,} "
+                                         f"(one year), got {v!r}")
         if self.min_poll_interval > self.poll_interval:
             raise ConfigurationError(
                 f"min_poll_interval ({self.min_poll_interval}) must not exceed poll_interval ({self.poll_interval})"
@@ -76,6 +80,8 @@ class RelayConfig:
             raise ConfigurationError(f"ordering must be one of {ORDERING_MODES}, got {self.ordering!r}")
         if self.lease_ttl < 1.0:
             raise ConfigurationError(f"lease_ttl must be at least 1 s, got {self.lease_ttl}")
+        if self.relay_id is not None:
+            _relay_id(self.relay_id)
 
     @property
     def renew_interval(self) -> float:
@@ -113,6 +119,21 @@ class RelayConfig:
 def _positive_int(name: str, v: object, lo: int, hi: int) -> None:
     if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
         raise ConfigurationError(f"{name} must be an int between {lo} and {hi}, got {v!r}")
+
+
+#: the relays and leases tables hold relay ids in String(255) columns
+RELAY_ID_LENGTH = 255
+
+
+def _relay_id(v: object) -> None:
+    if not isinstance(v, str):
+        raise ConfigurationError(f"relay_id must be a str, got {type(v).__name__}")
+    if not v.strip():
+        raise ConfigurationError("relay_id must not be empty (omit it for the default host:pid:random)")
+    if len(v) > RELAY_ID_LENGTH:
+        raise ConfigurationError(f"relay_id must be at most {RELAY_ID_LENGTH} characters, got {len(v)}")
+    if any(ord(c) < 32 or 127 <= ord(c) < 160 for c in v):
+        raise ConfigurationError(f"relay_id must not contain control characters, got {v!r}")
 
 
 def _coerce(name: str, raw: Any, annotation: object) -> Any:

@@ -97,7 +97,7 @@ class LeaseManager:
         """Make sure a lease row exists for every partition writers use; return the count."""
         o, le = self.tables.outbox, self.tables.leases
         with self.engine.begin() as conn:
-            highest = conn.execute(sa.select(sa.func.max(o.c.partition))).scalar()
+            highest = conn.execute(sa.select(sa.func.max(o.c.partition)).where(o.c.partition <= 32767)).scalar()
             have = conn.execute(sa.select(sa.func.count()).select_from(le)).scalar_one()
             wanted = max(self.min_partitions, (highest + 1) if highest is not None else 0, have)
             if have < wanted:

@@ -7,7 +7,13 @@ One round, in one database transaction per batch:
 2. publish them and wait for the broker's verdict on each (Kafka acks / RabbitMQ confirms);
 3. re-check the partition leases' fencing generations in the same transaction, then delete the
    delivered rows (or mark them ``published`` in audit mode), give failed rows a backoff, and mark
-   permanently failed or exhausted rows ``dead``; commit.
+   permanently failed or exhausted rows ``dead``, inside a SAVEPOINT; commit.
+
+A claimed row the relay cannot interpret (:mod:`outbox._rows`) is marked ``dead`` with its
+reason in step 1 and never reaches the publisher. Database errors are classified
+(:mod:`outbox._dberrors`): outages are retried with backoff; a permanent error in step 3 rolls
+back to the savepoint and the marking is redone step by step, then row by row, so only the
+offending row is marked dead and a delivered batch is never published again because of it.
 
 A crash anywhere before the commit leaves the rows pending, so they are published again: at least
 once, never lost. Rows are only ever read after their writer committed, so a rolled-back message
@@ -23,7 +29,7 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import sqlalchemy as sa
@@ -31,7 +37,9 @@ from sqlalchemy.engine import Connection, Engine
 from tenacity import wait_exponential, wait_random
 
 from . import dialects
+from ._dberrors import is_permanent
 from ._redact import mask_secrets
+from ._rows import RowError, claim_columns, decode_row, unclaimable_rows
 from .brokers.base import Outcome, Publisher, PublishResult
 from .config import RelayConfig
 from .errors import BrokerUnavailable, SchemaMissing
@@ -48,6 +56,8 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (sa.exc.DBAPIError, sa.exc.T
 _MAX_ERROR_TEXT = 2000
 #: seconds between look-ups of rows whose delay ran out and of keys blocked behind failing rows
 REFRESH = 0.1
+#: seconds between looks for rows no claim can reach (partition out of range, unknown status)
+SWEEP_INTERVAL = 5.0
 #: seconds between full re-reads of every partition from its first due row
 WATERMARK_RESET = 5.0
 
@@ -110,6 +120,9 @@ class Relay:
         # long drain does not walk over the index entries of rows it already deleted.
         self._after: dict[int, int] = {}
         self._last_watermark_reset = 0.0
+        # row id -> whether it was delivered: rows no statement could update (see _give_up_row)
+        self._unmarkable: dict[int, bool] = {}
+        self._last_sweep = 0.0
         self.db_label = mask_secrets(engine.url.render_as_string(hide_password=True))
 
     # ------------------------------------------------------------------ lifecycle
@@ -145,6 +158,7 @@ class Relay:
         self.leases.ensure_partitions()
         self.leases.rebalance()
         self._last_rebalance = time.monotonic()
+        self._sweep_unclaimable(force=True)
         if self.config.notify and self._listener is None:
             self._listener = self.dialect.start_listener(
                 self.engine, self.tables.names.outbox, self._wake.set, self._stop
@@ -187,9 +201,7 @@ class Relay:
                     self.stats.errors += 1
                     self._started = False
                     delay = waits(_RetryState(failures))
-                    what = "broker" if isinstance(exc, BrokerUnavailable) else "database"
-                    log.error("%s unavailable (%s): %s; retrying in %.1f s", what,
-                              self.db_label if what == "database" else "publisher", _short(exc), delay)
+                    self._log_loop_error(exc, delay)
                     self._dispose_quietly()
                     self._sleep(delay)
                     continue
@@ -288,8 +300,7 @@ class Relay:
         # fill a batch, while each partition is read through the claim index in id order
         active = len(self._active_partitions & set(held)) or len(held)
         per_partition = max(16, -(-self.config.batch_size // active))
-        cols = (o.c.id, o.c.message_id, o.c.topic, o.c.key, o.c.payload, o.c.headers, o.c.content_type,
-                o.c.partition, o.c.attempts)
+        cols = claim_columns(o)
         ids = self.dialect.due_ids(o, held, per_partition, DUE_NOW, blocked, self._after)
         stmt = sa.select(*cols).join_from(o, ids, o.c.id == ids.c.id).order_by(o.c.id).limit(self.config.batch_size)
         rows = conn.execute(self.dialect.lock_claim(stmt, o)).all()
@@ -298,10 +309,7 @@ class Relay:
         self._active_partitions = {r.partition for r in rows}
         if len(rows) < self.config.batch_size:  # not a full drain: look for delayed rows next time
             self._refresh_due = True
-        return [
-            OutboxRecord(rid, mid, topic, key, bytes(payload), headers or {}, ctype, part, attempts)
-            for rid, mid, topic, key, payload, headers, ctype, part, attempts in rows
-        ]
+        return self._decode(conn, rows)
 
     def _may_have_gaps(self, rows: Sequence[Any]) -> bool:
         """Whether SKIP LOCKED may have passed over one of our rows in this claim.
@@ -362,18 +370,37 @@ class Relay:
             return [PublishResult(r.id, Outcome.RETRY, "publisher returned no verdict") for r in records]
         return results
 
+    # ------------------------------------------------------------------ marking
     def _mark(self, conn: Connection, records: list[OutboxRecord], results: list[PublishResult]) -> None:
-        o = self.tables.outbox
-        by_id = {r.id: r for r in records}
+        """Record the broker's verdicts: fence, classify, then delete/mark delivered rows, schedule
+        retries and mark dead rows, all in the claim's transaction.
+
+        The statements run inside a SAVEPOINT. A permanent database error (see
+        :mod:`outbox._dberrors`) rolls back to it and the steps are redone one by one, then row by
+        row, so the delivered rows are still recorded and only the offending rows are marked dead:
+        a delivered batch is never republished because one row could not be marked.
+        """
+        lost = self._fence(conn, records)
+        plan = self._classify(records, results, lost)
+        steps = [*self._delivered_steps(plan), *self._retry_steps(plan), *self._dead_steps(plan)]
+        self._apply(conn, steps)
+        self._after_delivered(records, plan.delivered)
+        if plan.retry or plan.dead:
+            self._refresh_due = True  # recompute blocked keys before the next claim
+
+    def _fence(self, conn: Connection, records: list[OutboxRecord]) -> set[int]:
         lost = self.leases.fence(conn, {r.partition for r in records})
         if lost:
             skipped = [r for r in records if r.partition in lost]
             self.stats.fenced += len(skipped)
             log.warning("partitions %s moved to another relay during the batch: leaving %d published rows "
                         "to their new owner (they may be sent twice)", _ranges(sorted(lost)), len(skipped))
-        delivered: list[int] = []
-        retry: dict[tuple[str, int], list[int]] = defaultdict(list)
-        dead: dict[str, list[int]] = defaultdict(list)
+        return lost
+
+    def _classify(self, records: list[OutboxRecord], results: list[PublishResult], lost: set[int]) -> _MarkPlan:
+        """Sort the verdicts into delivered rows, retries (by reason and attempts) and dead rows (by reason)."""
+        by_id = {r.id: r for r in records}
+        plan = _MarkPlan()
         failed_keys: dict[str, int] = {}
         for res in results:
             rec = by_id.get(res.id)
@@ -382,7 +409,7 @@ class Relay:
             if res.held:  # never sent: stays pending, untouched, behind the failed message
                 continue
             if res.outcome is Outcome.DELIVERED:
-                delivered.append(res.id)
+                plan.delivered.append(rec)
                 if rec.key is not None and rec.key in failed_keys and self.config.ordering == "strict":
                     log.warning("key %r: message %s went out although earlier message %s failed in the same "
                                 "batch", rec.key, rec.message_id, failed_keys[rec.key])
@@ -393,39 +420,164 @@ class Relay:
             if res.outcome is Outcome.FAILED or rec.attempts + 1 >= self.config.max_attempts:
                 if res.outcome is Outcome.RETRY:
                     reason = f"gave up after {rec.attempts + 1} attempts: {reason}"
-                dead[reason].append(res.id)
+                plan.dead[reason].append(res.id)
             else:
-                retry[(reason, rec.attempts)].append(res.id)
-        if delivered:
-            for rid in delivered:
-                p = by_id[rid].partition
-                if rid > self._after.get(p, 0):
-                    self._after[p] = rid
-            if self.config.delete_published:
-                for chunk in _chunks(delivered, 1000):
-                    self.dialect.delete_ids(conn, o, chunk)
-            else:
-                now = _now()
-                for chunk in _chunks(delivered, 1000):
-                    self.dialect.update_ids(conn, o, chunk, {"status": STATUS_PUBLISHED, "published_at": now})
-            self.stats.published += len(delivered)
-            if self.on_published is not None:
-                ids = set(delivered)
-                self.on_published([r for r in records if r.id in ids])
-        if retry or dead:
-            self._refresh_due = True  # recompute blocked keys before the next claim
+                plan.retry[(reason, rec.attempts)].append(res.id)
+        return plan
+
+    def _delivered_steps(self, plan: _MarkPlan) -> list[_Step]:
+        o = self.tables.outbox
+        ids = [r.id for r in plan.delivered]
+        if self.config.delete_published:
+            def delete(conn: Connection, chunk: list[int]) -> None:
+                self.dialect.delete_ids(conn, o, chunk)
+
+            return [_Step(chunk, delete, "published, but the row could not be deleted", delivered=True)
+                    for chunk in _chunks(ids, 1000)]
         now = _now()
-        for (reason, attempts), ids in retry.items():
+
+        def mark_published(conn: Connection, chunk: list[int]) -> None:
+            self.dialect.update_ids(conn, o, chunk, {"status": STATUS_PUBLISHED, "published_at": now})
+
+        return [_Step(chunk, mark_published, "published, but the row could not be marked published", delivered=True)
+                for chunk in _chunks(ids, 1000)]
+
+    def _retry_steps(self, plan: _MarkPlan) -> list[_Step]:
+        o = self.tables.outbox
+        now = _now()
+        steps = []
+        for (reason, attempts), ids in plan.retry.items():
             delay = self._backoff(attempts)
-            conn.execute(o.update().where(o.c.id.in_(ids)).values(
-                attempts=o.c.attempts + 1, last_error=reason, available_at=now + dt.timedelta(seconds=delay)))
-            self.stats.retried += len(ids)
-            log.warning("%d message(s) not delivered, retrying in %.1f s: %s", len(ids), delay, reason)
-        for reason, ids in dead.items():
-            conn.execute(o.update().where(o.c.id.in_(ids)).values(
-                attempts=o.c.attempts + 1, last_error=reason, status=STATUS_DEAD))
-            self.stats.dead += len(ids)
-            log.error("%d message(s) marked dead (see `outbox dead list`): %s", len(ids), reason)
+            values = {"attempts": o.c.attempts + 1, "last_error": reason,
+                      "available_at": now + dt.timedelta(seconds=delay)}
+
+            def retry(conn: Connection, chunk: list[int], values: dict[str, Any] = values) -> None:
+                conn.execute(o.update().where(o.c.id.in_(chunk)).values(**values))
+
+            def done(n: int, reason: str = reason, delay: float = delay) -> None:
+                self.stats.retried += n
+                log.warning("%d message(s) not delivered, retrying in %.1f s: %s", n, delay, reason)
+
+            steps.append(_Step(ids, retry, f"not delivered ({reason}), and the retry could not be recorded",
+                               done=done))
+        return steps
+
+    def _dead_steps(self, plan: _MarkPlan) -> list[_Step]:
+        o = self.tables.outbox
+        steps = []
+        for reason, ids in plan.dead.items():
+            def dead(conn: Connection, chunk: list[int], reason: str = reason) -> None:
+                conn.execute(o.update().where(o.c.id.in_(chunk)).values(
+                    attempts=o.c.attempts + 1, last_error=reason, status=STATUS_DEAD))
+
+            def done(n: int, reason: str = reason) -> None:
+                self.stats.dead += n
+                log.error("%d message(s) marked dead (see `outbox dead list`): %s", n, reason)
+
+            steps.append(_Step(ids, dead, reason, done=done))
+        return steps
+
+    def _apply(self, conn: Connection, steps: list[_Step]) -> None:
+        """Run ``steps`` in one SAVEPOINT; after a permanent error, step by step and then row by row."""
+        if not steps:
+            return
+        error = self._attempt(conn, lambda: [s.run(conn, s.ids) for s in steps])
+        if error is None:
+            for s in steps:
+                s.done(len(s.ids))
+            return
+        log.error("a database error no retry can fix while marking %d row(s): %s; marking them one by one",
+                  sum(len(s.ids) for s in steps), _short(error))
+        for s in steps:
+            if self._attempt(conn, lambda s=s: s.run(conn, s.ids)) is None:  # type: ignore[misc]
+                s.done(len(s.ids))
+                continue
+            ok = 0
+            for rid in s.ids:
+                err = self._attempt(conn, lambda rid=rid, s=s: s.run(conn, [rid]))  # type: ignore[misc]
+                if err is None:
+                    ok += 1
+                else:
+                    self._give_up_row(conn, rid, f"{s.what}: {_short(err)}", delivered=s.delivered)
+            if ok:
+                s.done(ok)
+
+    def _attempt(self, conn: Connection, fn: Callable[[], object]) -> sa.exc.DBAPIError | None:
+        """Run ``fn`` in a SAVEPOINT; return a permanent error (rolled back to the savepoint), raise others."""
+        self.dialect.ensure_transaction(conn)  # a first SAVEPOINT must not begin (and its RELEASE commit) it
+        savepoint = conn.begin_nested()
+        try:
+            fn()
+        except sa.exc.DBAPIError as exc:
+            if not is_permanent(exc, self.dialect):
+                raise  # the claim's whole transaction rolls back (the connection may be gone)
+            savepoint.rollback()
+            return exc
+        savepoint.commit()
+        return None
+
+    def _give_up_row(self, conn: Connection, rid: int, reason: str, *, delivered: bool = False) -> None:
+        """Mark one row dead with ``reason`` (a minimal update); if even that fails, never claim it again here."""
+        o = self.tables.outbox
+        reason = _short(reason)
+        err = self._attempt(conn, lambda: self.dialect.update_ids(
+            conn, o, [rid], {"status": STATUS_DEAD, "last_error": reason}))
+        if err is None:
+            self.stats.dead += 1
+            log.error("row %d marked dead (see `outbox dead list`): %s", rid, reason)
+            return
+        self._unmarkable[rid] = delivered
+        log.error("row %d cannot be updated at all (%s); this relay will not claim it again until it restarts. "
+                  "Fix or delete the row by hand. It was: %s", rid, _short(err), reason)
+
+    def _after_delivered(self, records: list[OutboxRecord], delivered: list[OutboxRecord]) -> None:
+        if not delivered:
+            return
+        for rec in delivered:
+            if rec.id > self._after.get(rec.partition, 0):
+                self._after[rec.partition] = rec.id
+        self.stats.published += len(delivered)
+        if self.on_published is not None:
+            self.on_published(delivered)
+
+    # ------------------------------------------------------------------ undecodable rows
+    def _decode(self, conn: Connection, rows: Sequence[Any]) -> list[OutboxRecord]:
+        """Claimed rows as records; rows that cannot be decoded are marked dead here (same transaction).
+
+        In strict ordering, later claimed rows of a dead row's (topic, key) stay pending, untouched,
+        behind it; rows this relay could not mark at all are left out.
+        """
+        records: list[OutboxRecord] = []
+        bad: list[tuple[int, str]] = []
+        held_back: set[tuple[Any, Any]] = set()
+        strict = self.config.ordering == "strict"
+        for r in rows:
+            if r.id in self._unmarkable:
+                if strict and not self._unmarkable[r.id] and isinstance(r.key, str):
+                    held_back.add((r.topic, r.key))
+                continue
+            if strict and (r.topic, r.key) in held_back:
+                continue
+            try:
+                records.append(decode_row(r, json_as_text=self.dialect.json_as_text))
+            except RowError as exc:
+                bad.append((r.id, _short(str(exc))))
+                if strict and isinstance(r.key, str):
+                    held_back.add((r.topic, r.key))
+        for rid, reason in bad:
+            self._give_up_row(conn, rid, reason)
+        if bad or held_back:
+            self._refresh_due = True
+        return records
+
+    def _log_loop_error(self, exc: BaseException, delay: float) -> None:
+        if isinstance(exc, BrokerUnavailable):
+            log.error("broker unavailable (publisher): %s; retrying in %.1f s", _short(exc), delay)
+        elif is_permanent(exc, self.dialect):  # not an outage: say so, rather than "unavailable"
+            log.error("database error on %s that a retry may not fix (not an outage): %s; retrying in %.1f s",
+                      self.db_label, _short(exc), delay)
+        else:
+            log.error("database unavailable (%s): %s; retrying in %.1f s", self.db_label, _short(exc), delay)
 
     def _backoff(self, attempts: int) -> float:
         base = min(self.config.backoff_max, self.config.backoff_initial * (2 ** min(attempts, 30)))
@@ -438,6 +590,29 @@ class Relay:
             self.leases.ensure_partitions()
             self.leases.rebalance()
             self._last_rebalance = time.monotonic()
+            self._sweep_unclaimable()
+
+    def _sweep_unclaimable(self, *, force: bool = False) -> None:
+        """Mark dead the rows no claim can reach (partition out of range, unknown status), with the reason.
+
+        At most every SWEEP_INTERVAL seconds, a bounded number of rows, through indexed reads only.
+        """
+        mono = time.monotonic()
+        if not force and mono - self._last_sweep < SWEEP_INTERVAL:
+            return
+        self._last_sweep = mono
+        o = self.tables.outbox
+        with self.engine.begin() as conn:
+            found = unclaimable_rows(conn, o, sorted(self.leases.held), self.leases.partition_count)
+            for rid, was, reason in found:
+                # only if the row still is as found: an operator may have fixed it meanwhile
+                n = conn.execute(o.update().where(o.c.id == rid, *(o.c[k] == v for k, v in was.items()))
+                                 .values(status=STATUS_DEAD, last_error=reason)).rowcount
+                if n:
+                    self.stats.dead += 1
+                    log.error("%s; marked dead (see `outbox dead list`)", reason)
+        if found:
+            self._refresh_due = True
 
     def _sleep(self, seconds: float) -> None:
         end = time.monotonic() + seconds
@@ -476,6 +651,26 @@ class Relay:
             self.engine.dispose()
         except Exception:
             pass
+
+
+@dataclass
+class _MarkPlan:
+    """One batch's verdicts, sorted for marking."""
+
+    delivered: list[OutboxRecord] = field(default_factory=list)
+    retry: dict[tuple[str, int], list[int]] = field(default_factory=lambda: defaultdict(list))
+    dead: dict[str, list[int]] = field(default_factory=lambda: defaultdict(list))
+
+
+@dataclass
+class _Step:
+    """One marking statement over ``ids``; ``what`` is the reason a row gets if it alone fails it."""
+
+    ids: list[int]
+    run: Callable[[Connection, list[int]], None]
+    what: str
+    done: Callable[[int], None] = lambda n: None
+    delivered: bool = False
 
 
 class _RetryState:

@@ -40,6 +40,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"pending:        {st['pending']} ({st['due']} due now, {st['retrying']} retrying)")
     print(f"oldest pending: {_age(st['oldest_pending_age_s'])}")
     print(f"dead:           {st['dead']}" + ("  (see `outbox dead list`)" if st["dead"] else ""))
+    if st.get("unknown_status"):
+        print(f"unknown status: {st['unknown_status']}  (not sent; the relay marks them dead with the reason)")
+    if st.get("published"):
+        print(f"published:      {st['published']}  (kept in audit mode)")
     print(f"partitions:     {st['partitions']}")
     live = [r for r in st["relays"] if r["alive"]]
     print(f"relays:         {len(live)} alive")

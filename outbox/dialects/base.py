@@ -28,6 +28,17 @@ class Dialect:
         """Concrete types for the portable ``payload``, ``json``, ``uuid`` and ``timestamp`` kinds."""
         return {}
 
+    # --- errors --------------------------------------------------------------------
+    #: the driver returns JSON columns as text (parsed by the toolkit), not as Python objects
+    json_as_text: ClassVar[bool] = True
+
+    def error_kind(self, exc: sa.exc.DBAPIError) -> str | None:
+        """``"transient"``, ``"permanent"`` or ``None`` (let the generic rules decide) for a driver error.
+
+        See :mod:`outbox._dberrors`: this is where a database's own error codes are read.
+        """
+        return None
+
     # --- statements ----------------------------------------------------------------
     def insert_ignore(self, table: sa.Table) -> Insert:
         """An INSERT that silently skips rows violating a unique constraint."""

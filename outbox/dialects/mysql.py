@@ -17,11 +17,37 @@ from .base import Dialect
 _IDS = "JSON_TABLE(:ids, '$[*]' COLUMNS (id BIGINT PATH '$')) AS d"
 
 
+#: server / client error codes a retry can fix: lock wait timeout, deadlock, too many
+#: connections, shutdown, network errors, lost connections, killed or timed-out statements.
+_TRANSIENT_CODES = frozenset({
+    1040, 1053, 1158, 1159, 1160, 1161, 1205, 1213, 1317, 1927, 1969, 2002, 2003, 2006, 2013, 2055, 3024,
+    4031,
+})
+#: codes that are about the statement's rows: data too long (1406), out of range (1264, 1690),
+#: incorrect or truncated values (1265, 1292, 1366, 1367), NULL / no default (1048, 1364),
+#: duplicate key (1062), foreign keys (1216, 1217, 1451, 1452), CHECK constraints (MariaDB 4025,
+#: MySQL 3819), invalid JSON (3140) and a trigger's SIGNAL (1644). pymysql reports several of
+#: them as OperationalError, so the code, not the class, decides.
+_PERMANENT_CODES = frozenset({
+    1048, 1062, 1216, 1217, 1264, 1265, 1292, 1364, 1366, 1367, 1406, 1451, 1452, 1644, 1690, 3140, 3819,
+    4025,
+})
+
+
 class MySQLDialect(Dialect):
     name: ClassVar[str] = "mysql"
     supports_skip_locked: ClassVar[bool] = True
     supports_concurrent_relays: ClassVar[bool] = True
     skip_locked_reaches_neighbours: ClassVar[bool] = True
+
+    def error_kind(self, exc: sa.exc.DBAPIError) -> str | None:
+        args = getattr(exc.orig, "args", ())
+        code = args[0] if args and isinstance(args[0], int) else None
+        if code in _TRANSIENT_CODES:
+            return "transient"
+        if code in _PERMANENT_CODES:
+            return "permanent"
+        return None
 
     @staticmethod
     def type_variants() -> dict[str, sa.types.TypeEngine[Any]]:

@@ -19,11 +19,31 @@ from .base import Dialect
 log = logging.getLogger("outbox.relay")
 
 
+#: SQLSTATE classes / codes a retry can fix: connection exceptions, transaction rollbacks
+#: (serialization failure, deadlock), insufficient resources, lock not available, operator
+#: intervention (shutdown, statement timeout), system errors.
+_TRANSIENT_STATES = ("08", "40", "53", "55P03", "55006", "57", "58")
+#: data exceptions (value too long, numeric out of range, invalid text), integrity constraint
+#: violations, and PL/pgSQL raise_exception (a trigger refusing the row).
+_PERMANENT_STATES = ("22", "23", "P0")
+
+
 class PostgreSQLDialect(Dialect):
     name: ClassVar[str] = "postgresql"
     supports_skip_locked: ClassVar[bool] = True
     supports_concurrent_relays: ClassVar[bool] = True
     supports_notify: ClassVar[bool] = True
+    json_as_text: ClassVar[bool] = False  # psycopg parses JSONB itself
+
+    def error_kind(self, exc: sa.exc.DBAPIError) -> str | None:
+        state = getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None)
+        if not isinstance(state, str):
+            return None
+        if state.startswith(_TRANSIENT_STATES):
+            return "transient"
+        if state.startswith(_PERMANENT_STATES):
+            return "permanent"
+        return None
 
     @staticmethod
     def type_variants() -> dict[str, sa.types.TypeEngine[Any]]:

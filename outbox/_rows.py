@@ -1,0 +1,232 @@
+"""Decoding a claimed outbox row into an :class:`~outbox.message.OutboxRecord`, or a reason it cannot be.
+
+Rows are written by :class:`~outbox.Outbox`, which validates everything, but a person with a SQL
+prompt or a bad migration can leave anything in the table. The relay and the broker adapters rely
+on a record's fields having their declared types, so every claimed row goes through
+:func:`decode_row` first: a row that fails is marked ``dead`` with the returned reason, in the
+claim's transaction, and never reaches a publisher.
+
+The columns that SQLAlchemy would convert on the way out (``message_id``, ``payload``,
+``headers``) are read raw (see :func:`claim_columns`), so one undecodable value fails its own row
+here, not the whole claim inside the driver's result processing.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any
+
+import sqlalchemy as sa
+
+from .message import OutboxRecord
+from .schema import KEY_LENGTH, TOPIC_LENGTH
+
+__all__ = [
+    "KNOWN_STATUSES", "MAX_ATTEMPTS_VALUE", "MAX_PARTITION", "RowError", "claim_columns", "decode_row",
+    "unclaimable_rows",
+]
+
+#: largest ``attempts`` the relay can still count up from (the column is a 32-bit INTEGER)
+MAX_ATTEMPTS_VALUE = 2**31 - 2
+#: largest partition a SMALLINT column holds (writers use 1..32767 partitions)
+MAX_PARTITION = 32767
+
+CONTENT_TYPE_LENGTH = 127
+_RAW = ("message_id", "payload", "headers")
+_COLUMNS = ("id", "message_id", "topic", "key", "payload", "headers", "content_type", "partition", "attempts")
+
+
+class RowError(ValueError):
+    """A claimed row whose values the relay cannot use; ``str()`` is the reason stored in ``last_error``."""
+
+
+def claim_columns(table: sa.Table) -> list[sa.ColumnElement[Any]]:
+    """The columns a claim reads, in :func:`decode_row`'s order; converting types are read raw."""
+    return [sa.type_coerce(table.c[n], sa.types.NullType()).label(n) if n in _RAW else table.c[n] for n in _COLUMNS]
+
+
+def decode_row(row: Any, *, json_as_text: bool) -> OutboxRecord:
+    """Build the record for one claimed row, or raise :class:`RowError` naming the row and the problem.
+
+    ``json_as_text``: the driver hands JSON columns over as text (SQLite, MySQL/MariaDB), rather
+    than already parsed (psycopg).
+    """
+    rid = row.id
+    try:
+        return OutboxRecord(
+            id=rid,
+            message_id=_message_id(row.message_id),
+            topic=_topic(row.topic),
+            key=_key(row.key),
+            payload=_payload(row.payload),
+            headers=_headers(row.headers, json_as_text),
+            content_type=_optional_text("content_type", row.content_type, CONTENT_TYPE_LENGTH),
+            partition=_int("partition", row.partition, 0, MAX_PARTITION),
+            attempts=_int("attempts", row.attempts, 0, MAX_ATTEMPTS_VALUE),
+        )
+    except RowError as exc:
+        raise RowError(f"row {rid}: {exc}") from None
+
+
+def _kind(value: Any) -> str:
+    """How a value reads to someone who wrote it with SQL or JSON."""
+    if value is None:
+        return "NULL"
+    if isinstance(value, bool):
+        return "a JSON boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "text"
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return "binary data"
+    return type(value).__name__
+
+
+def _json_kind(value: Any) -> str:
+    if value is None:
+        return "JSON null"
+    if isinstance(value, str):
+        return "a JSON string"
+    if isinstance(value, list):
+        return "a JSON array"
+    if isinstance(value, bool):
+        return "a JSON boolean"
+    if isinstance(value, (int, float)):
+        return "a JSON number"
+    if isinstance(value, dict):
+        return "a JSON object"
+    return type(value).__name__
+
+
+def _message_id(value: Any) -> uuid.UUID:
+    if isinstance(value, uuid.UUID):
+        return value
+    if isinstance(value, (bytes, bytearray)):
+        try:
+            value = bytes(value).decode("ascii")
+        except UnicodeDecodeError:
+            raise RowError("message_id must be a UUID, got binary data") from None
+    if isinstance(value, str):
+        try:
+            return uuid.UUID(value.strip())
+        except ValueError:
+            pass
+    raise RowError(f"message_id must be a UUID, got {_short_repr(value)}")
+
+
+def _topic(value: Any) -> str:
+    if not isinstance(value, str):
+        raise RowError(f"topic must be non-empty text, got {_kind(value)}")
+    if not value.strip():
+        raise RowError("topic must be non-empty text, got an empty topic")
+    if "\x00" in value:
+        raise RowError("topic must not contain NUL characters")
+    if len(value) > TOPIC_LENGTH:
+        raise RowError(f"topic must be at most {TOPIC_LENGTH} characters, got {len(value)}")
+    return value
+
+
+def _key(value: Any) -> str | None:
+    key = _optional_text("key", value)
+    if key is not None and not 1 <= len(key.encode("utf-8")) <= KEY_LENGTH:
+        raise RowError(f"key must be NULL or 1-{KEY_LENGTH} UTF-8 bytes, got {len(key.encode('utf-8'))} bytes")
+    return key
+
+
+def _optional_text(name: str, value: Any, limit: int | None = None) -> str | None:
+    if value is not None and not isinstance(value, str):
+        raise RowError(f"{name} must be text or NULL, got {_kind(value)}")
+    if value is not None and limit is not None and len(value) > limit:
+        raise RowError(f"{name} must be at most {limit} characters, got {len(value)}")
+    return value
+
+
+def _payload(value: Any) -> bytes:
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, (bytearray, memoryview)):
+        return bytes(value)
+    raise RowError(f"payload must be binary data, got {_kind(value)}")
+
+
+def _headers(value: Any, json_as_text: bool) -> dict[str, str]:
+    if json_as_text and isinstance(value, (str, bytes, bytearray)):
+        try:
+            value = json.loads(value)
+        except ValueError as exc:
+            raise RowError(f"headers must be a JSON object of strings, got invalid JSON ({exc})") from None
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise RowError(f"headers must be a JSON object of strings, got {_json_kind(value)}")
+    for k, v in value.items():
+        if not isinstance(v, str):
+            raise RowError(f"headers must be a JSON object of strings, got {_json_kind(v)} for header "
+                           f"{_short_repr(k)}")
+        if not k:
+            raise RowError("headers must be a JSON object of strings, got an empty header name")
+    return value
+
+
+def _int(name: str, value: Any, lo: int, hi: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise RowError(f"{name} must be an integer between {lo} and {hi}, got {_kind(value)}")
+    if not lo <= value <= hi:
+        raise RowError(f"{name} must be an integer between {lo} and {hi}, got {value}")
+    return value
+
+
+def _short_repr(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# ------------------------------------------------------------------ rows no claim can ever reach
+
+#: statuses the toolkit writes; anything else is a hand edit or a bad migration
+KNOWN_STATUSES = ("dead", "pending", "published")
+
+
+def unclaimable_rows(
+    conn: Any, table: sa.Table, held: list[int], partition_count: int, limit: int = 1000
+) -> list[tuple[int, dict[str, Any], str]]:
+    """Rows no relay will ever claim: ``(id, the values they were found with, the reason)``.
+
+    - rows not dead or published whose partition no writer can produce (below 0, above 32767), so no
+      lease will ever cover it. A partition from ``partition_count`` up to 32767 is not one of them:
+      a writer may use more partitions than the relays know yet, and the relays extend their
+      leases to it (:meth:`~outbox.leases.LeaseManager.ensure_partitions`), so its rows are claimed;
+    - rows of the ``held`` partitions with a status the toolkit does not know.
+
+    Every query is a range read of the claim index (partition, status, ...): the partition
+    ranges below 0 and from ``partition_count``, and the four status ranges around the known
+    statuses, so an unknown status is found under any collation without a table scan.
+    """
+    o = table
+    found: list[tuple[int, dict[str, Any], str]] = []
+    top = partition_count - 1
+    out_of_range = (
+        sa.select(o.c.id, o.c.partition, o.c.status)
+        .where(sa.or_(o.c.partition < 0, o.c.partition > MAX_PARTITION), o.c.status.not_in(("dead", "published")))
+        .limit(limit)
+    )
+    for rid, part, status in conn.execute(out_of_range):
+        also = "" if status == "pending" else f" (and its status {status!r} is unknown)"
+        found.append((rid, {"partition": part, "status": status},
+                      f"row {rid}: partition {part} is out of range 0..{top}, so no relay can claim it{also}; "
+                      "`outbox dead requeue` gives it the partition of its key"))
+    if held:
+        a, b, c = sorted(KNOWN_STATUSES)
+        ranges = [o.c.status < a, sa.and_(o.c.status > a, o.c.status < b), sa.and_(o.c.status > b, o.c.status < c),
+                  o.c.status > c]
+        for cond in ranges:
+            if len(found) >= limit:
+                break
+            q = sa.select(o.c.id, o.c.status).where(o.c.partition.in_(held), cond).limit(limit - len(found))
+            for rid, status in conn.execute(q):
+                found.append((rid, {"status": status},
+                              f"row {rid}: unknown status {status!r} (only 'pending' rows are sent); "
+                              "fix the row, or `outbox dead requeue` it"))
+    return found

@@ -1,0 +1,51 @@
+"""outbox._rows.decode_row on values no schema of ours lets in, but an older or hand-made one might."""
+
+from __future__ import annotations
+
+import uuid
+from types import SimpleNamespace
+
+import pytest
+
+from outbox._rows import RowError, decode_row
+
+MID = uuid.uuid4()
+
+
+def raw(**over: object) -> SimpleNamespace:
+    base = {"id": 7, "message_id": MID.hex, "topic": "orders", "key": "k", "payload": b"{}",
+            "headers": '{"a": "b"}', "content_type": "application/json", "partition": 3, "attempts": 0}
+    return SimpleNamespace(**{**base, **over})
+
+
+def test_a_good_row_decodes_on_text_and_parsed_json_drivers() -> None:
+    text = decode_row(raw(), json_as_text=True)
+    parsed = decode_row(raw(headers={"a": "b"}, message_id=MID, payload=memoryview(b"{}")), json_as_text=False)
+    assert text == parsed
+    assert text.message_id == MID and text.headers == {"a": "b"} and text.payload == b"{}"
+
+
+@pytest.mark.parametrize("over, fragment", [
+    ({"payload": None}, "payload must be binary data, got NULL"),
+    ({"message_id": None}, "message_id must be a UUID, got None"),
+    ({"message_id": b"\xff\xfe"}, "message_id must be a UUID, got binary data"),
+    ({"topic": None}, "topic must be non-empty text, got NULL"),
+    ({"partition": None}, "partition must be an integer between 0 and 32767, got NULL"),
+    ({"attempts": True}, "attempts must be an integer"),
+    ({"attempts": 1.5}, "attempts must be an integer"),
+    ({"headers": b"\x80 not utf-8"}, "got invalid JSON"),
+    ({"headers": '{"": "x"}'}, "empty header name"),
+    ({"headers": '{"a": true}'}, "got a JSON boolean for header 'a'"),
+    ({"content_type": "x" * 128}, "content_type must be at most 127 characters"),
+])
+def test_bad_values_name_the_row_and_the_problem(over: dict[str, object], fragment: str) -> None:
+    with pytest.raises(RowError) as err:
+        decode_row(raw(**over), json_as_text=True)
+    assert str(err.value).startswith("row 7: ")
+    assert fragment in str(err.value)
+
+
+def test_parsed_json_string_is_not_parsed_again() -> None:
+    """On psycopg a str in headers is a JSON string, not JSON text to parse."""
+    with pytest.raises(RowError, match="got a JSON string"):
+        decode_row(raw(headers='{"a": "b"}', message_id=MID), json_as_text=False)
