@@ -1,0 +1,207 @@
+"""Broker links that stall, drop or sit idle: the relay recovers by itself, quickly, without tracebacks.
+
+- a Kafka link paused for longer than the producer's ``message.timeout.ms`` (issue 9, item 1);
+- a RabbitMQ connection left idle for several heartbeat intervals, and one cut mid-run;
+- a missing Kafka topic created after its rows were written (retried, not dead at once);
+- Kafka's size limit: 1,000,000 bytes are delivered, more become dead with ``MSG_SIZE_TOO_LARGE``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import subprocess
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from outbox.brokers import KafkaPublisher, RabbitMQPublisher
+from outbox.devbroker import find_tansu, free_port
+
+from .conftest import (
+    TABLES,
+    Db,
+    KafkaReader,
+    TcpProxy,
+    create_topic,
+    declare_queue,
+    first_occurrences_in_order,
+    wait_until,
+    write,
+)
+
+# ------------------------------------------------------------------ a link that can be paused
+
+
+class PausableProxy(TcpProxy):
+    """A :class:`TcpProxy` whose ``pause()`` stops forwarding bytes without closing anything.
+
+    Bytes read while paused are held (like a stalled network path) and forwarded on ``resume()``.
+    """
+
+    def __init__(self, target_host: str, target_port: int, port: int | None = None) -> None:
+        super().__init__(target_host, target_port)
+        if port is not None:
+            self.port = port
+        self._flowing = threading.Event()
+        self._flowing.set()
+
+    def pause(self) -> None:
+        self._flowing.clear()
+
+    def resume(self) -> None:
+        self._flowing.set()
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                while not self._flowing.wait(0.5):
+                    if not self.is_up:
+                        return
+                dst.sendall(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+        with self._lock:
+            self._live.discard(src)
+            self._live.discard(dst)
+
+
+class ProxiedTansu:
+    """A tansu of its own that advertises the proxy's port, so every byte a client sends passes the proxy."""
+
+    def __init__(self, log_path: Path) -> None:
+        self.direct_port = free_port()
+        self.proxy = PausableProxy("127.0.0.1", self.direct_port)
+        direct = f"tcp://127.0.0.1:{self.direct_port}"
+        advertised = f"tcp://127.0.0.1:{self.proxy.port}"
+        self._log = open(log_path, "ab")
+        self.proc = subprocess.Popen(
+            [find_tansu(), "broker", "--listener-url", direct, "--advertised-listener-url", advertised],
+            stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env={**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "warn")},
+        )
+
+        def listening() -> bool:
+            assert self.proc.poll() is None, f"tansu exited with {self.proc.returncode}"
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.direct_port), 0.2):
+                return True
+            return False
+
+        wait_until(listening, 30, "tansu to listen")
+        self.proxy.up()
+
+    @property
+    def bootstrap(self) -> str:
+        """Through the proxy (the advertised address)."""
+        return f"127.0.0.1:{self.proxy.port}"
+
+    def close(self) -> None:
+        self.proxy.resume()
+        self.proxy.down()
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self._log.close()
+
+
+@pytest.fixture
+def proxied_tansu(tmp_path: Path) -> Iterator[ProxiedTansu]:
+    broker = ProxiedTansu(tmp_path / "tansu-proxied.log")
+    yield broker
+    broker.close()
+
+
+def _read_all(bootstrap: str, topic: str, expected: set[int], timeout: float) -> list[Any]:
+    """What reached ``topic``, read after the drain with a fresh consumer (tansu misses records read live)."""
+    reader = KafkaReader(bootstrap, topic)
+    try:
+        return reader.wait_seqs(expected, timeout)
+    finally:
+        reader.close()
+
+
+def _attempts(d: Db) -> list[int]:
+    o = TABLES.outbox
+    with d.engine.connect() as c:
+        return [int(a) for a in c.execute(sa.select(o.c.attempts).where(o.c.status == "pending")).scalars()]
+
+
+class _Errors(logging.Handler):
+    """Collects WARNING+ records of the ``outbox`` loggers, tracebacks included."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def text(self) -> str:
+        return "\n".join(f"{r.levelname} {r.name}: {r.getMessage()}" + (" [traceback]" if r.exc_info else "")
+                         for r in self.records)
+
+
+@pytest.fixture
+def outbox_errors() -> Iterator[_Errors]:
+    handler = _Errors()
+    root = logging.getLogger("outbox")
+    root.addHandler(handler)
+    try:
+        yield handler
+    finally:
+        root.removeHandler(handler)
+
+
+# ------------------------------------------------------------------ Kafka: a pause longer than message.timeout.ms
+
+
+@pytest.mark.kafka
+def test_kafka_link_paused_longer_than_message_timeout(db, proxied_tansu, thread_relay):
+    """Reported: after a pause longer than message.timeout.ms every retry failed with PRODUCER_FENCED."""
+    d = db("postgresql")
+    topic = f"pause-{uuid.uuid4().hex[:8]}"
+    create_topic(proxied_tansu.bootstrap, topic)
+    timeout_ms = 2000
+    publisher = KafkaPublisher(bootstrap_servers=proxied_tansu.bootstrap, message_timeout_ms=timeout_ms,
+                               connect_timeout=5, config={"log_level": 3, "reconnect.backoff.max.ms": 500})
+    n, keys = 6000, 50
+    write(d.engine, topic, range(n // 2), keys=keys)
+    relay = thread_relay(d.engine, publisher, batch_size=200, publish_timeout=10.0, backoff_initial=1.0)
+    wait_until(lambda: d.rows() < n // 2 - 200, 60, "the relay to publish the first messages")
+
+    proxy = proxied_tansu.proxy
+    proxy.pause()
+    write(d.engine, topic, range(n // 2, n), keys=keys)  # committed while the link is stalled
+    paused_at = time.monotonic()
+    # three message timeouts: every message in flight expires, then the relay keeps trying
+    wait_until(lambda: time.monotonic() - paused_at > 3 * timeout_ms / 1000, 30, "the pause")
+    assert d.rows() > 0, "the backlog was done before the pause"
+    worst = max(_attempts(d), default=0)
+    assert worst <= 1, f"a broker-wide stall counted {worst} attempts against rows"
+    proxy.resume()
+    resumed = time.monotonic()
+
+    wait_until(lambda: d.rows() == 0, 45, "the backlog to drain after the link came back")
+    drained_in = time.monotonic() - resumed
+    assert drained_in < 45
+    assert relay.stats.dead == 0 and d.dead_rows() == []
+    got = _read_all(proxied_tansu.bootstrap, topic, set(range(n)), timeout=60)
+    first_occurrences_in_order(got)
