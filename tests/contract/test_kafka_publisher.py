@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import time
 import uuid
 
 import pytest
@@ -77,7 +79,7 @@ def test_without_auto_create_the_missing_topic_is_not_created(kafka_bootstrap, m
         result = pub.publish([make_record(topic, b"{}")], timeout=30)[0]
     finally:
         pub.close()
-    assert result.outcome is Outcome.FAILED
+    assert result.outcome is Outcome.RETRY  # retried by the relay: a deploy may create it later
     assert "UNKNOWN_TOPIC" in (result.error or "")
     topics = AdminClient({"bootstrap.servers": kafka_bootstrap}).list_topics(timeout=10).topics
     assert topic not in topics
@@ -119,3 +121,32 @@ def test_broker_gone_then_back(tmp_path, make_record):
     finally:
         pub.close(timeout=2)
         broker.stop()
+
+
+def test_a_topic_created_after_a_failed_publish_is_used(kafka_bootstrap, make_record, caplog):
+    """Issue 9, item 8d: a missing topic is retriable, the log says what to do, and once created it works."""
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    topic = f"late-{uuid.uuid4().hex[:8]}"
+    pub = KafkaPublisher(bootstrap_servers=kafka_bootstrap, topic_metadata_timeout_ms=500)
+    try:
+        with caplog.at_level(logging.WARNING, logger="outbox.brokers.kafka"):
+            first = pub.publish([make_record(topic, b"1", key="k")], timeout=30)[0]
+            again = pub.publish([make_record(topic, b"2", key="k")], timeout=30)[0]
+        assert (first.outcome, again.outcome) == (Outcome.RETRY, Outcome.RETRY)
+        hints = [r.getMessage() for r in caplog.records if topic in r.getMessage()]
+        assert len(hints) == 1, f"the missing topic should be reported once per interval, got {hints}"
+        assert "create it" in hints[0] and "allow.auto.create.topics" in hints[0]
+
+        admin = AdminClient({"bootstrap.servers": kafka_bootstrap})
+        for fut in admin.create_topics([NewTopic(topic, num_partitions=1, replication_factor=1)]).values():
+            fut.result(30)
+        deadline = time.monotonic() + 30
+        while True:
+            result = pub.publish([make_record(topic, b"3", key="k")], timeout=30)[0]
+            if result.outcome is Outcome.DELIVERED or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)  # the relay's backoff between attempts
+        assert result.outcome is Outcome.DELIVERED, result.error
+    finally:
+        pub.close()

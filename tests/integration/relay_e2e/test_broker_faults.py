@@ -205,3 +205,37 @@ def test_kafka_link_paused_longer_than_message_timeout(db, proxied_tansu, thread
     assert relay.stats.dead == 0 and d.dead_rows() == []
     got = _read_all(proxied_tansu.bootstrap, topic, set(range(n)), timeout=60)
     first_occurrences_in_order(got)
+
+
+# ------------------------------------------------------------------ Kafka: a topic created after its rows
+
+
+def _topic_attempts(d: Db, topic: str) -> int:
+    o = TABLES.outbox
+    with d.engine.connect() as c:
+        return int(c.execute(sa.select(sa.func.coalesce(sa.func.max(o.c.attempts), 0))
+                             .where(o.c.topic == topic)).scalar_one())
+
+
+@pytest.mark.kafka
+def test_kafka_rows_for_a_missing_topic_are_retried_then_delivered_once_it_exists(
+        db, kafka_bootstrap, kafka_topic, thread_relay, outbox_errors):
+    """Reported: a missing topic made rows dead at once, so a deploy creating it later needed a requeue."""
+    d = db("postgresql")
+    late = f"late-{uuid.uuid4().hex[:8]}"
+    write(d.engine, kafka_topic, range(20), keys=5)
+    write(d.engine, late, range(100, 110), keys=2)
+    pub = KafkaPublisher(bootstrap_servers=kafka_bootstrap, topic_metadata_timeout_ms=500)
+    relay = thread_relay(d.engine, pub, backoff_initial=0.3, backoff_max=1.0, max_attempts=1000)
+
+    wait_until(lambda: _topic_attempts(d, late) >= 3, 60, "the rows of the missing topic to be retried")
+    assert d.dead_rows() == [], "a missing topic made rows dead at once"
+    hints = [r.getMessage() for r in outbox_errors.records if late in r.getMessage()]
+    assert len(hints) == 1, f"the missing topic should be reported once per interval, got {hints}"
+    assert "create it" in hints[0] and "allow.auto.create.topics" in hints[0]
+
+    create_topic(kafka_bootstrap, late)
+    wait_until(lambda: d.rows() == 0, 60, "the rows to be delivered once the topic exists")
+    assert relay.stats.dead == 0
+    _read_all(kafka_bootstrap, late, set(range(100, 110)), timeout=30)
+    _read_all(kafka_bootstrap, kafka_topic, set(range(20)), timeout=30)
