@@ -239,3 +239,45 @@ def test_kafka_rows_for_a_missing_topic_are_retried_then_delivered_once_it_exist
     assert relay.stats.dead == 0
     _read_all(kafka_bootstrap, late, set(range(100, 110)), timeout=30)
     _read_all(kafka_bootstrap, kafka_topic, set(range(20)), timeout=30)
+
+
+# ------------------------------------------------------------------ Kafka: the writer's limit is the producer's
+
+
+def _payload_sizes(bootstrap: str, topic: str, n: int, timeout: float) -> list[int]:
+    from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"size-{uuid.uuid4().hex[:8]}",
+                         "enable.auto.commit": False, "log_level": 0})
+    try:
+        parts = sorted(consumer.list_topics(topic, timeout=10).topics[topic].partitions)
+        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in parts])
+        sizes: list[int] = []
+        deadline = time.monotonic() + timeout
+        while len(sizes) < n and time.monotonic() < deadline:
+            sizes += [len(m.value() or b"") for m in consumer.consume(100, 0.5) if not m.error()]
+        return sizes
+    finally:
+        consumer.close()
+
+
+@pytest.mark.kafka
+def test_kafka_delivers_the_writers_largest_payload_and_rejects_a_larger_one(db, kafka_bootstrap, kafka_topic,
+                                                                             thread_relay):
+    """Reported: the writer accepted up to 1 MiB, librdkafka only 1,000,000 bytes: payloads in between went dead."""
+    from sqlalchemy.orm import Session
+
+    from outbox import Outbox
+
+    d = db("postgresql")
+    box = Outbox(max_payload_bytes=2_000_000)  # the larger one bypasses the writer's default limit
+    with Session(d.engine) as s, s.begin():
+        box.add(s, kafka_topic, b"x" * 1_000_000, key="fits", content_type="application/octet-stream")
+        box.add(s, kafka_topic, b"y" * 1_100_000, key="too-big")
+    thread_relay(d.engine, KafkaPublisher(bootstrap_servers=kafka_bootstrap))
+
+    wait_until(lambda: d.rows() == len(d.dead_rows()) == 1, 60, "one message delivered and one dead")
+    (dead,) = d.dead_rows()
+    assert dead.key == "too-big"
+    assert "MSG_SIZE_TOO_LARGE" in dead.last_error
+    assert _payload_sizes(kafka_bootstrap, kafka_topic, 1, timeout=30) == [1_000_000]
