@@ -281,3 +281,43 @@ def test_kafka_delivers_the_writers_largest_payload_and_rejects_a_larger_one(db,
     assert dead.key == "too-big"
     assert "MSG_SIZE_TOO_LARGE" in dead.last_error
     assert _payload_sizes(kafka_bootstrap, kafka_topic, 1, timeout=30) == [1_000_000]
+
+
+# ------------------------------------------------------------------ RabbitMQ: idle for several heartbeats
+
+
+def _quiet(log: str) -> list[str]:
+    """Lines of a relay log that show an error, a traceback or a lost connection."""
+    bad = ("ERROR", "Traceback", "CRITICAL", "connection lost", "ConnectionReset", "StreamLost")
+    return [line for line in log.splitlines() if any(b in line for b in bad)]
+
+
+@pytest.mark.rabbitmq
+def test_rabbitmq_relay_idle_for_several_heartbeats_then_publishes_quietly(db, rabbitmq_url, amqp_names,
+                                                                          rabbit_reader, start_relay):
+    """Reported: idle ~3.5 min, the connection was lost (heartbeats not serviced): tracebacks on publish and SIGTERM."""
+    from .conftest import relay_args
+
+    d = db("postgresql")
+    exchange, queue = amqp_names["exchange"], amqp_names["queue"]
+    declare_queue(rabbitmq_url, exchange, queue)
+    reader = rabbit_reader(rabbitmq_url, queue)
+    heartbeat = 2
+    relay = start_relay(*relay_args(d.url, "--rabbitmq", rabbitmq_url, poll=1.0,
+                                    extra=("-X", f"heartbeat={heartbeat}")), name="rabbit-idle")
+    write(d.engine, exchange, range(10), keys=3)
+    reader.wait_seqs(set(range(10)), timeout=60)
+    wait_until(lambda: d.rows() == 0, 30, "the first rows to be deleted")
+
+    idle_from = time.monotonic()
+    # RabbitMQ closes a connection that misses two heartbeats; stay idle for four times that.
+    wait_until(lambda: time.monotonic() - idle_from > 8 * heartbeat, 60, "the idle period", interval=0.5)
+    assert relay.alive, relay.log()[-3000:]
+    write(d.engine, exchange, range(10, 20), keys=3)
+    reader.wait_seqs(set(range(20)), timeout=60)
+    wait_until(lambda: d.rows() == 0, 30, "the rows written after the idle period to be deleted")
+    assert _quiet(relay.log()) == [], relay.log()[-3000:]
+
+    wait_until(lambda: time.monotonic() - idle_from > 16 * heartbeat, 60, "a second idle period", interval=0.5)
+    assert relay.stop() == 0
+    assert _quiet(relay.log()) == [], relay.log()[-3000:]
