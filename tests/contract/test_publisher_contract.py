@@ -18,6 +18,15 @@ def test_is_a_publisher(broker):
     assert isinstance(broker.publisher(), Publisher)
 
 
+def test_idle_serves_the_connection_and_publishing_goes_on(broker, make_record):
+    pub = broker.publisher()
+    pub.idle(0.1)  # before start: nothing to serve, no error
+    assert pub.publish([make_record(broker.topic, b"1", key="k")], timeout=30)[0].outcome is Outcome.DELIVERED
+    pub.idle(0.2)
+    assert pub.publish([make_record(broker.topic, b"2", key="k")], timeout=30)[0].outcome is Outcome.DELIVERED
+    assert [m.payload for m in broker.read(2)] == [b"1", b"2"]
+
+
 def test_empty_batch_gives_no_results(broker):
     pub = broker.publisher()
     pub.start()
