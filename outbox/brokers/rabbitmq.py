@@ -188,6 +188,8 @@ class _Send:
     reopens: int = 0
     reconnects: int = 0
     since_poll: int = 0
+    link_down: bool = False
+    """The batch ended because the connection was lost and could not be reopened."""
 
     def settle(self, i: int, outcome: Outcome, reason: str | None) -> None:
         rec = self.batch.records[i]
@@ -544,8 +546,13 @@ class RabbitMQPublisher:
         finally:
             batch.done = True
             self._batch = None
-        return [res if res is not None else PublishResult(rec.id, Outcome.RETRY, send.unsent_reason)
-                for rec, res in zip(records, batch.results, strict=True)]
+        out = [res if res is not None else PublishResult(rec.id, Outcome.RETRY, send.unsent_reason)
+               for rec, res in zip(records, batch.results, strict=True)]
+        if send.link_down and all(r.outcome is Outcome.RETRY for r in out):
+            # Nothing got through and RabbitMQ cannot be reached: the relay backs off as a whole
+            # instead of counting an attempt against every row.
+            raise BrokerUnavailable(f"RabbitMQ at {self._safe_url} is not reachable: {send.unsent_reason}")
+        return out
 
     def _check_exchanges(self, send: _Send, exchanges: Iterable[str]) -> None:
         """Check every new exchange up front, before anything of the batch is in flight."""
@@ -587,6 +594,7 @@ class RabbitMQPublisher:
         send.again(self._forget_unconfirmed())
         if send.reconnects >= 3 or time.monotonic() >= send.deadline:
             send.unsent_reason = f"connection lost: {_describe(lost)}"
+            send.link_down = True
             self._drop_connection()
             return False
         send.reconnects += 1
@@ -595,6 +603,7 @@ class RabbitMQPublisher:
             self._connect()
         except BrokerUnavailable as exc:
             send.unsent_reason = f"connection lost: {_describe(lost)}; reconnect failed: {exc}"
+            send.link_down = True
             return False
         self._known_exchanges.clear()
         send.blocked = {k: v for k, v in send.blocked.items() if v[0] is Outcome.FAILED}

@@ -16,14 +16,14 @@ import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
 
-from outbox.brokers import KafkaPublisher, RabbitMQPublisher
+from outbox.brokers import KafkaPublisher
 from outbox.devbroker import find_tansu, free_port
 
 from .conftest import (
@@ -321,3 +321,44 @@ def test_rabbitmq_relay_idle_for_several_heartbeats_then_publishes_quietly(db, r
     wait_until(lambda: time.monotonic() - idle_from > 16 * heartbeat, 60, "a second idle period", interval=0.5)
     assert relay.stop() == 0
     assert _quiet(relay.log()) == [], relay.log()[-3000:]
+
+
+@pytest.mark.rabbitmq
+def test_rabbitmq_link_cut_mid_run_recovers_without_tracebacks(db, rabbitmq_url, amqp_names, rabbit_reader,
+                                                              start_relay, tcp_proxy):
+    from sqlalchemy.engine import make_url
+
+    from .conftest import relay_args
+
+    d = db("mariadb")
+    exchange, queue = amqp_names["exchange"], amqp_names["queue"]
+    declare_queue(rabbitmq_url, exchange, queue)
+    real = make_url(rabbitmq_url.replace("amqp://", "postgresql://", 1))  # only to split host and port
+    proxy = tcp_proxy(real.host or "127.0.0.1", real.port or 5672)
+    proxy.up()
+    proxied = rabbitmq_url.replace(f"{real.host}:{real.port}", f"127.0.0.1:{proxy.port}", 1)
+    n = 3000
+    write(d.engine, exchange, range(n), keys=20)
+    relay = start_relay(*relay_args(d.url, "--rabbitmq", proxied, batch=100,
+                                    extra=("-X", "heartbeat=2", "-X", "connect_timeout=2")), name="rabbit-cut")
+    wait_until(lambda: d.rows() < n - 300, 60, "the first messages to be delivered")
+
+    proxy.down()  # drops the live connection and refuses new ones
+    # down until a reconnect has failed and the relay backs off as a whole
+    wait_until(lambda: "broker unavailable" in relay.log(), 60, "the relay to notice the cut and back off")
+    assert d.rows() > 0, "the backlog was done before the cut"
+    o = TABLES.outbox
+    with d.engine.connect() as c:
+        charged = c.execute(sa.select(sa.func.count()).select_from(o).where(o.c.attempts > 0)).scalar_one()
+    assert charged == 0, f"an outage of the whole broker counted attempts against {charged} rows"
+    proxy.up()
+
+    reader = rabbit_reader(rabbitmq_url, queue)
+    got = reader.wait_seqs(set(range(n)), timeout=120)
+    first_occurrences_in_order(got)
+    wait_until(lambda: d.rows() == 0, 60, "every row to be deleted")
+    assert d.dead_rows() == []
+    assert relay.alive
+    assert relay.stop() == 0
+    log = relay.log()
+    assert "Traceback" not in log and "CRITICAL" not in log, log[-3000:]
