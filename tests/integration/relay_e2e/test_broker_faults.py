@@ -19,6 +19,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 import sqlalchemy as sa
@@ -34,6 +35,7 @@ from .conftest import (
     create_topic,
     declare_queue,
     first_occurrences_in_order,
+    relay_args,
     wait_until,
     write,
 )
@@ -296,8 +298,6 @@ def _quiet(log: str) -> list[str]:
 def test_rabbitmq_relay_idle_for_several_heartbeats_then_publishes_quietly(db, rabbitmq_url, amqp_names,
                                                                           rabbit_reader, start_relay):
     """Reported: idle ~3.5 min, the connection was lost (heartbeats not serviced): tracebacks on publish and SIGTERM."""
-    from .conftest import relay_args
-
     d = db("postgresql")
     exchange, queue = amqp_names["exchange"], amqp_names["queue"]
     declare_queue(rabbitmq_url, exchange, queue)
@@ -326,17 +326,15 @@ def test_rabbitmq_relay_idle_for_several_heartbeats_then_publishes_quietly(db, r
 @pytest.mark.rabbitmq
 def test_rabbitmq_link_cut_mid_run_recovers_without_tracebacks(db, rabbitmq_url, amqp_names, rabbit_reader,
                                                               start_relay, tcp_proxy):
-    from sqlalchemy.engine import make_url
-
-    from .conftest import relay_args
-
     d = db("mariadb")
     exchange, queue = amqp_names["exchange"], amqp_names["queue"]
     declare_queue(rabbitmq_url, exchange, queue)
-    real = make_url(rabbitmq_url.replace("amqp://", "postgresql://", 1))  # only to split host and port
-    proxy = tcp_proxy(real.host or "127.0.0.1", real.port or 5672)
+    real = urlsplit(rabbitmq_url)
+    proxy = tcp_proxy(real.hostname or "127.0.0.1", real.port or 5672)
     proxy.up()
-    proxied = rabbitmq_url.replace(f"{real.host}:{real.port}", f"127.0.0.1:{proxy.port}", 1)
+    creds, _, _ = real.netloc.rpartition("@")
+    netloc = f"127.0.0.1:{proxy.port}"
+    proxied = urlunsplit(real._replace(netloc=f"{creds}@{netloc}" if creds else netloc))
     n = 3000
     write(d.engine, exchange, range(n), keys=20)
     relay = start_relay(*relay_args(d.url, "--rabbitmq", proxied, batch=100,
