@@ -301,3 +301,21 @@ def test_empty_topic_uses_the_default_exchange_when_allowed(publisher, routed, r
     pub = publisher(allow_default_exchange="true")
     assert pub.publish([make_record("", b"direct", key=queue)], timeout=30)[0].outcome is Outcome.DELIVERED
     assert [body for _, _, body in _drain(rabbit_admin, queue)] == [b"direct"]
+
+
+def test_close_after_the_broker_closed_the_connection_is_quiet(publisher, routed, make_record, caplog):
+    try:
+        subprocess.run(["rabbitmqctl", "-q", "status"], capture_output=True, timeout=60, check=True)
+    except (OSError, subprocess.SubprocessError):
+        pytest.skip("rabbitmqctl is not usable here")
+    exchange, _queue = routed
+    name = f"contract-{uuid.uuid4().hex[:8]}"
+    pub = publisher(connection_name=name, heartbeat=1)
+    assert pub.publish([make_record(exchange, b"x")])[0].outcome is Outcome.DELIVERED
+    deadline = time.monotonic() + 30
+    while not _close_connections(name):
+        assert time.monotonic() < deadline, "the publisher's connection never showed up"
+    with caplog.at_level(logging.INFO):
+        pub.close(timeout=5)
+        pub.close(timeout=5)
+    assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR], caplog.text
