@@ -713,6 +713,7 @@ class RabbitMQPublisher:
             return
         logger.warning("RabbitMQ connection lost while idle (%s); reconnecting", _describe(self._conn_lost))
         self._drop_connection()
+        self._known_exchanges.clear()  # checked again on first use: they may have changed meanwhile
         try:
             self._connect_once()
         except BrokerUnavailable as exc:

@@ -20,7 +20,8 @@ from outbox.message import OutboxRecord
 
 _ids = itertools.count(1)
 
-#: Every harness rejects payloads over this many bytes (Kafka's default message.max.bytes is 1,000,000).
+#: The writer's default limit: every harness delivers payloads up to this size, and none takes
+#: 1,200,000 bytes (the Kafka adapter's message.max.bytes is this plus 32,768 for headers and framing).
 SIZE_LIMIT = 1_000_000
 
 

@@ -150,3 +150,30 @@ def test_a_topic_created_after_a_failed_publish_is_used(kafka_bootstrap, make_re
         assert result.outcome is Outcome.DELIVERED, result.error
     finally:
         pub.close()
+
+
+def test_message_max_bytes_leaves_room_for_headers_over_the_writers_limit(kafka_bootstrap, kafka_topic, make_record):
+    """Issue 9, item 9: the writer takes 1,000,000 bytes (payload + key + headers); so does the producer."""
+    from outbox.brokers.kafka import DEFAULT_MESSAGE_MAX_BYTES
+
+    headers = {f"h{i}": "v" * 90 for i in range(10)}
+    payload = b"p" * (1_000_000 - 1_000 - 3)  # with ~1,000 header bytes and the key: the writer's limit
+    pub = KafkaPublisher(bootstrap_servers=kafka_bootstrap)
+    try:
+        fits, too_big = pub.publish([
+            make_record(kafka_topic, payload, key="big", headers=headers, content_type="application/octet-stream"),
+            make_record(kafka_topic, b"x" * (DEFAULT_MESSAGE_MAX_BYTES + 1), key="bigger"),
+        ], timeout=30)
+    finally:
+        pub.close()
+    assert fits.outcome is Outcome.DELIVERED, fits.error
+    assert too_big.outcome is Outcome.FAILED and "MSG_SIZE_TOO_LARGE" in (too_big.error or "")
+
+
+def test_a_message_max_bytes_setting_wins_over_the_default(kafka_bootstrap, kafka_topic, make_record):
+    pub = KafkaPublisher(bootstrap_servers=kafka_bootstrap, config={"message.max.bytes": 10_000})
+    try:
+        (result,) = pub.publish([make_record(kafka_topic, b"x" * 20_000, key="k")], timeout=30)
+    finally:
+        pub.close()
+    assert result.outcome is Outcome.FAILED and "MSG_SIZE_TOO_LARGE" in (result.error or "")
