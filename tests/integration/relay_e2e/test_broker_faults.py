@@ -360,3 +360,32 @@ def test_rabbitmq_link_cut_mid_run_recovers_without_tracebacks(db, rabbitmq_url,
     assert relay.stop() == 0
     log = relay.log()
     assert "Traceback" not in log and "CRITICAL" not in log, log[-3000:]
+
+
+@pytest.mark.kafka
+@pytest.mark.slow
+def test_kafka_relay_daemon_recovers_by_itself_after_a_long_pause(db, proxied_tansu, start_relay):
+    """The reported run, smaller: the `outbox relay` daemon, a backlog, a pause of many message timeouts."""
+    d = db("mariadb")
+    topic = f"pause-cli-{uuid.uuid4().hex[:8]}"
+    create_topic(proxied_tansu.bootstrap, topic)
+    n, keys = 10_000, 100
+    write(d.engine, topic, range(n), keys=keys)
+    extra = ("-X", "message.timeout.ms=2000", "-X", "reconnect.backoff.max.ms=500", "-X", "log_level=3")
+    relay = start_relay(*relay_args(d.url, "--kafka", proxied_tansu.bootstrap, batch=500, extra=extra),
+                        name="kafka-paused")
+    wait_until(lambda: d.rows() < n - 1000, 60, "the relay to publish the first messages")
+
+    proxied_tansu.proxy.pause()
+    paused_at = time.monotonic()
+    wait_until(lambda: time.monotonic() - paused_at > 12, 30, "the pause")
+    assert d.rows() > 0, "the backlog was done before the pause"
+    assert max(_attempts(d), default=0) <= 1, "a stalled link counted attempts against rows"
+    proxied_tansu.proxy.resume()
+
+    wait_until(lambda: d.rows() == 0, 60, "the backlog to drain after the link came back")
+    got = _read_all(proxied_tansu.bootstrap, topic, set(range(n)), timeout=60)
+    first_occurrences_in_order(got)
+    assert d.dead_rows() == []
+    assert relay.stop() == 0
+    assert "Traceback" not in relay.log(), relay.log()[-3000:]
