@@ -315,7 +315,6 @@ class KafkaPublisher:
                 pass
         self._producer = self._new_producer()
 
-
     # ------------------------------------------------------------------ serving while idle
 
     def idle(self, timeout: float) -> None:
@@ -463,8 +462,10 @@ class KafkaPublisher:
                 break
             logger.warning("recreating the Kafka producer: %s", _reason(broken))
             self._recreate()
+            if round_no == _RESENDS or time.monotonic() >= deadline:
+                break
             todo = self._to_resend(records, results, todo, held)
-            if not todo or round_no == _RESENDS or time.monotonic() >= deadline:
+            if not todo:
                 break
             logger.info("sending %d message(s) again on the new Kafka producer", len(todo))
         final = self._finish(records, results, broken, timeout)
