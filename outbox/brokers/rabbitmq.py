@@ -181,7 +181,7 @@ class _Send:
     """The reason given to records left without a verdict."""
     timeout: float
     blocked: dict[str, tuple[Outcome, str]] = field(default_factory=dict)
-    """Exchange -> the outcome of every message for it (missing, refused, empty name)."""
+    """Exchange -> the outcome of every message for it (missing or refused)."""
     held: dict[str, int] = field(default_factory=dict)
     """Keys with a message of this batch that failed before being sent -> its id: their later
     messages are held back (RETRY, held=True), so per-key order survives a failure mid-batch."""
@@ -559,12 +559,8 @@ class RabbitMQPublisher:
         for ex in exchanges:
             if self._conn_lost is not None or self._chan is None:
                 return  # the loop reconnects; unchecked exchanges are checked there
-            if ex == "":
-                if not self.allow_default_exchange:
-                    send.blocked[ex] = (Outcome.FAILED, _EMPTY_EXCHANGE)
-                continue
-            if ex in self._known_exchanges:
-                continue
+            if ex == "" or ex in self._known_exchanges:
+                continue  # the default exchange needs no check (and is refused per message unless allowed)
             problem = self._check_exchange(ex)
             if problem is not None:
                 send.blocked[ex] = problem
@@ -634,6 +630,10 @@ class RabbitMQPublisher:
             send.todo.popleft()
             why = f"held back: message {send.held[rec.key]} with the same key was not sent"
             send.batch.results[i] = PublishResult(rec.id, Outcome.RETRY, why, held=True)
+            return True
+        if not rec.topic and not self.allow_default_exchange:
+            send.todo.popleft()
+            send.settle(i, Outcome.FAILED, _EMPTY_EXCHANGE)
             return True
         if rec.topic in send.blocked:
             send.todo.popleft()
