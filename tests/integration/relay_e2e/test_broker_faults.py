@@ -3,7 +3,8 @@
 - a Kafka link paused for longer than the producer's ``message.timeout.ms`` (issue 9, item 1);
 - a RabbitMQ connection left idle for several heartbeat intervals, and one cut mid-run;
 - a missing Kafka topic created after its rows were written (retried, not dead at once);
-- Kafka's size limit: 1,000,000 bytes are delivered, more become dead with ``MSG_SIZE_TOO_LARGE``.
+- Kafka's size limit: 1,000,000 bytes are delivered, more become dead with ``MSG_SIZE_TOO_LARGE``;
+- a RabbitMQ row with an empty topic: dead, not routed through the default exchange.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from urllib.parse import urlsplit, urlunsplit
 import pytest
 import sqlalchemy as sa
 
-from outbox.brokers import KafkaPublisher
+from outbox.brokers import KafkaPublisher, RabbitMQPublisher
 from outbox.devbroker import find_tansu, free_port
 
 from .conftest import (
@@ -389,3 +390,28 @@ def test_kafka_relay_daemon_recovers_by_itself_after_a_long_pause(db, proxied_ta
     assert d.dead_rows() == []
     assert relay.stop() == 0
     assert "Traceback" not in relay.log(), relay.log()[-3000:]
+
+
+# ------------------------------------------------------------------ RabbitMQ: a row with an empty topic
+
+
+@pytest.mark.rabbitmq
+def test_rabbitmq_row_with_an_empty_topic_is_dead_not_sent_to_the_queue_named_by_its_key(
+        db, rabbitmq_url, amqp_names, rabbit_reader, thread_relay):
+    """Reported: an empty topic went through the default exchange to the queue named by the key."""
+    d = db("sqlite")
+    exchange, queue = amqp_names["exchange"], amqp_names["queue"]
+    declare_queue(rabbitmq_url, exchange, queue, binding="ok.#")
+    (stray,) = write(d.engine, exchange, [1], key=queue)  # the key names the queue
+    write(d.engine, exchange, range(2, 12), key="ok.a")
+    o = TABLES.outbox
+    with d.engine.begin() as c:  # hand-edited: the writer refuses an empty topic
+        c.execute(o.update().where(o.c.message_id == stray).values(topic=""))
+    reader = rabbit_reader(rabbitmq_url, queue)
+    thread_relay(d.engine, RabbitMQPublisher(url=rabbitmq_url))
+
+    reader.wait_seqs(set(range(2, 12)), timeout=60)
+    wait_until(lambda: d.dead_rows(), 30, "the row with the empty topic to be marked dead")
+    (dead,) = d.dead_rows()
+    assert dead.key == queue and dead.last_error.startswith("empty exchange name: ")
+    assert 1 not in reader.seqs()
