@@ -60,6 +60,8 @@ REFRESH = 0.1
 SWEEP_INTERVAL = 5.0
 #: seconds between full re-reads of every partition from its first due row
 WATERMARK_RESET = 5.0
+#: longest wait between two calls of the publisher's ``idle()`` while the relay sleeps
+IDLE_SERVICE = 1.0
 
 
 @dataclass
@@ -617,17 +619,29 @@ class Relay:
     def _sleep(self, seconds: float) -> None:
         end = time.monotonic() + seconds
         while not self._stop.is_set():
+            self._idle_publisher()
             left = end - time.monotonic()
             if left <= 0:
                 return
             # wake early for NOTIFY, stop(), or the lease renewal deadline
             until_renew = self._last_rebalance + self.config.renew_interval - time.monotonic()
             until_renew = until_renew if self._started else left  # not started (backing off): no leases to renew
-            if self._wake.wait(max(0.0, min(left, until_renew))):
+            chunk = min(left, until_renew, IDLE_SERVICE)  # serve the publisher at least every IDLE_SERVICE s
+            if self._wake.wait(max(0.0, chunk)):
                 self._wake.clear()
                 return
-            if until_renew <= left:
+            if until_renew <= chunk:
                 return
+
+    def _idle_publisher(self) -> None:
+        """Let the publisher serve its connection (heartbeats, delivery reports) while there is nothing to send."""
+        idle = getattr(self.publisher, "idle", None)  # optional in the Publisher protocol
+        if idle is None:
+            return
+        try:
+            idle(0.0)
+        except Exception as exc:  # an adapter's idle() must not stop the relay
+            log.warning("the publisher failed while idle: %s", _short(exc))
 
     def _progress(self) -> None:
         every = self.config.progress_interval

@@ -60,5 +60,12 @@ class Publisher(Protocol):
     def flush(self, timeout: float = 30.0) -> None:
         """Wait for everything sent to be confirmed."""
 
+    def idle(self, timeout: float) -> None:
+        """Serve the connection for up to ``timeout`` s while there is nothing to publish: heartbeats,
+        delivery reports, noticing (and reopening) a lost connection. Never raises.
+
+        Optional: the relay calls it between batches (every second at least) when the adapter has it.
+        """
+
     def close(self, timeout: float = 10.0) -> None:
         """Flush (bounded by ``timeout``) and release connections. Safe to call twice."""

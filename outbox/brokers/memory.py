@@ -198,6 +198,9 @@ class MemoryPublisher:
             self._cond.notify_all()
             return results
 
+    def idle(self, timeout: float) -> None:
+        """Nothing to serve in memory."""
+
     def flush(self, timeout: float = 30.0) -> None:
         return None
 

@@ -15,8 +15,15 @@ Outcomes:
 - ``DELIVERED``: ``basic.ack`` and no ``basic.return``.
 - ``FAILED``: returned as unroutable (``unroutable: NO_ROUTE (exchange=..., routing_key=...)``),
   the exchange does not exist (the broker's ``404 NOT_FOUND`` text) or may not be used
-  (``403 ACCESS_REFUSED``), or the payload is over ``max_message_bytes``.
+  (``403 ACCESS_REFUSED``), the topic is empty (``empty exchange name: ...``; the default exchange
+  only with ``allow_default_exchange=True``), or the payload is over ``max_message_bytes``.
 - ``RETRY``: ``basic.nack``, connection lost, no confirm within the ``publish`` timeout.
+
+Connections: between batches the relay calls :meth:`RabbitMQPublisher.idle`, which services
+heartbeats (and reopens a connection the broker closed), so an idle relay keeps its connection. A
+connection found dead when publishing (reset, missed heartbeats, closed by the broker) is reopened
+and the batch goes on; ``close()`` after a lost connection is quiet. pika's own log records are
+demoted to DEBUG: the adapter logs a warning naming the cause instead of pika's tracebacks.
 
 Exchanges are checked (passive declare) the first time they are used, or declared (durable, of
 ``exchange_type``) when ``declare_exchanges=True``. When a publish closes the channel (for
@@ -32,7 +39,7 @@ import collections
 import logging
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,6 +71,19 @@ _EXCHANGE_TYPES = ("direct", "fanout", "topic", "headers")
 # "NOT_FOUND - no exchange 'x' in vhost '/'", "ACCESS_REFUSED - access to exchange 'x' in vhost ..."
 _EXCHANGE_IN_TEXT = re.compile(r"exchange '((?:[^']|'(?! in vhost))*)' in vhost")
 _MAX_REOPENS = 20
+#: What a dead connection or channel raises from pika calls (reset, heartbeat missed, closed).
+_LINK_ERRORS: tuple[type[BaseException], ...] = (
+    pika.exceptions.AMQPConnectionError,
+    pika.exceptions.AMQPChannelError,
+    pika.exceptions.StreamLostError,
+    pika.exceptions.ConnectionWrongStateError,
+    pika.exceptions.ChannelWrongStateError,
+    OSError,
+)
+_EMPTY_EXCHANGE = (
+    "empty exchange name: the message would go through the default exchange straight to the queue "
+    "named by its key; give it a topic (the exchange), or set allow_default_exchange=True if that is meant"
+)
 
 
 def _noop() -> None:
@@ -96,6 +116,31 @@ def _seconds_setting(name: str, value: object) -> float:
     return seconds
 
 
+class _PikaToDebug(logging.Filter):
+    """pika logs every connection event, a lost connection at ERROR with the caller's stack. This
+    adapter reports what matters itself (a warning naming the cause, reconnecting, no traceback),
+    so pika's own records are demoted to DEBUG: shown with ``--log-level DEBUG`` only."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno <= logging.DEBUG:
+            return True
+        if not logging.getLogger(record.name).isEnabledFor(logging.DEBUG):
+            return False
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return True
+
+
+_PIKA_FILTER = _PikaToDebug()
+
+
+def _pika_logs_to_debug() -> None:
+    """Put the filter on every pika logger (filters do not apply to records of child loggers)."""
+    for name, item in list(logging.root.manager.loggerDict.items()):
+        if (name == "pika" or name.startswith("pika.")) and isinstance(item, logging.Logger):
+            if _PIKA_FILTER not in item.filters:
+                item.addFilter(_PIKA_FILTER)
+
+
 def _describe(exc: BaseException | None) -> str:
     if exc is None:
         return "unknown reason"
@@ -124,6 +169,39 @@ class _Entry:
     size: int
 
 
+@dataclass
+class _Send:
+    """The state of one ``publish`` call."""
+
+    batch: _Batch
+    deadline: float
+    todo: collections.deque[int]
+    """Indexes of the records still to send, in order."""
+    unsent_reason: str
+    """The reason given to records left without a verdict."""
+    timeout: float
+    blocked: dict[str, tuple[Outcome, str]] = field(default_factory=dict)
+    """Exchange -> the outcome of every message for it (missing or refused)."""
+    held: dict[str, int] = field(default_factory=dict)
+    """Keys with a message of this batch that failed before being sent -> its id: their later
+    messages are held back (RETRY, held=True), so per-key order survives a failure mid-batch."""
+    reopens: int = 0
+    reconnects: int = 0
+    since_poll: int = 0
+    link_down: bool = False
+    """The batch ended because the connection was lost and could not be reopened."""
+
+    def settle(self, i: int, outcome: Outcome, reason: str | None) -> None:
+        rec = self.batch.records[i]
+        self.batch.results[i] = PublishResult(rec.id, outcome, reason)
+        if rec.key is not None:
+            self.held.setdefault(rec.key, rec.id)
+
+    def again(self, entries: list[_Entry]) -> None:
+        """Send these unconfirmed entries again, first and in order."""
+        self.todo.extendleft(reversed([e.index for e in entries]))
+
+
 class RabbitMQPublisher:
     """Publish outbox records to RabbitMQ exchanges with windowed publisher confirms.
 
@@ -139,6 +217,9 @@ class RabbitMQPublisher:
         ``max_message_size`` defaults to 128 MiB and closes the channel when exceeded).
     :param max_unconfirmed_bytes: bound on the payload bytes awaiting confirms.
     :param connection_name: shown by RabbitMQ (management UI, ``rabbitmqctl list_connections``).
+    :param allow_default_exchange: let a record with an empty topic go through the default
+        exchange to the queue named by its key. Off by default: an empty topic is then a FAILED
+        outcome (``empty exchange name: ...``), not a silent detour.
     """
 
     def __init__(
@@ -155,6 +236,7 @@ class RabbitMQPublisher:
         max_message_bytes: int = 128 * 1024 * 1024,
         max_unconfirmed_bytes: int = 64 * 1024 * 1024,
         connection_name: str | None = "outbox-relay",
+        allow_default_exchange: bool = False,
     ) -> None:
         if not isinstance(url, str) or not url.strip():
             raise ConfigurationError("url must be a non-empty AMQP URL string")
@@ -165,6 +247,7 @@ class RabbitMQPublisher:
         # Values may come as text from a config file or ``--broker-option KEY=VALUE``.
         declare_exchanges = _bool_setting("declare_exchanges", declare_exchanges)
         mandatory = _bool_setting("mandatory", mandatory)
+        allow_default_exchange = _bool_setting("allow_default_exchange", allow_default_exchange)
         confirm_window = _int_setting("confirm_window", confirm_window, 1)
         heartbeat = _int_setting("heartbeat", heartbeat, 0)
         connection_attempts = _int_setting("connection_attempts", connection_attempts, 1)
@@ -191,6 +274,7 @@ class RabbitMQPublisher:
         self.declare_exchanges = declare_exchanges
         self.confirm_window = confirm_window
         self.mandatory = mandatory
+        self.allow_default_exchange = allow_default_exchange
         self.connection_attempts = connection_attempts
         self.connect_timeout = float(connect_timeout)
         self.max_message_bytes = max_message_bytes
@@ -205,6 +289,7 @@ class RabbitMQPublisher:
         self._unconfirmed_bytes = 0
         self._known_exchanges: set[str] = set()
         self._batch: _Batch | None = None
+        _pika_logs_to_debug()
 
     # ------------------------------------------------------------------ I/O loop
 
@@ -214,12 +299,16 @@ class RabbitMQPublisher:
         if conn is None:
             return
         ioloop = conn.ioloop
-        timer = ioloop.call_later(max(0.0, min(deadline - time.monotonic(), 1.0)), _noop)
         try:
-            ioloop.poll()
-            ioloop.process_timeouts()
-        finally:
-            ioloop.remove_timeout(timer)
+            timer = ioloop.call_later(max(0.0, min(deadline - time.monotonic(), 1.0)), _noop)
+            try:
+                ioloop.poll()
+                ioloop.process_timeouts()
+            finally:
+                ioloop.remove_timeout(timer)
+        except _LINK_ERRORS as exc:  # pika reports most losses through callbacks; these as exceptions
+            if conn is self._conn and self._conn_lost is None:
+                self._conn_lost = exc
 
     def _run_until(self, done: Callable[[], bool], deadline: float) -> bool:
         """Drive the I/O loop until ``done()``, the connection drops or ``deadline``; return ``done()``."""
@@ -438,164 +527,197 @@ class RabbitMQPublisher:
 
         Sending is not cut short by ``timeout`` (only waiting is): with ``timeout=0`` everything is
         sent and reported RETRY unless already confirmed; ``flush()``/``close()`` then wait for the
-        confirms, so the messages reach the broker.
+        confirms, so the messages reach the broker. A connection found dead (reset, heartbeat
+        missed, closed by the broker) is reopened and the batch goes on, in order.
         """
         if not records:
             return []
         if self._conn is not None and self._conn_lost is None:
             self._poll(time.monotonic())  # notice a connection dropped while idle before sending
         self.start()
-        deadline = time.monotonic() + max(0.0, timeout)
         batch = _Batch(records, [None] * len(records))
+        send = _Send(batch, time.monotonic() + max(0.0, timeout), collections.deque(range(len(records))),
+                     f"no publisher confirm within {timeout:g} s", timeout)
         self._batch = batch
-        todo: collections.deque[int] = collections.deque(range(len(records)))
-        blocked: dict[str, tuple[Outcome, str]] = {}
-        unsent_reason = f"no publisher confirm within {timeout:g} s"
-        reopens = reconnects = 0
-
-        # Keys with a message of this batch that failed before being sent: their later messages
-        # are held back (RETRY, held=True), so per-key order survives a failure mid-batch.
-        held: dict[str, int] = {}
-
-        def settle(i: int, outcome: Outcome, reason: str | None) -> None:
-            rec = records[i]
-            batch.results[i] = PublishResult(rec.id, outcome, reason)
-            if rec.key is not None:
-                held.setdefault(rec.key, rec.id)
-
         try:
-            # Check every new exchange up front, before anything of this batch is in flight.
-            for ex in dict.fromkeys(r.topic for r in records):
-                if self._conn_lost is not None or self._chan is None:
-                    break
-                if ex == "" or ex in self._known_exchanges:
-                    continue
-                problem = self._check_exchange(ex)
-                if problem is not None:
-                    blocked[ex] = problem
-                    if self._conn_lost is not None:
-                        break  # the loop below reconnects; unchecked exchanges are checked there
-                    if self._chan_closed is not None:
-                        reopens += 1
-                        self._reopen_channel()
-
-            since_poll = 0
-            while todo or batch.inflight:
-                if self._conn_lost is not None or self._conn is None:
-                    lost = self._conn_lost
-                    again = self._forget_unconfirmed()
-                    todo.extendleft(reversed([e.index for e in again]))
-                    if reconnects >= 3 or time.monotonic() >= deadline:
-                        unsent_reason = f"connection lost: {_describe(lost)}"
-                        self._drop_connection()
-                        break
-                    reconnects += 1
-                    logger.warning("RabbitMQ connection lost (%s); reconnecting", _describe(lost))
-                    try:
-                        self._connect()
-                    except BrokerUnavailable as exc:
-                        unsent_reason = f"connection lost: {_describe(lost)}; reconnect failed: {exc}"
-                        break
-                    self._known_exchanges.clear()
-                    blocked = {k: v for k, v in blocked.items() if v[0] is Outcome.FAILED}
-                    continue
-                if self._chan_closed is not None:
-                    why = self._chan_closed
-                    m = _EXCHANGE_IN_TEXT.search(getattr(why, "reply_text", "") or "")
-                    culprit = m.group(1) if m and getattr(why, "reply_code", 0) in (403, 404) else None
-                    if culprit is None or reopens >= _MAX_REOPENS:
-                        unsent_reason = f"channel closed by the broker: {_describe(why)}"
-                        # Keep the channel usable for the next batch; end this one (order is kept).
-                        self._forget_unconfirmed()
-                        self._reopen_channel()
-                        break
-                    self._known_exchanges.discard(culprit)
-                    blocked[culprit] = (Outcome.FAILED, f"publish to exchange {culprit!r} failed: {_describe(why)}")
-                    again = self._forget_unconfirmed()
-                    todo.extendleft(reversed([e.index for e in again]))
-                    reopens += 1
-                    self._reopen_channel()
-                    continue
-                if not todo:
-                    if time.monotonic() >= deadline:
-                        break
-                    self._run_until(lambda: not batch.inflight or self._chan_closed is not None, deadline)
-                    continue
-
-                i = todo[0]
-                rec = records[i]
-                if rec.key is not None and rec.key in held:
-                    todo.popleft()
-                    why = f"held back: message {held[rec.key]} with the same key was not sent"
-                    batch.results[i] = PublishResult(rec.id, Outcome.RETRY, why, held=True)
-                    continue
-                if rec.topic in blocked:
-                    todo.popleft()
-                    settle(i, *blocked[rec.topic])
-                    continue
-                if rec.topic and rec.topic not in self._known_exchanges:
-                    # Not checked yet (new since a reconnect): check now. A failed check closes
-                    # the channel, so what is in flight is sent again, in order, on a new one.
-                    problem = self._check_exchange(rec.topic)
-                    if problem is not None:
-                        blocked[rec.topic] = problem
-                        if self._chan_closed is not None and self._conn_lost is None:
-                            again = self._forget_unconfirmed()
-                            todo.extendleft(reversed([e.index for e in again]))
-                            reopens += 1
-                            self._reopen_channel()
-                    continue
-                if len(rec.payload) > self.max_message_bytes:
-                    todo.popleft()
-                    settle(i, Outcome.FAILED, f"message size {len(rec.payload):,} bytes is over "
-                                              f"max_message_bytes {self.max_message_bytes:,}")
-                    continue
-                over_bytes = self._unconfirmed_bytes + len(rec.payload) > self.max_unconfirmed_bytes
-                if len(self._unconfirmed) >= self.confirm_window or (self._unconfirmed and over_bytes):
-                    if time.monotonic() >= deadline:
-                        unsent_reason = f"not sent: confirm window still full after {timeout:g} s"
-                        break
-                    limit = len(self._unconfirmed)
-                    self._run_until(
-                        lambda n=limit: len(self._unconfirmed) < n or self._chan_closed is not None, deadline
-                    )
-                    continue
-                assert self._chan is not None
-                try:
-                    self._chan.basic_publish(
-                        exchange=rec.topic,
-                        routing_key=rec.key or "",
-                        body=rec.payload,
-                        properties=self._properties(rec),
-                        mandatory=self.mandatory,
-                    )
-                except (pika.exceptions.ChannelWrongStateError, pika.exceptions.ConnectionWrongStateError,
-                        pika.exceptions.StreamLostError) as exc:
-                    # The loop notices the closed channel / connection on the next round.
-                    if self._chan_closed is None and self._conn_lost is None:
-                        self._conn_lost = exc
-                    continue
-                except (ValueError, TypeError) as exc:
-                    todo.popleft()
-                    settle(i, Outcome.FAILED, f"rejected by the AMQP client: {exc}")
-                    continue
-                todo.popleft()
-                self._next_tag += 1
-                self._unconfirmed[self._next_tag] = _Entry(batch, i, str(rec.message_id), len(rec.payload))
-                self._unconfirmed_bytes += len(rec.payload)
-                batch.inflight += 1
-                since_poll += 1
-                if since_poll >= 64:
-                    since_poll = 0
-                    self._poll(time.monotonic())  # write what is buffered, read confirms, never block
+            self._check_exchanges(send, dict.fromkeys(r.topic for r in records))
+            while (send.todo or batch.inflight) and self._step(send):
+                pass
         finally:
             batch.done = True
             self._batch = None
-
-        out: list[PublishResult] = []
-        for rec, res in zip(records, batch.results, strict=True):
-            out.append(res if res is not None else PublishResult(rec.id, Outcome.RETRY, unsent_reason))
+        out = [res if res is not None else PublishResult(rec.id, Outcome.RETRY, send.unsent_reason)
+               for rec, res in zip(records, batch.results, strict=True)]
+        if send.link_down and all(r.outcome is Outcome.RETRY for r in out):
+            # Nothing got through and RabbitMQ cannot be reached: the relay backs off as a whole
+            # instead of counting an attempt against every row.
+            raise BrokerUnavailable(f"RabbitMQ at {self._safe_url} is not reachable: {send.unsent_reason}")
         return out
+
+    def _check_exchanges(self, send: _Send, exchanges: Iterable[str]) -> None:
+        """Check every new exchange up front, before anything of the batch is in flight."""
+        for ex in exchanges:
+            if self._conn_lost is not None or self._chan is None:
+                return  # the loop reconnects; unchecked exchanges are checked there
+            if ex == "" or ex in self._known_exchanges:
+                continue  # the default exchange needs no check (and is refused per message unless allowed)
+            problem = self._check_exchange(ex)
+            if problem is not None:
+                send.blocked[ex] = problem
+                if self._conn_lost is not None:
+                    return
+                if self._chan_closed is not None:
+                    send.reopens += 1
+                    self._reopen_channel()
+
+    def _step(self, send: _Send) -> bool:
+        """One step of a batch: recover the connection or channel, wait for confirms, or send one
+        message. ``False`` ends the batch (what has no verdict comes back RETRY)."""
+        if self._conn_lost is not None or self._conn is None:
+            return self._recover_connection(send)
+        if self._chan_closed is not None:
+            return self._recover_channel(send)
+        if not send.todo:
+            if time.monotonic() >= send.deadline:
+                return False
+            batch = send.batch
+            self._run_until(lambda: not batch.inflight or self._chan_closed is not None, send.deadline)
+            return True
+        return self._send_next(send)
+
+    def _recover_connection(self, send: _Send) -> bool:
+        lost = self._conn_lost
+        send.again(self._forget_unconfirmed())
+        if send.reconnects >= 3 or time.monotonic() >= send.deadline:
+            send.unsent_reason = f"connection lost: {_describe(lost)}"
+            send.link_down = True
+            self._drop_connection()
+            return False
+        send.reconnects += 1
+        logger.warning("RabbitMQ connection lost (%s); reconnecting", _describe(lost))
+        try:
+            self._connect()
+        except BrokerUnavailable as exc:
+            send.unsent_reason = f"connection lost: {_describe(lost)}; reconnect failed: {exc}"
+            send.link_down = True
+            return False
+        self._known_exchanges.clear()
+        send.blocked = {k: v for k, v in send.blocked.items() if v[0] is Outcome.FAILED}
+        return True
+
+    def _recover_channel(self, send: _Send) -> bool:
+        why = self._chan_closed
+        m = _EXCHANGE_IN_TEXT.search(getattr(why, "reply_text", "") or "")
+        culprit = m.group(1) if m and getattr(why, "reply_code", 0) in (403, 404) else None
+        if culprit is None or send.reopens >= _MAX_REOPENS:
+            send.unsent_reason = f"channel closed by the broker: {_describe(why)}"
+            # Keep the channel usable for the next batch; end this one (order is kept).
+            self._forget_unconfirmed()
+            self._reopen_channel()
+            return False
+        self._known_exchanges.discard(culprit)
+        send.blocked[culprit] = (Outcome.FAILED, f"publish to exchange {culprit!r} failed: {_describe(why)}")
+        send.again(self._forget_unconfirmed())
+        send.reopens += 1
+        self._reopen_channel()
+        return True
+
+    def _send_next(self, send: _Send) -> bool:
+        """Settle, check or publish the next record of ``send.todo``."""
+        i = send.todo[0]
+        rec = send.batch.records[i]
+        if rec.key is not None and rec.key in send.held:
+            send.todo.popleft()
+            why = f"held back: message {send.held[rec.key]} with the same key was not sent"
+            send.batch.results[i] = PublishResult(rec.id, Outcome.RETRY, why, held=True)
+            return True
+        if not rec.topic and not self.allow_default_exchange:
+            send.todo.popleft()
+            send.settle(i, Outcome.FAILED, _EMPTY_EXCHANGE)
+            return True
+        if rec.topic in send.blocked:
+            send.todo.popleft()
+            send.settle(i, *send.blocked[rec.topic])
+            return True
+        if rec.topic and rec.topic not in self._known_exchanges:
+            # Not checked yet (new since a reconnect): check now. A failed check closes the
+            # channel, so what is in flight is sent again, in order, on a new one.
+            problem = self._check_exchange(rec.topic)
+            if problem is not None:
+                send.blocked[rec.topic] = problem
+                if self._chan_closed is not None and self._conn_lost is None:
+                    send.again(self._forget_unconfirmed())
+                    send.reopens += 1
+                    self._reopen_channel()
+            return True
+        if len(rec.payload) > self.max_message_bytes:
+            send.todo.popleft()
+            send.settle(i, Outcome.FAILED, f"message size {len(rec.payload):,} bytes is over "
+                                           f"max_message_bytes {self.max_message_bytes:,}")
+            return True
+        over_bytes = self._unconfirmed_bytes + len(rec.payload) > self.max_unconfirmed_bytes
+        if len(self._unconfirmed) >= self.confirm_window or (self._unconfirmed and over_bytes):
+            if time.monotonic() >= send.deadline:
+                send.unsent_reason = f"not sent: confirm window still full after {send.timeout:g} s"
+                return False
+            limit = len(self._unconfirmed)
+            self._run_until(lambda: len(self._unconfirmed) < limit or self._chan_closed is not None, send.deadline)
+            return True
+        self._publish_one(send, i, rec)
+        return True
+
+    def _publish_one(self, send: _Send, i: int, rec: OutboxRecord) -> None:
+        assert self._chan is not None
+        try:
+            self._chan.basic_publish(
+                exchange=rec.topic,
+                routing_key=rec.key or "",
+                body=rec.payload,
+                properties=self._properties(rec),
+                mandatory=self.mandatory,
+            )
+        except _LINK_ERRORS as exc:
+            # A dead connection or channel: the next step reconnects (or reopens) and sends again.
+            if self._chan_closed is None and self._conn_lost is None:
+                self._conn_lost = exc
+            return
+        except (ValueError, TypeError) as exc:
+            send.todo.popleft()
+            send.settle(i, Outcome.FAILED, f"rejected by the AMQP client: {exc}")
+            return
+        send.todo.popleft()
+        self._next_tag += 1
+        self._unconfirmed[self._next_tag] = _Entry(send.batch, i, str(rec.message_id), len(rec.payload))
+        self._unconfirmed_bytes += len(rec.payload)
+        send.batch.inflight += 1
+        send.since_poll += 1
+        if send.since_poll >= 64:
+            send.since_poll = 0
+            self._poll(time.monotonic())  # write what is buffered, read confirms, never block
+
+    # ------------------------------------------------------------------ idle, flush, close
+
+    def idle(self, timeout: float) -> None:
+        """Serve the connection for up to ``timeout`` s: heartbeats, late confirms, a close by the broker.
+
+        A connection found lost is reopened (one attempt; ``publish`` retries with backoff).
+        """
+        if self._conn is None:
+            return
+        deadline = time.monotonic() + max(0.0, timeout)
+        while self._conn is not None and self._conn_lost is None:
+            self._poll(deadline)
+            if time.monotonic() >= deadline:
+                break
+        if self._conn is None or self._conn_lost is None:
+            return
+        logger.warning("RabbitMQ connection lost while idle (%s); reconnecting", _describe(self._conn_lost))
+        self._drop_connection()
+        self._known_exchanges.clear()  # checked again on first use: they may have changed meanwhile
+        try:
+            self._connect_once()
+        except BrokerUnavailable as exc:
+            logger.warning("%s; trying again on the next publish", exc)
 
     def flush(self, timeout: float = 30.0) -> None:
         """Wait (at most ``timeout`` s) until everything sent has been confirmed."""
@@ -613,9 +735,9 @@ class RabbitMQPublisher:
         try:
             if self._conn_lost is None:
                 self.flush(timeout)
-                if self._unconfirmed:
-                    logger.warning("closing the RabbitMQ connection with %d unconfirmed message(s)",
-                                   len(self._unconfirmed))
+            if self._unconfirmed:
+                logger.warning("closing the RabbitMQ connection with %d unconfirmed message(s)",
+                               len(self._unconfirmed))
         finally:
             self._known_exchanges.clear()
             self._drop_connection()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import time
 import uuid
 
 import pytest
@@ -77,7 +79,7 @@ def test_without_auto_create_the_missing_topic_is_not_created(kafka_bootstrap, m
         result = pub.publish([make_record(topic, b"{}")], timeout=30)[0]
     finally:
         pub.close()
-    assert result.outcome is Outcome.FAILED
+    assert result.outcome is Outcome.RETRY  # retried by the relay: a deploy may create it later
     assert "UNKNOWN_TOPIC" in (result.error or "")
     topics = AdminClient({"bootstrap.servers": kafka_bootstrap}).list_topics(timeout=10).topics
     assert topic not in topics
@@ -119,3 +121,59 @@ def test_broker_gone_then_back(tmp_path, make_record):
     finally:
         pub.close(timeout=2)
         broker.stop()
+
+
+def test_a_topic_created_after_a_failed_publish_is_used(kafka_bootstrap, make_record, caplog):
+    """Issue 9, item 8d: a missing topic is retriable, the log says what to do, and once created it works."""
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    topic = f"late-{uuid.uuid4().hex[:8]}"
+    pub = KafkaPublisher(bootstrap_servers=kafka_bootstrap, topic_metadata_timeout_ms=500)
+    try:
+        with caplog.at_level(logging.WARNING, logger="outbox.brokers.kafka"):
+            first = pub.publish([make_record(topic, b"1", key="k")], timeout=30)[0]
+            again = pub.publish([make_record(topic, b"2", key="k")], timeout=30)[0]
+        assert (first.outcome, again.outcome) == (Outcome.RETRY, Outcome.RETRY)
+        hints = [r.getMessage() for r in caplog.records if topic in r.getMessage()]
+        assert len(hints) == 1, f"the missing topic should be reported once per interval, got {hints}"
+        assert "create it" in hints[0] and "allow.auto.create.topics" in hints[0]
+
+        admin = AdminClient({"bootstrap.servers": kafka_bootstrap})
+        for fut in admin.create_topics([NewTopic(topic, num_partitions=1, replication_factor=1)]).values():
+            fut.result(30)
+        deadline = time.monotonic() + 30
+        while True:
+            result = pub.publish([make_record(topic, b"3", key="k")], timeout=30)[0]
+            if result.outcome is Outcome.DELIVERED or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)  # the relay's backoff between attempts
+        assert result.outcome is Outcome.DELIVERED, result.error
+    finally:
+        pub.close()
+
+
+def test_message_max_bytes_leaves_room_for_headers_over_the_writers_limit(kafka_bootstrap, kafka_topic, make_record):
+    """Issue 9, item 9: the writer takes 1,000,000 bytes (payload + key + headers); so does the producer."""
+    from outbox.brokers.kafka import DEFAULT_MESSAGE_MAX_BYTES
+
+    headers = {f"h{i}": "v" * 90 for i in range(10)}
+    payload = b"p" * (1_000_000 - 1_000 - 3)  # with ~1,000 header bytes and the key: the writer's limit
+    pub = KafkaPublisher(bootstrap_servers=kafka_bootstrap)
+    try:
+        fits, too_big = pub.publish([
+            make_record(kafka_topic, payload, key="big", headers=headers, content_type="application/octet-stream"),
+            make_record(kafka_topic, b"x" * (DEFAULT_MESSAGE_MAX_BYTES + 1), key="bigger"),
+        ], timeout=30)
+    finally:
+        pub.close()
+    assert fits.outcome is Outcome.DELIVERED, fits.error
+    assert too_big.outcome is Outcome.FAILED and "MSG_SIZE_TOO_LARGE" in (too_big.error or "")
+
+
+def test_a_message_max_bytes_setting_wins_over_the_default(kafka_bootstrap, kafka_topic, make_record):
+    pub = KafkaPublisher(bootstrap_servers=kafka_bootstrap, config={"message.max.bytes": 10_000})
+    try:
+        (result,) = pub.publish([make_record(kafka_topic, b"x" * 20_000, key="k")], timeout=30)
+    finally:
+        pub.close()
+    assert result.outcome is Outcome.FAILED and "MSG_SIZE_TOO_LARGE" in (result.error or "")

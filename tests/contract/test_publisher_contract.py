@@ -18,6 +18,15 @@ def test_is_a_publisher(broker):
     assert isinstance(broker.publisher(), Publisher)
 
 
+def test_idle_serves_the_connection_and_publishing_goes_on(broker, make_record):
+    pub = broker.publisher()
+    pub.idle(0.1)  # before start: nothing to serve, no error
+    assert pub.publish([make_record(broker.topic, b"1", key="k")], timeout=30)[0].outcome is Outcome.DELIVERED
+    pub.idle(0.2)
+    assert pub.publish([make_record(broker.topic, b"2", key="k")], timeout=30)[0].outcome is Outcome.DELIVERED
+    assert [m.payload for m in broker.read(2)] == [b"1", b"2"]
+
+
 def test_empty_batch_gives_no_results(broker):
     pub = broker.publisher()
     pub.start()
@@ -120,7 +129,7 @@ def test_too_large_fails_with_a_size_reason_and_the_batch_goes_on(broker, make_r
     assert sorted(m.payload for m in got) == [b"1", b"2"]
 
 
-def test_unknown_topic_fails_with_the_broker_reason(broker, make_record):
+def test_unknown_topic_is_reported_with_the_broker_reason(broker, make_record):
     pub = broker.publisher()
     pub.start()
     batch = [
@@ -129,18 +138,19 @@ def test_unknown_topic_fails_with_the_broker_reason(broker, make_record):
         make_record(broker.topic, b"2", key="c"),
     ]
     results = pub.publish(batch, timeout=30)
-    assert [r.outcome for r in results] == [Outcome.DELIVERED, Outcome.FAILED, Outcome.DELIVERED]
+    assert [r.outcome for r in results] == [Outcome.DELIVERED, broker.unknown_topic_outcome, Outcome.DELIVERED]
     assert broker.unknown_topic_marker in (results[1].error or "")
+    assert not results[1].held
     assert sorted(m.payload for m in broker.read(2)) == [b"1", b"2"]
 
 
-def test_unknown_topic_stays_failed_in_the_next_batch(broker, make_record):
+def test_unknown_topic_keeps_its_outcome_in_the_next_batch(broker, make_record):
     pub = broker.publisher()
     first = pub.publish([make_record(broker.missing_topic, b"x", key="k")], timeout=30)
     second = pub.publish([make_record(broker.missing_topic, b"y", key="k"), make_record(broker.topic, b"ok")],
                          timeout=30)
-    assert first[0].outcome is Outcome.FAILED
-    assert [r.outcome for r in second] == [Outcome.FAILED, Outcome.DELIVERED]
+    assert first[0].outcome is broker.unknown_topic_outcome
+    assert [r.outcome for r in second] == [broker.unknown_topic_outcome, Outcome.DELIVERED]
 
 
 def test_close_flushes_what_was_sent_without_waiting(broker, make_record):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import time
 import uuid
@@ -64,6 +65,7 @@ def _drain(admin, queue):
         ({"connect_timeout": "never"}, "connect_timeout"),
         ({"max_message_bytes": 0}, "max_message_bytes"),
         ({"connection_name": 5}, "connection_name"),
+        ({"allow_default_exchange": "maybe"}, "allow_default_exchange"),
         ({"url": "amqp://u:topsecret@host:notaport/%2F"}, "url"),
     ],
 )
@@ -232,3 +234,88 @@ def test_connection_lost_in_the_middle_of_a_batch(rabbitmq_url, routed, rabbit_a
     # message is there and first occurrences keep the order
     first_seen = list(dict.fromkeys(bodies))
     assert first_seen == list(range(50))
+
+
+def test_idle_serves_heartbeats_so_the_connection_survives(publisher, routed, rabbit_admin, make_record, caplog):
+    """Issue 9, item 1b: heartbeats were serviced only inside publish(): an idle connection was dropped."""
+    exchange, queue = routed
+    pub = publisher(heartbeat=1)
+    assert pub.publish([make_record(exchange, b"before")])[0].outcome is Outcome.DELIVERED
+    with caplog.at_level(logging.DEBUG):
+        idle_from = time.monotonic()
+        while time.monotonic() - idle_from < 6:  # six heartbeat intervals: RabbitMQ drops a peer after two
+            pub.idle(0.5)
+        result = pub.publish([make_record(exchange, b"after")], timeout=30)[0]
+    assert result.outcome is Outcome.DELIVERED, result.error
+    lost = [r.getMessage() for r in caplog.records if "lost" in r.getMessage() or r.levelno >= logging.WARNING]
+    assert lost == [], lost
+    assert [body for _, _, body in _drain(rabbit_admin, queue)] == [b"before", b"after"]
+
+
+def test_idle_without_a_connection_returns_at_once(publisher):
+    pub = publisher()
+    started = time.monotonic()
+    pub.idle(5)  # never connected: nothing to serve
+    assert time.monotonic() - started < 1
+
+
+def test_a_connection_lost_while_idle_is_reopened_quietly(publisher, routed, rabbit_admin, make_record, caplog):
+    try:
+        subprocess.run(["rabbitmqctl", "-q", "status"], capture_output=True, timeout=60, check=True)
+    except (OSError, subprocess.SubprocessError):
+        pytest.skip("rabbitmqctl is not usable here")
+    exchange, queue = routed
+    name = f"contract-{uuid.uuid4().hex[:8]}"
+    pub = publisher(connection_name=name)
+    assert pub.publish([make_record(exchange, b"before")])[0].outcome is Outcome.DELIVERED
+    deadline = time.monotonic() + 30
+    while not _close_connections(name):
+        assert time.monotonic() < deadline, "the publisher's connection never showed up"
+    with caplog.at_level(logging.INFO):
+        deadline = time.monotonic() + 30
+        while not any("lost while idle" in r.getMessage() for r in caplog.records):
+            assert time.monotonic() < deadline, "idle() did not notice the closed connection"
+            pub.idle(0.5)
+        result = pub.publish([make_record(exchange, b"after")], timeout=30)[0]
+        pub.close()
+    assert result.outcome is Outcome.DELIVERED, result.error
+    assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
+    assert [body for _, _, body in _drain(rabbit_admin, queue)] == [b"before", b"after"]
+
+
+def test_empty_topic_fails_instead_of_using_the_default_exchange(publisher, routed, rabbit_admin, make_record):
+    """Issue 9, item 8c: an empty topic went through the default exchange to the queue named by the key."""
+    exchange, queue = routed
+    pub = publisher()
+    results = pub.publish([make_record("", b"detour", key=queue), make_record(exchange, b"ok", key="a"),
+                           make_record("", b"behind", key=queue)], timeout=30)
+    assert results[0].outcome is Outcome.FAILED
+    assert (results[0].error or "").startswith("empty exchange name: ")
+    assert results[1].outcome is Outcome.DELIVERED
+    assert results[2].outcome is Outcome.RETRY and results[2].held  # same key: held behind the failed one
+    assert [body for _, _, body in _drain(rabbit_admin, queue)] == [b"ok"]
+
+
+def test_empty_topic_uses_the_default_exchange_when_allowed(publisher, routed, rabbit_admin, make_record):
+    _exchange, queue = routed
+    pub = publisher(allow_default_exchange="true")
+    assert pub.publish([make_record("", b"direct", key=queue)], timeout=30)[0].outcome is Outcome.DELIVERED
+    assert [body for _, _, body in _drain(rabbit_admin, queue)] == [b"direct"]
+
+
+def test_close_after_the_broker_closed_the_connection_is_quiet(publisher, routed, make_record, caplog):
+    try:
+        subprocess.run(["rabbitmqctl", "-q", "status"], capture_output=True, timeout=60, check=True)
+    except (OSError, subprocess.SubprocessError):
+        pytest.skip("rabbitmqctl is not usable here")
+    exchange, _queue = routed
+    name = f"contract-{uuid.uuid4().hex[:8]}"
+    pub = publisher(connection_name=name, heartbeat=1)
+    assert pub.publish([make_record(exchange, b"x")])[0].outcome is Outcome.DELIVERED
+    deadline = time.monotonic() + 30
+    while not _close_connections(name):
+        assert time.monotonic() < deadline, "the publisher's connection never showed up"
+    with caplog.at_level(logging.INFO):
+        pub.close(timeout=5)
+        pub.close(timeout=5)
+    assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR], caplog.text
