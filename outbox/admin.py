@@ -37,20 +37,22 @@ def outbox_status(engine: Engine, *, tables: OutboxTables | None = None) -> dict
         ).scalar_one()
         dead = conn.execute(sa.select(sa.func.count()).where(o.c.status == STATUS_DEAD)).scalar_one()
         relays = [dict(row._mapping) for row in conn.execute(sa.select(r).order_by(r.c.relay_id))]
-        leases = [dict(row._mapping) for row in conn.execute(sa.select(le).order_by(le.c.partition))]
+        leases = [dict(row._mapping) for row in conn.execute(sa.select(le).order_by(le.c.relay_group, le.c.partition))]
     if oldest is not None and oldest.tzinfo is None:
         oldest = oldest.replace(tzinfo=dt.timezone.utc)
     for rel in relays:
         rel["alive"] = rel["expires_at"] is not None and rel["expires_at"] > now
     owners: dict[str, list[int]] = {}
     free = []
+    free_by_group: dict[str, list[int]] = {}
     for lease in leases:
         live = lease["owner"] is not None and lease["expires_at"] is not None and lease["expires_at"] > now
         lease["live"] = live
         if live:
             owners.setdefault(lease["owner"], []).append(lease["partition"])
         else:
-            free.append(lease["partition"])
+            free_by_group.setdefault(lease["relay_group"], []).append(lease["partition"])
+    free = sorted({p for parts in free_by_group.values() for p in parts})
     return {
         "pending": pending,
         "due": due,
@@ -60,9 +62,10 @@ def outbox_status(engine: Engine, *, tables: OutboxTables | None = None) -> dict
         "oldest_pending_at": oldest,
         "oldest_pending_age_s": (now - oldest).total_seconds() if oldest is not None else None,
         "relays": relays,
-        "partitions": len(leases),
+        "partitions": len({lease["partition"] for lease in leases}),
         "partition_owners": owners,
         "unowned_partitions": free,
+        "unowned_partitions_by_group": free_by_group,
         "leases": leases,
     }
 

@@ -21,7 +21,9 @@ The tree::
     │   └── PublishFailed             a publish outcome that the caller asked to raise
     ├── RelayError
     │   ├── LeaseLost                 a partition lease was taken over (fencing generation moved)
-    │   └── SingleRelayOnly           a second relay on a database that supports only one (SQLite)
+    │   ├── SingleRelayOnly           a second relay on a database that supports only one (SQLite)
+    │   ├── DuplicateRelay            another live process runs under this relay id
+    │   └── RelayGroupConflict        a live relay would split this relay's topics (other broker/topics)
     └── ConsumerError
         ├── MessageIdMissing          no usable message id: sent to the dead letters, never processed
         ├── DecodeError               the payload cannot be decoded (not retried)
@@ -38,6 +40,7 @@ __all__ = [
     "ConsumerError",
     "DatabaseError",
     "DecodeError",
+    "DuplicateRelay",
     "IllegalTransition",
     "InvalidDeliveryTime",
     "InvalidHeaders",
@@ -52,6 +55,7 @@ __all__ = [
     "PayloadTooLarge",
     "PublishFailed",
     "RelayError",
+    "RelayGroupConflict",
     "SchemaMissing",
     "SerializationError",
     "SingleRelayOnly",
@@ -150,6 +154,15 @@ class LeaseLost(RelayError):
 
 class SingleRelayOnly(RelayError):
     """This database supports a single relay and another one is running."""
+
+
+class DuplicateRelay(RelayError):
+    """Another live process holds this relay id (its heartbeat keeps advancing): give each relay its own id."""
+
+
+class RelayGroupConflict(RelayError):
+    """A live relay publishes some of this relay's topics elsewhere (another broker, or other topic
+    patterns in the same group, or overlapping topics in another group): starting would split a stream."""
 
 
 class ConsumerError(OutboxError):
