@@ -130,6 +130,9 @@ def test_sqlite_second_relay_is_a_standby_and_takes_over_when_the_first_stops(db
     write(d.engine, exchange, range(100, 200))
     reader.wait_seqs(set(range(200)), 60)
     assert r2.alive and len(d.relay_ids()) == 1 and d.relay_ids() != [first_id]
+    r3 = start_relay(*relay_args(d.url, *broker, lease_ttl=TTL), name="r3")
+    wait_until(lambda: "standby:" in r3.log(), 30, "r3 to say it is a standby")
+    assert r3.stop(timeout=15) == 0, r3.log()[-3000:]  # SIGTERM ends the wait at once
     assert r2.stop() == 0, r2.log()[-3000:]
 
 
@@ -261,3 +264,26 @@ def test_topic_pattern_overlap_and_validation() -> None:
     for bad_group in ("", "a b", "-x", "x" * 65):
         with pytest.raises(ConfigurationError):
             RelayConfig(group=bad_group)
+
+
+@pytest.mark.parametrize("dialect", ["postgresql", "mariadb"])
+def test_two_conflicting_relays_that_both_joined_are_told_apart_at_renewal(dialect, db, monkeypatch) -> None:
+    """The start-time check can be raced (both read before either committed): the renewal catches it,
+    and only the relay that joined later stops."""
+    d = db(dialect)
+    a = Relay(d.engine, MemoryPublisher(), config=RelayConfig(relay_id="a", group="ga", topics="x*", lease_ttl=TTL))
+    b = Relay(d.engine, MemoryPublisher(), config=RelayConfig(relay_id="b", group="gb", topics="xy", lease_ttl=TTL))
+    a.start()
+    try:
+        with monkeypatch.context() as m:  # b joins as if it had read the table before a committed
+            m.setattr(b.leases, "_check_conflicts", lambda *args, **kw: None)
+            b.start()
+        a.leases.register()  # a joined first: it carries on
+        with pytest.raises(RelayGroupConflict, match=r"overlap .* stopping this relay"):
+            b.leases.register()
+        assert not b.leases.joined
+        a.leases.register()
+        assert a.leases.joined
+    finally:
+        b.close()
+        a.close()
