@@ -43,7 +43,6 @@ def outbox_status(engine: Engine, *, tables: OutboxTables | None = None) -> dict
     for rel in relays:
         rel["alive"] = rel["expires_at"] is not None and rel["expires_at"] > now
     owners: dict[str, list[int]] = {}
-    free = []
     free_by_group: dict[str, list[int]] = {}
     for lease in leases:
         live = lease["owner"] is not None and lease["expires_at"] is not None and lease["expires_at"] > now
