@@ -163,17 +163,16 @@ class LeaseManager:
                 continue
             same_id = blocker.relay_id == self.relay_id
             who = f"relay {blocker.relay_id} (pid {blocker.pid} on {blocker.hostname})"
-            if self._is_dead(blocker):
+            if self._is_dead(blocker) and self._evict(blocker):
                 log.warning("%s is gone (no such process on this host): taking over at once", who)
-                self._evict(blocker)
                 continue
             state = (blocker.instance, blocker.heartbeat_at)
             if same_id and seen is not None and seen != state:
-                raise DuplicateRelay(
-                    f"relay id {self.relay_id!r} is in use by another live relay (pid {blocker.pid} on "
-                    f"{blocker.hostname}): its heartbeat keeps advancing. Give each relay its own --relay-id "
-                    "(or leave it out for a unique default)"
-                )
+                msg = (f"relay id {self.relay_id!r} is in use by another live relay (pid {blocker.pid} on "
+                       f"{blocker.hostname}): its heartbeat keeps advancing. Give each relay its own --relay-id "
+                       "(or leave it out for a unique default)")
+                log.error("%s", msg)
+                raise DuplicateRelay(msg)
             seen = state
             left = max(0.0, (blocker.expires_at - now).total_seconds())
             ago = max(0.0, (now - blocker.heartbeat_at).total_seconds())
@@ -267,8 +266,10 @@ class LeaseManager:
             return row.instance not in _LIVE_INSTANCES
         return not _pid_alive(int(row.pid))
 
-    def _evict(self, row: Any) -> None:
-        """Remove the row of a dead relay and free its leases (compare-and-set on its heartbeat)."""
+    def _evict(self, row: Any) -> bool:
+        """Remove the row of a dead relay and free its leases (compare-and-set on its heartbeat).
+
+        False if the row changed meanwhile (it renewed: not dead after all)."""
         r, le = self.tables.relays, self.tables.leases
         with self.engine.begin() as conn:
             gone = conn.execute(r.delete().where(
@@ -279,6 +280,7 @@ class LeaseManager:
                 conn.execute(le.update().where(le.c.owner == row.relay_id).values(owner=None, expires_at=None))
             if gone and row.relay_id == self.relay_id:
                 self.inherited = True
+        return bool(gone)
 
     def _write_row(self, conn: Connection, now: dt.datetime, renew: bool = False) -> None:
         r = self.tables.relays

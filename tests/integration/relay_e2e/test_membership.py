@@ -95,7 +95,7 @@ def test_frozen_predecessor_with_the_same_id_is_waited_out_and_stops_when_it_wak
     assert r2.alive and r2.stop() == 0, r2.log()[-3000:]
 
 
-@pytest.mark.parametrize("dialect", ["sqlite", "postgresql"])
+@pytest.mark.parametrize("dialect", ["sqlite", "postgresql", "mariadb"])
 def test_a_second_relay_with_a_live_relays_id_is_refused(dialect, db, rabbit, start_relay):
     d = db(dialect)
     broker, exchange, reader = rabbit
