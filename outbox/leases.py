@@ -333,8 +333,11 @@ class LeaseManager:
         where = f"{o.broker_kind or 'an unknown broker'} {o.broker_target or ''}".strip()
         mine_where = f"{self.broker_kind or 'an unknown broker'} {self.broker_target or ''}".strip()
         if o.relay_group == self.group:
-            broker_known = o.broker_kind is not None and self.broker_kind is not None
-            if broker_known and (o.broker_kind, o.broker_target) != (self.broker_kind, self.broker_target):
+            # compared where both relays said (a relay built in code may not name its target)
+            kinds_differ = None not in (o.broker_kind, self.broker_kind) and o.broker_kind != self.broker_kind
+            targets_differ = (None not in (o.broker_target, self.broker_target)
+                              and o.broker_target != self.broker_target)
+            if kinds_differ or targets_differ:
                 return (f"in relay group {self.group!r} publishes to {where}, this relay to {mine_where}: the "
                         "group's partitions would be split between two brokers. Give this relay its own group "
                         "with topics of its own (--group NAME --topics PATTERN,...), or the group's broker")
