@@ -158,6 +158,8 @@ class LeaseManager:
                             raise
                         self.joined = True
                         _LIVE_INSTANCES.add(self.instance)
+                        log.info("relay %s joined relay group %s (topics %s, broker %s)", self.relay_id, self.group,
+                                 self.topics_text, " ".join(filter(None, (self.broker_kind, self.broker_target))))
                         return True
             except sa.exc.IntegrityError:  # another process inserted this relay id at the same moment
                 continue
