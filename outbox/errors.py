@@ -21,7 +21,7 @@ The tree::
     │   └── PublishFailed             a publish outcome that the caller asked to raise
     ├── RelayError
     │   ├── LeaseLost                 a partition lease was taken over (fencing generation moved)
-    │   ├── SingleRelayOnly           a second relay on a database that supports only one (SQLite)
+    │   ├── SingleRelayOnly           SQLite: another relay took over while this one was silent
     │   ├── DuplicateRelay            another live process runs under this relay id
     │   └── RelayGroupConflict        a live relay would split this relay's topics (other broker/topics)
     └── ConsumerError
@@ -153,7 +153,8 @@ class LeaseLost(RelayError):
 
 
 class SingleRelayOnly(RelayError):
-    """This database supports a single relay and another one is running."""
+    """This database supports a single relay, and another one took over while this one was not renewing
+    (a second relay started next to a live one waits as a standby instead)."""
 
 
 class DuplicateRelay(RelayError):
