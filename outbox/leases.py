@@ -144,8 +144,7 @@ class LeaseManager:
             now = _now()
             try:
                 with self.engine.begin() as conn:
-                    self.dialect.ensure_transaction(conn)
-                    self._cleanup(conn, now)
+                    self._cleanup(conn, now)  # a write first: on SQLite it takes the write lock, so the reads agree
                     blocker = self._blocker(conn, now)
                     if blocker is None:
                         started = self.started_at
@@ -204,7 +203,7 @@ class LeaseManager:
         r = self.tables.relays
         now = _now()
         with self.engine.begin() as conn:
-            self.dialect.ensure_transaction(conn)
+            self._cleanup(conn, now)  # a write first: on SQLite it takes the write lock, so the reads agree
             row = conn.execute(sa.select(r).where(r.c.relay_id == self.relay_id)).first()
             if row is not None and row.instance != self.instance:
                 self._leave_local()
@@ -226,7 +225,6 @@ class LeaseManager:
                            "renewing its lease; stopping this one")
                     log.error("%s", msg)
                     raise SingleRelayOnly(msg)
-            self._cleanup(conn, now)
             self._write_row(conn, now, renew=row is not None)
             self._check_conflicts(conn, now, running=True)
 

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import signal
+import time
 
 import pytest
 import sqlalchemy as sa
@@ -288,3 +289,18 @@ def test_two_conflicting_relays_that_both_joined_are_told_apart_at_renewal(diale
     finally:
         b.close()
         a.close()
+
+
+def test_sqlite_renewals_never_collide_with_a_busy_writer(db, thread_relay) -> None:
+    """Each renewal reads and writes the relays table in one SQLite transaction; with the application
+    committing all the while, the renewal must not fail (and restart the relay) on a stale snapshot."""
+    d = db("sqlite")
+    pub = MemoryPublisher()
+    relay = thread_relay(d.engine, pub, lease_ttl=1.5)  # a renewal every 0.5 s
+    wait_until(lambda: relay.leases.joined, 30, "the relay to join")
+    n, end = 0, time.monotonic() + 6  # a dozen renewals under constant writes
+    while time.monotonic() < end:
+        write(d.engine, "orders", range(n, n + 5))
+        n += 5
+    wait_until(lambda: len(pub.messages) >= n, 60, "every message to be published")
+    assert relay.stats.errors == 0, "a renewal failed next to a writer"
