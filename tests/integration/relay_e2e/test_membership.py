@@ -304,3 +304,14 @@ def test_sqlite_renewals_never_collide_with_a_busy_writer(db, thread_relay) -> N
         n += 5
     wait_until(lambda: len(pub.messages) >= n, 60, "every message to be published")
     assert relay.stats.errors == 0, "a renewal failed next to a writer"
+
+
+@pytest.mark.parametrize(("flag", "value", "says"), [
+    ("--topics", "orders*x", "'*' only at the end"),
+    ("--topics", ",", "at least one topic"),
+    ("--group", "two words", "group must be"),
+])
+def test_bad_group_or_topics_flag_is_one_clear_error(flag, value, says, tmp_path) -> None:
+    done = run_cli("relay", "--db", f"sqlite:///{tmp_path / 'x.db'}", "--kafka", "127.0.0.1:1", flag, value)
+    assert done.returncode == 2
+    assert says in done.stderr and "Traceback" not in done.stderr, done.stderr
