@@ -43,20 +43,21 @@ def outbox_status(engine: Engine, *, tables: OutboxTables | None = None) -> dict
         published = conn.execute(sa.select(sa.func.count()).where(o.c.status == STATUS_PUBLISHED)).scalar_one()
         unknown = conn.execute(sa.select(sa.func.count()).where(o.c.status.not_in(KNOWN_STATUSES))).scalar_one()
         relays = [dict(row._mapping) for row in conn.execute(sa.select(r).order_by(r.c.relay_id))]
-        leases = [dict(row._mapping) for row in conn.execute(sa.select(le).order_by(le.c.partition))]
+        leases = [dict(row._mapping) for row in conn.execute(sa.select(le).order_by(le.c.relay_group, le.c.partition))]
     if oldest is not None and oldest.tzinfo is None:
         oldest = oldest.replace(tzinfo=dt.timezone.utc)
     for rel in relays:
         rel["alive"] = rel["expires_at"] is not None and rel["expires_at"] > now
     owners: dict[str, list[int]] = {}
-    free = []
+    free_by_group: dict[str, list[int]] = {}
     for lease in leases:
         live = lease["owner"] is not None and lease["expires_at"] is not None and lease["expires_at"] > now
         lease["live"] = live
         if live:
             owners.setdefault(lease["owner"], []).append(lease["partition"])
         else:
-            free.append(lease["partition"])
+            free_by_group.setdefault(lease["relay_group"], []).append(lease["partition"])
+    free = sorted({p for parts in free_by_group.values() for p in parts})
     return {
         "pending": pending,
         "due": due,
@@ -68,9 +69,10 @@ def outbox_status(engine: Engine, *, tables: OutboxTables | None = None) -> dict
         "oldest_pending_at": oldest,
         "oldest_pending_age_s": (now - oldest).total_seconds() if oldest is not None else None,
         "relays": relays,
-        "partitions": len(leases),
+        "partitions": len({lease["partition"] for lease in leases}),
         "partition_owners": owners,
         "unowned_partitions": free,
+        "unowned_partitions_by_group": free_by_group,
         "leases": leases,
     }
 
@@ -131,7 +133,7 @@ def _rederive_partitions(conn: sa.Connection, t: OutboxTables, where: list[sa.Co
     """Dead rows whose partition no writer can produce get their key's partition back, as the writer
     computes it with the partition count the relays lease (see :func:`outbox.message.partition_for`)."""
     o, le = t.outbox, t.leases
-    count = min(conn.execute(sa.select(sa.func.count()).select_from(le)).scalar_one() or DEFAULT_PARTITIONS,
+    count = min(conn.execute(sa.select(sa.func.count(sa.distinct(le.c.partition)))).scalar_one() or DEFAULT_PARTITIONS,
                 MAX_PARTITION + 1)
     raw_mid = sa.type_coerce(o.c.message_id, sa.types.NullType()).label("message_id")
     rows = conn.execute(sa.select(o.c.id, o.c.key, raw_mid).where(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigurationError
+from .schema import ALL_TOPICS, DEFAULT_GROUP, GROUP_LENGTH, TOPIC_LENGTH, TOPIC_PATTERNS_LENGTH
 from .writer import DEFAULT_PARTITIONS
 
 if sys.version_info >= (3, 11):
@@ -18,9 +20,10 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-__all__ = ["ORDERING_MODES", "RelayConfig", "load_toml"]
+__all__ = ["ORDERING_MODES", "RelayConfig", "load_toml", "parse_topic_patterns"]
 
 ORDERING_MODES = ("strict", "none")
+_GROUP_RE = re.compile(rf"[A-Za-z0-9][A-Za-z0-9._-]{{0,{GROUP_LENGTH - 1}}}")
 
 #: longest interval setting: a retry scheduled further out would overflow the datetime columns
 MAX_SECONDS = 365 * 86400
@@ -60,6 +63,12 @@ class RelayConfig:
     """Stable name of this relay in ``outbox status`` (default host:pid:random)."""
     progress_interval: float = 10.0
     """Seconds between progress log lines (0 disables them)."""
+    group: str = DEFAULT_GROUP
+    """Relay group. The relays of a group share the partitions among themselves, publish to one
+    broker and must all be given the same ``topics``; each group leases the partitions on its own."""
+    topics: tuple[str, ...] = (ALL_TOPICS,)
+    """Topics this relay's group publishes: exact names, or prefixes ending in ``*`` (``orders.*``);
+    ``*`` (the default) is every topic. A comma-separated string is accepted too."""
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -82,6 +91,12 @@ class RelayConfig:
             raise ConfigurationError(f"lease_ttl must be at least 1 s, got {self.lease_ttl}")
         if self.relay_id is not None:
             _relay_id(self.relay_id)
+        if not isinstance(self.group, str) or not _GROUP_RE.fullmatch(self.group):
+            raise ConfigurationError(
+                f"group must be 1-{GROUP_LENGTH} letters, digits, '.', '_' or '-' (starting with a letter or "
+                f"digit), got {self.group!r}"
+            )
+        object.__setattr__(self, "topics", parse_topic_patterns(self.topics))
 
     @property
     def renew_interval(self) -> float:
@@ -114,6 +129,35 @@ class RelayConfig:
     def from_env(cls, environ: Mapping[str, str] | None = None, base: Mapping[str, Any] | None = None) -> RelayConfig:
         """``OUTBOX_RELAY_BATCH_SIZE=500`` style variables override ``base``."""
         return cls.from_mapping({**dict(base or {}), **cls.env_values(environ)})
+
+
+def parse_topic_patterns(value: object) -> tuple[str, ...]:
+    """Validate and normalise topic patterns: exact names, or prefixes ending in ``*``.
+
+    Accepts a comma-separated string or a sequence of strings. Returns them sorted and without
+    duplicates; ``("*",)`` when ``*`` (every topic) is among them.
+    """
+    if isinstance(value, str):
+        items = value.split(",")
+    elif isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        items = list(value)
+    else:
+        raise ConfigurationError(f"topics must be a comma-separated string or a list of strings, got {value!r}")
+    patterns = sorted({v.strip() for v in items})
+    if not patterns or patterns == [""]:
+        raise ConfigurationError("topics must name at least one topic or prefix* (or * for every topic)")
+    for pat in patterns:
+        name = pat[:-1] if pat.endswith("*") else pat
+        if not pat or "*" in name or len(pat) > TOPIC_LENGTH or any(c.isspace() or c == "," for c in pat):
+            raise ConfigurationError(
+                f"topic pattern {pat!r} is not a topic name or a prefix ending in '*' (no spaces, at most "
+                f"{TOPIC_LENGTH} characters, '*' only at the end)"
+            )
+    if ALL_TOPICS in patterns:
+        return (ALL_TOPICS,)
+    if len(",".join(patterns)) > TOPIC_PATTERNS_LENGTH:
+        raise ConfigurationError(f"topics are longer than {TOPIC_PATTERNS_LENGTH} characters in all; use prefixes")
+    return tuple(patterns)
 
 
 def _positive_int(name: str, v: object, lo: int, hi: int) -> None:

@@ -21,7 +21,9 @@ The tree::
     │   └── PublishFailed             a publish outcome that the caller asked to raise
     ├── RelayError
     │   ├── LeaseLost                 a partition lease was taken over (fencing generation moved)
-    │   └── SingleRelayOnly           a second relay on a database that supports only one (SQLite)
+    │   ├── SingleRelayOnly           SQLite: another relay took over while this one was silent
+    │   ├── DuplicateRelay            another live process runs under this relay id
+    │   └── RelayGroupConflict        a live relay would split this relay's topics (other broker/topics)
     └── ConsumerError
         ├── MessageIdMissing          no usable message id: sent to the dead letters, never processed
         ├── DecodeError               the payload cannot be decoded (not retried)
@@ -38,6 +40,7 @@ __all__ = [
     "ConsumerError",
     "DatabaseError",
     "DecodeError",
+    "DuplicateRelay",
     "IllegalTransition",
     "InvalidDeliveryTime",
     "InvalidHeaders",
@@ -52,6 +55,7 @@ __all__ = [
     "PayloadTooLarge",
     "PublishFailed",
     "RelayError",
+    "RelayGroupConflict",
     "SchemaMissing",
     "SerializationError",
     "SingleRelayOnly",
@@ -154,7 +158,17 @@ class LeaseLost(RelayError):
 
 
 class SingleRelayOnly(RelayError):
-    """This database supports a single relay and another one is running."""
+    """This database supports a single relay, and another one took over while this one was not renewing
+    (a second relay started next to a live one waits as a standby instead)."""
+
+
+class DuplicateRelay(RelayError):
+    """Another live process holds this relay id (its heartbeat keeps advancing): give each relay its own id."""
+
+
+class RelayGroupConflict(RelayError):
+    """A live relay publishes some of this relay's topics elsewhere (another broker, or other topic
+    patterns in the same group, or overlapping topics in another group): starting would split a stream."""
 
 
 class ConsumerError(OutboxError):

@@ -93,7 +93,12 @@ class Relay:
         config: RelayConfig | None = None,
         tables: OutboxTables | None = None,
         on_published: Callable[[Sequence[OutboxRecord]], None] | None = None,
+        broker_kind: str | None = None,
+        broker_target: str | None = None,
     ) -> None:
+        """``broker_kind``/``broker_target`` (e.g. ``"kafka"``, ``"host:9092"``; never credentials) are
+        recorded in the relays table: the relays of one group must publish to the same broker.
+        The kind defaults to the publisher's class name (``KafkaPublisher`` -> ``kafka``)."""
         self.engine = engine
         self.publisher = publisher
         self.config = config or RelayConfig()
@@ -105,6 +110,8 @@ class Relay:
         self.leases = LeaseManager(
             engine=engine, tables=self.tables, dialect=self.dialect, relay_id=self.relay_id,
             ttl=self.config.lease_ttl, min_partitions=self.config.partitions,
+            group=self.config.group, topics=self.config.topics,
+            broker_kind=broker_kind or _publisher_kind(publisher), broker_target=broker_target,
         )
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -155,8 +162,11 @@ class Relay:
         self._refresh_due = True
         self.engine = self.dialect.prepare_relay_engine(self.engine)
         self.leases.engine = self.engine
+        # join first: a relay that waits (standby, or for a crashed incarnation to expire) holds no
+        # broker connection meanwhile; stop() ends the wait
+        if not self.leases.join(self._stop):
+            return
         self.publisher.start()
-        self.leases.register()
         self.leases.ensure_partitions()
         self.leases.rebalance()
         self._last_rebalance = time.monotonic()
@@ -265,11 +275,15 @@ class Relay:
         index record too, which is another partition's (another relay's) first due row.
         """
         o = self.tables.outbox
-        rows = conn.execute(
+        q = (
             sa.select(o.c.id, o.c.partition)
             .where(o.c.partition.in_(held), o.c.status == STATUS_PENDING)
             .where(o.c.available_at > DUE_NOW, o.c.available_at <= now)
-        ).all()
+        )
+        topic_clause = self.dialect.topic_filter(o, self.config.topics)
+        if topic_clause is not None:  # this relay group's rows only
+            q = q.where(topic_clause)
+        rows = conn.execute(q).all()
         ids = [r[0] for r in rows]
         for chunk in _chunks(ids, 1000):
             self.dialect.update_ids(conn, o, chunk, {"available_at": DUE_NOW})
@@ -303,7 +317,7 @@ class Relay:
         active = len(self._active_partitions & set(held)) or len(held)
         per_partition = max(16, -(-self.config.batch_size // active))
         cols = claim_columns(o)
-        ids = self.dialect.due_ids(o, held, per_partition, DUE_NOW, blocked, self._after)
+        ids = self.dialect.due_ids(o, held, per_partition, DUE_NOW, blocked, self._after, topics=self.config.topics)
         stmt = sa.select(*cols).join_from(o, ids, o.c.id == ids.c.id).order_by(o.c.id).limit(self.config.batch_size)
         rows = conn.execute(self.dialect.lock_claim(stmt, o)).all()
         if rows and self.dialect.supports_skip_locked and self._may_have_gaps(rows):
@@ -685,6 +699,11 @@ class _Step:
     what: str
     done: Callable[[int], None] = lambda n: None
     delivered: bool = False
+
+
+def _publisher_kind(publisher: Publisher) -> str:
+    name = type(publisher).__name__
+    return (name[: -len("Publisher")] if name.endswith("Publisher") and name != "Publisher" else name).lower()
 
 
 class _RetryState:

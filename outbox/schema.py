@@ -16,6 +16,8 @@ from ._identifiers import identifier
 from .types import JSONDocument, MessageUUID, Payload, UTCDateTime
 
 __all__ = [
+    "ALL_TOPICS",
+    "DEFAULT_GROUP",
     "DEFAULT_TABLE_NAMES",
     "DUE_NOW",
     "STATUS_DEAD",
@@ -40,6 +42,13 @@ TOPIC_LENGTH = 249
 KEY_LENGTH = 255
 MESSAGE_ID_LENGTH = 255
 CONSUMER_LENGTH = 200
+GROUP_LENGTH = 64
+BROKER_KIND_LENGTH = 32
+BROKER_TARGET_LENGTH = 255
+TOPIC_PATTERNS_LENGTH = 2000
+INSTANCE_LENGTH = 32
+DEFAULT_GROUP = "default"
+ALL_TOPICS = "*"
 
 
 @dataclass(frozen=True)
@@ -166,6 +175,8 @@ class OutboxTables:
         self.leases = sa.Table(
             n.leases,
             md,
+            sa.Column("relay_group", sa.String(GROUP_LENGTH), primary_key=True, server_default=DEFAULT_GROUP,
+                      comment="relay group leasing this partition; each group leases all partitions"),
             sa.Column("partition", sa.SmallInteger(), primary_key=True, autoincrement=False),
             sa.Column("owner", sa.String(255), nullable=True),
             sa.Column("generation", sa.BigInteger(), nullable=False, server_default=sa.text("0"),
@@ -183,6 +194,14 @@ class OutboxTables:
             sa.Column("started_at", UTCDateTime(), nullable=False),
             sa.Column("heartbeat_at", UTCDateTime(), nullable=False),
             sa.Column("expires_at", UTCDateTime(), nullable=False),
+            sa.Column("instance", sa.String(INSTANCE_LENGTH), nullable=True,
+                      comment="random id of the process holding this relay_id (a duplicate id is refused)"),
+            sa.Column("relay_group", sa.String(GROUP_LENGTH), nullable=False, server_default=DEFAULT_GROUP),
+            sa.Column("broker_kind", sa.String(BROKER_KIND_LENGTH), nullable=True),
+            sa.Column("broker_target", sa.String(BROKER_TARGET_LENGTH), nullable=True,
+                      comment="host:port list or vhost; never credentials"),
+            sa.Column("topics", sa.String(TOPIC_PATTERNS_LENGTH), nullable=False, server_default=ALL_TOPICS,
+                      comment="comma-separated topic names and prefixes ending in *"),
             schema=schema,
         )
 

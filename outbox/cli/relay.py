@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import signal
+import urllib.parse
 from typing import Any
 
 from .._redact import mask_secrets
@@ -39,6 +40,9 @@ def register(sub: Any) -> None:
     p.add_argument("--audit", action="store_true", default=None,
                    help="keep published rows (status 'published') instead of deleting them")
     p.add_argument("--relay-id", help="name shown in `outbox status`")
+    p.add_argument("--group", help="relay group (default 'default'): its relays share the partitions and one broker")
+    p.add_argument("--topics", metavar="PATTERN[,PATTERN...]",
+                   help="topics this relay's group publishes: names, or prefixes ending in * (default: every topic)")
     p.add_argument("-X", "--broker-option", action="append", default=[], metavar="KEY=VALUE",
                    help="librdkafka setting (Kafka) or publisher option (RabbitMQ); repeatable")
     p.add_argument("--declare-exchanges", action="store_true", default=None,
@@ -54,6 +58,24 @@ def _kv(pairs: list[str]) -> dict[str, str]:
         k, v = item.split("=", 1)
         out[k.strip()] = v.strip()
     return out
+
+
+def kafka_target(servers: str) -> str:
+    """The cluster a relay publishes to, as recorded in the relays table: sorted host:port list."""
+    hosts = sorted({h.strip().rsplit("://", 1)[-1].rsplit("@", 1)[-1] for h in servers.split(",") if h.strip()})
+    return ",".join(hosts)[:255]
+
+
+def rabbitmq_target(url: str) -> str:
+    """``host:port/vhost`` of an AMQP URL: never the user or password."""
+    parts = urllib.parse.urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    port = port or (5671 if parts.scheme == "amqps" else 5672)
+    vhost = parts.path[1:] if parts.path.startswith("/") and len(parts.path) > 1 else "%2F"
+    return f"{parts.hostname or 'localhost'}:{port}/{vhost}"[:255]
 
 
 def build(args: argparse.Namespace) -> tuple[Any, Any, RelayConfig]:
@@ -78,7 +100,7 @@ def build(args: argparse.Namespace) -> tuple[Any, Any, RelayConfig]:
     cli = {
         "batch_size": args.batch_size, "ordering": args.ordering, "max_attempts": args.max_attempts,
         "poll_interval": args.poll_interval, "lease_ttl": args.lease_ttl, "partitions": args.partitions,
-        "notify": args.notify, "relay_id": args.relay_id,
+        "notify": args.notify, "relay_id": args.relay_id, "group": args.group, "topics": args.topics,
         "delete_published": (not args.audit) if args.audit is not None else None,
     }
     # merge first, validate once: the file, then the environment, then the command line
@@ -92,6 +114,7 @@ def build(args: argparse.Namespace) -> tuple[Any, Any, RelayConfig]:
         settings = {**{str(k): v for k, v in file_cfg.get("kafka", {}).items()}, **options}
         publisher: Any = KafkaPublisher(bootstrap_servers=str(kafka), config=settings)
         target = f"Kafka {kafka}"
+        args.broker_identity = ("kafka", kafka_target(str(kafka)))
     else:
         from ..brokers.rabbitmq import RabbitMQPublisher
 
@@ -102,6 +125,7 @@ def build(args: argparse.Namespace) -> tuple[Any, Any, RelayConfig]:
             rabbit_opts["declare_exchanges"] = rabbit_opts["declare_exchanges"].lower() in ("1", "true", "yes")
         publisher = RabbitMQPublisher(url=str(rabbit), **rabbit_opts)
         target = f"RabbitMQ {mask_secrets(rabbit)}"
+        args.broker_identity = ("rabbitmq", rabbitmq_target(str(rabbit)))
     engine = make_engine(str(db))
     log.info("publishing to %s", target)
     return engine, publisher, config
@@ -111,7 +135,9 @@ def run(args: argparse.Namespace) -> int:
     from ..relay import Relay
 
     engine, publisher, config = build(args)
-    relay = Relay(engine, publisher, config=config, tables=tables_from_args(args))
+    kind, where = getattr(args, "broker_identity", (None, None))
+    relay = Relay(engine, publisher, config=config, tables=tables_from_args(args), broker_kind=kind,
+                  broker_target=where)
 
     def _stop(signum: int, _frame: object) -> None:
         log.info("received %s: finishing the batch in hand, then leaving", signal.Signals(signum).name)

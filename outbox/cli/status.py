@@ -51,6 +51,8 @@ def run(args: argparse.Namespace) -> int:
         parts = st["partition_owners"].get(r["relay_id"], [])
         state = "alive" if r["alive"] else "gone"
         print(f"  {r['relay_id']:<40} {state:<5} pid {r['pid']:<7} partitions {_ranges(parts)} ({len(parts)})")
-    if st["unowned_partitions"]:
-        print(f"  unowned partitions: {_ranges(st['unowned_partitions'])}")
+        broker = " ".join(x for x in (r.get("broker_kind"), r.get("broker_target")) if x) or "unknown broker"
+        print(f"    group {r.get('relay_group') or 'default'}, {broker}, topics {r.get('topics') or '*'}")
+    for group, free in sorted(st.get("unowned_partitions_by_group", {}).items()):
+        print(f"  unowned partitions of group {group}: {_ranges(free)}")
     return 0

@@ -107,19 +107,25 @@ class Dialect:
 
     def due_ids(
         self, table: sa.Table, partitions: Sequence[int], per_partition: int, due: Any, blocked: Sequence[str],
-        after: Mapping[int, int] | None = None,
+        after: Mapping[int, int] | None = None, topics: Sequence[str] | None = None,
     ) -> sa.Subquery:
         """``(id, partition)`` of up to ``per_partition`` due rows of each partition, in id order,
-        starting after ``after[partition]`` (the last id this relay published there, if any).
+        starting after ``after[partition]`` (the last id this relay published there, if any), and
+        only of ``topics`` (see :meth:`topic_filter`) when given.
 
         Portable form: one UNION ALL branch per partition, each an index range read.
         """
         after = after or {}
+        topic_clause = self.topic_filter(table, topics)
         members = []
         for p in partitions:
             q = sa.select(table.c.id, table.c.partition).where(
                 table.c.partition == p, table.c.status == "pending", table.c.available_at == due,
                 table.c.id > after.get(p, 0))
+            # --- relay group's topics (its own clause, independent of the blocked keys below)
+            if topic_clause is not None:
+                q = q.where(topic_clause)
+            # --- blocked keys
             if blocked:
                 q = q.where(sa.or_(table.c.key.is_(None), table.c.key.not_in(blocked)))
             sub = q.order_by(table.c.id).limit(per_partition).subquery()
@@ -127,6 +133,23 @@ class Dialect:
         if len(members) == 1:
             return members[0].subquery("claimable")
         return sa.union_all(*members).subquery("claimable")
+
+    @staticmethod
+    def topic_filter(table: sa.Table, topics: Sequence[str] | None) -> sa.ColumnElement[bool] | None:
+        """Rows whose topic matches one of ``topics``: exact names, or prefixes ending in ``*``.
+
+        ``None`` (no filter) for ``None``, an empty list or ``*``. Patterns are bound parameters;
+        a prefix is matched with ``LIKE`` with its ``%`` and ``_`` escaped.
+        """
+        if not topics or "*" in topics:
+            return None
+        exact = [t for t in topics if not t.endswith("*")]
+        prefixes = [t[:-1] for t in topics if t.endswith("*")]
+        clauses: list[sa.ColumnElement[bool]] = []
+        if exact:
+            clauses.append(table.c.topic.in_(exact))
+        clauses.extend(table.c.topic.startswith(p, autoescape=True) for p in prefixes)
+        return sa.or_(*clauses)
 
     def delete_ids(self, connection: Connection, table: sa.Table, ids: Sequence[int]) -> None:
         """Delete rows by primary key ``id``, touching (and locking) no other row."""

@@ -62,7 +62,7 @@ class PostgreSQLDialect(Dialect):
 
     def due_ids(
         self, table: sa.Table, partitions: Sequence[int], per_partition: int, due: Any, blocked: Sequence[str],
-        after: Mapping[int, int] | None = None,
+        after: Mapping[int, int] | None = None, topics: Sequence[str] | None = None,
     ) -> sa.Subquery:
         """One LATERAL index read per partition, over ``unnest(:partitions)``.
 
@@ -77,6 +77,11 @@ class PostgreSQLDialect(Dialect):
         q = sa.select(table.c.id, table.c.partition).where(
             table.c.partition == parts.c.part, table.c.status == "pending", table.c.available_at == due,
             table.c.id > parts.c.after_id)
+        # --- relay group's topics (its own clause, independent of the blocked keys below)
+        topic_clause = self.topic_filter(table, topics)
+        if topic_clause is not None:
+            q = q.where(topic_clause)
+        # --- blocked keys
         if blocked:
             q = q.where(sa.or_(table.c.key.is_(None), table.c.key != sa.all_(
                 sa.bindparam("claim_blocked", list(blocked), type_=pg.ARRAY(sa.String())))))

@@ -9,6 +9,7 @@ Alembic project (the code in ``docs/migrations.md`` is the code these tests run)
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import re
@@ -29,7 +30,8 @@ from outbox.schema import OutboxTables, TableNames, default_tables
 
 REPO = Path(__file__).resolve().parents[2]
 DOCS = REPO / "docs" / "migrations.md"
-HEAD = "0001_initial"
+HEAD = "0002_relay_groups"
+FIRST = "0001_initial"
 CUSTOM = TableNames(
     outbox="shop_outbox", processed="shop_processed", stages="shop_stages",
     dead_letters="shop_dead_letters", leases="shop_leases", relays="shop_relays",
@@ -126,6 +128,48 @@ def test_upgrade_twice_is_a_no_op(fresh_database: str) -> None:
     engine = _engine(fresh_database)
     try:
         migrations.upgrade(engine)
+        migrations.upgrade(engine)
+        assert migrations.current(engine) == HEAD
+    finally:
+        engine.dispose()
+
+
+def test_upgrade_from_0001_keeps_rows_and_keys_leases_by_group(fresh_database: str) -> None:
+    """0002: existing leases join the default group with their generation; relays keep their rows."""
+    engine = _engine(fresh_database)
+    now = dt.datetime.now(dt.timezone.utc)
+    try:
+        migrations.upgrade(engine, FIRST)
+        le0 = sa.table("outbox_relay_leases", sa.column("partition"), sa.column("owner"), sa.column("generation"))
+        r0 = sa.table("outbox_relays", *(sa.column(c) for c in
+                                         ("relay_id", "hostname", "pid", "started_at", "heartbeat_at", "expires_at")))
+        with engine.begin() as conn:
+            conn.execute(le0.insert(), [{"partition": p, "owner": "old", "generation": 7 + p} for p in range(3)])
+            conn.execute(r0.insert().values(relay_id="old", hostname="h", pid=1, started_at=now, heartbeat_at=now,
+                                            expires_at=now))
+        migrations.upgrade(engine)
+        assert migrations.current(engine) == HEAD
+        t = default_tables()
+        with engine.begin() as conn:
+            leases = conn.execute(sa.select(t.leases.c.relay_group, t.leases.c.partition, t.leases.c.owner,
+                                            t.leases.c.generation).order_by(t.leases.c.partition)).all()
+            assert [tuple(x) for x in leases] == [("default", p, "old", 7 + p) for p in range(3)]
+            relay = conn.execute(sa.select(t.relays)).one()._mapping
+            assert relay["relay_id"] == "old" and relay["relay_group"] == "default" and relay["topics"] == "*"
+            assert relay["instance"] is None and relay["broker_kind"] is None
+            # another group leases the same partition numbers next to the default group's rows
+            conn.execute(t.leases.insert().values(relay_group="rabbit", partition=0, generation=0))
+        pk = sa.inspect(engine).get_pk_constraint("outbox_relay_leases")
+        assert pk["constrained_columns"] == ["relay_group", "partition"]
+        assert _diff(engine, default_tables()) == []
+
+        migrations.downgrade(engine, FIRST)  # back: only the default group's leases fit one row per partition
+        pk = sa.inspect(engine).get_pk_constraint("outbox_relay_leases")
+        assert pk["constrained_columns"] == ["partition"]
+        with engine.connect() as conn:
+            assert [tuple(x) for x in conn.execute(sa.select(le0.c.partition, le0.c.generation)
+                                                   .order_by(le0.c.partition))] == [(p, 7 + p) for p in range(3)]
+            assert conn.execute(sa.select(sa.func.count()).select_from(r0)).scalar_one() == 1
         migrations.upgrade(engine)
         assert migrations.current(engine) == HEAD
     finally:
@@ -279,7 +323,9 @@ def test_cli_sql_prints_offline_ddl(dialect: str, tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     assert "CREATE TABLE outbox_messages" in proc.stdout
     assert "CREATE TABLE outbox_alembic_version" in proc.stdout
-    assert f"INSERT INTO outbox_alembic_version (version_num) VALUES ('{HEAD}')" in proc.stdout
+    assert f"INSERT INTO outbox_alembic_version (version_num) VALUES ('{FIRST}')" in proc.stdout
+    assert f"UPDATE outbox_alembic_version SET version_num='{HEAD}'" in proc.stdout
+    assert "Warning" not in proc.stderr
     assert "Traceback" not in proc.stderr
     if dialect == "postgresql":
         assert "payload BYTEA NOT NULL" in proc.stdout
@@ -507,7 +553,8 @@ def test_alembic_user_calls_toolkit_migrations_from_their_own(
         with engine.connect() as conn:
             assert conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalars().all() == ["a1_orders"]
             assert {i["name"] for i in sa.inspect(conn).get_indexes("orders")} == {"ix_orders_status"}
-        assert migrations.current(engine) == HEAD
+        assert migrations.current(engine) == FIRST  # the revision the user's migration pinned
+        migrations.upgrade(engine)  # what the user's next migration does to follow the toolkit
         assert _diff(engine, default_tables()) == []
 
         command.downgrade(cfg, "base")

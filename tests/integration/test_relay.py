@@ -10,12 +10,13 @@ from __future__ import annotations
 import datetime as dt
 import json
 import threading
+import time
 
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from outbox import Outbox, OutgoingMessage, SchemaMissing, SingleRelayOnly, admin, default_tables
+from outbox import Outbox, OutgoingMessage, SchemaMissing, admin, default_tables
 from outbox.brokers.base import Outcome
 from outbox.brokers.memory import MemoryPublisher
 from outbox.config import RelayConfig
@@ -204,14 +205,24 @@ def test_missing_tables_name_the_fix(fresh_database: str) -> None:
 
 
 @pytest.mark.parametrize("dialect_name", ["sqlite"], indirect=True)
-def test_sqlite_refuses_a_second_relay(engine: sa.Engine) -> None:
+def test_sqlite_second_relay_waits_as_a_standby_until_the_first_leaves(engine: sa.Engine, caplog) -> None:
     a = Relay(engine, MemoryPublisher(), config=cfg())
     a.start()
     b = Relay(engine, MemoryPublisher(), config=cfg())
-    with pytest.raises(SingleRelayOnly, match="supports a single relay"):
-        b.start()
-    a.close()
-    b.start()  # once the first one left, a new one may start
+    t = threading.Thread(target=b.start, daemon=True)
+    with caplog.at_level("WARNING", logger="outbox.relay"):
+        t.start()
+        deadline = time.monotonic() + 2 * a.config.lease_ttl  # longer than a lease: a keeps renewing
+        while time.monotonic() < deadline:
+            a.leases.register()
+            a.leases.rebalance()
+            assert not b.leases.joined and not b.leases.held, "a second SQLite relay must not run next to a live one"
+            time.sleep(0.2)
+        assert "standby" in caplog.text and a.relay_id in caplog.text
+        a.close()  # once the first one left, the standby takes over
+        t.join(30)
+    assert not t.is_alive() and b.leases.joined
+    assert len(b.leases.held) == 32
     b.close()
 
 
