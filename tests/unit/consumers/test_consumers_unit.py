@@ -264,3 +264,15 @@ def test_database_errors_are_classified_in_one_place():
 
     for exc, transient, data in _cases():
         assert (is_transient(exc), is_data_error(exc)) == (transient, data), exc
+
+
+def test_no_test_hook_in_production_code():
+    """Issue 10 item 16: no environment switch makes a consumer kill itself; tests bring their own hooks."""
+    import pathlib
+
+    import consumers
+
+    root = pathlib.Path(consumers.__file__).parent
+    for path in root.glob("*.py"):
+        text = path.read_text(encoding="utf-8")
+        assert "OUTBOX_TEST_" not in text and "SIGKILL" not in text, path
