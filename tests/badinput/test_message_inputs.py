@@ -177,8 +177,8 @@ KAFKA_CASES = [
          "processed once, then skipped as a duplicate",
          [kafka_msg(b"dup-1", expect=("processed", "dup-1")), kafka_msg(b"dup-1", expect=("duplicate", "dup-1"))]),
     case("messages (Kafka)", "msg-kafka-escape-lookalike-id", "id '~x:%FF-x' next to id b'\\xff-x'",
-         "both processed, as '~x:~x:%FF-x' and '~x:%FF-x'",
-         [kafka_msg(b"~x:%FF-x", expect=("processed", "~x:~x:%FF-x")),
+         "both processed, as '~x:~x:%25FF-x' and '~x:%FF-x'",
+         [kafka_msg(b"~x:%FF-x", expect=("processed", "~x:~x:%25FF-x")),
           kafka_msg(b"\xff-x", expect=("processed", "~x:%FF-x"))]),
 ]
 
