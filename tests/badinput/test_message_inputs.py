@@ -273,10 +273,12 @@ def check(engine: sa.Engine, sent: list[Msg], stats: Any, *, primer: str) -> Non
     want_effects = [m.expect[1] for m in sent if m.expect and m.expect[0] == "processed"]
     assert sorted(done) == sorted(want_effects), (done, want_effects)
     want_dead = sorted(((m.expect[2] or ""), m.expect[1]) for m in sent if m.expect and m.expect[0] == "dead")
-    got_dead = sorted(((d["message_id"] or ""), d["error"]) for d in dead)
+    got_dead = sorted(((d["message_id"] or ""), d["error"], d["attempts"]) for d in dead)
     assert len(got_dead) == len(want_dead), got_dead
-    for (want_id, fragment), (got_id, error) in zip(want_dead, got_dead, strict=True):
+    for (want_id, fragment), (got_id, error, attempts) in zip(want_dead, got_dead, strict=True):
         assert got_id == want_id and fragment in error, (got_id, error)
+        # retried up to max_attempts only when another try could help (not for data or decode errors)
+        assert attempts == (Catalogue.max_attempts if "on purpose" in fragment else 1), (got_id, error, attempts)
     for d in dead:
         assert len(d["topic"]) <= 249 and (d["key"] is None or len(d["key"]) <= 255)
     dups = sum(1 for m in sent if m.expect and m.expect[0] == "duplicate")

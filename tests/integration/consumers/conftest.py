@@ -190,7 +190,8 @@ def kafka_config() -> dict[str, object]:
 
 
 class TcpProxy:
-    """Forward 127.0.0.1:``port`` to ``target``; ``cut()`` drops the live connections (new ones still pass).
+    """Forward 127.0.0.1:``port`` to ``target``; ``cut()`` drops the live connections (new ones still pass),
+    ``down()`` / ``up()`` make an outage (live ones dropped, new ones closed at once).
 
     Faults are injected on our own proxy, never on the shared RabbitMQ.
     """
@@ -206,6 +207,8 @@ class TcpProxy:
         self._lock = threading.Lock()
         self._live: set[socket.socket] = set()
         self.connections = 0
+        self.refused = 0
+        self.refusing = False
         self._srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._srv.bind(("127.0.0.1", self.port))
@@ -213,7 +216,7 @@ class TcpProxy:
         threading.Thread(target=self._accept, daemon=True, name="tcp-proxy").start()
 
     def url(self, url: str) -> str:
-        """``url`` (amqp://user:pw@host:port/vhost) pointed at this proxy."""
+        """``url`` (scheme://user:pw@host:port/...) pointed at this proxy."""
         from urllib.parse import urlsplit, urlunsplit
 
         parts = urlsplit(url)
@@ -231,6 +234,14 @@ class TcpProxy:
                 s.shutdown(socket.SHUT_RDWR)
             s.close()
 
+    def down(self) -> None:
+        """An outage: live connections dropped, new ones closed at once, until ``up()``."""
+        self.refusing = True
+        self.cut()
+
+    def up(self) -> None:
+        self.refusing = False
+
     def close(self) -> None:
         import contextlib
 
@@ -247,6 +258,10 @@ class TcpProxy:
                 client, _ = self._srv.accept()
             except OSError:
                 return
+            if self.refusing:
+                self.refused += 1
+                client.close()
+                continue
             try:
                 upstream = socket.create_connection(self.target, timeout=5)
                 upstream.settimeout(None)
@@ -288,3 +303,16 @@ def rabbitmq_proxy(rabbitmq_url: str) -> Iterator[TcpProxy]:
     proxy = TcpProxy(parts.hostname or "127.0.0.1", parts.port or 5672)
     yield proxy
     proxy.close()
+
+
+@pytest.fixture
+def tcp_proxy() -> Iterator[Callable[[str, int], TcpProxy]]:
+    made: list[TcpProxy] = []
+
+    def make(host: str, port: int) -> TcpProxy:
+        made.append(TcpProxy(host, port))
+        return made[-1]
+
+    yield make
+    for p in made:
+        p.close()
