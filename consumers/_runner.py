@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import sqlalchemy as sa
 import tenacity
 
+from outbox._dberrors import is_transient
 from outbox._redact import mask_secrets
 from outbox.errors import ConfigurationError
 
@@ -75,6 +76,10 @@ class RunnerCore:
     def process(self, batch: Sequence[IncomingMessage]) -> list[Outcome] | None:
         """Process a batch; database trouble is retried (with backoff) until it works or ``stop()``.
 
+        A message's own bad data never gets here (it is dead-lettered inside ``process_batch``);
+        what does is the database's trouble (:func:`outbox._dberrors.is_transient`), and no try
+        of it counts against a message.
+
         ``None`` means stopped before the batch committed: acknowledge nothing.
         """
         attempt = 0
@@ -87,8 +92,9 @@ class RunnerCore:
                 state = tenacity.RetryCallState(retry_object=None, fn=None, args=(), kwargs={})  # type: ignore[arg-type]
                 state.attempt_number = attempt
                 delay = float(self._db_wait(state))
-                log.error("consumer %s: batch of %d not committed (%s); trying again in %.1fs",
-                          self.consumer.name, len(batch), mask_secrets(f"{type(exc).__name__}: {exc}"), delay)
+                kind = "database trouble" if is_transient(exc) else "unexpected error"
+                log.error("consumer %s: batch of %d not committed (%s: %s); trying again in %.1fs",
+                          self.consumer.name, len(batch), kind, mask_secrets(f"{type(exc).__name__}: {exc}"), delay)
                 if self._stop.wait(delay):
                     return None
         self._count(outcomes)

@@ -441,7 +441,11 @@ class DedupConsumer:
         *,
         sleep: Callable[[float], None] = time.sleep,
     ) -> list[Outcome]:
-        """Process messages to a final outcome (PROCESSED, DUPLICATE or DEAD), retrying in this thread."""
+        """Process messages to a final outcome (PROCESSED, DUPLICATE or DEAD), retrying in this thread.
+
+        Database trouble (a lost connection, a deadlock) raises, as from :meth:`process_batch`:
+        nothing of the failed batch committed.
+        """
         batch = [messages] if isinstance(messages, IncomingMessage) else list(messages)
         final: dict[int, Outcome] = {}
         pending = batch
