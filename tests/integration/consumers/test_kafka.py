@@ -154,3 +154,38 @@ def test_rebalance_mid_run(engine, effects, count_effects, recorder_cls, produce
             first.stop()
     for msg_id, _, _ in sent:
         assert count_effects(msg_id) == 1
+
+
+def test_issue_repro_long_message_id_via_outbox_consume(engine, db_url, effects, count_effects, helpers,
+                                                        kafka_bootstrap, kafka_topic, tmp_path):
+    """Issue 10 item 1, as filed: a 300-character ``message-id`` header, then ``outbox consume``.
+
+    It used to be dead-lettered with an INSERT the database refused, retried forever, and nothing
+    behind it was processed. Now it is processed under its stable ``~h:`` form, and so is the rest.
+    """
+    from confluent_kafka import Producer
+
+    from consumers.message import id_text
+
+    group = f"g-{uuid.uuid4().hex[:8]}"
+    after = items(5)
+    p = Producer({"bootstrap.servers": kafka_bootstrap})
+    for _ in range(2):  # the same long id twice: processed once
+        p.produce(kafka_topic, b"{}", key=b"k", headers=[("message-id", b"m" * 300)])
+    for msg_id, _key, payload in after:
+        p.produce(kafka_topic, payload, key=b"k", headers=[("message-id", msg_id.encode())])  # type: ignore[union-attr]
+    assert p.flush(30) == 0
+    (tmp_path / "crashcons.py").write_text(CONSUMER_MODULE.format(crash="never"))
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    cmd = [sys.executable, "-m", "outbox", "consume", "crashcons:Writer", "--db", db_url, "--kafka", kafka_bootstrap,
+           "--topic", kafka_topic, "--group", group, "--batch-timeout", "0.5",
+           "--consumer-config", "session.timeout.ms=6000", "--consumer-config", "heartbeat.interval.ms=500"]
+    proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stderr=subprocess.PIPE)
+    try:
+        helpers.wait(lambda: all(count_effects(m) == 1 for m, _, _ in after), 90, "the messages behind the long id")
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err.decode()[-2000:]
+    assert count_effects(id_text(b"m" * 300)) == 1 and count_effects() == 6
+    assert list_dead_letters(engine) == []
