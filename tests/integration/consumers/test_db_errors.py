@@ -138,3 +138,4 @@ def test_unique_ids_stay_unique(engine, effects, count_effects, recorder_cls, ma
     outcomes = consumer.process_batch(engine, [a, b])
     assert [o.status for o in outcomes] == [Status.PROCESSED, Status.PROCESSED]
     assert a.id.startswith("~x:") and a.id != b.id  # type: ignore[union-attr]
+
