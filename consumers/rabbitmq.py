@@ -235,7 +235,7 @@ class RabbitMQRunner(RunnerCore):
 
 
 def _header_text(value: object) -> str:
-    """A header value of any AMQP type as lossless text (tables and arrays as JSON-ish text)."""
+    """A header value of any AMQP type as lossless text (tables and arrays as their repr)."""
     if isinstance(value, (bytes, bytearray, str)):
         return text_form(value)
     if isinstance(value, (dict, list, tuple)):
