@@ -1,10 +1,8 @@
-"""What the Kafka and RabbitMQ runners share: settings checks, the DB-retry loop, test crash hooks."""
+"""What the Kafka and RabbitMQ runners share: settings checks and the DB-retry loop."""
 
 from __future__ import annotations
 
 import logging
-import os
-import signal
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -13,6 +11,7 @@ from dataclasses import dataclass
 import sqlalchemy as sa
 import tenacity
 
+from outbox._dberrors import is_transient
 from outbox._redact import mask_secrets
 from outbox.errors import ConfigurationError
 
@@ -20,19 +19,6 @@ from .base import DedupConsumer, Outcome, backoff
 from .message import IncomingMessage
 
 log = logging.getLogger("consumers.runner")
-
-#: Test hooks: SIGKILL the process right before / right after the first batch's DB commit.
-CRASH_BEFORE_DB_COMMIT_ENV = "OUTBOX_TEST_CRASH_BEFORE_DB_COMMIT"
-CRASH_AFTER_DB_COMMIT_ENV = "OUTBOX_TEST_CRASH_AFTER_DB_COMMIT"
-
-
-def _die() -> None:  # pragma: no cover - the process is gone
-    log.critical("test hook: killing this process now")
-    for h in logging.getLogger().handlers:
-        h.flush()
-    os.kill(os.getpid(), signal.SIGKILL)
-    time.sleep(10)
-
 
 @dataclass
 class RunnerStats:
@@ -75,8 +61,6 @@ class RunnerCore:
         self.stats = RunnerStats()
         self._stop = threading.Event()
         self._next_requeue_check = 0.0
-        self._crash_before = os.environ.get(CRASH_BEFORE_DB_COMMIT_ENV) == "1"
-        self._crash_after = os.environ.get(CRASH_AFTER_DB_COMMIT_ENV) == "1"
         self._db_wait = backoff(0.2, 10.0, 0.2)
 
     # ------------------------------------------------------------------ lifecycle
@@ -92,25 +76,27 @@ class RunnerCore:
     def process(self, batch: Sequence[IncomingMessage]) -> list[Outcome] | None:
         """Process a batch; database trouble is retried (with backoff) until it works or ``stop()``.
 
+        A message's own bad data never gets here (it is dead-lettered inside ``process_batch``);
+        what does is the database's trouble (:func:`outbox._dberrors.is_transient`), and no try
+        of it counts against a message.
+
         ``None`` means stopped before the batch committed: acknowledge nothing.
         """
-        before = _die if self._crash_before else None
         attempt = 0
         while True:
             attempt += 1
             try:
-                outcomes = self.consumer.process_batch(self.engine, batch, before_commit=before)
+                outcomes = self.consumer.process_batch(self.engine, batch)
                 break
             except Exception as exc:
                 state = tenacity.RetryCallState(retry_object=None, fn=None, args=(), kwargs={})  # type: ignore[arg-type]
                 state.attempt_number = attempt
                 delay = float(self._db_wait(state))
-                log.error("consumer %s: batch of %d not committed (%s); trying again in %.1fs",
-                          self.consumer.name, len(batch), mask_secrets(f"{type(exc).__name__}: {exc}"), delay)
+                kind = "database trouble" if is_transient(exc) else "unexpected error"
+                log.error("consumer %s: batch of %d not committed (%s: %s); trying again in %.1fs",
+                          self.consumer.name, len(batch), kind, mask_secrets(f"{type(exc).__name__}: {exc}"), delay)
                 if self._stop.wait(delay):
                     return None
-        if self._crash_after:
-            _die()
         self._count(outcomes)
         return outcomes
 

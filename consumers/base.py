@@ -34,15 +34,16 @@ import tenacity
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
+from outbox._dberrors import is_data_error, is_transient
 from outbox._identifiers import consumer_name
 from outbox._redact import mask_secrets
 from outbox.dialects import Dialect, dialect_for
 from outbox.errors import ConfigurationError, DecodeError, MessageIdMissing
-from outbox.schema import MESSAGE_ID_LENGTH, OutboxTables, default_tables
+from outbox.schema import OutboxTables, default_tables
 from outbox.serializers import Serializer
 
 from . import deadletters
-from .message import IncomingMessage, content_hash
+from .message import IncomingMessage, content_hash, id_text, storable_id
 
 __all__ = ["DedupConsumer", "Outcome", "Status"]
 
@@ -180,22 +181,29 @@ class DedupConsumer:
 
     # ------------------------------------------------------------------ ids and retries
     def identify(self, message: IncomingMessage) -> str:
-        """The dedup id of ``message``; raises :class:`MessageIdMissing` if there is no usable one."""
+        """The dedup id of ``message``; raises :class:`MessageIdMissing` if there is no usable one.
+
+        Ids are stored losslessly (see :func:`consumers.message.id_text`): a ``bytes`` or ``str``
+        id that is not plain UTF-8 text, holds NUL or is longer than 255 characters gets a
+        distinct, stable text form. ``message.id`` set by a runner is already in that form.
+        """
         if message.dead_letter_id is not None and message.id:
-            value: object = message.id
-        elif self.message_id is not None:
-            value = self.message_id(message)
+            return message.id  # as stored with the dead letter
+        if self.message_id is not None:
+            value: object = self.message_id(message)
+            if isinstance(value, (bytes, bytearray, memoryview)) and bytes(value).strip():
+                return id_text(value)
+            if isinstance(value, str) and value.strip():
+                return id_text(value)
         elif self.id_strategy == "content-hash":
-            value = content_hash(message.topic, message.key, message.payload)
+            return content_hash(message.topic, message.key, message.payload)
         else:
             value = message.id
-        if value is None or (isinstance(value, str) and not value.strip()):
+            if isinstance(value, str) and value.strip():
+                return value if storable_id(value) else id_text(value)
+        if value is None or isinstance(value, (str, bytes, bytearray, memoryview)):  # empty or blank
             raise MessageIdMissing("no message id")
-        if not isinstance(value, str):
-            raise MessageIdMissing(f"no message id: the extractor returned a {type(value).__name__}, not a str")
-        if len(value) > MESSAGE_ID_LENGTH:
-            raise MessageIdMissing(f"no message id: the id is longer than {MESSAGE_ID_LENGTH} characters")
-        return value
+        raise MessageIdMissing(f"no message id: the extractor returned a {type(value).__name__}, not a str")
 
     def retry_delay(self, attempt: int) -> float:
         """Seconds to wait after failed try number ``attempt`` (exponential, with jitter)."""
@@ -204,7 +212,9 @@ class DedupConsumer:
         return float(self._wait(state))
 
     def is_retriable(self, exc: BaseException) -> bool:
-        return not isinstance(exc, self.non_retriable)
+        """Whether another try of the message can help: not for ``non_retriable`` exceptions, nor
+        when the database refused the message's own values (:func:`outbox._dberrors.is_data_error`)."""
+        return not isinstance(exc, self.non_retriable) and not is_data_error(exc)
 
     # ------------------------------------------------------------------ the algorithm
     def session(self, engine: sa.Engine) -> Session:
@@ -231,7 +241,9 @@ class DedupConsumer:
         Each message is tried once (``message.attempt`` says which try it is). A failure gives
         ``RETRY`` (with ``retry_in``) or, after ``max_attempts`` tries or for a non-retriable
         error, ``DEAD`` (the dead-letter row commits with the batch). Later messages of the same
-        lane as a ``RETRY`` are ``SKIPPED``. Raises only for database trouble (nothing committed).
+        lane as a ``RETRY`` are ``SKIPPED``. Raises only for database trouble (nothing committed):
+        errors caused by one message's data, in the dead-letter path too, make that message
+        ``DEAD``; transient errors (:func:`outbox._dberrors.is_transient`) propagate.
         """
         outcomes: list[Outcome | None] = [None] * len(messages)
         now = _now()
@@ -275,7 +287,13 @@ class DedupConsumer:
                 conn = session.connection()
                 dialect = self.dialect(conn)
                 ids = list(dict.fromkeys(messages[i].id for i in work))  # type: ignore[misc]
-                new = dialect.insert_new_keys(conn, self.tables.processed, self._dedup_rows(ids, now), "message_id")
+                try:
+                    new = dialect.insert_new_keys(conn, self.tables.processed, self._dedup_rows(ids, now),
+                                                  "message_id")
+                except Exception as exc:
+                    if is_transient(exc):
+                        raise
+                    raise _FastPathFailed("dedup insert") from exc  # isolate the message it is about
                 results: list[dict[str, Any]] = []
                 dups: list[int] = []
                 for i in work:
@@ -360,6 +378,8 @@ class DedupConsumer:
         except Exception as exc:
             if sp.is_active:
                 sp.rollback()
+            if is_transient(exc):
+                raise  # the database's trouble, not the message's: the runner retries the batch
             return self._failed(conn, m, exc, now)
 
     def _failed(self, conn: Connection, m: IncomingMessage, exc: Exception, now: dt.datetime) -> Outcome:
@@ -421,7 +441,11 @@ class DedupConsumer:
         *,
         sleep: Callable[[float], None] = time.sleep,
     ) -> list[Outcome]:
-        """Process messages to a final outcome (PROCESSED, DUPLICATE or DEAD), retrying in this thread."""
+        """Process messages to a final outcome (PROCESSED, DUPLICATE or DEAD), retrying in this thread.
+
+        Database trouble (a lost connection, a deadlock) raises, as from :meth:`process_batch`:
+        nothing of the failed batch committed.
+        """
         batch = [messages] if isinstance(messages, IncomingMessage) else list(messages)
         final: dict[int, Outcome] = {}
         pending = batch

@@ -8,6 +8,8 @@ succeeded, or found that the message had in fact been processed).
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
+import json
 import traceback as tb
 from collections.abc import Sequence
 from typing import Any
@@ -15,11 +17,13 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from outbox._dberrors import is_transient
 from outbox._redact import mask_secrets
+from outbox.dialects import dialect_for
 from outbox.errors import ConfigurationError
-from outbox.schema import STATUS_DEAD, OutboxTables, default_tables
+from outbox.schema import KEY_LENGTH, STATUS_DEAD, TOPIC_LENGTH, OutboxTables, default_tables
 
-from .message import IncomingMessage
+from .message import IncomingMessage, bounded_text, id_text, storable_id, text_form
 
 __all__ = [
     "STATUS_REQUEUED",
@@ -35,17 +39,119 @@ STATUS_RESOLVED = "resolved"
 _STATUSES = (STATUS_DEAD, STATUS_REQUEUED, STATUS_RESOLVED)
 _MAX_ERROR = 4000
 _MAX_TRACEBACK = 8000
+CONTENT_TYPE_LENGTH = 127
 
 
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
 
 
+def _clean(text: str) -> str:
+    """Text any database stores: NUL written ``\\x00``, lone surrogates as ``\\udcXX``."""
+    if "\x00" in text:
+        text = text.replace("\x00", "\\x00")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
+
+
+def _storable(text: str) -> str:
+    """``text`` when a database stores it as it is, else its lossless :func:`text_form`."""
+    if "\x00" not in text:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            pass
+        else:
+            return text
+    return text_form(text)
+
+
 def describe_error(exc: BaseException) -> tuple[str, str]:
-    """``(one-line error, traceback summary)``, credentials masked, both bounded in size."""
-    error = mask_secrets(f"{type(exc).__name__}: {exc}")[:_MAX_ERROR]
+    """``(one-line error, traceback summary)``, credentials masked, both bounded in size, storable."""
+    error = _clean(mask_secrets(f"{type(exc).__name__}: {exc}"))[:_MAX_ERROR]
     text = "".join(tb.format_exception(type(exc), exc, exc.__traceback__, limit=8))
-    return error, mask_secrets(text)[-_MAX_TRACEBACK:]
+    return error, _clean(mask_secrets(text))[-_MAX_TRACEBACK:]
+
+
+def fingerprint(message: IncomingMessage) -> str:
+    """What identifies one message without an id across its redeliveries (for insert-if-absent).
+
+    Kafka: topic, partition and offset. Otherwise (RabbitMQ redelivers with a new delivery tag):
+    exchange, routing key, payload and headers.
+    """
+    h = hashlib.sha256()
+    if message.broker == "kafka" and message.partition is not None and message.offset is not None:
+        parts: list[bytes] = [b"kafka", message.topic.encode("utf-8", "surrogatepass"),
+                              str(message.partition).encode(), str(message.offset).encode()]
+    else:
+        headers = json.dumps(sorted((str(k), str(v)) for k, v in message.headers.items()))
+        parts = [str(message.broker).encode(), message.topic.encode("utf-8", "surrogatepass"),
+                 b"\x00" if message.key is None else b"\x01" + message.key.encode("utf-8", "surrogatepass"),
+                 bytes(message.payload), headers.encode("utf-8", "surrogatepass")]
+    for part in parts:
+        h.update(len(part).to_bytes(8, "big"))
+        h.update(part)
+    return h.hexdigest()
+
+
+def dead_letter_values(
+    consumer: str,
+    message: IncomingMessage,
+    error: str,
+    trace: str,
+    *,
+    attempts: int,
+    first_failed_at: dt.datetime,
+    now: dt.datetime,
+) -> dict[str, Any]:
+    """The dead-letter row of ``message``, every value fitted to its column.
+
+    Over-long texts (message id, topic, key, content type) get their :func:`bounded_text` form
+    (a stable prefix + SHA-256), NUL and bytes that are not UTF-8 their escaped form.
+    """
+    mid = message.id if isinstance(message.id, str) and message.id.strip() else None
+    source = {k: (_storable(v) if isinstance(v, str) else v) for k, v in message.source.items()}
+    if mid is None:
+        source["fingerprint"] = fingerprint(message)
+    return {
+        "consumer": consumer,
+        "message_id": None if mid is None else (mid if storable_id(mid) else id_text(mid)),
+        "topic": bounded_text(message.topic, TOPIC_LENGTH),
+        "key": None if message.key is None else bounded_text(message.key, KEY_LENGTH),
+        "payload": bytes(message.payload),
+        "headers": {_storable(str(k)): _storable(str(v)) for k, v in message.headers.items()} or None,
+        "content_type": None if message.content_type is None else bounded_text(message.content_type,
+                                                                                CONTENT_TYPE_LENGTH),
+        "source": source,
+        "error": error,
+        "traceback": trace,
+        "attempts": attempts,
+        "first_failed_at": first_failed_at,
+        "last_failed_at": now,
+        "status": STATUS_DEAD,
+    }
+
+
+def _existing(conn: Connection, t: sa.Table, values: dict[str, Any]) -> int | None:
+    """The open (dead or requeued) dead letter of the same message and consumer, if there is one."""
+    open_ = (t.c.consumer == values["consumer"], t.c.status.in_((STATUS_DEAD, STATUS_REQUEUED)))
+    if values["message_id"] is not None:
+        return conn.execute(
+            sa.select(t.c.id).where(*open_, t.c.message_id == values["message_id"]).order_by(t.c.id).limit(1)
+        ).scalar()
+    key = t.c.key.is_(None) if values["key"] is None else t.c.key == values["key"]
+    rows = conn.execute(
+        sa.select(t.c.id, t.c.source).where(*open_, t.c.message_id.is_(None), t.c.topic == values["topic"], key)
+        .order_by(t.c.id)
+    )
+    fp = values["source"]["fingerprint"]
+    for dead_id, source in rows:
+        if isinstance(source, dict) and source.get("fingerprint") == fp:
+            return int(dead_id)
+    return None
 
 
 def record_dead_letter(
@@ -59,7 +165,14 @@ def record_dead_letter(
     first_failed_at: dt.datetime | None = None,
     now: dt.datetime | None = None,
 ) -> None:
-    """Insert a dead letter, or for a requeued message put its row back to ``dead`` with the new error."""
+    """Insert a dead letter, or for a requeued message put its row back to ``dead`` with the new error.
+
+    Idempotent: when the same message (same id, or for a message without id the same
+    :func:`fingerprint`) already has an open dead letter of this consumer, that row is updated
+    (error, attempts, last failure), so a redelivery after a lost ack or a crash writes no second
+    row. A row the database refuses for its values (a data error) is stored again without the
+    refused parts, with the reason; a database outage propagates (the caller retries the batch).
+    """
     now = now or _now()
     error, trace = describe_error(exc)
     t = tables.dead_letters
@@ -71,24 +184,25 @@ def record_dead_letter(
                     last_failed_at=now)
         )
         return
-    conn.execute(
-        t.insert().values(
-            consumer=consumer,
-            message_id=message.id,
-            topic=message.topic,
-            key=message.key,
-            payload=bytes(message.payload),
-            headers=dict(message.headers) or None,
-            content_type=message.content_type,
-            source=message.source,
-            error=error,
-            traceback=trace,
-            attempts=attempts,
-            first_failed_at=first_failed_at or now,
-            last_failed_at=now,
-            status=STATUS_DEAD,
-        )
-    )
+    values = dead_letter_values(consumer, message, error, trace, attempts=attempts,
+                                first_failed_at=first_failed_at or now, now=now)
+    dialect_for(conn).ensure_transaction(conn)
+    existing = _existing(conn, t, values)
+    if existing is not None:
+        conn.execute(t.update().where(t.c.id == existing).values(
+            error=error, traceback=trace, attempts=t.c.attempts + attempts, last_failed_at=now))
+        return
+    try:
+        with conn.begin_nested():
+            conn.execute(t.insert().values(**values))
+    except sa.exc.StatementError as refused:
+        if is_transient(refused):
+            raise
+        reason = _clean(mask_secrets(f"{type(refused).__name__}: {refused}"))[:1000]
+        values.update(headers=None, content_type=None, payload=b"",
+                      error=f"{error[: _MAX_ERROR - 1200]} [dead letter stored without payload, headers and "
+                            f"content type: {reason}]")
+        conn.execute(t.insert().values(**values))
 
 
 def mark_resolved(conn: Connection, tables: OutboxTables, dead_id: int) -> None:

@@ -31,7 +31,7 @@ from outbox.errors import BrokerUnavailable, ConfigurationError
 
 from ._runner import RunnerCore, check_str, check_topics
 from .base import DedupConsumer, Outcome, Status
-from .message import IncomingMessage
+from .message import IncomingMessage, id_text, text_form
 
 __all__ = ["KafkaRunner"]
 
@@ -168,16 +168,21 @@ class KafkaRunner(RunnerCore):
 
     def _message(self, km: Message, tp: tuple[str, int]) -> IncomingMessage:
         headers: dict[str, str] = {}
+        msg_id: str | None = None
         for k, v in km.headers() or []:
             if v is None:
                 continue
-            headers[k] = v.decode("utf-8", "replace") if isinstance(v, (bytes, bytearray)) else str(v)
+            raw = v if isinstance(v, (bytes, bytearray, str)) else str(v)
+            name = text_form(k)
+            headers[name] = text_form(raw)
+            if name == MESSAGE_ID_HEADER:
+                msg_id = id_text(raw)  # lossless: b"\xff-x" and b"\xfe-x" stay two ids
         key = km.key()
         offset = km.offset() or 0
         msg = IncomingMessage(
-            id=headers.get(MESSAGE_ID_HEADER),
+            id=msg_id,
             topic=tp[0],
-            key=key.decode("utf-8", "replace") if isinstance(key, (bytes, bytearray)) else key,
+            key=text_form(key) if isinstance(key, (bytes, bytearray, str)) else None,
             payload=bytes(km.value() or b""),
             headers=headers,
             content_type=headers.get(CONTENT_TYPE_HEADER),

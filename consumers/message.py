@@ -3,12 +3,89 @@
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from outbox.schema import MESSAGE_ID_LENGTH
 from outbox.serializers import JSONSerializer, Serializer
 
-__all__ = ["IncomingMessage", "content_hash"]
+__all__ = ["ESCAPED_PREFIX", "HASHED_PREFIX", "IncomingMessage", "bounded_text", "content_hash", "id_text",
+           "storable_id", "text_form"]
+
+#: A text form that starts with this holds bytes that are not plain text (see :func:`text_form`).
+ESCAPED_PREFIX = "~x:"
+#: A text form that starts with this is an over-long value cut to a prefix plus its SHA-256.
+HASHED_PREFIX = "~h:"
+_RESERVED = (ESCAPED_PREFIX, HASHED_PREFIX)
+_ESCAPE = re.compile("[%\x00\udc80-\udcff]")
+
+
+def _escape_char(m: re.Match[str]) -> str:
+    c = m.group()
+    if c == "%":
+        return "%25"
+    if c == "\x00":
+        return "%00"
+    return f"%{ord(c) - 0xDC00:02X}"  # a byte that is not part of valid UTF-8 (surrogateescape)
+
+
+def text_form(value: bytes | bytearray | memoryview | str) -> str:
+    """A lossless, stable text form of an id, key or header value (bytes or str).
+
+    Valid UTF-8 (a str without lone surrogates) without NUL stays as it is, unless it starts with
+    ``~x:`` or ``~h:``. Anything else becomes ``~x:`` followed by the value with each byte that
+    is not valid UTF-8, each NUL and each ``%`` written ``%XX`` (a str is taken as its UTF-8
+    bytes, lone surrogates as ``surrogatepass`` bytes). Distinct values give distinct texts:
+    ``b"\\xff-x"`` -> ``"~x:%FF-x"``, ``b"\\xfe-x"`` -> ``"~x:%FE-x"``, ``"a\\x00b"`` -> ``"~x:a%00b"``.
+    """
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raw = value.encode("utf-8", "surrogatepass")
+        else:
+            if "\x00" not in value and not value.startswith(_RESERVED):
+                return value
+            raw = value.encode("utf-8")
+    else:
+        raw = bytes(value)
+    text = raw.decode("utf-8", "surrogateescape")
+    if "\x00" not in text and not _has_surrogates(text) and not text.startswith(_RESERVED):
+        return text
+    return ESCAPED_PREFIX + _ESCAPE.sub(_escape_char, text)
+
+
+def _has_surrogates(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def bounded_text(value: bytes | bytearray | memoryview | str, limit: int) -> str:
+    """:func:`text_form` of ``value``, at most ``limit`` characters.
+
+    A longer form becomes ``~h:`` + its first characters + ``~`` + the SHA-256 (hex) of the whole
+    form: the same value always gives the same text, and two different values stay different.
+    """
+    text = text_form(value)
+    if len(text) <= limit:
+        return text
+    digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
+    keep = max(0, limit - len(HASHED_PREFIX) - 1 - len(digest))
+    return f"{HASHED_PREFIX}{text[:keep]}~{digest}"[:limit] if keep else digest[:limit]
+
+
+def storable_id(text: str) -> bool:
+    """True for a str that is already a stored id form (no NUL, no lone surrogate, at most 255 characters)."""
+    return len(text) <= MESSAGE_ID_LENGTH and "\x00" not in text and not _has_surrogates(text)
+
+
+def id_text(value: bytes | bytearray | memoryview | str) -> str:
+    """The stored form of a message id: :func:`bounded_text` to the id column's 255 characters."""
+    return bounded_text(value, MESSAGE_ID_LENGTH)
 
 _DEFAULT_SERIALIZER = JSONSerializer()
 _UNSET: Any = object()

@@ -29,7 +29,7 @@ from outbox.errors import BrokerUnavailable, ConfigurationError
 
 from ._runner import RunnerCore, check_str
 from .base import DedupConsumer, Outcome, Status, backoff
-from .message import IncomingMessage
+from .message import IncomingMessage, id_text, text_form
 
 __all__ = ["RabbitMQRunner", "declare_queue"]
 
@@ -151,18 +151,29 @@ class RabbitMQRunner(RunnerCore):
 
     def _on_message(self, ch: BlockingChannel, method: Any, props: pika.BasicProperties, body: bytes) -> None:
         headers: dict[str, str] = {}
+        raw_id: object = None
         for k, v in (props.headers or {}).items():
             if v is None:
                 continue
-            headers[str(k)] = v.decode("utf-8", "replace") if isinstance(v, (bytes, bytearray)) else str(v)
-        msg_id = props.message_id or headers.get(MESSAGE_ID_HEADER)
+            name = text_form(k) if isinstance(k, (bytes, str)) else text_form(str(k))
+            headers[name] = _header_text(v)
+            if name == MESSAGE_ID_HEADER:
+                raw_id = v
+        if props.message_id:  # a shortstr: str, or bytes when it is not valid UTF-8
+            raw_id = props.message_id
+        msg_id: str | None = None
+        if isinstance(raw_id, (bytes, bytearray, str)):
+            msg_id = id_text(raw_id)
+        elif raw_id is not None and not isinstance(raw_id, (dict, list, tuple)):
+            msg_id = id_text(str(raw_id))  # an int or a decimal header: its text
+        content_type = props.content_type
         msg = IncomingMessage(
             id=msg_id,
-            topic=method.exchange or self.queue,
-            key=method.routing_key,
+            topic=text_form(method.exchange or self.queue),
+            key=text_form(method.routing_key) if method.routing_key is not None else None,
             payload=bytes(body),
             headers=headers,
-            content_type=props.content_type,
+            content_type=text_form(content_type) if isinstance(content_type, (bytes, str)) else None,
             delivery_tag=method.delivery_tag,
             redelivered=bool(method.redelivered),
             raw=(method, props, body),
@@ -221,6 +232,15 @@ class RabbitMQRunner(RunnerCore):
             raw_id = m.raw[1].message_id if isinstance(m.raw, tuple) else None
             if raw_id:
                 self._failures.pop(raw_id, None)
+
+
+def _header_text(value: object) -> str:
+    """A header value of any AMQP type as lossless text (tables and arrays as their repr)."""
+    if isinstance(value, (bytes, bytearray, str)):
+        return text_form(value)
+    if isinstance(value, (dict, list, tuple)):
+        return text_form(repr(value))
+    return text_form(str(value))
 
 
 def _close_quietly(conn: pika.BlockingConnection) -> None:

@@ -31,6 +31,7 @@ from typing import Any, ClassVar, TypeVar
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
+from outbox._dberrors import is_transient
 from outbox.errors import ConfigurationError, MessageIdMissing
 
 from . import deadletters
@@ -140,6 +141,8 @@ class StagedConsumer(DedupConsumer):
             try:
                 outcome = self._run(engine, m, before_commit)
             except Exception as exc:
+                if is_transient(exc):
+                    raise  # the database's trouble: the runner retries the batch
                 with engine.begin() as conn:
                     outcome = self._failed(conn, m, exc, now)
                 if outcome.status is Status.RETRY and m.lane is not None:

@@ -57,41 +57,63 @@ def test_end_to_end_poison_and_restart(engine, effects, count_effects, recorder_
 
 
 CONSUMER_MODULE = textwrap.dedent('''
+    import os
+    import signal
+
     import sqlalchemy as sa
     from consumers import DedupConsumer
+
+    CRASH = {crash!r}
+
+
+    def die():
+        os.kill(os.getpid(), signal.SIGKILL)
+
 
     class Writer(DedupConsumer):
         name = "test.crash"
 
         def handle(self, session, message):
             session.execute(sa.text("INSERT INTO test_consumer_effects (message_id, value) VALUES (:m, 'x')"),
-                            {"m": message.id})
+                            {{"m": message.id}})
+
+
+    class CrashingWriter(Writer):
+        """The test's crash hook: SIGKILL right before / right after the first batch's DB commit."""
+
+        def process_batch(self, engine, messages, *, before_commit=None):
+            if CRASH == "before":
+                return super().process_batch(engine, messages, before_commit=die)
+            outcomes = super().process_batch(engine, messages, before_commit=before_commit)
+            die()
+            return outcomes
 ''')
 
 
-@pytest.mark.parametrize("crash", ["OUTBOX_TEST_CRASH_AFTER_DB_COMMIT", "OUTBOX_TEST_CRASH_BEFORE_DB_COMMIT"])
+@pytest.mark.parametrize("crash", ["after", "before"])
 def test_sigkill_around_the_db_commit(crash, engine, db_url, effects, count_effects, produce, committed, helpers,
                                       kafka_bootstrap, kafka_topic, tmp_path):
     group = f"g-{uuid.uuid4().hex[:8]}"
     batch = items(20)
     produce(kafka_topic, batch)
-    (tmp_path / "crashcons.py").write_text(CONSUMER_MODULE)
-    env = {**os.environ, crash: "1", "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    cmd = [sys.executable, "-m", "outbox", "consume", "crashcons:Writer", "--db", db_url, "--kafka", kafka_bootstrap,
-           "--topic", kafka_topic, "--group", group, "--batch-size", "50", "--batch-timeout", "2",
-           "--consumer-config", "session.timeout.ms=6000", "--consumer-config", "heartbeat.interval.ms=500"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, timeout=120, cwd=tmp_path)
+    (tmp_path / "crashcons.py").write_text(CONSUMER_MODULE.format(crash=crash))
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    args = ["--db", db_url, "--kafka", kafka_bootstrap, "--topic", kafka_topic, "--group", group, "--batch-size", "50",
+            "--batch-timeout", "2", "--consumer-config", "session.timeout.ms=6000",
+            "--consumer-config", "heartbeat.interval.ms=500"]
+    proc = subprocess.run([sys.executable, "-m", "outbox", "consume", "crashcons:CrashingWriter", *args], env=env,
+                          capture_output=True, timeout=120, cwd=tmp_path)
     assert proc.returncode == -9, proc.stderr.decode()[-2000:]
     after_crash = count_effects()
-    if crash == "OUTBOX_TEST_CRASH_AFTER_DB_COMMIT":
+    if crash == "after":
         assert after_crash > 0  # the first batch committed in the database ...
     else:
         assert after_crash == 0  # killed before the commit: nothing happened
     assert all(o < 0 for o in committed(group, kafka_topic).values())  # ... but no offset was committed
 
     # restart (no crash hook): the redelivered messages are no-ops, the rest processed once
-    env.pop(crash)
-    proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stderr=subprocess.PIPE)
+    proc = subprocess.Popen([sys.executable, "-m", "outbox", "consume", "crashcons:Writer", *args], env=env,
+                            cwd=tmp_path, stderr=subprocess.PIPE)
     try:
         helpers.wait(lambda: count_effects() == 20 and sum(committed(group, kafka_topic).values()) == 20, 90,
                      "20 effects and offsets committed")
@@ -132,3 +154,38 @@ def test_rebalance_mid_run(engine, effects, count_effects, recorder_cls, produce
             first.stop()
     for msg_id, _, _ in sent:
         assert count_effects(msg_id) == 1
+
+
+def test_issue_repro_long_message_id_via_outbox_consume(engine, db_url, effects, count_effects, helpers,
+                                                        kafka_bootstrap, kafka_topic, tmp_path):
+    """Issue 10 item 1, as filed: a 300-character ``message-id`` header, then ``outbox consume``.
+
+    It used to be dead-lettered with an INSERT the database refused, retried forever, and nothing
+    behind it was processed. Now it is processed under its stable ``~h:`` form, and so is the rest.
+    """
+    from confluent_kafka import Producer
+
+    from consumers.message import id_text
+
+    group = f"g-{uuid.uuid4().hex[:8]}"
+    after = items(5)
+    p = Producer({"bootstrap.servers": kafka_bootstrap})
+    for _ in range(2):  # the same long id twice: processed once
+        p.produce(kafka_topic, b"{}", key=b"k", headers=[("message-id", b"m" * 300)])
+    for msg_id, _key, payload in after:
+        p.produce(kafka_topic, payload, key=b"k", headers=[("message-id", msg_id.encode())])  # type: ignore[union-attr]
+    assert p.flush(30) == 0
+    (tmp_path / "crashcons.py").write_text(CONSUMER_MODULE.format(crash="never"))
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    cmd = [sys.executable, "-m", "outbox", "consume", "crashcons:Writer", "--db", db_url, "--kafka", kafka_bootstrap,
+           "--topic", kafka_topic, "--group", group, "--batch-timeout", "0.5",
+           "--consumer-config", "session.timeout.ms=6000", "--consumer-config", "heartbeat.interval.ms=500"]
+    proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stderr=subprocess.PIPE)
+    try:
+        helpers.wait(lambda: all(count_effects(m) == 1 for m, _, _ in after), 90, "the messages behind the long id")
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err.decode()[-2000:]
+    assert count_effects(id_text(b"m" * 300)) == 1 and count_effects() == 6
+    assert list_dead_letters(engine) == []

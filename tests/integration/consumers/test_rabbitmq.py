@@ -46,21 +46,21 @@ def items(n: int) -> list[tuple[str | None, bytes]]:
     return [(str(uuid.uuid4()), json.dumps({"n": i}).encode()) for i in range(n)]
 
 
-def test_end_to_end_poison_and_reconnect(engine, effects, count_effects, recorder_cls, helpers, rabbitmq_url, queue):
+def test_end_to_end_poison_and_reconnect(engine, effects, count_effects, recorder_cls, helpers, rabbitmq_url, queue,
+                                         rabbitmq_proxy):
     good = items(30)
     poison = (str(uuid.uuid4()), b'{"n": -1}')
     consumer = recorder_cls(max_attempts=4, retry_initial=0.05, retry_max=0.2)
     consumer.failing = {poison[0]}
     publish(rabbitmq_url, queue["exchange"], [poison, *good[:15], (None, b'{"n": -2}')])
-    runner = RabbitMQRunner(consumer, engine=engine, url=rabbitmq_url, queue=queue["queue"], batch_size=5,
-                            batch_timeout=0.1)
+    runner = RabbitMQRunner(consumer, engine=engine, url=rabbitmq_proxy.url(rabbitmq_url), queue=queue["queue"],
+                            batch_size=5, batch_timeout=0.1)
     with helpers.threaded(runner):
         helpers.wait(lambda: count_effects() == 15 and len(list_dead_letters(engine)) == 2, 60,
                      "15 effects and 2 dead letters")
         assert runner.connections == 1
-        # close every connection from the server side; the runner reconnects and carries on
-        subprocess.run(["rabbitmqctl", "close_all_connections", "test: reconnect"], check=True, capture_output=True,
-                       timeout=60)
+        # cut the connection (our own proxy, never the shared RabbitMQ); the runner reconnects and carries on
+        rabbitmq_proxy.cut()
         helpers.wait(lambda: runner.connections >= 2, 60, "a reconnect")
         publish(rabbitmq_url, queue["exchange"], good[15:])
         helpers.wait(lambda: count_effects() == 30, 60, "30 effects")
@@ -74,8 +74,12 @@ def test_end_to_end_poison_and_reconnect(engine, effects, count_effects, recorde
 
 
 CONSUMER_MODULE = textwrap.dedent('''
+    import os
+    import signal
+
     import sqlalchemy as sa
     from consumers import DedupConsumer
+
 
     class Writer(DedupConsumer):
         name = "test.crash-rmq"
@@ -83,6 +87,15 @@ CONSUMER_MODULE = textwrap.dedent('''
         def handle(self, session, message):
             session.execute(sa.text("INSERT INTO test_consumer_effects (message_id, value) VALUES (:m, 'x')"),
                             {"m": message.id})
+
+
+    class CrashingWriter(Writer):
+        """The test's crash hook: SIGKILL right after the first batch's DB commit, before any ack."""
+
+        def process_batch(self, engine, messages, *, before_commit=None):
+            outcomes = super().process_batch(engine, messages, before_commit=before_commit)
+            os.kill(os.getpid(), signal.SIGKILL)
+            return outcomes
 ''')
 
 
@@ -91,19 +104,19 @@ def test_killed_before_ack_redelivery_is_a_noop(engine, db_url, effects, count_e
     sent = items(12)
     publish(rabbitmq_url, queue["exchange"], sent)
     (tmp_path / "crashrmq.py").write_text(CONSUMER_MODULE)
-    env = {**os.environ, "OUTBOX_TEST_CRASH_AFTER_DB_COMMIT": "1",
-           "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    cmd = [sys.executable, "-m", "outbox", "consume", "crashrmq:Writer", "--db", db_url, "--rabbitmq", rabbitmq_url,
-           "--queue", queue["queue"], "--batch-size", "20", "--batch-timeout", "1"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, timeout=120, cwd=tmp_path)
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    args = ["--db", db_url, "--rabbitmq", rabbitmq_url, "--queue", queue["queue"], "--batch-size", "20",
+            "--batch-timeout", "1"]
+    proc = subprocess.run([sys.executable, "-m", "outbox", "consume", "crashrmq:CrashingWriter", *args], env=env,
+                          capture_output=True, timeout=120, cwd=tmp_path)
     assert proc.returncode == -9, proc.stderr.decode()[-2000:]
     assert "guest:guest" not in proc.stderr.decode()  # the URL's password is masked in every line
     done = count_effects()
     assert done > 0
     helpers.wait(lambda: queue_depth(rabbitmq_url, queue["queue"]) == 12, 30, "the unacked messages back in the queue")
 
-    env.pop("OUTBOX_TEST_CRASH_AFTER_DB_COMMIT")
-    proc2 = subprocess.Popen(cmd, env=env, cwd=tmp_path, stderr=subprocess.PIPE)
+    proc2 = subprocess.Popen([sys.executable, "-m", "outbox", "consume", "crashrmq:Writer", *args], env=env,
+                             cwd=tmp_path, stderr=subprocess.PIPE)
     try:
         helpers.wait(lambda: count_effects() == 12 and queue_depth(rabbitmq_url, queue["queue"]) == 0, 60,
                      "12 effects and an empty queue")
@@ -113,3 +126,36 @@ def test_killed_before_ack_redelivery_is_a_noop(engine, db_url, effects, count_e
     assert proc2.returncode == 0, err.decode()[-2000:]
     for msg_id, _ in sent:
         assert count_effects(msg_id) == 1
+
+
+
+def test_connection_lost_mid_batch_writes_each_dead_letter_once(engine, effects, count_effects, recorder_cls, helpers,
+                                                                rabbitmq_url, queue, rabbitmq_proxy):
+    """Issue 10 item 3: the batch committed (dead letters included), then the connection died before the
+    acks/rejects: RabbitMQ redelivers the whole batch. The dead letters must not be written twice."""
+    good = items(10)
+    poison = (str(uuid.uuid4()), b'{"n": -1}')
+    cuts: list[int] = []
+
+    class CutAfterCommit(recorder_cls):  # type: ignore[misc, valid-type]
+        def process_batch(self, engine, messages, *, before_commit=None):
+            outcomes = super().process_batch(engine, messages, before_commit=before_commit)
+            if not cuts and any(o.status.value == "dead" for o in outcomes):
+                cuts.append(len(outcomes))
+                rabbitmq_proxy.cut()  # committed, not yet acked/rejected
+            return outcomes
+
+    consumer = CutAfterCommit(max_attempts=1)
+    consumer.failing = {poison[0]}
+    publish(rabbitmq_url, queue["exchange"], [*good[:5], poison, (None, b'{"n": -2}'), *good[5:]])
+    runner = RabbitMQRunner(consumer, engine=engine, url=rabbitmq_proxy.url(rabbitmq_url), queue=queue["queue"],
+                            batch_size=20, batch_timeout=0.5)
+    with helpers.threaded(runner):
+        helpers.wait(lambda: cuts and runner.connections >= 2, 60, "the cut and a reconnect")
+        helpers.wait(lambda: queue_depth(rabbitmq_url, queue["dlq"]) == 2, 60, "both dead messages rejected")
+        helpers.wait(lambda: queue_depth(rabbitmq_url, queue["queue"]) == 0, 60, "an empty queue")
+    assert runner.stats.dead >= 4  # each dead message was dead-lettered in both deliveries ...
+    dead = list_dead_letters(engine)
+    assert sorted(d["message_id"] or "" for d in dead) == sorted(["", poison[0]])  # ... but written once
+    assert {d["message_id"]: d["attempts"] for d in dead}[poison[0]] == 2
+    assert count_effects() == 10

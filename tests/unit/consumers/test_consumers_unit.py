@@ -58,9 +58,16 @@ def test_content_hash_is_unambiguous():
 def test_identify():
     c = Named()
     assert c.identify(msg()) == "m-1"
-    for bad in (None, "", "   ", "x" * 256):
+    for bad in (None, "", "   "):
         with pytest.raises(MessageIdMissing, match="no message id"):
             c.identify(msg(id=bad))
+    long = c.identify(msg(id="x" * 256))  # over-long: a stable prefix + hash, not a dead letter
+    assert len(long) == 255 and long.startswith("~h:xxx") and long == c.identify(msg(id="x" * 256))
+    assert c.identify(msg(id="x" * 256)) != c.identify(msg(id="x" * 257))
+    assert c.identify(msg(id="a\x00b")) == "~x:a%00b"
+    assert Named(message_id=lambda m: b"\xff-x").identify(msg()) == "~x:%FF-x"
+    with pytest.raises(MessageIdMissing, match="no message id"):
+        Named(message_id=lambda m: b"  ").identify(msg())
     assert Named(id_strategy="content-hash").identify(msg(id=None)) == content_hash("orders", "k", b'{"a": 1}')
     assert Named(message_id=lambda m: m.headers.get("x")).identify(msg(headers={"x": "custom"})) == "custom"
     with pytest.raises(MessageIdMissing):
@@ -166,3 +173,106 @@ def test_consume_cli_errors(capsys):
 def test_public_api():
     for name in consumers.__all__:
         assert getattr(consumers, name) is not None
+
+
+# ------------------------------------------------------------------ lossless id text (issue 10, items 1 and 2)
+
+
+@pytest.mark.parametrize("a, b", [
+    (b"\xff-x", b"\xfe-x"),            # both were '\ufffd-x': the second was dropped as a duplicate
+    (b"\xff-x", "\ufffd-x"),
+    (b"a\x00b", "a"),
+    (b"a\x00b", "ab"),
+    ("~x:%FF-x", b"\xff-x"),            # a valid id that looks like an escaped one stays distinct
+    ("~h:" + "m" * 300, "m" * 300),
+    ("m" * 300, "m" * 299 + "n"),       # two long ids that share their first 255 characters
+    ("a%00b", "a\x00b"),
+])
+def test_id_text_is_injective(a, b):
+    from consumers.message import id_text
+
+    assert id_text(a) != id_text(b)
+
+
+@pytest.mark.parametrize("value", [b"\xff-x", "a\x00b", "m" * 300, b"\x00" * 300, "é" * 254, "\udcff", "ok", ""])
+def test_id_text_is_stable_and_storable(value):
+    from consumers.message import id_text, storable_id
+
+    text = id_text(value)
+    assert text == id_text(value) and storable_id(text)
+    assert len(text) <= 255 and "\x00" not in text
+    text.encode("utf-8")  # no lone surrogate: every database driver can send it
+
+
+def test_id_text_keeps_plain_ids():
+    from consumers.message import id_text, text_form
+
+    for plain in ("7f1c2d9e-0f6a-4c59-9d59-8a3c0a3c9b11", "order:42/é", "x" * 255, "a%b"):
+        assert id_text(plain) == plain == id_text(plain.encode())
+    assert text_form(b"\xff-x") == "~x:%FF-x" and text_form("~x:a") == "~x:~x:a"
+    assert text_form("100%\x00") == "~x:100%25%00"
+
+
+# ------------------------------------------------------------------ error classification (outbox._dberrors)
+
+
+class _Orig(Exception):
+    def __init__(self, *args, sqlstate=None):
+        super().__init__(*args)
+        self.sqlstate = sqlstate
+
+
+def _wrap(cls, orig, invalidated=False):
+    import sqlalchemy as sa
+
+    exc = cls("INSERT ...", {}, orig, connection_invalidated=invalidated)
+    assert isinstance(exc, sa.exc.DBAPIError)
+    return exc
+
+
+def _cases():
+    import sqlalchemy as sa
+
+    e = sa.exc
+    return [
+        # (exception, transient, data error)
+        (_wrap(e.DataError, _Orig("value too long", sqlstate="22001")), False, True),
+        (_wrap(e.DataError, _Orig("NUL bytes")), False, True),
+        (_wrap(e.IntegrityError, _Orig("dup", sqlstate="23505")), False, True),
+        (_wrap(e.OperationalError, _Orig(1406, "Data too long for column")), False, True),
+        (_wrap(e.OperationalError, _Orig(1264, "Out of range value")), False, True),
+        (_wrap(e.InternalError, _Orig(1366, "Incorrect string value")), False, True),
+        (_wrap(e.OperationalError, _Orig(1213, "Deadlock found")), True, False),
+        (_wrap(e.OperationalError, _Orig(1205, "Lock wait timeout exceeded")), True, False),
+        (_wrap(e.OperationalError, _Orig(2013, "Lost connection")), True, False),
+        (_wrap(e.OperationalError, _Orig("deadlock detected", sqlstate="40P01")), True, False),
+        (_wrap(e.OperationalError, _Orig("server closed the connection", sqlstate="08006")), True, False),
+        (_wrap(e.OperationalError, _Orig("terminating connection", sqlstate="57P01")), True, False),
+        (_wrap(e.OperationalError, _Orig("database is locked")), True, False),
+        (_wrap(e.DataError, _Orig("x"), invalidated=True), True, False),
+        (_wrap(e.InterfaceError, _Orig("connection already closed")), True, False),
+        (_wrap(e.ProgrammingError, _Orig("relation does not exist", sqlstate="42P01")), False, False),
+        (_wrap(e.OperationalError, _Orig("no such table: x")), False, False),
+        (e.TimeoutError("QueuePool limit"), True, False),
+        (ConnectionResetError(), True, False),
+        (RuntimeError("handler bug"), False, False),
+    ]
+
+
+def test_database_errors_are_classified_in_one_place():
+    from outbox._dberrors import is_data_error, is_transient
+
+    for exc, transient, data in _cases():
+        assert (is_transient(exc), is_data_error(exc)) == (transient, data), exc
+
+
+def test_no_test_hook_in_production_code():
+    """Issue 10 item 16: no environment switch makes a consumer kill itself; tests bring their own hooks."""
+    import pathlib
+
+    import consumers
+
+    root = pathlib.Path(consumers.__file__).parent
+    for path in root.glob("*.py"):
+        text = path.read_text(encoding="utf-8")
+        assert "OUTBOX_TEST_" not in text and "SIGKILL" not in text, path
