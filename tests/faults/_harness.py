@@ -288,24 +288,38 @@ class KafkaTarget:
                              "enable.auto.commit": False, "auto.offset.reset": "earliest", "log_level": 0,
                              "session.timeout.ms": 6000})
         try:
-            high = {}
-            for p in range(self.partitions):
-                _low, hi = consumer.get_watermark_offsets(TopicPartition(self.topic, p), timeout=15, cached=False)
-                high[p] = hi
+            def watermarks() -> dict[int, int]:
+                return {p: consumer.get_watermark_offsets(TopicPartition(self.topic, p), timeout=15, cached=False)[1]
+                        for p in range(self.partitions)}
+
             consumer.assign([TopicPartition(self.topic, p, OFFSET_BEGINNING) for p in range(self.partitions)])
-            nxt = dict.fromkeys(high, 0)
+            nxt = dict.fromkeys(range(self.partitions), 0)
             got: list[tuple[str, int]] = []
             deadline = time.monotonic() + timeout
-            while any(nxt[p] < high[p] for p in high):
+            high = watermarks()
+            quiet = 0
+            # tansu's watermarks can lag behind what a fetch returns: read until they are reached,
+            # they did not move since, and a last poll brings nothing new
+            while True:
                 if time.monotonic() > deadline:
                     raise AssertionError(f"reader did not reach the high watermarks {high} (at {nxt})")
-                for msg in consumer.consume(num_messages=1000, timeout=0.5):
+                msgs = consumer.consume(num_messages=1000, timeout=0.5)
+                for msg in msgs:
                     if msg.error():
                         continue
-                    nxt[msg.partition()] = msg.offset() + 1
+                    nxt[msg.partition()] = max(nxt[msg.partition()], msg.offset() + 1)
                     body = json.loads(msg.value())
                     if "seq" in body:
                         got.append((body["key"], int(body["seq"])))
+                if all(nxt[p] >= high[p] for p in high):
+                    again = watermarks()
+                    if again != high:
+                        high = again
+                        continue
+                    quiet = quiet + 1 if not msgs else 0
+                    if quiet >= 2:
+                        break
+            self.last_watermarks = high
             return got
         finally:
             consumer.close()

@@ -436,7 +436,13 @@ def test_fault(db: str, broker: str, fault: str, env_for: Callable[[str, str], E
     r = c.result(drained_s=drained)
     bound = r.batch * max(1, r.faults)
     record_case({**r.__dict__, "bound": bound})
-    print(f"{db}-{broker}-{fault}: {r.summary()}")
+    print(f"\n{db}-{broker}-{fault}: {r.summary()}")
+    if r.missing and isinstance(c.target, KafkaTarget):
+        print("watermarks", c.target.last_watermarks)
+        got = c.target.read_all()
+        print("reread", len(got), [g for g in got if g[1] in r.missing_first])
+        for rel in c.relays:
+            print(rel.log()[-4000:])
     if failure is not None:
         raise AssertionError(f"{r.summary()}\n{failure}")
     _check(c, r, fault, broker, bound)
