@@ -435,6 +435,8 @@ class Case:
         """seq -> why it is not expected at the broker (hand-corrupted rows)"""
         self.faults = 0
         self.notes: list[str] = []
+        self.expectations: list[tuple[bool, str]] = []
+        """case-specific (holds, what) checks, asserted after the common ones"""
         self._next = 0
         self.t0 = time.monotonic()
         self.box = Outbox()

@@ -9,8 +9,10 @@ connection to the target, one thread per direction. The test can then, at any mo
 - ``resume()``: forward again, held bytes first.
 - ``cut_after(n)``: close every live connection (FIN both ways) once ``n`` more bytes have gone
   through it (either direction, counted per connection); ``n=0`` cuts at once.
-- ``refuse()`` / ``accept()``: refuse new connections (accepted and reset at once, so the client
-  sees ``ECONNRESET``/refused without a timeout) or take them again. Live ones are untouched.
+- ``refuse()`` / ``accept()``: refuse new connections or take them again; live ones are untouched.
+  ``refuse()`` closes the listening socket, so a client gets ``ECONNREFUSED`` as from a stopped
+  server; ``refuse(reset=True)`` accepts and resets at once, as a TCP load balancer with no
+  healthy backend does.
 - ``reset()``: abort every live connection with a TCP RST (``SO_LINGER`` 0), as a crashed or
   restarted peer would.
 
@@ -82,13 +84,20 @@ class FaultProxy:
         self._refusing = False
         self._cut_budget: int | None = None
         self._stats = ProxyStats()
-        self._srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._srv.bind(("127.0.0.1", port))
-        self._srv.listen(128)
-        self.port: int = self._srv.getsockname()[1]
         self._closed = False
-        self._acceptor = threading.Thread(target=self._accept_loop, daemon=True, name=f"fault-proxy:{self.port}")
+        self._srv: socket.socket | None = None
+        self.port = port
+        self._listen()
+
+    def _listen(self) -> None:
+        srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        srv.bind(("127.0.0.1", self.port))
+        srv.listen(128)
+        self.port = srv.getsockname()[1]
+        self._srv = srv
+        self._acceptor = threading.Thread(target=self._accept_loop, args=(srv,), daemon=True,
+                                          name=f"fault-proxy:{self.port}")
         self._acceptor.start()
 
     # ------------------------------------------------------------------ control
@@ -109,13 +118,24 @@ class FaultProxy:
     def paused(self) -> bool:
         return self._paused
 
-    def refuse(self) -> None:
+    def refuse(self, *, reset: bool = False) -> None:
         with self._lock:
             self._refusing = True
+            srv = None if reset else self._srv
+            if srv is not None:
+                self._srv = None
+        if srv is not None:
+            with contextlib.suppress(OSError):
+                srv.shutdown(socket.SHUT_RDWR)
+            srv.close()
+            self._acceptor.join(5)
 
     def accept(self) -> None:
         with self._lock:
             self._refusing = False
+            if self._srv is not None or self._closed:
+                return
+        self._listen()
 
     def cut_after(self, nbytes: int) -> None:
         """Cut each live connection after ``nbytes`` more bytes; new connections are not affected."""
@@ -171,10 +191,12 @@ class FaultProxy:
 
     def close(self) -> None:
         self._closed = True
-        with contextlib.suppress(OSError):
-            self._srv.shutdown(socket.SHUT_RDWR)
-        with contextlib.suppress(OSError):
-            self._srv.close()
+        srv, self._srv = self._srv, None
+        if srv is not None:
+            with contextlib.suppress(OSError):
+                srv.shutdown(socket.SHUT_RDWR)
+            with contextlib.suppress(OSError):
+                srv.close()
         self.resume()
         with self._lock:
             conns = list(self._conns)
@@ -189,10 +211,10 @@ class FaultProxy:
         self.close()
 
     # ------------------------------------------------------------------ forwarding
-    def _accept_loop(self) -> None:
+    def _accept_loop(self, srv: socket.socket) -> None:
         while not self._closed:
             try:
-                client, _ = self._srv.accept()
+                client, _ = srv.accept()
             except OSError:
                 return
             with self._lock:

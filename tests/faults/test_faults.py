@@ -287,9 +287,11 @@ def broker_cut_rabbitmq(env: Env) -> Case:
     return c
 
 
-def broker_reset_rabbitmq(env: Env) -> Case:
+def broker_reset_rabbitmq(env: Env, *, lb: bool = False) -> Case:
     """The RabbitMQ variant of a broker restart (the shared broker is never restarted): while a batch
-    is being published, every connection gets an RST and new ones are refused for 3 s."""
+    is being published, every connection gets an RST and new ones are refused for 3 s (the listener
+    closed: ECONNREFUSED, as from a stopped broker; with ``lb``, accepted and reset at once, as a
+    TCP load balancer with no healthy backend does)."""
     proxy, url = _rabbit_proxy(env)
     c = env.case()
     a = c.relay("A", broker=url)
@@ -300,12 +302,18 @@ def broker_reset_rabbitmq(env: Env) -> Case:
     base = proxy.stats().bytes_up
     a.release("before_publish")
     proxy.wait_for(lambda s: s.bytes_up > base + 2000, 30, "the batch to be on the wire")
-    proxy.refuse()
+    proxy.refuse(reset=lb)
     proxy.reset()
+    if lb:
+        proxy.wait_for(lambda s: s.refused >= 1, 30, "the relay to try to reconnect")
     fault_duration(3)
     proxy.accept()
     c.faults = 1
     return c
+
+
+def broker_reset_lb_rabbitmq(env: Env) -> Case:
+    return broker_reset_rabbitmq(env, lb=True)
 
 
 CORRUPTIONS: dict[str, dict[str, Any]] = {
@@ -351,6 +359,7 @@ def idle_then_traffic(env: Env) -> Case:
         fault_duration(0.1)
     dropped = proxy.stats().live == 0
     c.notes.append(f"idle {time.monotonic() - t:.0f} s; connection {'dropped by the broker' if dropped else 'kept'}")
+    c.expectations.append((not dropped, "the idle relay kept its RabbitMQ connection (heartbeats serviced)"))
     c.write(N - 200)
     c.faults = 1
     return c
@@ -374,12 +383,14 @@ FAULTS: dict[str, Callable[[Env], Case]] = {
     "broker-restart": broker_restart_kafka,
     "broker-cut": broker_cut_rabbitmq,
     "broker-reset": broker_reset_rabbitmq,
+    "broker-reset-lb": broker_reset_lb_rabbitmq,
     "corrupt-rows": corrupt_rows,
     "idle-then-traffic": idle_then_traffic,
 }
 #: which brokers each fault runs on (broker-restart on RabbitMQ is broker-reset: the broker is shared)
 BROKERS = {"broker-pause": ("kafka",), "broker-restart": ("kafka",), "broker-cut": ("rabbitmq",),
-           "broker-reset": ("rabbitmq",), "idle-then-traffic": ("rabbitmq",), "sigstop-70s-defaults": ("kafka",)}
+           "broker-reset": ("rabbitmq",), "broker-reset-lb": ("rabbitmq",), "idle-then-traffic": ("rabbitmq",),
+           "sigstop-70s-defaults": ("kafka",)}
 DATABASES = {"sigstop-70s-defaults": ("postgresql",)}
 #: faults after which per-key order is not guaranteed on a broker (the remaining windows)
 ORDER_NOT_COVERED = {("sigstop-after-claim", "rabbitmq")}
@@ -387,6 +398,8 @@ ORDER_NOT_COVERED = {("sigstop-after-claim", "rabbitmq")}
 ITEM3 = "issue 9 item 3 (a frozen relay publishes its stale batch); fixed on branch relaycore"
 ITEM1_KAFKA = "issue 9 item 1 (Kafka producer not recovered after a long outage); fixed on branch brokers"
 ITEM1_RABBIT = "issue 9 item 1 (RabbitMQ heartbeats not serviced while idle); fixed on branch brokers"
+UNASSIGNED_PIKA = ("found by this suite, not assigned in issue 9: a connection reset while pika connects raises "
+                   "ValueError ('Expected connected socket'), which the relay does not treat as transient: it exits 1")
 ITEM2 = "issue 9 items 2 and 8 (a bad row crashes the relay / stays pending); fixed on branch badrows"
 #: (fault, db, broker) -> xfail reason; None matches any
 KNOWN_FAILURES: dict[tuple[str, str | None, str | None], str] = {
@@ -395,6 +408,8 @@ KNOWN_FAILURES: dict[tuple[str, str | None, str | None], str] = {
     ("broker-pause", None, "kafka"): ITEM1_KAFKA,
     ("idle-then-traffic", None, "rabbitmq"): ITEM1_RABBIT,
     ("corrupt-rows", None, None): ITEM2,
+    ("broker-restart", None, "kafka"): ITEM1_KAFKA,
+    ("broker-reset-lb", None, "rabbitmq"): UNASSIGNED_PIKA,
 }
 
 
@@ -457,6 +472,8 @@ def _check(c: Case, r: Result, fault: str, broker: str, bound: int) -> None:
         _check_corrupted(c, r)
     else:
         assert r.dead == 0, f"rows went dead: {r.summary()}"
+    for holds, what in c.expectations:
+        assert holds, f"expected: {what}; {r.summary()}"
     if fault == "idle-then-traffic":
         logs = "".join(rel.log() for rel in c.relays)
         assert "Traceback" not in logs, f"tracebacks in the relay log:\n{logs[-3000:]}"

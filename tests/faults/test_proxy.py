@@ -89,17 +89,26 @@ def test_cut_after_n_bytes(proxy: FaultProxy) -> None:
 
 
 def test_refuse_new_connections_then_accept_again(proxy: FaultProxy) -> None:
-    proxy.refuse()
+    with _client(proxy) as live:
+        proxy.refuse()
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", proxy.port), timeout=5)
+        live.sendall(b"still")  # a live connection is untouched
+        assert _recv_exactly(live, 5) == b"still"
+        proxy.accept()
+        with _client(proxy) as c2:
+            c2.sendall(b"ok")
+            assert _recv_exactly(c2, 2) == b"ok"
+
+
+def test_refuse_with_reset_accepts_then_resets(proxy: FaultProxy) -> None:
+    proxy.refuse(reset=True)
     c = socket.create_connection(("127.0.0.1", proxy.port), timeout=5)
     with c, pytest.raises((ConnectionResetError, BrokenPipeError)):
+        proxy.wait_for(lambda s: s.refused == 1, 5, "the refusal")
         c.sendall(b"x")
         if not c.recv(1):
             raise ConnectionResetError("closed")
-    proxy.wait_for(lambda s: s.refused == 1, 5, "the refusal")
-    proxy.accept()
-    with _client(proxy) as c2:
-        c2.sendall(b"ok")
-        assert _recv_exactly(c2, 2) == b"ok"
 
 
 def test_reset_aborts_live_connections_with_rst(proxy: FaultProxy) -> None:
