@@ -148,9 +148,10 @@ def sigstop_after_claim(env: Env) -> Case:
     c = env.case()
     a, _b = two_relays(c, extra=_kafka_timeouts(env, 4000), sets=["publish_timeout=5"])
     a.arm("after_claim", "stop")
-    c.write(N)
+    c.write(200)  # A claims a few rows per partition, the rest is written while it is frozen
     ev = a.wait_point("after_claim")
     a.wait_stopped_by_signal()
+    c.write(N - 200)
     t = time.monotonic()
     # the freeze: no event ends it early unless B has sent all it can (then A's wake-up is the fault)
     while time.monotonic() - t < 20 and not (time.monotonic() - t >= TTL + 5 + 4 and c.pending() <= ev["rows"]):
@@ -162,14 +163,17 @@ def sigstop_after_claim(env: Env) -> Case:
 
 
 def sigstop_70s_defaults(env: Env) -> Case:
-    """Two relays with default settings (TTL 15 s, batch 1000); A is SIGSTOPped for 70 s right after a claim."""
+    """Two relays with default settings (TTL 15 s, batch 1000); A is SIGSTOPped for 70 s right after a claim.
+
+    70 s is past the lease TTL (15 s) plus the takeover guard (TTL + publish timeout, 45 s today)."""
     c = env.case()
     c.batch = 1000
     a, _b = two_relays(c, defaults=True)
     a.arm("after_claim", "stop")
-    c.write(5000)
+    c.write(200)  # A claims a few rows per partition, the rest is written while it is frozen
     ev = a.wait_point("after_claim")
     a.wait_stopped_by_signal()
+    c.write(3000)
     fault_duration(70)
     c.notes.append(f"A froze 70 s holding {ev['rows']} claimed rows")
     a.cont()
@@ -403,7 +407,7 @@ UNASSIGNED_PIKA = ("found by this suite, not assigned in issue 9: a connection r
 ITEM2 = "issue 9 items 2 and 8 (a bad row crashes the relay / stays pending); fixed on branch badrows"
 #: (fault, db, broker) -> xfail reason; None matches any
 KNOWN_FAILURES: dict[tuple[str, str | None, str | None], str] = {
-    ("sigstop-after-claim", None, "kafka"): ITEM3,
+    ("sigstop-after-claim", "postgresql", "kafka"): ITEM3,  # MariaDB passes today: InnoDB makes B wait
     ("sigstop-70s-defaults", None, "kafka"): ITEM3,
     ("broker-pause", None, "kafka"): ITEM1_KAFKA,
     ("idle-then-traffic", None, "rabbitmq"): ITEM1_RABBIT,
