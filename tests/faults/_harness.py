@@ -551,6 +551,7 @@ class Case:
         bad_exits = {k: v for k, v in codes.items() if v not in (0, None, -signal.SIGKILL)}
         if bad_exits:
             self.notes.append(f"exit codes {bad_exits}")
+        self.expectations.append((not bad_exits, f"every relay not SIGKILLed exits 0 on SIGTERM (got {codes})"))
         got = self.target.read_all()
         stats = analyse(got, self.expected)
         for _ in range(read_retries):  # tansu: a later reader may see records an earlier one missed
