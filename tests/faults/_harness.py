@@ -284,15 +284,18 @@ class KafkaTarget:
         """(key, seq) of every record, per partition in offset order, read up to the high watermarks."""
         from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
+        # read_committed (librdkafka's default, spelled out): should the relay produce in transactions,
+        # what an aborted transaction carried does not count as delivered
         consumer = Consumer({"bootstrap.servers": self.bootstrap, "group.id": f"faults-{uuid.uuid4().hex[:8]}",
                              "enable.auto.commit": False, "auto.offset.reset": "earliest", "log_level": 0,
-                             "session.timeout.ms": 6000})
+                             "session.timeout.ms": 6000, "isolation.level": "read_committed"})
         try:
             def watermarks() -> dict[int, int]:
                 return {p: consumer.get_watermark_offsets(TopicPartition(self.topic, p), timeout=15, cached=False)[1]
                         for p in range(self.partitions)}
 
-            consumer.assign([TopicPartition(self.topic, p, OFFSET_BEGINNING) for p in range(self.partitions)])
+            assigned = [TopicPartition(self.topic, p, OFFSET_BEGINNING) for p in range(self.partitions)]
+            consumer.assign(assigned)
             nxt = dict.fromkeys(range(self.partitions), 0)
             got: list[tuple[str, int]] = []
             deadline = time.monotonic() + timeout
@@ -311,6 +314,10 @@ class KafkaTarget:
                     body = json.loads(msg.value())
                     if "seq" in body:
                         got.append((body["key"], int(body["seq"])))
+                # the position also moves past transaction markers, which are never returned as messages
+                for tp in consumer.position([TopicPartition(self.topic, p) for p in range(self.partitions)]):
+                    if tp.offset >= 0:
+                        nxt[tp.partition] = max(nxt[tp.partition], tp.offset)
                 if all(nxt[p] >= high[p] for p in high):
                     again = watermarks()
                     if again != high:
