@@ -103,12 +103,13 @@ def test_refuse_new_connections_then_accept_again(proxy: FaultProxy) -> None:
 
 def test_refuse_with_reset_accepts_then_resets(proxy: FaultProxy) -> None:
     proxy.refuse(reset=True)
-    c = socket.create_connection(("127.0.0.1", proxy.port), timeout=5)
-    with c, pytest.raises((ConnectionResetError, BrokenPipeError)):
-        proxy.wait_for(lambda s: s.refused == 1, 5, "the refusal")
-        c.sendall(b"x")
-        if not c.recv(1):
-            raise ConnectionResetError("closed")
+    with pytest.raises((ConnectionResetError, BrokenPipeError)):  # at connect, or at the first send/recv
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as c:
+            proxy.wait_for(lambda s: s.refused == 1, 5, "the refusal")
+            c.sendall(b"x")
+            if not c.recv(1):
+                raise ConnectionResetError("closed")
+    assert proxy.stats().refused == 1
 
 
 def test_reset_aborts_live_connections_with_rst(proxy: FaultProxy) -> None:
