@@ -486,6 +486,9 @@ def _check(c: Case, r: Result, fault: str, broker: str, bound: int) -> None:
 def _check_corrupted(c: Case, r: Result) -> None:
     o = TABLES.outbox
     with c.engine.connect() as conn:
+        dead_keys = set(conn.execute(sa.select(o.c.key).where(o.c.status == "dead")).scalars())
+    assert all(k and k.startswith("bad-") for k in dead_keys), f"good rows went dead: {sorted(dead_keys)[:10]}"
+    with c.engine.connect() as conn:
         rows = {k: (s, e) for k, s, e in conn.execute(
             sa.select(o.c.key, o.c.status, o.c.last_error).where(o.c.key.like("bad-%")))}
     for kind in CORRUPTIONS:
