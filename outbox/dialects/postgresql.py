@@ -14,7 +14,7 @@ from sqlalchemy.sql import Insert
 
 from .._redact import mask_secrets
 from ..errors import ConfigurationError
-from .base import Dialect
+from .base import Blocker, Dialect
 
 log = logging.getLogger("outbox.relay")
 
@@ -41,13 +41,14 @@ class PostgreSQLDialect(Dialect):
         return select.with_for_update(skip_locked=True)
 
     def due_ids(
-        self, table: sa.Table, partitions: Sequence[int], per_partition: int, due: Any, blocked: Sequence[str],
+        self, table: sa.Table, partitions: Sequence[int], per_partition: int, due: Any, blocked: Sequence[Blocker],
         after: Mapping[int, int] | None = None,
     ) -> sa.Subquery:
         """One LATERAL index read per partition, over ``unnest(:partitions)``.
 
-        The statement text does not depend on how many partitions are held (arrays, not IN
-        lists), so psycopg can prepare it once and the server plans it once.
+        The statement text does not depend on how many partitions are held nor on how many
+        (topic, key) pairs are blocked (arrays, not IN lists), so psycopg can prepare it once and
+        the server plans it once (one form without blockers, one with).
         """
         after = after or {}
         parts = sa.func.unnest(
@@ -58,8 +59,13 @@ class PostgreSQLDialect(Dialect):
             table.c.partition == parts.c.part, table.c.status == "pending", table.c.available_at == due,
             table.c.id > parts.c.after_id)
         if blocked:
-            q = q.where(sa.or_(table.c.key.is_(None), table.c.key != sa.all_(
-                sa.bindparam("claim_blocked", list(blocked), type_=pg.ARRAY(sa.String())))))
+            blk = sa.func.unnest(
+                sa.bindparam("claim_block_topics", [b.topic for b in blocked], type_=pg.ARRAY(sa.String())),
+                sa.bindparam("claim_block_keys", [b.key for b in blocked], type_=pg.ARRAY(sa.String())),
+                sa.bindparam("claim_block_ids", [b.id for b in blocked], type_=pg.ARRAY(sa.BigInteger())),
+            ).table_valued("topic", "key", "id").render_derived(name="blocker")
+            q = q.where(~sa.exists().where(blk.c.topic == table.c.topic, blk.c.key == table.c.key,
+                                           table.c.id > blk.c.id))
         per = q.order_by(table.c.id).limit(per_partition).lateral("per_partition")
         return sa.select(per.c.id, per.c.partition).select_from(parts.join(per, sa.true())).subquery("claimable")
 

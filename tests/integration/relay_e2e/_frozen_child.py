@@ -29,13 +29,13 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+import sqlalchemy as sa
+
 from outbox.brokers import KafkaPublisher
 from outbox.brokers.base import PublishResult
 from outbox.config import RelayConfig
 from outbox.message import OutboxRecord
 from outbox.relay import Relay
-
-import sqlalchemy as sa
 
 
 def say(event: str, **kw: Any) -> None:
