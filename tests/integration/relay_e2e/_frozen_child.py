@@ -15,7 +15,8 @@ Points (``freeze``):
 - ``none``: never.
 
 Before stopping itself it prints one JSON line ``{"event": "frozen", "ids": [...], "keys": [...]}``
-(the rows of the batch in hand, or none for ``before_claim``) on stdout. SIGTERM stops the relay
+(the rows of the batch in hand, or none for ``before_claim``) on stdout. ``pg_options`` (e.g.
+``"-c idle_in_transaction_session_timeout=6000"``) is passed to PostgreSQL connections. SIGTERM stops the relay
 cleanly; ``{"event": "done", ...}`` is printed at the end.
 """
 
@@ -89,7 +90,8 @@ def main() -> None:
     spec = json.loads(sys.argv[1])
     logging.basicConfig(level=spec.get("log_level", "INFO"), stream=sys.stderr,
                         format="%(asctime)s " + spec["relay_id"] + " %(levelname)s %(message)s")
-    engine = sa.create_engine(spec["url"], pool_pre_ping=True)
+    connect_args = {"options": spec["pg_options"]} if spec.get("pg_options") else {}
+    engine = sa.create_engine(spec["url"], pool_pre_ping=True, connect_args=connect_args)
     publisher = KafkaPublisher(bootstrap_servers=spec["bootstrap"])
     config = RelayConfig(relay_id=spec["relay_id"], batch_size=spec.get("batch_size", 100),
                          lease_ttl=spec.get("lease_ttl", 3.0), publish_timeout=spec.get("publish_timeout", 2.0),
