@@ -363,7 +363,7 @@ class Relay:
                 n += 1
             cut += len(claimed) - n
             keep.extend(by_id[i] for i in claimed[:n])
-            if claimed == want:  # nothing of it skipped (nor left out by the batch limit)
+            if n == len(claimed):  # nothing skipped before the last row claimed: a clean claim
                 self._suspect.discard(p)
         if cut:
             log.debug("left %d claimed row(s) for the next round: an earlier row of their partition was locked", cut)

@@ -64,8 +64,11 @@ class PostgreSQLDialect(Dialect):
                 sa.bindparam("claim_block_keys", [b.key for b in blocked], type_=pg.ARRAY(sa.String())),
                 sa.bindparam("claim_block_ids", [b.id for b in blocked], type_=pg.ARRAY(sa.BigInteger())),
             ).table_valued("topic", "key", "id").render_derived(name="blocker")
-            q = q.where(~sa.exists().where(blk.c.topic == table.c.topic, blk.c.key == table.c.key,
-                                           table.c.id > blk.c.id))
+            # cheap test first: most rows' keys block nothing, so the correlated NOT EXISTS runs
+            # only for rows of a blocked key
+            keys = sa.bindparam("claim_blocked_keys", sorted({b.key for b in blocked}), type_=pg.ARRAY(sa.String()))
+            q = q.where(sa.or_(table.c.key != sa.all_(keys), ~sa.exists().where(
+                blk.c.topic == table.c.topic, blk.c.key == table.c.key, table.c.id > blk.c.id)))
         per = q.order_by(table.c.id).limit(per_partition).lateral("per_partition")
         return sa.select(per.c.id, per.c.partition).select_from(parts.join(per, sa.true())).subquery("claimable")
 
