@@ -6,6 +6,8 @@ production module has no switch for it. Usage (see test_frozen_relay.py)::
     python _frozen_child.py '{"url": ..., "bootstrap": ..., "relay_id": "A", "freeze": "after_claim",
                               "batch_size": 100, "lease_ttl": 3, "publish_timeout": 2}'
 
+(``"rabbitmq": URL`` instead of ``"bootstrap"`` publishes to RabbitMQ.)
+
 Points (``freeze``):
 
 - ``after_claim``: right after the claim returned rows (their locks held), before publishing;
@@ -32,7 +34,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from outbox.brokers import KafkaPublisher
+from outbox.brokers import KafkaPublisher, RabbitMQPublisher
 from outbox.brokers.base import PublishResult
 from outbox.config import RelayConfig
 from outbox.message import OutboxRecord
@@ -92,7 +94,10 @@ def main() -> None:
                         format="%(asctime)s " + spec["relay_id"] + " %(levelname)s %(message)s")
     connect_args = {"options": spec["pg_options"]} if spec.get("pg_options") else {}
     engine = sa.create_engine(spec["url"], pool_pre_ping=True, connect_args=connect_args)
-    publisher = KafkaPublisher(bootstrap_servers=spec["bootstrap"])
+    if spec.get("rabbitmq"):
+        publisher: Any = RabbitMQPublisher(url=spec["rabbitmq"], declare_exchanges=True)
+    else:
+        publisher = KafkaPublisher(bootstrap_servers=spec["bootstrap"])
     config = RelayConfig(relay_id=spec["relay_id"], batch_size=spec.get("batch_size", 100),
                          lease_ttl=spec.get("lease_ttl", 3.0), publish_timeout=spec.get("publish_timeout", 2.0),
                          poll_interval=0.1, progress_interval=0)

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from .conftest import REPO, TABLES, Got, KafkaReader, _env, wait_until, write
+from .conftest import REPO, TABLES, Got, KafkaReader, RabbitReader, _env, declare_queue, wait_until, write
 
 CHILD = Path(__file__).with_name("_frozen_child.py")
 TTL = 3.0
@@ -104,15 +104,42 @@ def _lease_expired_for(engine: sa.Engine, owner: str) -> float:
     return (dt.datetime.now(dt.timezone.utc) - latest).total_seconds()
 
 
+@pytest.fixture
+def broker(request, readers):
+    """(topic, relay spec entries, make a fresh reader) for Kafka or RabbitMQ."""
+    if request.param == "kafka":
+        bootstrap, topic = request.getfixturevalue("kafka_bootstrap"), request.getfixturevalue("kafka_topic")
+
+        def kafka() -> KafkaReader:
+            r = KafkaReader(bootstrap, topic)
+            readers.append(r)
+            return r
+
+        return topic, {"bootstrap": bootstrap}, kafka
+    url, names = request.getfixturevalue("rabbitmq_url"), request.getfixturevalue("amqp_names")
+    declare_queue(url, names["exchange"], names["queue"])
+
+    def rabbit() -> RabbitReader:
+        r = RabbitReader(url, names["queue"])
+        readers.append(r)
+        return r
+
+    return names["exchange"], {"rabbitmq": url}, rabbit
+
+
+CASES = [pytest.param(db, "kafka", point, id=f"{db}-kafka-{point}")
+         for db in ("postgresql", "mariadb") for point in ("after_claim", "mid_publish", "before_mark", "before_claim")]
+CASES += [pytest.param("postgresql", "rabbitmq", point, id=f"postgresql-rabbitmq-{point}")
+          for point in ("after_claim", "mid_publish")]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("point", ["after_claim", "mid_publish", "before_mark", "before_claim"])
-@pytest.mark.parametrize("dialect", ["postgresql", "mariadb"])
-def test_a_relay_frozen_inside_its_round_never_breaks_per_key_order(
-        dialect, point, db, kafka_bootstrap, kafka_topic, readers, tmp_path):
+@pytest.mark.parametrize(("dialect", "broker", "point"), CASES, indirect=["broker"])
+def test_a_relay_frozen_inside_its_round_never_breaks_per_key_order(dialect, broker, point, db, tmp_path):
     d = db(dialect)
-    write(d.engine, kafka_topic, range(N), keys=KEYS)
-    spec = {"url": d.url, "bootstrap": kafka_bootstrap, "lease_ttl": TTL, "publish_timeout": PUBLISH_TIMEOUT,
-            "batch_size": 100}
+    topic, target, fresh_reader = broker
+    write(d.engine, topic, range(N), keys=KEYS)
+    spec = {"url": d.url, **target, "lease_ttl": TTL, "publish_timeout": PUBLISH_TIMEOUT, "batch_size": 100}
     a = Child({**spec, "relay_id": "A", "freeze": point}, tmp_path / "a.log")
     b = None
     try:
@@ -132,9 +159,7 @@ def test_a_relay_frozen_inside_its_round_never_breaks_per_key_order(
         for c in (a, b):
             if c is not None:
                 c.stop()
-    reader = KafkaReader(kafka_bootstrap, kafka_topic)
-    readers.append(reader)
-    got = reader.wait_seqs(set(range(N)), timeout=90)
+    got = fresh_reader().wait_seqs(set(range(N)), timeout=90)
     bad = keys_out_of_order(got)
     assert not bad, (f"{len(bad)} of {KEYS} keys out of order after a freeze at {point} "
                      f"(A's batch: {len(batch)} rows); first: {next(iter(bad.items()))}")
