@@ -6,7 +6,9 @@ sorted list of live relay ids). A relay holds a partition through a lease row wi
 expiry and a fencing ``generation`` that goes up on every change of owner. Taking a lease is a
 compare-and-set on (partition, generation), so two relays can never both win it; marking rows
 after a publish re-checks the generation in the same transaction (see :meth:`LeaseManager.fence`),
-so a relay whose lease lapsed can never touch rows that another relay now owns.
+so a relay whose lease lapsed can never touch rows that another relay now owns. And a claim locks
+its lease rows for the whole claim-publish-mark transaction (:meth:`LeaseManager.lock_for_claim`),
+which a takeover must wait out, so a relay paused mid-batch is never overtaken by a new owner.
 """
 
 from __future__ import annotations
@@ -51,12 +53,8 @@ class LeaseManager:
     """partition -> generation this relay holds it under."""
     partition_count: int = 0
     acquired_at: dict[int, float] = field(default_factory=dict)
-    """partition -> monotonic time this relay took it over from a relay whose lease lapsed."""
-
-    def recently_acquired(self, window: float) -> set[int]:
-        """Partitions taken over less than ``window`` seconds ago (a previous owner may still be busy)."""
-        now = time.monotonic()
-        return {p for p, t in self.acquired_at.items() if p in self.held and now - t < window}
+    """partition -> monotonic time this relay took it over from a relay whose lease lapsed (for logs
+    and tests; ordering no longer depends on it: see :meth:`lock_for_claim`)."""
 
     # ---------------------------------------------------------------- membership
     def register(self) -> None:

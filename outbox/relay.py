@@ -2,16 +2,20 @@
 
 One round, in one database transaction per batch:
 
-1. claim up to ``batch_size`` pending, available rows of the partitions this relay leases, in
-   ``id`` order within each partition (``FOR UPDATE SKIP LOCKED`` where the database has it);
+1. lock the lease rows of the partitions this relay holds (so no other relay can take them over
+   until this transaction ends, and leases lost meanwhile are not claimed from), then claim up to
+   ``batch_size`` pending, available rows of those partitions, in ``id`` order within each
+   partition (``FOR UPDATE SKIP LOCKED`` where the database has it), leaving out, under strict
+   ordering, rows behind an earlier dead or backing-off row of their (topic, key);
 2. publish them and wait for the broker's verdict on each (Kafka acks / RabbitMQ confirms);
 3. re-check the partition leases' fencing generations in the same transaction, then delete the
    delivered rows (or mark them ``published`` in audit mode), give failed rows a backoff, and mark
    permanently failed or exhausted rows ``dead``; commit.
 
 A crash anywhere before the commit leaves the rows pending, so they are published again: at least
-once, never lost. Rows are only ever read after their writer committed, so a rolled-back message
-is never published.
+once, never lost. A pause anywhere (GC, SIGSTOP) delays the relay's partitions but cannot reorder
+them: per (topic, key), first deliveries are in id order. Rows are only ever read after their
+writer committed, so a rolled-back message is never published.
 """
 
 from __future__ import annotations
