@@ -148,3 +148,28 @@ def test_status_shows_blocked_rows_and_what_blocks_them(engine: sa.Engine, db_ur
     assert text.returncode == 0, text.stderr
     assert "1 due now" in text.stdout and "100 blocked" in text.stdout
     assert f"behind row {ids[0]}, dead" in text.stdout and "MSG_SIZE_TOO_LARGE" in text.stdout
+
+
+def test_cli_purge_says_what_it_releases_and_with_blocked_drops_the_poison_key(engine: sa.Engine, db_url: str,
+                                                                             capsys) -> None:
+    from outbox.cli import main
+
+    def poison() -> None:
+        add(engine, [("orders", "poison", q) for q in range(3)])
+        pub = MemoryPublisher()
+        pub.fail(lambda rec: rec.key == "poison", Outcome.FAILED, "poison")
+        r = relay(engine, pub)
+        r.drain()
+        r.close()
+
+    poison()
+    assert main(["dead", "purge", "--db", db_url, "--key", "poison"]) == 0
+    out, err = capsys.readouterr()
+    assert "purged 1 message(s)" in out and "2 pending message(s)" in err and "--with-blocked" in err
+    with engine.begin() as c:
+        c.execute(T.delete())
+    poison()
+    assert main(["dead", "purge", "--db", db_url, "--key", "poison", "--with-blocked", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"purged": 3}
+    with engine.connect() as c:
+        assert c.execute(sa.select(sa.func.count()).select_from(T)).scalar_one() == 0
