@@ -10,22 +10,99 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from ._rows import KNOWN_STATUSES, MAX_PARTITION
+from .dialects.base import blocking_rows
 from .message import partition_for
 from .schema import DUE_NOW, STATUS_DEAD, STATUS_PENDING, STATUS_PUBLISHED, OutboxTables, default_tables
 from .writer import DEFAULT_PARTITIONS
 
-__all__ = ["dead_filter", "get_dead", "list_dead", "outbox_status", "purge_dead", "requeue_dead"]
+__all__ = [
+    "blocked_rows", "dead_filter", "get_dead", "list_dead", "outbox_status", "pending_behind", "purge_dead",
+    "requeue_dead",
+]
+
+#: at most this many blocking messages are listed by :func:`blocked_rows` (the totals count all)
+MAX_BLOCKERS_LISTED = 100
 
 
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
 
 
+def _blocked_select(tables: OutboxTables, now: dt.datetime) -> sa.Select[Any]:
+    """Per blocking row: (topic, key, id, rows held back behind it, of those due now, oldest created_at)."""
+    o = tables.outbox
+    b = blocking_rows(o, DUE_NOW).subquery("blocker")
+    later = o.alias("later")
+    return (
+        sa.select(b.c.topic, b.c.key, b.c.id, sa.func.count(later.c.id),
+                  sa.func.sum(sa.case((later.c.available_at <= now, 1), else_=0)), sa.func.min(later.c.created_at))
+        .join_from(b, later, sa.and_(later.c.topic == b.c.topic, later.c.key == b.c.key, later.c.id > b.c.id,
+                                     later.c.status == STATUS_PENDING))
+        .group_by(b.c.topic, b.c.key, b.c.id)
+    )
+
+
+def blocked_rows(engine: Engine, *, tables: OutboxTables | None = None) -> dict[str, Any]:
+    """Pending rows held back by strict ordering, and what holds them back.
+
+    Under ``ordering = "strict"`` (the default) a pending row waits while an earlier row (lower
+    id) of the same (topic, key) is dead or waiting out a retry backoff. Returns ``blocked`` (rows
+    held back), ``blocked_due`` (of those, rows otherwise due now) and ``blocked_by``: one entry per
+    blocking row (``topic``, ``key``, ``blocking_id``, ``blocking_status`` ``dead`` or
+    ``retrying``, ``reason``, ``attempts``, ``retry_at``, ``blocked`` rows behind it and
+    ``waiting_since``, the write time of the oldest of them), the most blocking first, at most
+    :data:`MAX_BLOCKERS_LISTED`.
+    """
+    t = tables or default_tables()
+    o = t.outbox
+    now = _now()
+    with engine.connect() as conn:
+        groups = conn.execute(_blocked_select(t, now)).all()
+        groups = sorted(groups, key=lambda g: (-int(g[3]), g[2]))
+        listed = groups[:MAX_BLOCKERS_LISTED]
+        details = {
+            row.id: row
+            for row in conn.execute(
+                sa.select(o.c.id, o.c.status, o.c.last_error, o.c.attempts, o.c.available_at)
+                .where(o.c.id.in_([g[2] for g in listed]))
+            )
+        } if listed else {}
+    blocked_by = []
+    for topic, key, bid, n, _due, since in listed:
+        d = details.get(bid)
+        dead = d is not None and d.status == STATUS_DEAD
+        blocked_by.append({
+            "topic": topic, "key": key, "blocking_id": bid,
+            "blocking_status": "dead" if dead else "retrying",
+            "reason": d.last_error if d is not None else None,
+            "attempts": d.attempts if d is not None else None,
+            "retry_at": None if dead or d is None else _aware(d.available_at),
+            "blocked": int(n), "waiting_since": _aware(since),
+        })
+    return {
+        "blocked": sum(int(g[3]) for g in groups),
+        "blocked_due": sum(int(g[4] or 0) for g in groups),
+        "blocked_by": blocked_by,
+    }
+
+
+def _aware(ts: dt.datetime | None) -> dt.datetime | None:
+    if ts is not None and ts.tzinfo is None:
+        return ts.replace(tzinfo=dt.timezone.utc)
+    return ts
+
+
 def outbox_status(engine: Engine, *, tables: OutboxTables | None = None) -> dict[str, Any]:
-    """Pending, due and dead counts, the oldest pending age, live relays and partition leases."""
+    """Pending, due, blocked and dead counts, the oldest pending age, live relays and partition leases.
+
+    ``due`` counts rows a relay would send now; rows held back by strict ordering behind a dead or
+    retrying earlier row of their (topic, key) are counted in ``blocked`` instead, and
+    ``blocked_by`` says what blocks them (see :func:`blocked_rows`).
+    """
     t = tables or default_tables()
     o, le, r = t.outbox, t.leases, t.relays
     now = _now()
+    blocked = blocked_rows(engine, tables=t)
     with engine.connect() as conn:
         pending, oldest = conn.execute(
             sa.select(sa.func.count(), sa.func.min(o.c.created_at)).where(o.c.status == STATUS_PENDING)
@@ -60,7 +137,9 @@ def outbox_status(engine: Engine, *, tables: OutboxTables | None = None) -> dict
     free = sorted({p for parts in free_by_group.values() for p in parts})
     return {
         "pending": pending,
-        "due": due,
+        "due": max(0, due - blocked["blocked_due"]),
+        "blocked": blocked["blocked"],
+        "blocked_by": blocked["blocked_by"],
         "retrying": retrying,
         "waiting": delayed,
         "dead": dead,
@@ -149,11 +228,46 @@ def _rederive_partitions(conn: sa.Connection, t: OutboxTables, where: list[sa.Co
 
 def purge_dead(
     engine: Engine, *, tables: OutboxTables | None = None, ids: list[int] | None = None, topic: str | None = None,
+    key: str | None = None, older_than: dt.timedelta | None = None, with_blocked: bool = False,
+) -> int:
+    """Delete dead rows for good. Returns how many rows were deleted.
+
+    With ``with_blocked``, also delete the pending rows held back behind them: for every (topic,
+    key) of a purged dead row, the pending rows of that (topic, key) with a higher id than its
+    earliest purged dead row. That drops a poison key's whole stuck stream in one operation;
+    without it, those later rows are sent once nothing earlier blocks them (and, if they are
+    poison too, each becomes dead in turn).
+    """
+    t = tables or default_tables()
+    o = t.outbox
+    where = dead_filter(t, ids=ids, topic=topic, key=key, older_than=older_than)
+    with engine.begin() as conn:
+        groups = conn.execute(
+            sa.select(o.c.topic, o.c.key, sa.func.min(o.c.id)).where(*where, o.c.key.is_not(None))
+            .group_by(o.c.topic, o.c.key)
+        ).all() if with_blocked else []
+        n = int(conn.execute(o.delete().where(*where)).rowcount)
+        for g_topic, g_key, first in groups:
+            n += int(conn.execute(o.delete().where(
+                o.c.status == STATUS_PENDING, o.c.topic == g_topic, o.c.key == g_key, o.c.id > first)).rowcount)
+        return n
+
+
+def pending_behind(
+    engine: Engine, *, tables: OutboxTables | None = None, ids: list[int] | None = None, topic: str | None = None,
     key: str | None = None, older_than: dt.timedelta | None = None,
 ) -> int:
-    """Delete dead rows for good. Returns how many."""
+    """Pending rows of the same (topic, key) after the dead rows the filter selects (what they hold back)."""
     t = tables or default_tables()
-    with engine.begin() as conn:
-        return int(conn.execute(
-            t.outbox.delete().where(*dead_filter(t, ids=ids, topic=topic, key=key, older_than=older_than))
-        ).rowcount)
+    o = t.outbox
+    dead = (
+        sa.select(o.c.topic, o.c.key, sa.func.min(o.c.id).label("first"))
+        .where(*dead_filter(t, ids=ids, topic=topic, key=key, older_than=older_than), o.c.key.is_not(None))
+        .group_by(o.c.topic, o.c.key).subquery("dead")
+    )
+    later = o.alias("later")
+    q = sa.select(sa.func.count()).select_from(later).join(
+        dead, sa.and_(later.c.topic == dead.c.topic, later.c.key == dead.c.key, later.c.id > dead.c.first)
+    ).where(later.c.status == STATUS_PENDING)
+    with engine.connect() as conn:
+        return int(conn.execute(q).scalar_one())

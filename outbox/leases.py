@@ -6,7 +6,9 @@ sorted list of live relay ids). A relay holds a partition through a lease row wi
 expiry and a fencing ``generation`` that goes up on every change of owner. Taking a lease is a
 compare-and-set on (partition, generation), so two relays can never both win it; marking rows
 after a publish re-checks the generation in the same transaction (see :meth:`LeaseManager.fence`),
-so a relay whose lease lapsed can never touch rows that another relay now owns.
+so a relay whose lease lapsed can never touch rows that another relay now owns. And a claim locks
+its lease rows for the whole claim-publish-mark transaction (:meth:`LeaseManager.lock_for_claim`),
+which a takeover must wait out, so a relay paused mid-batch is never overtaken by a new owner.
 
 Membership (:meth:`LeaseManager.join`, :meth:`LeaseManager.register`):
 
@@ -112,16 +114,12 @@ class LeaseManager:
     """partition -> generation this relay holds it under."""
     partition_count: int = 0
     acquired_at: dict[int, float] = field(default_factory=dict)
-    """partition -> monotonic time this relay took it over from a relay whose lease lapsed."""
+    """partition -> monotonic time this relay took it over from a relay whose lease lapsed (for logs
+    and tests; ordering no longer depends on it: see :meth:`lock_for_claim`)."""
     joined: bool = False
     started_at: dt.datetime | None = None
     inherited: bool = False
     """this relay took over the row of an earlier incarnation with the same id: its leases count as takeovers"""
-
-    def recently_acquired(self, window: float) -> set[int]:
-        """Partitions taken over less than ``window`` seconds ago (a previous owner may still be busy)."""
-        now = time.monotonic()
-        return {p for p, t in self.acquired_at.items() if p in self.held and now - t < window}
 
     # ---------------------------------------------------------------- membership
     @property
@@ -473,6 +471,44 @@ class LeaseManager:
                 lost.add(p)
                 self.held.pop(p, None)
         return lost
+
+    def lock_for_claim(self, conn: Connection) -> list[int]:
+        """In the caller's (claim) transaction: lock the lease rows this relay still holds; return those partitions.
+
+        The claim, the publish and the mark of a batch run in one transaction, so these lease row
+        locks last until the batch is done. A takeover has to lock the lease row too (the
+        ``FOR UPDATE SKIP LOCKED`` in :meth:`rebalance`), so no relay can take a partition over
+        while its owner is in the middle of a batch of it, however long the owner is frozen
+        (GC pause, SIGSTOP, VM pause). And a relay that wakes up after losing a lease finds
+        another owner (or generation) here and claims nothing of that partition. Together: rows
+        of a partition are only ever claimed, published and marked by its one current owner.
+
+        A lease row locked by another transaction (a takeover in progress) is skipped: that
+        partition is not claimed in this round. Leases found owned by someone else are dropped
+        from :attr:`held`.
+        """
+        if not self.held:
+            return []
+        le = self.tables.leases
+        parts = sorted(self.held)
+        q = sa.select(le.c.partition, le.c.generation).where(
+            self._mine(le), le.c.partition.in_(parts), le.c.owner == self.relay_id)
+        mine = dict(conn.execute(self.dialect.lock_rows(q)).all())
+        ok = [p for p in parts if mine.get(p) == self.held[p]]
+        lost = [p for p in parts if p in mine and mine[p] != self.held[p]]
+        if len(mine) < len(parts):  # not ours any more, or locked by a takeover: find out which
+            missing = [p for p in parts if p not in mine]
+            owners = dict(conn.execute(
+                sa.select(le.c.partition, le.c.generation).where(self._mine(le), le.c.partition.in_(missing))
+                .where(sa.or_(le.c.owner.is_(None), le.c.owner != self.relay_id))
+            ).all())
+            lost.extend(p for p in missing if p in owners)
+        if lost:
+            for p in lost:
+                self.held.pop(p, None)
+            log.warning("lost partitions %s to another relay before claiming (our leases had expired)",
+                        _ranges(lost))
+        return ok
 
     def release_all(self) -> None:
         le = self.tables.leases

@@ -2,8 +2,11 @@
 
 One round, in one database transaction per batch:
 
-1. claim up to ``batch_size`` pending, available rows of the partitions this relay leases, in
-   ``id`` order within each partition (``FOR UPDATE SKIP LOCKED`` where the database has it);
+1. lock the lease rows of the partitions this relay holds (so no other relay can take them over
+   until this transaction ends, and leases lost meanwhile are not claimed from), then claim up to
+   ``batch_size`` pending, available rows of those partitions, in ``id`` order within each
+   partition (``FOR UPDATE SKIP LOCKED`` where the database has it), leaving out, under strict
+   ordering, rows behind an earlier dead or backing-off row of their (topic, key);
 2. publish them and wait for the broker's verdict on each (Kafka acks / RabbitMQ confirms);
 3. re-check the partition leases' fencing generations in the same transaction, then delete the
    delivered rows (or mark them ``published`` in audit mode), give failed rows a backoff, and mark
@@ -16,8 +19,9 @@ back to the savepoint and the marking is redone step by step, then row by row, s
 offending row is marked dead and a delivered batch is never published again because of it.
 
 A crash anywhere before the commit leaves the rows pending, so they are published again: at least
-once, never lost. Rows are only ever read after their writer committed, so a rolled-back message
-is never published.
+once, never lost. A pause anywhere (GC, SIGSTOP) delays the relay's partitions but cannot reorder
+them: per (topic, key), first deliveries are in id order. Rows are only ever read after their
+writer committed, so a rolled-back message is never published.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ from ._redact import mask_secrets
 from ._rows import RowError, claim_columns, decode_row, unclaimable_rows
 from .brokers.base import Outcome, Publisher, PublishResult
 from .config import RelayConfig
+from .dialects.base import Blocker
 from .errors import BrokerUnavailable, SchemaMissing
 from .leases import LeaseManager, _ranges, default_relay_id
 from .message import OutboxRecord
@@ -121,7 +126,11 @@ class Relay:
         self._progress_mark = 0
         self._listener: Any = None
         self._active_partitions: set[int] = set()
-        self._blocked: set[str] = set()
+        self._blocked: set[Blocker] = set()
+        # partition -> lease generation seen at the last claim, and partitions acquired since
+        # whose claims still get the gap check (see _may_have_gaps)
+        self._claim_gens: dict[int, int] = {}
+        self._suspect: set[int] = set()
         self._last_refresh = 0.0
         self._refresh_due = True
         self._held_set: list[int] = []
@@ -291,6 +300,13 @@ class Relay:
 
     def _claim(self, conn: Connection, held: list[int], now: dt.datetime) -> list[OutboxRecord]:
         o = self.tables.outbox
+        # Lock our lease rows first: while this transaction (claim, publish, mark) is open nobody
+        # can take these partitions over, and leases we lost while we were not looking (a pause
+        # before this round) are not claimed from. See LeaseManager.lock_for_claim.
+        held = self.leases.lock_for_claim(conn)
+        if not held:
+            return []
+        self._note_acquired()
         # Delayed rows and the keys held back behind failing ones change slowly: look them up at
         # most every REFRESH seconds (and after any failure), not in every round of a busy drain.
         mono = time.monotonic()
@@ -298,7 +314,7 @@ class Relay:
             promoted = self._promote(conn, held, now)
             blocked_before = self._blocked
             if self.config.ordering == "strict":
-                self._blocked = set(self._blocked_keys(conn, held))
+                self._blocked = set(self._blockers(conn, held))
             # Re-read partitions from their start where rows may now be due behind the watermark:
             # everywhere after a failure, a change of partitions, an unblocked key, or every
             # WATERMARK_RESET seconds (rows committed late with a lower id); else only where
@@ -327,17 +343,29 @@ class Relay:
             self._refresh_due = True
         return self._decode(conn, rows)
 
+    def _note_acquired(self) -> None:
+        """Partitions (re)acquired since the last claim, from anyone, become suspect (see below)."""
+        held = self.leases.held
+        for p, gen in held.items():
+            if self._claim_gens.get(p) != gen:
+                self._claim_gens[p] = gen
+                self._suspect.add(p)
+        for p in [p for p in self._claim_gens if p not in held]:
+            del self._claim_gens[p]
+            self._suspect.discard(p)
+
     def _may_have_gaps(self, rows: Sequence[Any]) -> bool:
         """Whether SKIP LOCKED may have passed over one of our rows in this claim.
 
-        On PostgreSQL only another relay's still-open transaction can hold our rows' locks, and
-        that happens only right after we took a partition over (for at most a lease period plus
-        a publish timeout). InnoDB's next-key locks can reach our rows at any time.
+        InnoDB's next-key locks can reach our rows at any time: always check there. Elsewhere a
+        previous owner's batch cannot overlap ours (:meth:`LeaseManager.lock_for_claim`), but a
+        partition we acquired stays *suspect* until one claim of it skipped nothing, with no time
+        limit: a row lock taken outside a lease lock (a relay of an older version during a rolling
+        upgrade, a hand-written ``SELECT ... FOR UPDATE``) must not let later rows overtake it.
         """
         if self.dialect.skip_locked_reaches_neighbours:
             return True
-        recent = self.leases.recently_acquired(self.config.lease_ttl + self.config.publish_timeout)
-        return bool(recent) and any(r.partition in recent for r in rows)
+        return bool(self._suspect) and any(r.partition in self._suspect for r in rows)
 
     def _without_gaps(self, conn: Connection, rows: Sequence[Any], due_ids: sa.Select[Any]) -> list[Any]:
         """Keep, per partition, only the claimed rows before the first row SKIP LOCKED passed over.
@@ -363,21 +391,22 @@ class Relay:
                 n += 1
             cut += len(claimed) - n
             keep.extend(by_id[i] for i in claimed[:n])
+            if n == len(claimed):  # nothing skipped before the last row claimed: a clean claim
+                self._suspect.discard(p)
         if cut:
             log.debug("left %d claimed row(s) for the next round: an earlier row of their partition was locked", cut)
         keep.sort(key=lambda r: r.id)
         return keep
 
-    def _blocked_keys(self, conn: Connection, held: list[int]) -> list[str]:
-        """Keys whose earliest undelivered message is dead or waiting out a retry backoff."""
-        o = self.tables.outbox
-        q = (
-            sa.select(o.c.key).distinct()
-            .where(o.c.partition.in_(held), o.c.key.is_not(None))
-            .where(sa.or_(o.c.status == STATUS_DEAD,
-                          sa.and_(o.c.status == STATUS_PENDING, o.c.available_at > DUE_NOW, o.c.attempts > 0)))
-        )
-        return [k for k in conn.execute(q).scalars()]
+    def _blockers(self, conn: Connection, held: list[int]) -> list[Blocker]:
+        """Per (topic, key) of our partitions, the earliest row that is dead or waiting out a retry backoff.
+
+        Strict ordering holds back the rows of that (topic, key) with a higher id, and only those:
+        earlier rows still go out, so requeuing the earliest dead row sends it even while later
+        dead rows of its key remain (the next of them then blocks what follows it), and a dead
+        row on one topic never holds back another topic's rows with the same key.
+        """
+        return self.dialect.blockers(conn, self.tables.outbox, held, DUE_NOW)
 
     def _publish(self, records: list[OutboxRecord]) -> list[PublishResult]:
         results = self.publisher.publish(records, timeout=self.config.publish_timeout)

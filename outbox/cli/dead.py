@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -45,6 +46,10 @@ def register(sub: Any) -> None:
             a.add_argument("--limit", type=int, default=100)
         if name in ("requeue", "purge"):
             a.add_argument("--all", action="store_true", help="act on every dead message (no filter needed)")
+        if name == "purge":
+            a.add_argument("--with-blocked", action="store_true",
+                           help="also delete the pending messages of the same topic and key held back behind "
+                           "them (a poison key's whole stuck stream, in one go)")
         a.set_defaults(func=run)
 
 
@@ -62,6 +67,8 @@ class _Kind:
     purge: Callable[..., int]
     columns: list[str]
     missing: str
+    behind: Callable[..., int] | None = None
+    """pending messages held back behind the selected dead ones (outbox rows only)"""
 
 
 def _outbox_kind(engine: Any, tables: Any) -> _Kind:
@@ -72,6 +79,7 @@ def _outbox_kind(engine: Any, tables: Any) -> _Kind:
         purge=lambda **f: admin.purge_dead(engine, tables=tables, **f),
         columns=["id", "message_id", "topic", "key", "attempts", "created_at", "last_error"],
         missing="no outbox row with id",
+        behind=lambda **f: admin.pending_behind(engine, tables=tables, **f),
     )
 
 
@@ -127,13 +135,24 @@ def _act(args: argparse.Namespace, kind: _Kind) -> int:
                 print(f"{k:>{width}}: {v}")
         return 0
     _need_filter(args)
-    action = kind.requeue if args.action == "requeue" else kind.purge
-    _report(args, "requeued" if args.action == "requeue" else "purged", action(**_filters(args)))
+    if args.action == "requeue":
+        _report(args, "requeued", kind.requeue(**_filters(args)))
+        return 0
+    if getattr(args, "with_blocked", False):
+        if kind.behind is None:
+            raise ConfigurationError("--with-blocked applies to outbox rows, not to a consumer's dead letters")
+        _report(args, "purged", kind.purge(**_filters(args), with_blocked=True))
+        return 0
+    behind = kind.behind(**_filters(args)) if kind.behind is not None else 0
+    _report(args, "purged", kind.purge(**_filters(args)), released=behind)
     return 0
 
 
-def _report(args: argparse.Namespace, verb: str, n: int) -> None:
+def _report(args: argparse.Namespace, verb: str, n: int, released: int = 0) -> None:
     if args.json:
-        print_json({verb: n})
-    else:
-        print(f"{verb} {n} message(s)")
+        print_json({verb: n, **({"released": released} if released else {})})
+        return
+    print(f"{verb} {n} message(s)")
+    if released:
+        print(f"{released} pending message(s) of the same topic and key were held back behind them and will now "
+              "be sent; to drop them as well, purge with --with-blocked", file=sys.stderr)

@@ -27,6 +27,21 @@ def _age(seconds: float | None) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
+def _blocker_line(b: dict[str, Any]) -> str:
+    if b["blocking_status"] == "dead":
+        what = "dead (requeue or purge it: `outbox dead requeue --id N`)"
+    else:
+        what = f"retrying (attempt {b['attempts']}, next at {_when(b['retry_at'])})"
+    since = _when(b["waiting_since"])
+    reason = f": {b['reason']}" if b["reason"] else ""
+    return (f"topic {b['topic']!r} key {b['key']!r}: {b['blocked']} row(s) waiting since {since} behind "
+            f"row {b['blocking_id']}, {what}{reason}").replace("--id N", f"--id {b['blocking_id']}")
+
+
+def _when(ts: Any) -> str:
+    return "-" if ts is None else ts.isoformat(timespec="seconds")
+
+
 def run(args: argparse.Namespace) -> int:
     engine = make_engine(require_db(args))
     try:
@@ -37,8 +52,14 @@ def run(args: argparse.Namespace) -> int:
         st = {k: v for k, v in st.items() if k != "leases"}
         print_json(st)
         return 0
-    print(f"pending:        {st['pending']} ({st['due']} due now, {st['retrying']} retrying)")
+    print(f"pending:        {st['pending']} ({st['due']} due now, {st['retrying']} retrying, "
+          f"{st['blocked']} blocked)")
     print(f"oldest pending: {_age(st['oldest_pending_age_s'])}")
+    if st["blocked"]:
+        print(f"blocked:        {st['blocked']} held back (strict ordering) behind {len(st['blocked_by'])} "
+              "failing message(s):")
+        for b in st["blocked_by"]:
+            print("  " + _blocker_line(b))
     print(f"dead:           {st['dead']}" + ("  (see `outbox dead list`)" if st["dead"] else ""))
     if st.get("unknown_status"):
         print(f"unknown status: {st['unknown_status']}  (not sent; the relay marks them dead with the reason)")

@@ -4,11 +4,38 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.sql import Insert
+
+
+class Blocker(NamedTuple):
+    """The earliest row of a (topic, key) that holds back that key's later rows under strict ordering."""
+
+    partition: int
+    topic: str
+    key: str
+    id: int
+
+
+def blocking_rows(table: sa.Table, due: Any, partitions: Sequence[int] | None = None) -> sa.Select[Any]:
+    """``(partition, topic, key, id)`` of the earliest dead or backing-off row of each (topic, key).
+
+    A row is *backing off* while it is pending, has been tried (``attempts > 0``) and its
+    ``available_at`` is still ahead (anything but ``due``). Rows that were merely delayed by their
+    writer do not block. Rows without a key are never ordered, so they neither block nor wait.
+    """
+    failing = sa.or_(
+        table.c.status == "dead",
+        sa.and_(table.c.status == "pending", table.c.available_at > due, table.c.attempts > 0),
+    )
+    q = sa.select(table.c.partition, table.c.topic, table.c.key, sa.func.min(table.c.id).label("id")).where(
+        table.c.key.is_not(None), failing)
+    if partitions is not None:
+        q = q.where(table.c.partition.in_(list(partitions)))
+    return q.group_by(table.c.partition, table.c.topic, table.c.key)
 
 
 class Dialect:
@@ -105,18 +132,27 @@ class Dialect:
     #: must be checked for gaps, not only claims from freshly taken partitions.
     skip_locked_reaches_neighbours: ClassVar[bool] = False
 
+    def blockers(self, connection: Connection, table: sa.Table, partitions: Sequence[int], due: Any) -> list[Blocker]:
+        """The :class:`Blocker` of every (topic, key) of ``partitions`` that has one (see :func:`blocking_rows`)."""
+        return [Blocker(*r) for r in connection.execute(blocking_rows(table, due, partitions))]
+
     def due_ids(
-        self, table: sa.Table, partitions: Sequence[int], per_partition: int, due: Any, blocked: Sequence[str],
+        self, table: sa.Table, partitions: Sequence[int], per_partition: int, due: Any, blocked: Sequence[Blocker],
         after: Mapping[int, int] | None = None, topics: Sequence[str] | None = None,
     ) -> sa.Subquery:
         """``(id, partition)`` of up to ``per_partition`` due rows of each partition, in id order,
-        starting after ``after[partition]`` (the last id this relay published there, if any), and
-        only of ``topics`` (see :meth:`topic_filter`) when given.
+        starting after ``after[partition]`` (the last id this relay published there, if any), leaving
+        out the rows that come after a :class:`Blocker` of their (topic, key), and only of ``topics``
+        (see :meth:`topic_filter`) when given.
 
-        Portable form: one UNION ALL branch per partition, each an index range read.
+        Portable form: one UNION ALL branch per partition, each an index range read; each branch
+        carries only its own partition's blockers, as bound parameters.
         """
         after = after or {}
         topic_clause = self.topic_filter(table, topics)
+        by_partition: dict[int, list[Blocker]] = {}
+        for b in blocked:
+            by_partition.setdefault(b.partition, []).append(b)
         members = []
         for p in partitions:
             q = sa.select(table.c.id, table.c.partition).where(
@@ -125,9 +161,12 @@ class Dialect:
             # --- relay group's topics (its own clause, independent of the blocked keys below)
             if topic_clause is not None:
                 q = q.where(topic_clause)
-            # --- blocked keys
-            if blocked:
-                q = q.where(sa.or_(table.c.key.is_(None), table.c.key.not_in(blocked)))
+            # --- rows behind a blocker of their (topic, key)
+            mine = by_partition.get(p)
+            if mine:
+                behind = [sa.and_(table.c.topic == b.topic, table.c.key == b.key, table.c.id > b.id) for b in mine]
+                keys = sorted({b.key for b in mine})  # cheap test first: most rows' keys block nothing
+                q = q.where(sa.or_(table.c.key.is_(None), table.c.key.not_in(keys), sa.not_(sa.or_(*behind))))
             sub = q.order_by(table.c.id).limit(per_partition).subquery()
             members.append(sa.select(sub.c.id, sub.c.partition))
         if len(members) == 1:

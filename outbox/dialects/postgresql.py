@@ -14,7 +14,7 @@ from sqlalchemy.sql import Insert
 
 from .._redact import mask_secrets
 from ..errors import ConfigurationError
-from .base import Dialect
+from .base import Blocker, Dialect
 
 log = logging.getLogger("outbox.relay")
 
@@ -61,13 +61,14 @@ class PostgreSQLDialect(Dialect):
         return select.with_for_update(skip_locked=True)
 
     def due_ids(
-        self, table: sa.Table, partitions: Sequence[int], per_partition: int, due: Any, blocked: Sequence[str],
+        self, table: sa.Table, partitions: Sequence[int], per_partition: int, due: Any, blocked: Sequence[Blocker],
         after: Mapping[int, int] | None = None, topics: Sequence[str] | None = None,
     ) -> sa.Subquery:
         """One LATERAL index read per partition, over ``unnest(:partitions)``.
 
-        The statement text does not depend on how many partitions are held (arrays, not IN
-        lists), so psycopg can prepare it once and the server plans it once.
+        The statement text does not depend on how many partitions are held nor on how many
+        (topic, key) pairs are blocked (arrays, not IN lists), so psycopg can prepare it once and
+        the server plans it once (one form without blockers, one with).
         """
         after = after or {}
         parts = sa.func.unnest(
@@ -83,8 +84,16 @@ class PostgreSQLDialect(Dialect):
             q = q.where(topic_clause)
         # --- blocked keys
         if blocked:
-            q = q.where(sa.or_(table.c.key.is_(None), table.c.key != sa.all_(
-                sa.bindparam("claim_blocked", list(blocked), type_=pg.ARRAY(sa.String())))))
+            blk = sa.func.unnest(
+                sa.bindparam("claim_block_topics", [b.topic for b in blocked], type_=pg.ARRAY(sa.String())),
+                sa.bindparam("claim_block_keys", [b.key for b in blocked], type_=pg.ARRAY(sa.String())),
+                sa.bindparam("claim_block_ids", [b.id for b in blocked], type_=pg.ARRAY(sa.BigInteger())),
+            ).table_valued("topic", "key", "id").render_derived(name="blocker")
+            # cheap test first: most rows' keys block nothing, so the correlated NOT EXISTS runs
+            # only for rows of a blocked key
+            keys = sa.bindparam("claim_blocked_keys", sorted({b.key for b in blocked}), type_=pg.ARRAY(sa.String()))
+            q = q.where(sa.or_(table.c.key != sa.all_(keys), ~sa.exists().where(
+                blk.c.topic == table.c.topic, blk.c.key == table.c.key, table.c.id > blk.c.id)))
         per = q.order_by(table.c.id).limit(per_partition).lateral("per_partition")
         return sa.select(per.c.id, per.c.partition).select_from(parts.join(per, sa.true())).subquery("claimable")
 

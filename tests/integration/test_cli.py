@@ -33,7 +33,7 @@ def dead_rows(engine: sa.Engine) -> sa.Engine:
     with Session(engine) as s, s.begin():
         box.add(s, "orders", {"n": 1}, key="a")
         box.add(s, "orders", {"n": 2}, key="b")
-        box.add(s, "invoices", {"n": 3}, key="a")
+        box.add(s, "orders", {"n": 3}, key="a")  # waits behind n=1: same topic and key
     pub = MemoryPublisher()
     pub.fail(lambda r: r.key == "a", Outcome.FAILED, "MSG_SIZE_TOO_LARGE: 2,000,000 bytes")
     relay = Relay(engine, pub, config=RelayConfig(progress_interval=0))

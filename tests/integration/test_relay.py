@@ -250,45 +250,65 @@ def test_relays_share_partitions_fairly_and_never_overlap(engine: sa.Engine) -> 
 
 
 @pytest.mark.parametrize("dialect_name", ["postgresql", "mariadb"], indirect=True)
-def test_a_relay_whose_lease_lapsed_cannot_mark_rows(engine: sa.Engine) -> None:
+def test_no_takeover_during_a_batch_and_a_relay_whose_lease_lapsed_claims_nothing(engine: sa.Engine) -> None:
+    """A relay's leases are locked for the whole claim-publish-mark transaction, so a relay that
+    stalls mid-batch past its lease TTL cannot be overtaken; once its leases are taken over, its
+    next round claims nothing (issue 9, item 3)."""
     write(engine, 10, keys=1)
     slow_pub, new_pub = MemoryPublisher(), MemoryPublisher()
-    old = Relay(engine, slow_pub, config=cfg(relay_id="old"))
+    old = Relay(engine, slow_pub, config=cfg(relay_id="old", lease_ttl=1.0))
     old.start()
     new = Relay(engine, new_pub, config=cfg(relay_id="new"))
-    le = default_tables().leases
+    le, relays = default_tables().leases, default_tables().relays
 
-    def takeover(records) -> None:  # while `old` publishes, its leases lapse and `new` takes over
+    def lapse_old() -> None:  # old stops renewing: its relay row goes, its leases run out (1 s)
         with engine.begin() as c:
-            c.execute(le.update().values(expires_at=dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=1)))
-        with engine.begin() as c:
-            c.execute(default_tables().relays.delete().where(default_tables().relays.c.relay_id == "old"))
+            c.execute(relays.delete().where(relays.c.relay_id == "old"))
+
+        def expired() -> bool:
+            with engine.connect() as c:
+                latest = c.execute(sa.select(sa.func.max(le.c.expires_at)).where(le.c.owner == "old")).scalar()
+            return latest is None or latest < dt.datetime.now(dt.timezone.utc)
+
+        deadline = time.monotonic() + 30
+        while not expired():
+            assert time.monotonic() < deadline, "old's leases never expired"
+            time.sleep(0.05)
+
+    taken_during_batch: list[int] = []
+
+    def takeover() -> None:  # while `old` publishes, its leases lapse and `new` tries to take over
+        lapse_old()
         new.start()
+        taken_during_batch.extend(new.leases.held)
 
     orig = slow_pub.publish
 
-    def publish(records, *, timeout=30.0):
-        threading.Thread(target=takeover, args=(records,)).start() if False else None
-        return orig(records, timeout=timeout)
-
-    # take over between the claim and the mark: run the takeover in the publisher call, from another
-    # connection (the old relay's transaction is still open)
     def publish_with_takeover(records, *, timeout=30.0):
-        t = threading.Thread(target=takeover, args=(records,))
+        t = threading.Thread(target=takeover)  # another connection: old's transaction is still open
         t.start()
         t.join(30)
+        assert not t.is_alive(), "the takeover blocked on the busy relay's locks"
         return orig(records, timeout=timeout)
 
     slow_pub.publish = publish_with_takeover  # type: ignore[method-assign]
-    old.run_once()
-    assert old.stats.fenced == 10 and old.stats.published == 0
-    assert len(pending_rows(engine)) == 10  # nothing marked by the fenced relay
+    assert old.run_once() == 10
     slow_pub.publish = orig  # type: ignore[method-assign]
+    assert taken_during_batch == []  # nothing could be taken over while the batch was in hand
+    assert old.stats.published == 10 and old.stats.fenced == 0
+    assert pending_rows(engine) == []
+
+    write(engine, 10, keys=1, start=10)  # now old stalls between rounds; new takes everything over
+    lapse_old()
+    new.leases.rebalance()
+    assert len(new.leases.held) == 32
+    assert old.run_once() == 0  # woken with stale leases: claims (and publishes) nothing
+    assert old.leases.held == {}
+    assert len(slow_pub.messages) == 10
     assert new.drain() == 10
     new.close()
     old.close()
     assert pending_rows(engine) == []
-    del publish
 
 
 @pytest.mark.parametrize("dialect_name", ["postgresql", "mariadb"], indirect=True)
