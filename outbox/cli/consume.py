@@ -118,17 +118,17 @@ def run(args: argparse.Namespace) -> int:
     if not v.get("db"):
         raise ConfigurationError("no database given: pass --db URL, set OUTBOX_DB_URL or put db in [consume]")
     args.db = v["db"]
+    consumer = load_consumer(args.target, max_attempts=v.get("max_attempts"), tables=tables_from_args(args))
     engine = open_database(args)
     try:
-        return _run(args, v, engine, options, file)
+        return _run(args, v, consumer, engine, options, file)
     finally:
         engine.dispose()
 
 
-def _run(args: argparse.Namespace, v: dict[str, Any], engine: Any, options: dict[str, str],
+def _run(args: argparse.Namespace, v: dict[str, Any], consumer: Any, engine: Any, options: dict[str, str],
          file: dict[str, dict[str, Any]]) -> int:
     kafka, rabbitmq, topics = v.get("kafka"), v.get("rabbitmq"), list(v.get("topics", ()))
-    consumer = load_consumer(args.target, max_attempts=v.get("max_attempts"), tables=tables_from_args(args))
     batch = {k: v[k] for k in ("batch_size", "batch_timeout") if k in v}
     requeue_interval = v.get("requeue_interval", 30.0)
     runner: Any

@@ -15,7 +15,7 @@ import sqlalchemy as sa
 
 from ..errors import ConfigurationError
 from ..schema import STATUS_PUBLISHED, OutboxTables
-from ._common import add_db_args, make_engine, parse_duration, print_json, require_db, tables_from_args
+from ._common import add_db_args, open_database, parse_duration, print_json, tables_from_args
 
 __all__ = ["purge_published", "register"]
 
@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     older_than = parse_duration(args.older_than)
     if older_than <= dt.timedelta(0):
         raise ConfigurationError("--older-than must be more than zero")
-    engine = make_engine(require_db(args))
+    engine = open_database(args)
     tables = tables_from_args(args)
     try:
         if args.what == "processed":

@@ -106,8 +106,9 @@ def test_dead_commands_for_consumer_dead_letters(engine: sa.Engine, db_url: str,
 
 def test_relay_settings_precedence_flags_env_file(tmp_path, monkeypatch) -> None:
     cfg = tmp_path / "relay.toml"
+    (tmp_path / "x.db").touch()
     cfg.write_text(
-        '[relay]\ndb = "sqlite:///x.db"\nkafka = "127.0.0.1:1"\nbatch_size = 10\nmax_attempts = 3\n'
+        f'[relay]\ndb = "sqlite:///{tmp_path / "x.db"}"\nkafka = "127.0.0.1:1"\nbatch_size = 10\nmax_attempts = 3\n'
         'ordering = "none"\n[kafka]\n"linger.ms" = 1\n'
     )
     monkeypatch.setenv("OUTBOX_RELAY_MAX_ATTEMPTS", "4")
@@ -128,7 +129,7 @@ def test_relay_settings_precedence_flags_env_file(tmp_path, monkeypatch) -> None
 
     bad = tmp_path / "bad.toml"
     bad.write_text("[relay]\nbatchsize = 1\n")
-    with pytest.raises(ConfigurationError, match="unknown relay setting 'batchsize'"):
+    with pytest.raises(ConfigurationError, match=r"unknown key 'batchsize' in \[relay\]; known keys: .*batch_size"):
         build(build_parser().parse_args(["relay", "--config", str(bad), "--db", "sqlite://", "--kafka", "h:1"]))
     monkeypatch.delenv("OUTBOX_DB_URL", raising=False)
     monkeypatch.delenv("OUTBOX_KAFKA_BOOTSTRAP_SERVERS", raising=False)
