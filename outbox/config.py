@@ -174,10 +174,15 @@ class Setting:
 
     def parse(self, raw: Any, source: str | None = None) -> Any:
         """``raw`` as this setting's type, checked; errors name ``source`` (a flag, variable or file key)."""
-        where = source or self.name
+        where = self.name if source is None else source
 
         def bad(what: str) -> ConfigurationError:
-            return ConfigurationError(f"{where} = {_short(raw)} is not a valid {kind}: must be {what}")
+            prefix = f"{where} = " if where else ""
+            return ConfigurationError(f"{prefix}{_short(raw)} is not a valid {kind}: must be {what}")
+
+        def out_of_range(what: str) -> ConfigurationError:
+            prefix = f"{where} " if where else ""
+            return ConfigurationError(f"{prefix}must be {what}, got {_short(value)}")
 
         kind = self.kind
         if kind == "any":
@@ -207,7 +212,7 @@ class Setting:
             if not value:
                 raise bad("a non-empty string")
             if self.choices is not None and value not in self.choices:
-                raise bad(f"one of {', '.join(self.choices)}")
+                raise out_of_range(f"one of {', '.join(self.choices)}")
             return value
         if isinstance(raw, bool):
             raise bad("a number" if kind == "float" else "an integer")
@@ -234,11 +239,11 @@ class Setting:
             if not math.isfinite(value):
                 raise bad("a finite number")
         if self.positive and value <= 0:
-            raise bad("more than 0")
+            raise out_of_range("more than 0")
         if self.minimum is not None and value < self.minimum:
-            raise bad(f"at least {self.minimum:g}")
+            raise out_of_range(f"at least {self.minimum:g}")
         if self.maximum is not None and value > self.maximum:
-            raise bad(f"at most {self.maximum:g}")
+            raise out_of_range(f"at most {self.maximum:g}")
         return value
 
 

@@ -154,8 +154,9 @@ def require_schema(engine: sa.Engine, tables: OutboxTables) -> None:
         extra = ""
         if tables.names.outbox != "outbox_messages":
             extra = " with the same --table-prefix/--schema"
-        raise SchemaMissing(f"the toolkit's tables are missing in {masked_url(engine.url)} "
-                            f"({', '.join(missing)}): run `outbox db upgrade --db URL`{extra} first")
+        which = "" if len(missing) == len(tables.all()) else f" ({', '.join(missing)})"
+        raise SchemaMissing(f"the toolkit's tables are missing in {masked_url(engine.url)}{which}: "
+                            f"run `outbox db upgrade --db URL`{extra} first")
 
 
 def open_database(args: argparse.Namespace, *, check_schema: bool = True, **kw: Any) -> sa.Engine:

@@ -76,7 +76,7 @@ def check_log_level(text: str) -> str:
 def _arg_type(setting: Setting, flag: str) -> Any:
     def parse(text: str) -> Any:
         try:
-            return setting.parse(text, flag)
+            return setting.parse(text, "")
         except ConfigurationError as exc:
             raise argparse.ArgumentTypeError(str(exc)) from None
 
@@ -139,12 +139,13 @@ def parse_kv(pairs: Iterable[str], option: str = "-X") -> dict[str, str]:
         key = key.strip()
         words = key.split()
         if not sep:
-            shown = f"{words[0]!r} ..." if words else "nothing"
-            raise ConfigurationError(f"{option} takes KEY=VALUE, got {shown} without '='")
+            shown = f"{words[0]!r}" if words else "''"
+            raise ConfigurationError(f"{option} takes KEY=VALUE; no '=' in the one starting {shown}")
         if not key:
             raise ConfigurationError(f"{option} takes KEY=VALUE, got an empty key")
         if len(words) > 1:
-            raise ConfigurationError(f"{option} {words[0]!r} ...: a key has no spaces (write KEY=VALUE)")
+            raise ConfigurationError(
+                f"{option} takes KEY=VALUE; a key has no spaces, see the one starting {words[0]!r}")
         out[key] = value.strip()
     return out
 

@@ -154,5 +154,11 @@ def _run(args: argparse.Namespace, v: dict[str, Any], consumer: Any, engine: Any
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
     log.info("consumer %s on %s, database %s", consumer.name, mask_secrets(where), mask_secrets(engine.url))
-    runner.run()
+    try:
+        runner.run()
+    except Exception as exc:  # librdkafka checks its settings when the consumer is created
+        err = exc.args[0] if exc.args else None
+        if type(exc).__name__ == "KafkaException" and getattr(err, "code", lambda: None)() == -186:
+            raise ConfigurationError(f"invalid Kafka consumer setting: {mask_secrets(err.str())}") from None
+        raise
     return 0
