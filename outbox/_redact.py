@@ -7,7 +7,7 @@ import re
 __all__ = ["mask_secrets", "mask_url"]
 
 # scheme://user:password@host  ->  scheme://user:***@host
-_URL_PASSWORD = re.compile(r"(?P<prefix>[A-Za-z][A-Za-z0-9+.\-]*://[^:/@\s]*:)(?P<pw>[^\s/]+)(?P<at>@)")
+_URL_PASSWORD = re.compile(r"(?P<prefix>[A-Za-z][A-Za-z0-9+.\-]*:/{1,3}[^:/@\s]*:)(?P<pw>[^\s/]+)(?P<at>@)")
 # librdkafka style settings: sasl.password=..., ssl.key.password=...
 _KV_PASSWORD = re.compile(
     r"(?P<k>(?:password|passwd|pwd|secret|token)[\w.]*['\"]?\s*[=:]\s*['\"]?)(?P<v>[^'\"\s,;&}]+)", re.I

@@ -310,16 +310,17 @@ def relay_settings() -> tuple[Setting, ...]:
 
 
 def load_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read a TOML config file; errors name the file and the problem."""
+    """Read a TOML config file; errors name the file (as given) and the problem."""
     p = Path(path)
+    shown = str(path)
     try:
         with p.open("rb") as fh:
             return tomllib.load(fh)
     except FileNotFoundError:
-        raise ConfigurationError(f"config file {p} does not exist") from None
+        raise ConfigurationError(f"config file {shown} does not exist") from None
     except (PermissionError, IsADirectoryError) as exc:
-        raise ConfigurationError(f"cannot read config file {p}: {exc.strerror}") from None
+        raise ConfigurationError(f"cannot read config file {shown}: {exc.strerror}") from None
     except UnicodeDecodeError:
-        raise ConfigurationError(f"config file {p} is not valid TOML: not UTF-8 text") from None
+        raise ConfigurationError(f"config file {shown} is not valid TOML: not UTF-8 text") from None
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigurationError(f"config file {p} is not valid TOML: {exc}") from None
+        raise ConfigurationError(f"config file {shown} is not valid TOML: {exc}") from None

@@ -3,7 +3,9 @@ and the relay's settings from flags, environment and TOML."""
 
 from __future__ import annotations
 
+import argparse
 import json
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -143,3 +145,123 @@ def test_relay_settings_precedence_flags_env_file(tmp_path, monkeypatch) -> None
 def test_cli_errors_never_show_passwords(capsys) -> None:
     code, out, err = run_cli(capsys, "status", "--db", "postgresql+psycopg://app:hunter2@127.0.0.1:1/x")
     assert code != 0 and "hunter2" not in out + err and "error:" in err
+
+
+# ----------------------------------------------------------------------------- masking, everywhere
+
+PW = "Hunter2Pw"
+#: the ways a password reaches the command line: URLs, librdkafka settings with and without '=', JSON
+SECRETS = (
+    f"postgresql+psycopg://app:{PW}@127.0.0.1:1/x",
+    f"amqp://guest:{PW}@127.0.0.1:1/%2F",
+    f"sasl.password={PW}",
+    f"sasl.password {PW}",
+    f'{{"ssl.key.password": "{PW}"}}',
+)
+DB = SECRETS[0]
+CONSUMER_SRC = "from consumers import DedupConsumer\n\nclass C(DedupConsumer):\n    name = 'mask.c'\n\n" \
+               "    def handle(self, session, message):\n        return None\n"
+#: arguments that make each command end quickly (an unreachable database, --orders 0 for the demo)
+BASELINE = {
+    ("demo",): ["--orders", "0"],
+    ("db", "upgrade"): ["--db", DB], ("db", "downgrade"): ["base", "--db", DB], ("db", "current"): ["--db", DB],
+    ("db", "heads"): [], ("db", "sql"): ["--db", DB],
+    ("relay",): ["--db", DB, "--kafka", "127.0.0.1:1", "-X", f"sasl.password={PW}"],
+    ("status",): ["--db", DB],
+    ("dead", "list"): ["--db", DB], ("dead", "show"): ["--db", DB, "1"], ("dead", "requeue"): ["--db", DB, "--all"],
+    ("dead", "purge"): ["--db", DB, "--all"],
+    ("consume",): ["mask_consumer:C", "--db", DB, "--kafka", "127.0.0.1:1", "--topic", "t", "--group", "g",
+                   "-X", f"sasl.password={PW}"],
+    ("purge", "processed"): ["--db", DB, "--older-than", "1d"], ("purge", "published"): ["--db", DB, "--older-than", "1d"],
+}
+
+
+def _leaves(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], Any]]:
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subs:
+        return [(path, parser)]
+    out = []
+    for name, child in subs[0].choices.items():
+        out.extend(_leaves(child, (*path, name)))
+    return out
+
+
+def _masking_runs() -> list[tuple[str, list[str]]]:
+    runs: list[tuple[str, list[str]]] = []
+    for path, leaf in _leaves(build_parser()):
+        base = BASELINE[path]
+        runs.append((" ".join(path), [*path, *base]))
+        for secret in SECRETS:
+            runs.append((f"{' '.join(path)} --dbb", [*path, *base, "--dbb", secret]))
+            runs.append((f"{' '.join(path)} extra positional", [*path, *base, secret]))
+            for action in leaf._actions:
+                if isinstance(action, argparse._HelpAction):
+                    continue
+                if action.option_strings:
+                    for flag in action.option_strings:
+                        runs.append((f"{' '.join(path)} {flag}", [*path, *base, flag, secret]))
+                else:  # a positional: put the secret in its place
+                    positional = [a for a in base if not a.startswith("-")]
+                    args = list(base)
+                    if positional and positional[0] in args and not args[args.index(positional[0]) - 1].startswith("-"):
+                        args[args.index(positional[0])] = secret
+                    runs.append((f"{' '.join(path)} {action.dest}", [*path, *args]))
+    return runs
+
+
+def test_no_password_in_any_output(capsys, caplog, tmp_path, monkeypatch) -> None:
+    """Every option and error path of every command, fed a password in every usual form: the
+    password appears in no stdout, stderr or log record (issue 10, item 8)."""
+    import signal
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mask_consumer.py").write_text(CONSUMER_SRC)
+    for name in ("OUTBOX_DB_URL", "OUTBOX_KAFKA_BOOTSTRAP_SERVERS", "OUTBOX_KAFKA_SERVERS", "KAFKA_BOOTSTRAP_SERVERS",
+                 "OUTBOX_RABBITMQ_URL", "OUTBOX_CONFIG"):
+        monkeypatch.delenv(name, raising=False)
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    config = tmp_path / "secret.toml"
+    config.write_text(f'[relay]\ndb = "{DB}"\nkafka = "127.0.0.1:1"\nrelay_id = "sasl.password={PW}"\n'
+                      f'[consume]\ndb = "{DB}"\nkafka = "127.0.0.1:1"\ntopics = ["t"]\ngroup = "g"\n'
+                      f'batch_size = "sasl.password={PW}"\n[kafka]\n"sasl.password" = "{PW}"\n')
+    runs = _masking_runs()
+    runs += [("relay --config", ["relay", "--config", str(config)]),
+             ("consume --config", ["consume", "mask_consumer:C", "--config", str(config)])]
+    # the environment: every variable of the settings layer, set to a secret
+    from outbox.cli import consume as consume_cmd
+    from outbox.cli import relay as relay_cmd
+
+    env_runs = []
+    for cmd, module, base in (("relay", relay_cmd, ["relay"]), ("consume", consume_cmd, ["consume", "mask_consumer:C"])):
+        for setting in module.settings():
+            for var in setting.env:
+                for secret in (SECRETS[0], SECRETS[2], SECRETS[3]):
+                    env_runs.append((var, secret, f"{cmd} with {var}", base))
+    checked = 0
+    try:
+        for what, argv in runs:
+            checked += _check_masked(capsys, caplog, what, ["--log-level", "DEBUG", *argv])
+        for var, secret, what, argv in env_runs:
+            with monkeypatch.context() as m:
+                m.setenv(var, secret)
+                if var != "OUTBOX_DB_URL":
+                    m.setenv("OUTBOX_DB_URL", DB)
+                checked += _check_masked(capsys, caplog, what, ["--log-level", "DEBUG", *argv])
+    finally:
+        for s, h in saved.items():
+            signal.signal(s, h)
+    assert checked > 500  # the walk found the options
+
+
+def _check_masked(capsys, caplog, what: str, argv: list[str]) -> int:
+    caplog.clear()
+    try:
+        code = main(argv)
+    except SystemExit as exc:
+        code = exc.code
+    out, err = capsys.readouterr()
+    text = out + err + caplog.text
+    assert PW not in text, f"{what}: password shown\n$ outbox {' '.join(argv)}\n{text}"
+    assert "Traceback" not in text, f"{what}: traceback\n{text}"
+    assert code is not None
+    return 1
