@@ -172,7 +172,8 @@ BASELINE = {
     ("dead", "purge"): ["--db", DB, "--all"],
     ("consume",): ["mask_consumer:C", "--db", DB, "--kafka", "127.0.0.1:1", "--topic", "t", "--group", "g",
                    "-X", f"sasl.password={PW}"],
-    ("purge", "processed"): ["--db", DB, "--older-than", "1d"], ("purge", "published"): ["--db", DB, "--older-than", "1d"],
+    ("purge", "processed"): ["--db", DB, "--older-than", "1d"],
+    ("purge", "published"): ["--db", DB, "--older-than", "1d"],
 }
 
 
@@ -232,7 +233,8 @@ def test_no_password_in_any_output(capsys, caplog, tmp_path, monkeypatch) -> Non
     from outbox.cli import relay as relay_cmd
 
     env_runs = []
-    for cmd, module, base in (("relay", relay_cmd, ["relay"]), ("consume", consume_cmd, ["consume", "mask_consumer:C"])):
+    commands = (("relay", relay_cmd, ["relay"]), ("consume", consume_cmd, ["consume", "mask_consumer:C"]))
+    for cmd, module, base in commands:
         for setting in module.settings():
             for var in setting.env:
                 for secret in (SECRETS[0], SECRETS[2], SECRETS[3]):
