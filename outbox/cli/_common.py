@@ -141,14 +141,21 @@ def make_engine(url: str, *, create: bool = False, **kw: Any) -> sa.Engine:
         raise ConfigurationError(f"--db {masked_url(url)!r} is not usable: {one_line(exc)}") from None
 
 
-def require_schema(engine: sa.Engine, tables: OutboxTables) -> None:
+def require_schema(engine: sa.Engine, tables: OutboxTables, *, daemon: bool = False) -> None:
     """Connect once and check the toolkit's tables are there: a forgotten ``db upgrade`` is one
-    clear error naming the command to run, never a SQL error later on."""
+    clear error naming the command to run, never a SQL error later on.
+
+    ``daemon`` (relay, consume): a database that cannot be reached yet is not an error here; the
+    daemon waits for it with backoff, as it does for an outage later on.
+    """
     try:
         with engine.connect() as conn:
             inspector = sa.inspect(conn)
             missing = [t.name for t in tables.all() if not inspector.has_table(t.name, schema=t.schema)]
     except sa.exc.DBAPIError as exc:
+        if daemon and isinstance(exc, (sa.exc.OperationalError, sa.exc.InterfaceError)):
+            log.warning("cannot reach %s yet (%s): waiting for it", masked_url(engine.url), one_line(exc))
+            return
         raise DatabaseError(f"cannot connect to {masked_url(engine.url)}: {one_line(exc)}") from None
     if missing:
         extra = ""
@@ -159,12 +166,13 @@ def require_schema(engine: sa.Engine, tables: OutboxTables) -> None:
                             f"run `outbox db upgrade --db URL`{extra} first")
 
 
-def open_database(args: argparse.Namespace, *, check_schema: bool = True, **kw: Any) -> sa.Engine:
+def open_database(args: argparse.Namespace, *, check_schema: bool = True, daemon: bool = False,
+                  **kw: Any) -> sa.Engine:
     """The engine of ``--db``, checked: URL, driver, file, connection and (optionally) tables."""
     engine = make_engine(require_db(args), **kw)
     if check_schema:
         try:
-            require_schema(engine, tables_from_args(args))
+            require_schema(engine, tables_from_args(args), daemon=daemon)
         except BaseException:
             engine.dispose()
             raise

@@ -119,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigurationError("no database given: pass --db URL, set OUTBOX_DB_URL or put db in [consume]")
     args.db = v["db"]
     consumer = load_consumer(args.target, max_attempts=v.get("max_attempts"), tables=tables_from_args(args))
-    engine = open_database(args)
+    engine = open_database(args, daemon=True)
     try:
         return _run(args, v, consumer, engine, options, file)
     finally:

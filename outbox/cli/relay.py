@@ -109,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
     from ..relay import Relay
 
     engine, publisher, config = build(args)
-    require_schema(engine, tables_from_args(args))
+    require_schema(engine, tables_from_args(args), daemon=True)
     relay = Relay(engine, publisher, config=config, tables=tables_from_args(args))
 
     def _stop(signum: int, _frame: object) -> None:
