@@ -26,7 +26,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-__all__ = ["ORDERING_MODES", "RelayConfig", "Setting", "load_toml", "relay_settings"]
+__all__ = ["ORDERING_MODES", "RelayConfig", "Setting", "load_toml", "relay_settings", "settings_of"]
 
 ORDERING_MODES = ("strict", "none")
 
@@ -282,26 +282,34 @@ def _field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
-@cache
 def relay_settings() -> tuple[Setting, ...]:
     """The :class:`Setting` of every :class:`RelayConfig` field, derived from the field itself.
 
     A plain field needs nothing more: its type gives the parser, its docstring the help, and its
     name the flag (``--batch-size``), the variable (``OUTBOX_RELAY_BATCH_SIZE``) and the TOML key
     (``batch_size`` in ``[relay]``). ``field(metadata=...)`` overrides any of ``flags``, ``env``,
-    ``toml``, ``choices`` and ``help``. Ranges and cross-field rules stay in ``__post_init__``.
+    ``toml``, ``choices``, ``negation`` and ``help``. Ranges and cross-field rules stay in ``__post_init__``.
     """
-    hints = typing.get_type_hints(RelayConfig)
-    docs = _field_docs(RelayConfig)
+    return settings_of(RelayConfig)
+
+
+@cache
+def settings_of(cls: type, env_prefix: str = "OUTBOX_RELAY_") -> tuple[Setting, ...]:
+    """The :class:`Setting` of every field of the dataclass ``cls`` (see :func:`relay_settings`)."""
+    hints = typing.get_type_hints(cls)
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if dataclasses.is_dataclass(klass):
+            docs.update(_field_docs(klass))
     out = []
-    for f in dataclasses.fields(RelayConfig):
+    for f in dataclasses.fields(cls):
         meta = f.metadata
         kind = meta.get("kind") or _kind_of(hints.get(f.name, Any))
         default = f.default if f.default is not dataclasses.MISSING else None
         exposed = kind != "any"
         out.append(Setting(
             name=f.name, kind=kind, default=default, help=str(meta.get("help", docs.get(f.name, ""))),
-            env=tuple(meta.get("env", (f"OUTBOX_RELAY_{f.name.upper()}",) if exposed else ())),
+            env=tuple(meta.get("env", (f"{env_prefix}{f.name.upper()}",) if exposed else ())),
             toml=meta.get("toml", f.name),
             flags=tuple(meta.get("flags", ("--" + f.name.replace("_", "-"),) if exposed else ())),
             choices=meta.get("choices"), negation=tuple(meta.get("negation", ())),

@@ -287,3 +287,48 @@ def _check_masked(capsys, caplog, what: str, argv: list[str]) -> int:
     assert "Traceback" not in text, f"{what}: traceback\n{text}"
     assert code is not None
     return 1
+
+
+def test_a_new_relay_config_field_becomes_a_flag_a_variable_and_a_toml_key() -> None:
+    """A plain field with a type and a docstring is all the settings layer needs."""
+    import dataclasses
+
+    from outbox.config import Setting, settings_of
+
+    @dataclasses.dataclass(frozen=True, kw_only=True)
+    class Extended(RelayConfig):
+        group: str | None = None
+        """Relay group this relay belongs to."""
+        topics: tuple[str, ...] = ()
+        """Topics this relay publishes."""
+
+    by_name = {s.name: s for s in settings_of(Extended)}
+    group, topics = by_name["group"], by_name["topics"]
+    assert (group.kind, group.flags, group.env, group.toml) == ("str", ("--group",), ("OUTBOX_RELAY_GROUP",), "group")
+    assert group.help == "Relay group this relay belongs to."
+    assert topics.kind == "list" and topics.parse("a, b,,c", "x") == ("a", "b", "c")
+    assert by_name["batch_size"].help == "Rows claimed and published per round."
+    assert isinstance(by_name["lease_ttl"], Setting) and by_name["lease_ttl"].kind == "float"
+
+
+def test_readme_toml_example_is_accepted_by_both_commands(tmp_path, monkeypatch) -> None:
+    import re
+    from pathlib import Path
+
+    from outbox.cli import consume as consume_cmd
+    from outbox.cli._settings import load_config_file, resolve
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    block = re.search(r"```toml\n(.*?)```", readme, re.S)
+    assert block, "no TOML example in the README"
+    cfg = tmp_path / "outbox.toml"
+    cfg.write_text(block.group(1))
+    for name in ("OUTBOX_DB_URL", "OUTBOX_KAFKA_BOOTSTRAP_SERVERS", "OUTBOX_KAFKA_SERVERS", "KAFKA_BOOTSTRAP_SERVERS",
+                 "OUTBOX_RABBITMQ_URL"):
+        monkeypatch.delenv(name, raising=False)
+    engine, _publisher, config = build(build_parser().parse_args(["relay", "--config", str(cfg)]))
+    assert config.batch_size == 500 and engine.url.drivername == "postgresql+psycopg"
+    engine.dispose()
+    args = build_parser().parse_args(["consume", "x:C", "--config", str(cfg)])
+    values = resolve(consume_cmd.settings(), args, table="consume", file=load_config_file(str(cfg)), file_label="f")
+    assert values["topics"] == ("orders",) and values["group"] == "billing"
