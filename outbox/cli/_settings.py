@@ -199,10 +199,13 @@ def resolve(settings: Sequence[Setting], args: argparse.Namespace, *, table: str
     for s in settings:
         cli = getattr(args, s.name, None)
         if cli is not None:
-            if s.kind == "list":  # repeated flags, each possibly comma-separated
-                cli = tuple(i for part in cli for i in part)
+            flag = "/".join(s.flags + s.negation) or s.name
+            if isinstance(cli, str) and s.kind not in ("str", "any"):  # a flag declared by hand, not by add_settings
+                cli = s.parse(cli, flag)
+            elif s.kind == "list" and isinstance(cli, list):  # repeated flags, each possibly comma-separated
+                cli = tuple(i for part in cli for i in (part if isinstance(part, tuple) else s.parse(part, flag)))
             out[s.name] = cli
-            out.sources[s.name] = "/".join(s.flags + s.negation) or s.name
+            out.sources[s.name] = flag
             continue
         for i, var in enumerate(s.env):
             raw = env.get(var)
