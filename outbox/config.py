@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import inspect
+import itertools
+import math
 import os
 import re
 import sys
-from collections.abc import Mapping
+import textwrap
+import types
+import typing
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +28,8 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-__all__ = ["ORDERING_MODES", "RelayConfig", "load_toml", "parse_topic_patterns"]
+__all__ = ["ORDERING_MODES", "RelayConfig", "Setting", "load_toml", "parse_topic_patterns", "relay_settings",
+           "settings_of"]
 
 ORDERING_MODES = ("strict", "none")
 _GROUP_RE = re.compile(rf"[A-Za-z0-9][A-Za-z0-9._-]{{0,{GROUP_LENGTH - 1}}}")
@@ -44,10 +53,10 @@ class RelayConfig:
     backoff_initial: float = 1.0
     """Seconds before the first retry of a row; doubles per attempt, with jitter."""
     backoff_max: float = 300.0
-    ordering: str = "strict"
+    ordering: str = field(default="strict", metadata={"choices": ORDERING_MODES})
     """``strict``: a failing or dead message holds back later messages of the same key.
     ``none``: later messages pass it."""
-    delete_published: bool = True
+    delete_published: bool = field(default=True, metadata={"negation": ("--audit",)})
     """Delete rows once published (default). False keeps them as ``published`` (audit mode)."""
     partitions: int = DEFAULT_PARTITIONS
     """Partition count of the writers; relays extend it if they find rows of higher partitions."""
@@ -69,7 +78,7 @@ class RelayConfig:
     topics: tuple[str, ...] = (ALL_TOPICS,)
     """Topics this relay's group publishes: exact names, or prefixes ending in ``*`` (``orders.*``);
     ``*`` (the default) is every topic. A comma-separated string is accepted too."""
-    extra: Mapping[str, Any] = field(default_factory=dict)
+    extra: Mapping[str, Any] = field(default_factory=dict, metadata={"flags": (), "env": ()})
 
     def __post_init__(self) -> None:
         _positive_int("batch_size", self.batch_size, 1, 100_000)
@@ -78,8 +87,9 @@ class RelayConfig:
         for name in ("poll_interval", "min_poll_interval", "backoff_initial", "backoff_max", "lease_ttl",
                      "publish_timeout", "shutdown_timeout"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= MAX_SECONDS:
-                raise ConfigurationError(f"{name} must be a positive number of seconds up to {MAX_SECONDS:,} "
+            if (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
+                    or not 0 < v <= MAX_SECONDS):
+                raise ConfigurationError(f"{name} must be a positive, finite number of seconds up to {MAX_SECONDS:,} "
                                          f"(one year), got {v!r}")
         if self.min_poll_interval > self.poll_interval:
             raise ConfigurationError(
@@ -87,6 +97,10 @@ class RelayConfig:
             )
         if self.ordering not in ORDERING_MODES:
             raise ConfigurationError(f"ordering must be one of {ORDERING_MODES}, got {self.ordering!r}")
+        if not isinstance(self.progress_interval, (int, float)) or isinstance(self.progress_interval, bool) or (
+            not math.isfinite(self.progress_interval) or self.progress_interval < 0
+        ):
+            raise ConfigurationError(f"progress_interval must be a finite number >= 0, got {self.progress_interval!r}")
         if self.lease_ttl < 1.0:
             raise ConfigurationError(f"lease_ttl must be at least 1 s, got {self.lease_ttl}")
         if self.relay_id is not None:
@@ -103,15 +117,15 @@ class RelayConfig:
         return self.lease_ttl / 3.0
 
     @classmethod
-    def from_mapping(cls, values: Mapping[str, Any]) -> RelayConfig:
+    def from_mapping(cls, values: Mapping[str, Any], *, source: str = "relay setting") -> RelayConfig:
         """Build from a mapping (TOML ``[relay]`` table, env vars); unknown keys are an error."""
-        known = {f.name: f for f in dataclasses.fields(cls)}
+        known = {s.name: s for s in relay_settings()}
         kwargs: dict[str, Any] = {}
         for key, raw in values.items():
-            name = key.replace("-", "_")
+            name = str(key).replace("-", "_")
             if name not in known:
                 raise ConfigurationError(f"unknown relay setting {key!r}; known: {', '.join(sorted(known))}")
-            kwargs[name] = _coerce(name, raw, known[name].type)
+            kwargs[name] = known[name].parse(raw, f"{source} {name}")
         return cls(**kwargs)
 
     @classmethod
@@ -119,10 +133,11 @@ class RelayConfig:
         """The ``OUTBOX_RELAY_<FIELD>`` variables that are set, by field name (not yet validated)."""
         env = os.environ if environ is None else environ
         out = {}
-        for f in dataclasses.fields(cls):
-            var = f"OUTBOX_RELAY_{f.name.upper()}"
-            if var in env:
-                out[f.name] = env[var]
+        for s in relay_settings():
+            for var in s.env:
+                if env.get(var, "") != "":
+                    out[s.name] = env[var]
+                    break
         return out
 
     @classmethod
@@ -162,7 +177,7 @@ def parse_topic_patterns(value: object) -> tuple[str, ...]:
 
 def _positive_int(name: str, v: object, lo: int, hi: int) -> None:
     if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
-        raise ConfigurationError(f"{name} must be an int between {lo} and {hi}, got {v!r}")
+        raise ConfigurationError(f"{name} must be an int between {lo} and {hi}, got {_short(v)}")
 
 
 #: the relays and leases tables hold relay ids in String(255) columns
@@ -180,34 +195,207 @@ def _relay_id(v: object) -> None:
         raise ConfigurationError(f"relay_id must not contain control characters, got {v!r}")
 
 
-def _coerce(name: str, raw: Any, annotation: object) -> Any:
-    if not isinstance(raw, str):
-        return raw
-    ann = str(annotation)
+# --------------------------------------------------------------------------- declared settings
+
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+KINDS = ("int", "float", "bool", "str", "list", "any")
+
+
+def _short(v: object) -> str:
+    """``repr`` of a value for an error message: masked, and cut short (a huge int has 4,300 digits)."""
+    from ._redact import mask_secrets
+
+    text = mask_secrets(repr(v))
+    return text if len(text) <= 60 else text[:40] + f"... ({len(text)} characters)"
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One option, declared once: its type, default, help, environment names, TOML key and CLI flags.
+
+    ``env`` lists the environment variables that set it, the current name first; later names are
+    old spellings that still work (the command line warns about them). ``toml`` is the key in the
+    command's table of a ``--config`` file. Values are parsed and checked by :meth:`parse`, whatever
+    their source: strings from flags and the environment, typed values from TOML.
+    """
+
+    name: str
+    kind: str = "str"
+    default: Any = None
+    help: str = ""
+    env: tuple[str, ...] = ()
+    toml: str | None = None
+    flags: tuple[str, ...] = ()
+    choices: tuple[str, ...] | None = None
+    minimum: float | None = None
+    maximum: float | None = None
+    positive: bool = False
+    metavar: str | None = None
+    negation: tuple[str, ...] = ()
+    """Flags that set a ``bool`` setting to False (``--audit`` for ``delete_published``)."""
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ConfigurationError(f"setting {self.name}: kind must be one of {KINDS}, got {self.kind!r}")
+
+    def parse(self, raw: Any, source: str | None = None) -> Any:
+        """``raw`` as this setting's type, checked; errors name ``source`` (a flag, variable or file key)."""
+        where = self.name if source is None else source
+
+        def bad(what: str) -> ConfigurationError:
+            prefix = f"{where} = " if where else ""
+            return ConfigurationError(f"{prefix}{_short(raw)} is not a valid {kind}: must be {what}")
+
+        def out_of_range(what: str) -> ConfigurationError:
+            prefix = f"{where} " if where else ""
+            return ConfigurationError(f"{prefix}must be {what}, got {_short(value)}")
+
+        kind = self.kind
+        if kind == "any":
+            return raw
+        if kind == "list":
+            items = raw.split(",") if isinstance(raw, str) else raw
+            if not isinstance(items, Sequence) or isinstance(items, (bytes, bytearray)):
+                raise bad("a list of strings (comma-separated)")
+            if not all(isinstance(i, str) for i in items):
+                raise bad("a list of strings")
+            value: Any = tuple(i.strip() for i in items if i.strip())
+            if self.choices is not None:
+                for i in value:
+                    if i not in self.choices:
+                        raise bad(f"a list of {', '.join(self.choices)}")
+            return value
+        if kind == "bool":
+            if isinstance(raw, bool):
+                return raw
+            if isinstance(raw, str) and raw.strip().lower() in _TRUE + _FALSE:
+                return raw.strip().lower() in _TRUE
+            raise bad("true or false (also 1/0, yes/no, on/off)")
+        if kind == "str":
+            if not isinstance(raw, str):
+                raise bad("a string")
+            value = raw.strip()
+            if not value:
+                raise bad("a non-empty string")
+            if self.choices is not None and value not in self.choices:
+                raise out_of_range(f"one of {', '.join(self.choices)}")
+            return value
+        if isinstance(raw, bool):
+            raise bad("a number" if kind == "float" else "an integer")
+        if kind == "int":
+            if isinstance(raw, str):
+                try:
+                    value = int(raw.strip())
+                except ValueError:
+                    raise bad("an integer") from None
+            elif isinstance(raw, int):
+                value = raw
+            else:
+                raise bad("an integer")
+        else:
+            if isinstance(raw, str):
+                try:
+                    value = float(raw.strip())
+                except ValueError:
+                    raise bad("a number") from None
+            elif isinstance(raw, (int, float)):
+                value = float(raw)
+            else:
+                raise bad("a number")
+            if not math.isfinite(value):
+                raise bad("a finite number")
+        if self.positive and value <= 0:
+            raise out_of_range("more than 0")
+        if self.minimum is not None and value < self.minimum:
+            raise out_of_range(f"at least {self.minimum:g}")
+        if self.maximum is not None and value > self.maximum:
+            raise out_of_range(f"at most {self.maximum:g}")
+        return value
+
+
+def _kind_of(annotation: Any) -> str:
+    """``int``, ``float | None``, ``tuple[str, ...]`` ... -> the kind of :class:`Setting` that parses it."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType) and len(args) == 1:
+        return _kind_of(args[0])
+    if annotation is bool:
+        return "bool"
+    if annotation is int:
+        return "int"
+    if annotation is float:
+        return "float"
+    if annotation is str:
+        return "str"
+    if origin in (tuple, list, Sequence, typing.Sequence) and args and all(a in (str, Ellipsis) for a in args):
+        return "list"
+    return "any"
+
+
+@cache
+def _field_docs(cls: type) -> dict[str, str]:
+    """The docstring written under each field of a dataclass (it becomes the option's help)."""
     try:
-        if ann == "int":
-            return int(raw)
-        if ann == "float":
-            return float(raw)
-        if ann == "bool":
-            low = raw.strip().lower()
-            if low in ("1", "true", "yes", "on"):
-                return True
-            if low in ("0", "false", "no", "off"):
-                return False
-            raise ValueError(raw)
-    except ValueError:
-        raise ConfigurationError(f"relay setting {name} = {raw!r} is not a valid {ann}") from None
-    return raw
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    except (OSError, TypeError, SyntaxError):  # no source (frozen app): no help texts
+        return {}
+    body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+    docs: dict[str, str] = {}
+    for prev, node in itertools.pairwise(body):
+        if (isinstance(prev, ast.AnnAssign) and isinstance(prev.target, ast.Name) and isinstance(node, ast.Expr)
+                and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str)):
+            docs[prev.target.id] = " ".join(node.value.value.split())
+    return docs
+
+
+def relay_settings() -> tuple[Setting, ...]:
+    """The :class:`Setting` of every :class:`RelayConfig` field, derived from the field itself.
+
+    A plain field needs nothing more: its type gives the parser, its docstring the help, and its
+    name the flag (``--batch-size``), the variable (``OUTBOX_RELAY_BATCH_SIZE``) and the TOML key
+    (``batch_size`` in ``[relay]``). ``field(metadata=...)`` overrides any of ``flags``, ``env``,
+    ``toml``, ``choices``, ``negation`` and ``help``. Ranges and cross-field rules stay in ``__post_init__``.
+    """
+    return settings_of(RelayConfig)
+
+
+@cache
+def settings_of(cls: type, env_prefix: str = "OUTBOX_RELAY_") -> tuple[Setting, ...]:
+    """The :class:`Setting` of every field of the dataclass ``cls`` (see :func:`relay_settings`)."""
+    hints = typing.get_type_hints(cls)
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if dataclasses.is_dataclass(klass):
+            docs.update(_field_docs(klass))
+    out = []
+    for f in dataclasses.fields(cls):
+        meta = f.metadata
+        kind = meta.get("kind") or _kind_of(hints.get(f.name, Any))
+        default = f.default if f.default is not dataclasses.MISSING else None
+        exposed = kind != "any"
+        out.append(Setting(
+            name=f.name, kind=kind, default=default, help=str(meta.get("help", docs.get(f.name, ""))),
+            env=tuple(meta.get("env", (f"{env_prefix}{f.name.upper()}",) if exposed else ())),
+            toml=meta.get("toml", f.name),
+            flags=tuple(meta.get("flags", ("--" + f.name.replace("_", "-"),) if exposed else ())),
+            choices=meta.get("choices"), negation=tuple(meta.get("negation", ())),
+        ))
+    return tuple(out)
 
 
 def load_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read a TOML config file; errors name the file and the problem."""
+    """Read a TOML config file; errors name the file (as given) and the problem."""
     p = Path(path)
+    shown = str(path)
     try:
         with p.open("rb") as fh:
             return tomllib.load(fh)
     except FileNotFoundError:
-        raise ConfigurationError(f"config file {p} does not exist") from None
+        raise ConfigurationError(f"config file {shown} does not exist") from None
+    except (PermissionError, IsADirectoryError) as exc:
+        raise ConfigurationError(f"cannot read config file {shown}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigurationError(f"config file {shown} is not valid TOML: not UTF-8 text") from None
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigurationError(f"config file {p} is not valid TOML: {exc}") from None
+        raise ConfigurationError(f"config file {shown} is not valid TOML: {exc}") from None

@@ -37,6 +37,7 @@ __all__ = [
     "downgrade",
     "heads",
     "offline_sql",
+    "rows_dropped_by_downgrade",
     "script_location",
     "tables_for_migration",
     "upgrade",
@@ -157,6 +158,43 @@ def downgrade(bind: Engine | Connection | str, revision: str, *, tables: OutboxT
 
     with _connected(bind) as conn, _active(tables):
         command.downgrade(alembic_config(connection=conn, tables=tables), revision)
+
+
+def _reaches_base(current_rev: str | None, revision: str) -> bool:
+    """Whether downgrading from ``current_rev`` to ``revision`` undoes the first migration."""
+    from alembic.script import ScriptDirectory
+
+    if current_rev is None:
+        return False
+    if revision == "base":
+        return True
+    steps_text = revision[1:] if revision.startswith("-") else revision.partition("-")[2]
+    if revision.startswith(("-", "current-", "head-")) and steps_text.isdigit():
+        below = list(ScriptDirectory(script_location()).iterate_revisions(current_rev, "base"))
+        return int(steps_text) >= len(below)
+    return False
+
+
+def rows_dropped_by_downgrade(
+    bind: Engine | Connection | str, revision: str, *, tables: OutboxTables | None = None
+) -> dict[str, int]:
+    """Rows in each toolkit table that downgrading to ``revision`` would drop, tables without rows left out.
+
+    Only a downgrade that undoes the first migration (``base``, or ``-N`` reaching it) drops tables.
+    ``outbox db downgrade`` refuses to go on without ``--yes`` when this is not empty.
+    """
+    t = tables or default_tables()
+    with _connected(bind) as conn:
+        if not _reaches_base(current(conn, tables=t), revision):
+            return {}
+        inspector = sa.inspect(conn)
+        out: dict[str, int] = {}
+        for table in t.all():
+            if inspector.has_table(table.name, schema=table.schema):
+                n = int(conn.execute(sa.select(sa.func.count()).select_from(table)).scalar_one())
+                if n:
+                    out[table.name] = n
+        return out
 
 
 def current(bind: Engine | Connection | str, *, tables: OutboxTables | None = None) -> str | None:

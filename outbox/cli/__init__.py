@@ -5,11 +5,18 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
+import re
 import sys
 from collections.abc import Sequence
+from typing import Any
+
+import sqlalchemy as sa
 
 from .._redact import mask_secrets
-from ..errors import OutboxError
+from ..errors import ConfigurationError, OutboxError
+from ._common import one_line
+from ._settings import MaskingArgumentParser, check_log_level
 
 __all__ = ["main"]
 
@@ -30,12 +37,22 @@ def setup_logging(level: str = "INFO") -> None:
     root.setLevel(level.upper())
 
 
+def _add_log_level(parser: argparse.ArgumentParser, default: Any) -> None:
+    """``--log-level`` on ``parser`` and every sub-command below it (before or after the sub-command)."""
+    if "--log-level" not in parser._option_string_actions:
+        parser.add_argument("--log-level", default=default, type=check_log_level, metavar="LEVEL",
+                            help="DEBUG, INFO, WARNING or ERROR (default INFO, env OUTBOX_LOG_LEVEL)")
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                _add_log_level(child, argparse.SUPPRESS)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = MaskingArgumentParser(
         prog="outbox",
         description="Transactional outbox and dedup consumers: tables, relay, consumers, dead letters.",
     )
-    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name in COMMAND_MODULES:
@@ -46,23 +63,75 @@ def build_parser() -> argparse.ArgumentParser:
                 continue  # not built yet
             raise
         module.register(sub)
+    _add_log_level(parser, None)
     return parser
 
 
+def _silence_stdout() -> None:
+    """The reader of our stdout went away (``outbox dead list | head``): drop what is still buffered."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
+
+def _log_level(args: argparse.Namespace) -> str:
+    if args.log_level:
+        return str(args.log_level)
+    env = os.environ.get("OUTBOX_LOG_LEVEL", "").strip()
+    if not env:
+        return "INFO"
+    try:
+        return check_log_level(env)
+    except argparse.ArgumentTypeError as exc:
+        raise ConfigurationError(f"environment variable OUTBOX_LOG_LEVEL: {exc}") from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """The ``outbox`` command: one line on stderr for every error, 2 for usage errors, never a traceback."""
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        _silence_stdout()
+        return 128 + 13  # as if killed by SIGPIPE, the way `yes | head` ends, without a traceback
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    setup_logging(args.log_level)
     try:
-        return int(args.func(args) or 0)
-    except OutboxError as exc:
+        setup_logging(_log_level(args))
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # a closed pipe shows up here, not in the interpreter's shutdown
+        return code
+    except BrokenPipeError:
+        raise
+    except ConfigurationError as exc:
         print(f"error: {mask_secrets(exc)}", file=sys.stderr)
         return 2
+    except OutboxError as exc:
+        print(f"error: {mask_secrets(exc)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
-    except Exception as exc:  # translate driver errors into one readable line, never a password
-        print(f"error: {type(exc).__name__}: {mask_secrets(exc)}", file=sys.stderr)
+    except sa.exc.DBAPIError as exc:
+        print(f"error: {_database_error(exc, args)}", file=sys.stderr)
         return 1
+    except Exception as exc:  # translate driver errors into one readable line, never a password
+        print(f"error: {type(exc).__name__}: {one_line(exc)}", file=sys.stderr)
+        return 1
+
+
+_MISSING_TABLE = re.compile(r"does not exist|no such table|doesn't exist|undefined table|unknown table", re.I)
+
+
+def _database_error(exc: sa.exc.DBAPIError, args: argparse.Namespace) -> str:
+    """A driver error in one line; a missing table says what to run."""
+    text = one_line(exc)
+    if _MISSING_TABLE.search(text):
+        return f"{text}: the toolkit's tables are missing, run `outbox db upgrade --db URL` first"
+    return f"database error: {text}"
 
 
 if __name__ == "__main__":  # pragma: no cover

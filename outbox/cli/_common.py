@@ -4,17 +4,23 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import importlib.util
 import json
+import logging
 import os
 import re
 import sys
 import uuid
+from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
 
-from ..errors import ConfigurationError
+from .._redact import mask_secrets
+from ..errors import ConfigurationError, DatabaseError, SchemaMissing
 from ..schema import OutboxTables, TableNames
+
+log = logging.getLogger("outbox.cli")
 
 DEFAULT_DB_ENV = "OUTBOX_DB_URL"
 
@@ -48,12 +54,129 @@ def tables_from_args(args: argparse.Namespace) -> OutboxTables:
     return OutboxTables(names)
 
 
-def make_engine(url: str, **kw: Any) -> sa.Engine:
+#: URL schemes without a driver -> (SQLAlchemy dialect, drivers to try in order, the extra to install)
+_DEFAULT_DRIVERS = {
+    "postgres": ("postgresql", ("psycopg", "psycopg2"), "postgresql"),
+    "postgresql": ("postgresql", ("psycopg", "psycopg2"), "postgresql"),
+    "mysql": ("mysql", ("pymysql", "mysqldb"), "mysql"),
+    "mariadb": ("mariadb", ("pymysql", "mysqldb"), "mysql"),
+}
+_DRIVER_MODULES = {"psycopg": "psycopg", "psycopg2": "psycopg2", "pymysql": "pymysql", "mysqldb": "MySQLdb"}
+_EXTRA_OF_BACKEND = {"postgresql": "postgresql", "mysql": "mysql", "mariadb": "mysql"}
+
+
+def masked_url(url: object) -> str:
+    try:
+        return sa.engine.make_url(str(url)).render_as_string(hide_password=True)
+    except Exception:
+        return mask_secrets(url)
+
+
+def one_line(exc: BaseException) -> str:
+    """The driver's message in one line, masked: no ``[SQL: ...]``, no background link."""
+    inner = getattr(exc, "orig", None) or exc
+    lines = [ln.strip() for ln in str(inner).splitlines() if ln.strip()]
+    lines = [ln for ln in lines if not ln.startswith(("(Background on this error", "[SQL:", "[parameters:"))]
+    return mask_secrets("; ".join(lines) or type(inner).__name__)
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def database_url(url: str, *, create: bool = False, offline: bool = False) -> str:
+    """Check ``--db`` and give it a driver: ``postgres://`` and ``postgresql://`` get psycopg 3 (or
+    psycopg2), ``mysql://`` and ``mariadb://`` get PyMySQL, whichever is installed; a missing SQLite
+    file is an error unless ``create``. ``offline`` (DDL only): only the dialect name is fixed."""
+    try:
+        u = sa.engine.make_url(url)
+    except (sa.exc.ArgumentError, ValueError, TypeError) as exc:
+        raise ConfigurationError(f"--db {masked_url(url)!r} is not a database URL ({one_line(exc)}); use e.g. "
+                                 "postgresql://user@host/db, mysql://user@host/db or sqlite:///file.db") from None
+    backend, _, driver = u.drivername.partition("+")
+    if backend == "postgres":
+        backend = "postgresql"
+    if backend in _DEFAULT_DRIVERS and not driver and not offline:
+        dialect, candidates, extra = _DEFAULT_DRIVERS[backend]
+        chosen = next((d for d in candidates if _installed(_DRIVER_MODULES[d])), None)
+        if chosen is None:
+            raise ConfigurationError(f"no {dialect} driver is installed for {masked_url(url)}: "
+                                     f"pip install 'outboxkit[{extra}]'")
+        log.info("database %s: using the %s driver (%s+%s)", masked_url(url), chosen, dialect, chosen)
+        u = u.set(drivername=f"{dialect}+{chosen}")
+    elif backend != u.drivername.partition("+")[0]:
+        u = u.set(drivername=f"{backend}+{driver}" if driver else backend)
+    if backend == "sqlite" and not create and not offline:
+        db = u.database
+        in_memory = not db or db == ":memory:" or str(u.query.get("mode", "")) == "memory"
+        if not in_memory and not str(db).startswith("file:") and not Path(db).exists():
+            raise ConfigurationError(f"no such database file: {Path(db).resolve()} (check --db; "
+                                     "`outbox db upgrade --db URL` creates it with the toolkit's tables)")
+    return u.render_as_string(hide_password=False)
+
+
+def make_engine(url: str, *, create: bool = False, **kw: Any) -> sa.Engine:
+    """An engine for ``--db``; a bad URL or a missing driver is one :class:`ConfigurationError`."""
+    url = database_url(url, create=create)
     if url.startswith("sqlite"):
         kw.setdefault("connect_args", {"timeout": 30})
     else:
         kw.setdefault("pool_pre_ping", True)
-    return sa.create_engine(url, **kw)
+    try:
+        return sa.create_engine(url, **kw)
+    except sa.exc.NoSuchModuleError:
+        backend = sa.engine.make_url(url).get_backend_name()
+        raise ConfigurationError(f"--db {masked_url(url)}: unknown database kind {backend!r}; use postgresql://, "
+                                 "mysql://, mariadb:// or sqlite:///FILE") from None
+    except ImportError as exc:
+        backend = sa.engine.make_url(url).get_backend_name()
+        extra = _EXTRA_OF_BACKEND.get(backend)
+        hint = f"pip install 'outboxkit[{extra}]'" if extra else "install the driver"
+        raise ConfigurationError(f"the database driver for {masked_url(url)} is not installed "
+                                 f"({exc.name or one_line(exc)}): {hint}") from None
+    except sa.exc.ArgumentError as exc:
+        raise ConfigurationError(f"--db {masked_url(url)!r} is not usable: {one_line(exc)}") from None
+
+
+def require_schema(engine: sa.Engine, tables: OutboxTables, *, daemon: bool = False) -> None:
+    """Connect once and check the toolkit's tables are there: a forgotten ``db upgrade`` is one
+    clear error naming the command to run, never a SQL error later on.
+
+    ``daemon`` (relay, consume): a database that cannot be reached yet is not an error here; the
+    daemon waits for it with backoff, as it does for an outage later on.
+    """
+    try:
+        with engine.connect() as conn:
+            inspector = sa.inspect(conn)
+            missing = [t.name for t in tables.all() if not inspector.has_table(t.name, schema=t.schema)]
+    except sa.exc.DBAPIError as exc:
+        if daemon and isinstance(exc, (sa.exc.OperationalError, sa.exc.InterfaceError)):
+            log.warning("cannot reach %s yet (%s): waiting for it", masked_url(engine.url), one_line(exc))
+            return
+        raise DatabaseError(f"cannot connect to {masked_url(engine.url)}: {one_line(exc)}") from None
+    if missing:
+        extra = ""
+        if tables.names.outbox != "outbox_messages":
+            extra = " with the same --table-prefix/--schema"
+        which = "" if len(missing) == len(tables.all()) else f" ({', '.join(missing)})"
+        raise SchemaMissing(f"the toolkit's tables are missing in {masked_url(engine.url)}{which}: "
+                            f"run `outbox db upgrade --db URL`{extra} first")
+
+
+def open_database(args: argparse.Namespace, *, check_schema: bool = True, daemon: bool = False,
+                  **kw: Any) -> sa.Engine:
+    """The engine of ``--db``, checked: URL, driver, file, connection and (optionally) tables."""
+    engine = make_engine(require_db(args), **kw)
+    if check_schema:
+        try:
+            require_schema(engine, tables_from_args(args), daemon=daemon)
+        except BaseException:
+            engine.dispose()
+            raise
+    return engine
 
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")

@@ -15,54 +15,61 @@ import sys
 from typing import Any
 
 from .._redact import mask_secrets
+from ..config import Setting
 from ..errors import ConfigurationError
-from ._common import add_db_args, make_engine, require_db, tables_from_args
+from ._common import open_database, tables_from_args
+from ._settings import (
+    BROKER_SETTINGS,
+    CONNECTION_SETTINGS,
+    add_common_options,
+    add_settings,
+    load_config_file,
+    parse_kv,
+    resolve,
+)
 
-__all__ = ["load_consumer", "register"]
+__all__ = ["CONSUMER_SETTINGS", "load_consumer", "register", "settings"]
 
 log = logging.getLogger("outbox.cli.consume")
 
+#: the settings of ``outbox consume`` besides the connection and the broker (TOML table [consume])
+CONSUMER_SETTINGS: tuple[Setting, ...] = (
+    Setting("topics", kind="list", help="topic to consume", env=("OUTBOX_CONSUMER_TOPICS",), toml="topics",
+            flags=("--topic",), metavar="TOPIC"),
+    Setting("group", help="Kafka consumer group", env=("OUTBOX_CONSUMER_GROUP",), toml="group", flags=("--group",)),
+    Setting("queue", help="RabbitMQ queue", env=("OUTBOX_CONSUMER_QUEUE",), toml="queue", flags=("--queue",)),
+    Setting("batch_size", kind="int", minimum=1, maximum=100_000, help="messages per transaction",
+            env=("OUTBOX_CONSUMER_BATCH_SIZE",), toml="batch_size", flags=("--batch-size",)),
+    Setting("batch_timeout", kind="float", positive=True, help="seconds to wait to fill a batch",
+            env=("OUTBOX_CONSUMER_BATCH_TIMEOUT",), toml="batch_timeout", flags=("--batch-timeout",)),
+    Setting("max_attempts", kind="int", minimum=1, maximum=1_000_000,
+            help="tries before a message is dead-lettered", env=("OUTBOX_CONSUMER_MAX_ATTEMPTS",),
+            toml="max_attempts", flags=("--max-attempts",)),
+    Setting("prefetch", kind="int", minimum=1, maximum=65535, help="RabbitMQ prefetch (default 2 x batch size)",
+            env=("OUTBOX_CONSUMER_PREFETCH",), toml="prefetch", flags=("--prefetch",)),
+    Setting("dead_letter_topic", help="Kafka topic that also receives dead letters",
+            env=("OUTBOX_CONSUMER_DEAD_LETTER_TOPIC", "OUTBOX_DEAD_LETTER_TOPIC"), toml="dead_letter_topic",
+            flags=("--dead-letter-topic",)),
+    Setting("requeue_interval", kind="float", positive=True, default=30.0,
+            help="seconds between checks for requeued dead letters", env=("OUTBOX_CONSUMER_REQUEUE_INTERVAL",),
+            toml="requeue_interval", flags=("--requeue-interval",)),
+)
 
-def _env_int(name: str) -> int | None:
-    value = os.environ.get(name)
-    if value is None or value == "":
-        return None
-    try:
-        return int(value)
-    except ValueError:
-        raise ConfigurationError(f"environment variable {name} must be an integer, got {value!r}") from None
+
+def settings() -> tuple[Setting, ...]:
+    return (*CONNECTION_SETTINGS, *BROKER_SETTINGS, *CONSUMER_SETTINGS)
 
 
 def register(sub: Any) -> None:
     p: argparse.ArgumentParser = sub.add_parser(
         "consume", help="run a dedup consumer (Kafka or RabbitMQ)",
         description="Run MODULE:CLASS (a consumers.DedupConsumer subclass) until SIGTERM/SIGINT. "
-        "Use --kafka/--topic/--group or --rabbitmq/--queue.",
+        "Use --kafka/--topic/--group or --rabbitmq/--queue. Settings come from the command line, then "
+        "OUTBOX_* environment variables, then the [consume] table of the TOML file given with --config.",
     )
     p.add_argument("target", help="MODULE:CLASS of the consumer (the current directory is importable)")
-    add_db_args(p)
-    p.add_argument("--kafka", default=os.environ.get("OUTBOX_KAFKA_SERVERS") or os.environ.get(
-        "KAFKA_BOOTSTRAP_SERVERS"), help="Kafka bootstrap servers (env OUTBOX_KAFKA_SERVERS)")
-    p.add_argument("--topic", action="append", dest="topics", help="topic to consume (repeatable; env "
-                   "OUTBOX_CONSUMER_TOPICS, comma-separated)")
-    p.add_argument("--group", default=os.environ.get("OUTBOX_CONSUMER_GROUP"),
-                   help="Kafka consumer group (env OUTBOX_CONSUMER_GROUP)")
-    p.add_argument("--rabbitmq", default=os.environ.get("OUTBOX_RABBITMQ_URL"),
-                   help="RabbitMQ URL (env OUTBOX_RABBITMQ_URL)")
-    p.add_argument("--queue", default=os.environ.get("OUTBOX_CONSUMER_QUEUE"),
-                   help="RabbitMQ queue (env OUTBOX_CONSUMER_QUEUE)")
-    p.add_argument("--batch-size", type=int, default=_env_int("OUTBOX_CONSUMER_BATCH_SIZE"),
-                   help="messages per transaction (env OUTBOX_CONSUMER_BATCH_SIZE)")
-    p.add_argument("--batch-timeout", type=float, default=None, help="seconds to wait to fill a batch")
-    p.add_argument("--max-attempts", type=int, default=_env_int("OUTBOX_CONSUMER_MAX_ATTEMPTS"),
-                   help="tries before a message is dead-lettered (env OUTBOX_CONSUMER_MAX_ATTEMPTS)")
-    p.add_argument("--prefetch", type=int, default=None, help="RabbitMQ prefetch (default 2 x batch size)")
-    p.add_argument("--dead-letter-topic", default=os.environ.get("OUTBOX_DEAD_LETTER_TOPIC"),
-                   help="Kafka topic that also receives dead letters")
-    p.add_argument("--requeue-interval", type=float, default=30.0,
-                   help="seconds between checks for requeued dead letters (default 30)")
-    p.add_argument("--consumer-config", action="append", default=[], metavar="KEY=VALUE",
-                   help="Kafka consumer setting passed to confluent-kafka (repeatable)")
+    add_settings(p, settings())
+    add_common_options(p, x_aliases=("--consumer-config",))
     p.set_defaults(func=run)
 
 
@@ -91,46 +98,54 @@ def load_consumer(target: str, **overrides: Any) -> Any:
     raise ConfigurationError(f"{target} is not a DedupConsumer subclass or instance")
 
 
-def _kafka_config(pairs: list[str]) -> dict[str, str]:
-    config = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            raise ConfigurationError(f"--consumer-config takes KEY=VALUE, got {mask_secrets(pair)!r}")
-        config[key.strip()] = value
-    return config
-
-
 def run(args: argparse.Namespace) -> int:
-    topics = args.topics or [t for t in os.environ.get("OUTBOX_CONSUMER_TOPICS", "").split(",") if t.strip()]
-    if bool(args.kafka) == bool(args.rabbitmq):
+    file = load_config_file(args.config)
+    label = args.config or "OUTBOX_CONFIG"
+    v = resolve(settings(), args, table="consume", file=file, file_label=label)
+    args.table_prefix, args.schema = v.get("table_prefix"), v.get("schema")
+    kafka, rabbitmq, topics = v.get("kafka"), v.get("rabbitmq"), list(v.get("topics", ()))
+    if bool(kafka) == bool(rabbitmq):
         raise ConfigurationError("give exactly one broker: --kafka SERVERS (with --topic and --group) or "
                                  "--rabbitmq URL (with --queue)")
-    if args.kafka and (not topics or not args.group):
+    if kafka and (not topics or not v.get("group")):
         raise ConfigurationError("--kafka needs --topic (at least one) and --group")
-    if args.rabbitmq and not args.queue:
+    if rabbitmq and not v.get("queue"):
         raise ConfigurationError("--rabbitmq needs --queue")
-    consumer = load_consumer(args.target, max_attempts=args.max_attempts, tables=tables_from_args(args))
-    engine = make_engine(require_db(args))
-    batch: dict[str, Any] = {}
-    if args.batch_size is not None:
-        batch["batch_size"] = args.batch_size
-    if args.batch_timeout is not None:
-        batch["batch_timeout"] = args.batch_timeout
+    options = parse_kv(args.broker_options)
+    if rabbitmq and options:
+        raise ConfigurationError("-X passes librdkafka settings to a Kafka consumer; with --rabbitmq use the "
+                                 "flags (--prefetch, --batch-size, ...)")
+    if not v.get("db"):
+        raise ConfigurationError("no database given: pass --db URL, set OUTBOX_DB_URL or put db in [consume]")
+    args.db = v["db"]
+    consumer = load_consumer(args.target, max_attempts=v.get("max_attempts"), tables=tables_from_args(args))
+    engine = open_database(args, daemon=True)
+    try:
+        return _run(args, v, consumer, engine, options, file)
+    finally:
+        engine.dispose()
+
+
+def _run(args: argparse.Namespace, v: dict[str, Any], consumer: Any, engine: Any, options: dict[str, str],
+         file: dict[str, dict[str, Any]]) -> int:
+    kafka, rabbitmq, topics = v.get("kafka"), v.get("rabbitmq"), list(v.get("topics", ()))
+    batch = {k: v[k] for k in ("batch_size", "batch_timeout") if k in v}
+    requeue_interval = v.get("requeue_interval", 30.0)
     runner: Any
-    if args.kafka:
+    if kafka:
         from consumers.kafka import KafkaRunner
 
-        runner = KafkaRunner(consumer, engine=engine, bootstrap_servers=args.kafka, topics=topics, group_id=args.group,
-                             config=_kafka_config(args.consumer_config), dead_letter_topic=args.dead_letter_topic,
-                             requeue_interval=args.requeue_interval, **batch)
-        where = f"Kafka {args.kafka} topics {', '.join(topics)} group {args.group}"
+        kafka_config = {**{str(k): val for k, val in file.get("kafka", {}).items()}, **options}
+        runner = KafkaRunner(consumer, engine=engine, bootstrap_servers=kafka, topics=topics, group_id=v["group"],
+                             config=kafka_config, dead_letter_topic=v.get("dead_letter_topic"),
+                             requeue_interval=requeue_interval, **batch)
+        where = f"Kafka {kafka} topics {', '.join(topics)} group {v['group']}"
     else:
         from consumers.rabbitmq import RabbitMQRunner
 
-        runner = RabbitMQRunner(consumer, engine=engine, url=args.rabbitmq, queue=args.queue, prefetch=args.prefetch,
-                                requeue_interval=args.requeue_interval, **batch)
-        where = f"RabbitMQ {args.rabbitmq} queue {args.queue}"
+        runner = RabbitMQRunner(consumer, engine=engine, url=rabbitmq, queue=v["queue"], prefetch=v.get("prefetch"),
+                                requeue_interval=requeue_interval, **batch)
+        where = f"RabbitMQ {rabbitmq} queue {v['queue']}"
 
     def _stop(signum: int, _frame: Any) -> None:
         log.info("signal %s: finishing the batch in hand, then stopping", signal.Signals(signum).name)
@@ -141,6 +156,9 @@ def run(args: argparse.Namespace) -> int:
     log.info("consumer %s on %s, database %s", consumer.name, mask_secrets(where), mask_secrets(engine.url))
     try:
         runner.run()
-    finally:
-        engine.dispose()
+    except Exception as exc:  # librdkafka checks its settings when the consumer is created
+        err = exc.args[0] if exc.args else None
+        if type(exc).__name__ == "KafkaException" and getattr(err, "code", lambda: None)() == -186:
+            raise ConfigurationError(f"invalid Kafka consumer setting: {mask_secrets(err.str())}") from None
+        raise
     return 0

@@ -28,7 +28,17 @@ from .. import migrations
 from .._redact import mask_secrets
 from ..errors import ConfigurationError, DatabaseError
 from ..schema import OutboxTables
-from ._common import DEFAULT_DB_ENV, add_db_args, make_engine, print_json, require_db, tables_from_args
+from ._common import (
+    DEFAULT_DB_ENV,
+    add_db_args,
+    database_url,
+    make_engine,
+    masked_url,
+    one_line,
+    print_json,
+    require_db,
+    tables_from_args,
+)
 
 #: ``outbox db sql --dialect NAME`` -> a driver-less URL; only the dialect is used, nothing connects
 OFFLINE_DIALECT_URLS = {
@@ -56,6 +66,8 @@ def register(sub: Any) -> None:
 
     down = dbsub.add_parser("downgrade", help="downgrade to REVISION ('base' drops every toolkit table)")
     down.add_argument("revision", help="target revision, e.g. base")
+    down.add_argument("--yes", action="store_true",
+                      help="drop tables even when they hold rows (pending messages, dedup ids, dead letters)")
     add_db_args(down)
     down.set_defaults(func=run_downgrade)
 
@@ -93,37 +105,21 @@ def _quiet_alembic() -> None:
 
 
 def _masked(url: str) -> str:
-    try:
-        return sa.engine.make_url(url).render_as_string(hide_password=True)
-    except Exception:
-        return mask_secrets(url)
+    return masked_url(url)
 
 
 def _one_line(exc: BaseException) -> str:
-    """The driver's message in one line (SQLAlchemy appends a multi-line background link)."""
-    inner = getattr(exc, "orig", None) or exc
-    lines = [ln.strip() for ln in str(inner).splitlines() if ln.strip()]
-    lines = [ln for ln in lines if not ln.startswith("(Background on this error")]
-    return mask_secrets("; ".join(lines) or type(inner).__name__)
+    return one_line(exc)
 
 
-def _engine(url: str) -> sa.Engine:
-    try:
-        return make_engine(url, poolclass=sa.pool.NullPool)
-    except sa.exc.ArgumentError as exc:
-        raise ConfigurationError(f"--db {_masked(url)!r} is not a usable SQLAlchemy URL: {_one_line(exc)}")
-    except (ImportError, sa.exc.NoSuchModuleError) as exc:
-        raise ConfigurationError(
-            f"the database driver for {_masked(url)} is not installed ({_one_line(exc)}); "
-            "e.g. pip install 'outboxkit[postgresql]' and use postgresql+psycopg://, or 'outboxkit[mysql]' "
-            "and mysql+pymysql://"
-        )
+def _engine(url: str, *, create: bool = False) -> sa.Engine:
+    return make_engine(url, create=create, poolclass=sa.pool.NullPool)
 
 
 @contextmanager
-def _connection(url: str) -> Iterator[sa.Connection]:
+def _connection(url: str, *, create: bool = False) -> Iterator[sa.Connection]:
     """One connection in a transaction; a database that cannot be reached is one clear error."""
-    engine = _engine(url)
+    engine = _engine(url, create=create)
     try:
         try:
             conn = engine.connect()
@@ -176,8 +172,17 @@ def _migrate(args: argparse.Namespace, step: Callable[..., None], verb: str) -> 
     _quiet_alembic()
     url = require_db(args)
     tables = tables_from_args(args)
-    with _connection(url) as conn, _alembic_errors():
+    with _connection(url, create=step is migrations.upgrade) as conn, _alembic_errors():
         before = migrations.current(conn, tables=tables)
+        if step is migrations.downgrade and not args.yes:
+            at_risk = migrations.rows_dropped_by_downgrade(conn, args.revision, tables=tables)
+            if at_risk:
+                counts = ", ".join(f"{name} {n:,} row(s)" for name, n in at_risk.items())
+                print(f"error: refusing to downgrade {_masked(url)} to {args.revision}: it drops tables that "
+                      f"hold rows, which would be lost: {counts}. Lost dedup ids mean old messages get "
+                      "processed again; lost outbox rows are never published. Re-run with --yes to drop them.",
+                      file=sys.stderr)
+                return 1
         step(conn, args.revision, tables=tables)
         after = migrations.current(conn, tables=tables)
     if before == after:
@@ -238,11 +243,7 @@ def _offline_url(args: argparse.Namespace) -> str:
             f"no target database: pass --dialect {'|'.join(sorted(OFFLINE_DIALECT_URLS))} or --db URL "
             f"(or set {DEFAULT_DB_ENV}); nothing connects to it"
         )
-    try:
-        sa.engine.make_url(url)
-    except sa.exc.ArgumentError as exc:
-        raise ConfigurationError(f"--db {_masked(url)!r} is not a usable SQLAlchemy URL: {_one_line(exc)}")
-    return url
+    return database_url(url, offline=True)
 
 
 def run_sql(args: argparse.Namespace) -> int:

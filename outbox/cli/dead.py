@@ -12,11 +12,10 @@ from .. import admin
 from ..errors import ConfigurationError
 from ._common import (
     add_db_args,
-    make_engine,
+    open_database,
     parse_duration,
     print_json,
     print_table,
-    require_db,
     tables_from_args,
 )
 
@@ -97,7 +96,7 @@ def _consumer_kind(engine: Any, tables: Any, consumer: str) -> _Kind:
 
 
 def run(args: argparse.Namespace) -> int:
-    engine = make_engine(require_db(args))
+    engine = open_database(args)
     tables = tables_from_args(args)
     try:
         kind = _consumer_kind(engine, tables, args.consumer) if args.consumer else _outbox_kind(engine, tables)

@@ -8,16 +8,21 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import os
 from typing import Any
 
 import sqlalchemy as sa
 
+from ..config import Setting
 from ..errors import ConfigurationError
 from ..schema import STATUS_PUBLISHED, OutboxTables
-from ._common import add_db_args, make_engine, parse_duration, print_json, require_db, tables_from_args
+from ._common import add_db_args, open_database, parse_duration, print_json, tables_from_args
+from ._settings import add_settings, resolve
 
 __all__ = ["purge_published", "register"]
+
+#: read when the command runs, so a bad value breaks only `outbox purge`, with a one-line error
+BATCH_SIZE = Setting("batch_size", kind="int", minimum=1, maximum=100_000, default=5000,
+                     help="rows per short transaction", env=("OUTBOX_PURGE_BATCH_SIZE",), flags=("--batch-size",))
 
 
 def register(sub: Any) -> None:
@@ -33,8 +38,7 @@ def register(sub: Any) -> None:
         a = what.add_parser(name, help=helptext)
         add_db_args(a)
         a.add_argument("--older-than", required=True, help="age cutoff, e.g. 14d, 12h")
-        a.add_argument("--batch-size", type=int, default=int(os.environ.get("OUTBOX_PURGE_BATCH_SIZE", "5000")),
-                       help="rows per short transaction (default 5000, env OUTBOX_PURGE_BATCH_SIZE)")
+        add_settings(a, [BATCH_SIZE])
         a.add_argument("--json", action="store_true", help="machine-readable output")
         if name == "processed":
             a.add_argument("--consumer", help="only this consumer's ids")
@@ -42,19 +46,20 @@ def register(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    batch_size = resolve([BATCH_SIZE], args, table="purge", file={}, file_label=None).get("batch_size", 5000)
     older_than = parse_duration(args.older_than)
     if older_than <= dt.timedelta(0):
         raise ConfigurationError("--older-than must be more than zero")
-    engine = make_engine(require_db(args))
+    engine = open_database(args)
     tables = tables_from_args(args)
     try:
         if args.what == "processed":
             from consumers.retention import purge_processed
 
-            n = purge_processed(engine, older_than=older_than, consumer=args.consumer, batch_size=args.batch_size,
+            n = purge_processed(engine, older_than=older_than, consumer=args.consumer, batch_size=batch_size,
                                 tables=tables)
         else:
-            n = purge_published(engine, older_than=older_than, batch_size=args.batch_size, tables=tables)
+            n = purge_published(engine, older_than=older_than, batch_size=batch_size, tables=tables)
     finally:
         engine.dispose()
     if args.json:

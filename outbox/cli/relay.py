@@ -3,18 +3,36 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import logging
-import os
 import signal
+import typing
 import urllib.parse
 from typing import Any
 
 from .._redact import mask_secrets
-from ..config import RelayConfig, load_toml
+from ..config import RelayConfig, Setting, relay_settings
 from ..errors import ConfigurationError
-from ._common import add_db_args, make_engine, tables_from_args
+from ._common import make_engine, require_schema, tables_from_args
+from ._settings import (
+    BROKER_SETTINGS,
+    CONNECTION_SETTINGS,
+    add_common_options,
+    add_settings,
+    load_config_file,
+    parse_kv,
+    resolve,
+)
 
 log = logging.getLogger("outbox.relay")
+
+#: settings of the relay command besides RelayConfig's fields
+COMMAND_SETTINGS: tuple[Setting, ...] = (*CONNECTION_SETTINGS, *BROKER_SETTINGS)
+
+
+def settings() -> tuple[Setting, ...]:
+    """Every setting of ``outbox relay``: the connection, the broker, then each RelayConfig field."""
+    return (*COMMAND_SETTINGS, *relay_settings())
 
 
 def register(sub: Any) -> None:
@@ -22,41 +40,30 @@ def register(sub: Any) -> None:
         "relay",
         help="publish committed outbox rows to Kafka or RabbitMQ",
         description="Run the relay until SIGTERM/SIGINT. Settings come from the command line, then "
-        "OUTBOX_* environment variables, then the TOML file given with --config.",
+        "OUTBOX_* environment variables, then the [relay] table of the TOML file given with --config.",
     )
-    add_db_args(p)
-    target = p.add_mutually_exclusive_group()
-    target.add_argument("--kafka", metavar="SERVERS",
-                        help="Kafka bootstrap servers (env OUTBOX_KAFKA_BOOTSTRAP_SERVERS)")
-    target.add_argument("--rabbitmq", metavar="URL", help="RabbitMQ URL, amqp://... (env OUTBOX_RABBITMQ_URL)")
-    p.add_argument("--config", metavar="FILE", help="TOML file with [relay], [kafka] and [rabbitmq] tables")
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--ordering", choices=["strict", "none"])
-    p.add_argument("--max-attempts", type=int)
-    p.add_argument("--poll-interval", type=float, help="longest idle wait, seconds")
-    p.add_argument("--lease-ttl", type=float, help="seconds before a silent relay's partitions are taken over")
-    p.add_argument("--partitions", type=int, help="partition count the writers use (default 32)")
-    p.add_argument("--notify", action="store_true", default=None, help="wake up on PostgreSQL NOTIFY")
-    p.add_argument("--audit", action="store_true", default=None,
-                   help="keep published rows (status 'published') instead of deleting them")
-    p.add_argument("--relay-id", help="name shown in `outbox status`")
-    p.add_argument("--group", help="relay group (default 'default'): its relays share the partitions and one broker")
-    p.add_argument("--topics", metavar="PATTERN[,PATTERN...]",
-                   help="topics this relay's group publishes: names, or prefixes ending in * (default: every topic)")
-    p.add_argument("-X", "--broker-option", action="append", default=[], metavar="KEY=VALUE",
-                   help="librdkafka setting (Kafka) or publisher option (RabbitMQ); repeatable")
+    add_settings(p, COMMAND_SETTINGS)
+    add_common_options(p)
     p.add_argument("--declare-exchanges", action="store_true", default=None,
                    help="RabbitMQ: declare missing exchanges instead of failing their messages")
+    add_settings(p, relay_settings())
     p.set_defaults(func=run)
 
 
-def _kv(pairs: list[str]) -> dict[str, str]:
-    out = {}
-    for item in pairs:
-        if "=" not in item:
-            raise ConfigurationError(f"broker option {item!r} is not KEY=VALUE")
-        k, v = item.split("=", 1)
-        out[k.strip()] = v.strip()
+def _rabbitmq_options(raw: dict[str, Any], source: str) -> dict[str, Any]:
+    """``-X`` / ``[rabbitmq]`` options, parsed by the types of RabbitMQPublisher's parameters."""
+    from ..brokers.rabbitmq import RabbitMQPublisher
+    from ..config import _kind_of
+
+    hints = typing.get_type_hints(RabbitMQPublisher.__init__)
+    params = [n for n in inspect.signature(RabbitMQPublisher.__init__).parameters if n not in ("self", "url")]
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        name = str(key).replace("-", "_")
+        if name not in params:
+            raise ConfigurationError(f"unknown RabbitMQ publisher option {key!r} ({source}); known: "
+                                     f"{', '.join(sorted(params))}")
+        out[name] = Setting(name, kind=_kind_of(hints.get(name, Any))).parse(value, f"{source} {name}")
     return out
 
 
@@ -80,54 +87,42 @@ def rabbitmq_target(url: str) -> str:
 
 def build(args: argparse.Namespace) -> tuple[Any, Any, RelayConfig]:
     """Engine, publisher and config from arguments, environment and file (in that precedence)."""
-    file_cfg: dict[str, Any] = load_toml(args.config) if args.config else {}
-    relay_file = dict(file_cfg.get("relay", {}))
-    db = args.db or os.environ.get("OUTBOX_DB_URL") or relay_file.pop("db", None)
-    relay_file.pop("db", None)
-    kafka = args.kafka or os.environ.get("OUTBOX_KAFKA_BOOTSTRAP_SERVERS")
-    rabbit = args.rabbitmq or os.environ.get("OUTBOX_RABBITMQ_URL")
-    file_kafka = relay_file.pop("kafka", None)
-    file_rabbit = relay_file.pop("rabbitmq", None)
-    if not kafka and not rabbit:
-        kafka, rabbit = file_kafka, file_rabbit
+    file = load_config_file(args.config)
+    label = args.config or "OUTBOX_CONFIG"
+    values = resolve(settings(), args, table="relay", file=file, file_label=label)
+    db, kafka, rabbit = values.pop("db", None), values.pop("kafka", None), values.pop("rabbitmq", None)
+    args.table_prefix, args.schema = values.pop("table_prefix", None), values.pop("schema", None)
     if not db:
         raise ConfigurationError("no database given: pass --db URL, set OUTBOX_DB_URL or put db in [relay]")
     if kafka and rabbit:
         raise ConfigurationError("choose one broker: --kafka or --rabbitmq, not both")
     if not kafka and not rabbit:
         raise ConfigurationError("no broker given: pass --kafka SERVERS or --rabbitmq URL")
+    try:
+        config = RelayConfig(**values)  # merged first, validated once
+    except ConfigurationError as exc:
+        raise values.explain(exc) from None
 
-    cli = {
-        "batch_size": args.batch_size, "ordering": args.ordering, "max_attempts": args.max_attempts,
-        "poll_interval": args.poll_interval, "lease_ttl": args.lease_ttl, "partitions": args.partitions,
-        "notify": args.notify, "relay_id": args.relay_id, "group": args.group, "topics": args.topics,
-        "delete_published": (not args.audit) if args.audit is not None else None,
-    }
-    # merge first, validate once: the file, then the environment, then the command line
-    merged = {**relay_file, **RelayConfig.env_values(), **{k: v for k, v in cli.items() if v is not None}}
-    config = RelayConfig.from_mapping(merged)
-
-    options = _kv(args.broker_option)
+    options = parse_kv(args.broker_options)
     if kafka:
         from ..brokers.kafka import KafkaPublisher
 
-        settings = {**{str(k): v for k, v in file_cfg.get("kafka", {}).items()}, **options}
-        publisher: Any = KafkaPublisher(bootstrap_servers=str(kafka), config=settings)
+        settings_ = {**{str(k): v for k, v in file.get("kafka", {}).items()}, **options}
+        publisher: Any = KafkaPublisher(bootstrap_servers=str(kafka), config=settings_)
         target = f"Kafka {kafka}"
         args.broker_identity = ("kafka", kafka_target(str(kafka)))
     else:
         from ..brokers.rabbitmq import RabbitMQPublisher
 
-        rabbit_opts: dict[str, Any] = {**file_cfg.get("rabbitmq", {}), **options}
+        rabbit_opts = {**_rabbitmq_options(file.get("rabbitmq", {}), f"[rabbitmq] in {label}"),
+                       **_rabbitmq_options(options, "-X")}
         if args.declare_exchanges is not None:
             rabbit_opts["declare_exchanges"] = args.declare_exchanges
-        if "declare_exchanges" in rabbit_opts and isinstance(rabbit_opts["declare_exchanges"], str):
-            rabbit_opts["declare_exchanges"] = rabbit_opts["declare_exchanges"].lower() in ("1", "true", "yes")
         publisher = RabbitMQPublisher(url=str(rabbit), **rabbit_opts)
-        target = f"RabbitMQ {mask_secrets(rabbit)}"
+        target = f"RabbitMQ {rabbit}"
         args.broker_identity = ("rabbitmq", rabbitmq_target(str(rabbit)))
     engine = make_engine(str(db))
-    log.info("publishing to %s", target)
+    log.info("publishing to %s", mask_secrets(target))
     return engine, publisher, config
 
 
@@ -135,6 +130,7 @@ def run(args: argparse.Namespace) -> int:
     from ..relay import Relay
 
     engine, publisher, config = build(args)
+    require_schema(engine, tables_from_args(args), daemon=True)
     kind, where = getattr(args, "broker_identity", (None, None))
     relay = Relay(engine, publisher, config=config, tables=tables_from_args(args), broker_kind=kind,
                   broker_target=where)

@@ -7,7 +7,7 @@ from typing import Any
 
 from ..admin import outbox_status
 from ..leases import _ranges
-from ._common import add_db_args, make_engine, print_json, require_db, tables_from_args
+from ._common import add_db_args, open_database, print_json, tables_from_args
 
 
 def register(sub: Any) -> None:
@@ -43,7 +43,7 @@ def _when(ts: Any) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    engine = make_engine(require_db(args))
+    engine = open_database(args)
     try:
         st = outbox_status(engine, tables=tables_from_args(args))
     finally:

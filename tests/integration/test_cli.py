@@ -3,7 +3,9 @@ and the relay's settings from flags, environment and TOML."""
 
 from __future__ import annotations
 
+import argparse
 import json
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -106,8 +108,9 @@ def test_dead_commands_for_consumer_dead_letters(engine: sa.Engine, db_url: str,
 
 def test_relay_settings_precedence_flags_env_file(tmp_path, monkeypatch) -> None:
     cfg = tmp_path / "relay.toml"
+    (tmp_path / "x.db").touch()
     cfg.write_text(
-        '[relay]\ndb = "sqlite:///x.db"\nkafka = "127.0.0.1:1"\nbatch_size = 10\nmax_attempts = 3\n'
+        f'[relay]\ndb = "sqlite:///{tmp_path / "x.db"}"\nkafka = "127.0.0.1:1"\nbatch_size = 10\nmax_attempts = 3\n'
         'ordering = "none"\n[kafka]\n"linger.ms" = 1\n'
     )
     monkeypatch.setenv("OUTBOX_RELAY_MAX_ATTEMPTS", "4")
@@ -128,7 +131,7 @@ def test_relay_settings_precedence_flags_env_file(tmp_path, monkeypatch) -> None
 
     bad = tmp_path / "bad.toml"
     bad.write_text("[relay]\nbatchsize = 1\n")
-    with pytest.raises(ConfigurationError, match="unknown relay setting 'batchsize'"):
+    with pytest.raises(ConfigurationError, match=r"unknown key 'batchsize' in \[relay\]; known keys: .*batch_size"):
         build(build_parser().parse_args(["relay", "--config", str(bad), "--db", "sqlite://", "--kafka", "h:1"]))
     monkeypatch.delenv("OUTBOX_DB_URL", raising=False)
     monkeypatch.delenv("OUTBOX_KAFKA_BOOTSTRAP_SERVERS", raising=False)
@@ -142,3 +145,190 @@ def test_relay_settings_precedence_flags_env_file(tmp_path, monkeypatch) -> None
 def test_cli_errors_never_show_passwords(capsys) -> None:
     code, out, err = run_cli(capsys, "status", "--db", "postgresql+psycopg://app:hunter2@127.0.0.1:1/x")
     assert code != 0 and "hunter2" not in out + err and "error:" in err
+
+
+# ----------------------------------------------------------------------------- masking, everywhere
+
+PW = "Hunter2Pw"
+#: the ways a password reaches the command line: URLs, librdkafka settings with and without '=', JSON
+SECRETS = (
+    f"postgresql+psycopg://app:{PW}@127.0.0.1:1/x",
+    f"amqp://guest:{PW}@127.0.0.1:1/%2F",
+    f"sasl.password={PW}",
+    f"sasl.password {PW}",
+    f'{{"ssl.key.password": "{PW}"}}',
+)
+DB = SECRETS[0]
+CONSUMER_SRC = "from consumers import DedupConsumer\n\nclass C(DedupConsumer):\n    name = 'mask.c'\n\n" \
+               "    def handle(self, session, message):\n        return None\n"
+#: arguments that make each command end quickly (an unreachable database, --orders 0 for the demo)
+BASELINE = {
+    ("demo",): ["--orders", "0"],
+    ("db", "upgrade"): ["--db", DB], ("db", "downgrade"): ["base", "--db", DB], ("db", "current"): ["--db", DB],
+    ("db", "heads"): [], ("db", "sql"): ["--db", DB],
+    ("relay",): ["--db", DB, "--kafka", "127.0.0.1:1", "-X", f"sasl.password={PW}"],
+    ("status",): ["--db", DB],
+    ("dead", "list"): ["--db", DB], ("dead", "show"): ["--db", DB, "1"], ("dead", "requeue"): ["--db", DB, "--all"],
+    ("dead", "purge"): ["--db", DB, "--all"],
+    ("consume",): ["mask_consumer:C", "--db", DB, "--kafka", "127.0.0.1:1", "--topic", "t", "--group", "g",
+                   "-X", f"sasl.password={PW}"],
+    ("purge", "processed"): ["--db", DB, "--older-than", "1d"],
+    ("purge", "published"): ["--db", DB, "--older-than", "1d"],
+}
+
+
+def _leaves(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], Any]]:
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subs:
+        return [(path, parser)]
+    out = []
+    for name, child in subs[0].choices.items():
+        out.extend(_leaves(child, (*path, name)))
+    return out
+
+
+def _masking_runs(daemon_db: str) -> list[tuple[str, list[str]]]:
+    runs: list[tuple[str, list[str]]] = []
+    for path, leaf in _leaves(build_parser()):
+        base = [daemon_db if a == DB and path in (("relay",), ("consume",)) else a for a in BASELINE[path]]
+        runs.append((" ".join(path), [*path, *base]))
+        for secret in SECRETS:
+            runs.append((f"{' '.join(path)} --dbb", [*path, *base, "--dbb", secret]))
+            runs.append((f"{' '.join(path)} extra positional", [*path, *base, secret]))
+            for action in leaf._actions:
+                if isinstance(action, argparse._HelpAction):
+                    continue
+                if action.option_strings:
+                    for flag in action.option_strings:
+                        runs.append((f"{' '.join(path)} {flag}", [*path, *base, flag, secret]))
+                else:  # a positional: put the secret in its place
+                    positional = [a for a in base if not a.startswith("-")]
+                    args = list(base)
+                    if positional and positional[0] in args and not args[args.index(positional[0]) - 1].startswith("-"):
+                        args[args.index(positional[0])] = secret
+                    runs.append((f"{' '.join(path)} {action.dest}", [*path, *args]))
+    return runs
+
+
+@pytest.mark.parametrize("dialect_name", ["postgresql"])
+def test_no_password_in_any_output(capsys, caplog, tmp_path, monkeypatch, fresh_database: str) -> None:
+    """Every option and error path of every command, fed a password in every usual form: the
+    password appears in no stdout, stderr or log record (issue 10, item 8).
+
+    The one-shot commands get an unreachable database (port 1); the relay and consume, which wait
+    for an unreachable database, get a reachable one without the toolkit's tables (trust
+    authentication ignores the password in its URL), so each run ends with an error.
+    """
+    import signal
+
+    from sqlalchemy.engine import make_url
+
+    daemon_db = make_url(fresh_database).set(password=PW).render_as_string(hide_password=False)
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mask_consumer.py").write_text(CONSUMER_SRC)
+    for name in ("OUTBOX_DB_URL", "OUTBOX_KAFKA_BOOTSTRAP_SERVERS", "OUTBOX_KAFKA_SERVERS", "KAFKA_BOOTSTRAP_SERVERS",
+                 "OUTBOX_RABBITMQ_URL", "OUTBOX_CONFIG"):
+        monkeypatch.delenv(name, raising=False)
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    config = tmp_path / "secret.toml"
+    config.write_text(f'[relay]\ndb = "{DB}"\nkafka = "127.0.0.1:1"\nrelay_id = "sasl.password={PW}"\n'
+                      f'[consume]\ndb = "{DB}"\nkafka = "127.0.0.1:1"\ntopics = ["t"]\ngroup = "g"\n'
+                      f'batch_size = "sasl.password={PW}"\n[kafka]\n"sasl.password" = "{PW}"\n')
+    runs = _masking_runs(daemon_db)
+    runs += [("relay --config", ["relay", "--config", str(config)]),
+             ("consume --config", ["consume", "mask_consumer:C", "--config", str(config)])]
+    # the environment: every variable of the settings layer, set to a secret
+    from outbox.cli import consume as consume_cmd
+    from outbox.cli import relay as relay_cmd
+
+    env_runs = []
+    commands = (("relay", relay_cmd, ["relay"]), ("consume", consume_cmd, ["consume", "mask_consumer:C"]))
+    for cmd, module, base in commands:
+        for setting in module.settings():
+            for var in setting.env:
+                for secret in (SECRETS[0], SECRETS[2], SECRETS[3]):
+                    env_runs.append((var, secret, f"{cmd} with {var}", base))
+    checked = 0
+    try:
+        for what, argv in runs:
+            checked += _check_masked(capsys, caplog, what, ["--log-level", "DEBUG", *argv])
+        for var, secret, what, argv in env_runs:
+            with monkeypatch.context() as m:
+                m.setenv(var, secret)
+                if var != "OUTBOX_DB_URL":
+                    m.setenv("OUTBOX_DB_URL", daemon_db)
+                checked += _check_masked(capsys, caplog, what, ["--log-level", "DEBUG", *argv])
+    finally:
+        for s, h in saved.items():
+            signal.signal(s, h)
+    assert checked > 500  # the walk found the options
+
+
+def _check_masked(capsys, caplog, what: str, argv: list[str]) -> int:
+    """One run; a relay or consumer still waiting for the unreachable database after 5 s gets SIGTERM."""
+    import os
+    import signal
+    import threading
+
+    caplog.clear()
+    signal.signal(signal.SIGTERM, lambda *_: None)  # the commands install their own; a late timer hits this one
+    timer = threading.Timer(5.0, os.kill, (os.getpid(), signal.SIGTERM))
+    timer.start()
+    try:
+        code = main(argv)
+    except SystemExit as exc:
+        code = exc.code
+    finally:
+        timer.cancel()
+    out, err = capsys.readouterr()
+    text = out + err + caplog.text
+    assert PW not in text, f"{what}: password shown\n$ outbox {' '.join(argv)}\n{text}"
+    assert "Traceback" not in text, f"{what}: traceback\n{text}"
+    assert code is not None
+    return 1
+
+
+def test_a_new_relay_config_field_becomes_a_flag_a_variable_and_a_toml_key() -> None:
+    """A plain field with a type and a docstring is all the settings layer needs."""
+    import dataclasses
+
+    from outbox.config import Setting, settings_of
+
+    @dataclasses.dataclass(frozen=True, kw_only=True)
+    class Extended(RelayConfig):
+        group: str | None = None
+        """Relay group this relay belongs to."""
+        topics: tuple[str, ...] = ()
+        """Topics this relay publishes."""
+
+    by_name = {s.name: s for s in settings_of(Extended)}
+    group, topics = by_name["group"], by_name["topics"]
+    assert (group.kind, group.flags, group.env, group.toml) == ("str", ("--group",), ("OUTBOX_RELAY_GROUP",), "group")
+    assert group.help == "Relay group this relay belongs to."
+    assert topics.kind == "list" and topics.parse("a, b,,c", "x") == ("a", "b", "c")
+    assert by_name["batch_size"].help == "Rows claimed and published per round."
+    assert isinstance(by_name["lease_ttl"], Setting) and by_name["lease_ttl"].kind == "float"
+
+
+def test_readme_toml_example_is_accepted_by_both_commands(tmp_path, monkeypatch) -> None:
+    import re
+    from pathlib import Path
+
+    from outbox.cli import consume as consume_cmd
+    from outbox.cli._settings import load_config_file, resolve
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    block = re.search(r"```toml\n(.*?)```", readme, re.S)
+    assert block, "no TOML example in the README"
+    cfg = tmp_path / "outbox.toml"
+    cfg.write_text(block.group(1))
+    for name in ("OUTBOX_DB_URL", "OUTBOX_KAFKA_BOOTSTRAP_SERVERS", "OUTBOX_KAFKA_SERVERS", "KAFKA_BOOTSTRAP_SERVERS",
+                 "OUTBOX_RABBITMQ_URL"):
+        monkeypatch.delenv(name, raising=False)
+    engine, _publisher, config = build(build_parser().parse_args(["relay", "--config", str(cfg)]))
+    assert config.batch_size == 500 and engine.url.drivername == "postgresql+psycopg"
+    engine.dispose()
+    args = build_parser().parse_args(["consume", "x:C", "--config", str(cfg)])
+    values = resolve(consume_cmd.settings(), args, table="consume", file=load_config_file(str(cfg)), file_label="f")
+    assert values["topics"] == ("orders",) and values["group"] == "billing"
