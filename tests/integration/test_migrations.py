@@ -30,7 +30,8 @@ from outbox.schema import OutboxTables, TableNames, default_tables
 
 REPO = Path(__file__).resolve().parents[2]
 DOCS = REPO / "docs" / "migrations.md"
-HEAD = "0002_relay_groups"
+HEAD = "0003_exact_ids"
+PREVIOUS = "0002_relay_groups"
 FIRST = "0001_initial"
 CUSTOM = TableNames(
     outbox="shop_outbox", processed="shop_processed", stages="shop_stages",
