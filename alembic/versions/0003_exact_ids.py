@@ -22,6 +22,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import mysql
 
 from alembic import op
 from outbox.errors import DatabaseError
@@ -102,13 +103,16 @@ def _collisions(names: TableNames) -> list[str]:
     found = []
     for attr, cols in _UNIQUE.items():
         name = getattr(names, attr)
-        default = bind.execute(
-            sa.text("SELECT TABLE_COLLATION FROM information_schema.TABLES "
-                    "WHERE TABLE_SCHEMA = COALESCE(:s, DATABASE()) AND TABLE_NAME = :t"),
+        charset, default = bind.execute(
+            sa.text("SELECT c.CHARACTER_SET_NAME, t.TABLE_COLLATION FROM information_schema.TABLES t "
+                    "JOIN information_schema.COLLATIONS c ON c.COLLATION_NAME = t.TABLE_COLLATION "
+                    "WHERE t.TABLE_SCHEMA = COALESCE(:s, DATABASE()) AND t.TABLE_NAME = :t"),
             {"s": names.schema, "t": name},
-        ).scalar_one()
+        ).one()
         t = sa.table(name, *(sa.column(c) for c in cols), schema=names.schema)
-        keys = [sa.collate(t.c[c], default) if c != "partition" else t.c[c] for c in cols]
+        # the value as the table default would hold and compare it (a latin1 table: converted first)
+        keys = [sa.collate(sa.cast(t.c[c], mysql.CHAR(charset=charset)), default) if c != "partition" else t.c[c]
+                for c in cols]
         q = sa.select(sa.literal(1)).select_from(t).group_by(*keys).having(sa.func.count() > 1).limit(1)
         if bind.execute(q).first() is not None:
             found.append(name)

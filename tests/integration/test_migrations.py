@@ -285,6 +285,39 @@ def test_cli_upgrade_from_0002_keeps_rows_and_makes_ids_exact(fresh_database: st
         engine.dispose()
 
 
+@pytest.mark.parametrize("dialect_name", ["mariadb"])
+def test_exact_ids_on_a_latin1_database_and_back(dialect_name: str, fresh_database: str) -> None:
+    """A database whose default is latin1: the id columns are utf8mb4 binary all the same, and the
+    downgrade's collision check compares the values as latin1 would hold them."""
+    from outbox.errors import DatabaseError
+
+    engine = _engine(fresh_database)
+    t = default_tables()
+    now = dt.datetime.now(dt.timezone.utc)
+    try:
+        with engine.begin() as conn:
+            conn.exec_driver_sql("ALTER DATABASE CHARACTER SET latin1")
+        migrations.upgrade(engine)
+        coll = _collations(engine, t)
+        exact = _exact_columns(t)
+        assert {v for k, v in coll.items() if k in exact} == {"utf8mb4_nopad_bin"}
+        assert coll[("outbox_messages", "content_type")] == "latin1_swedish_ci"
+        with engine.begin() as conn:
+            conn.execute(t.processed.insert(), [{"consumer": "c", "message_id": i, "processed_at": now}
+                                                for i in ("\u00c9t\u00e9", "\u00e9t\u00e9", "x")])
+        with pytest.raises(DatabaseError, match="cannot downgrade below 0003_exact_ids: outbox_processed_messages"):
+            migrations.downgrade(engine, PREVIOUS)
+        assert migrations.current(engine) == HEAD
+        with engine.begin() as conn:
+            conn.execute(t.processed.delete().where(t.processed.c.message_id == "\u00e9t\u00e9"))
+        migrations.downgrade(engine, PREVIOUS)
+        assert {v for k, v in _collations(engine, t).items() if k in exact} == {"latin1_swedish_ci"}
+        with engine.connect() as conn:
+            assert sorted(conn.execute(sa.select(t.processed.c.message_id)).scalars()) == ["x", "\u00c9t\u00e9"]
+    finally:
+        engine.dispose()
+
+
 def test_no_drift_between_migration_and_schema(fresh_database: str) -> None:
     engine = _engine(fresh_database)
     try:
