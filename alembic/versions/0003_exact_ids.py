@@ -5,8 +5,8 @@ spaces, so the dedup consumer took message id ``"abc"`` after ``"ABC"`` for a du
 it, and strict ordering merged keys ``"A"`` and ``"a"``. These columns get ``utf8mb4_nopad_bin``
 (MariaDB) / ``utf8mb4_0900_bin`` (MySQL), see :class:`outbox.types.ExactString`. Length,
 nullability, defaults and comments are kept; existing rows are kept (a binary collation only tells
-more values apart, so no key can collide). PostgreSQL and SQLite already compare that way: a no-op
-there.
+more values apart, so no key can collide); one ALTER TABLE per table. PostgreSQL and SQLite already
+compare that way: a no-op there.
 
 The downgrade returns the columns to the table's default collation. It refuses, before changing
 anything, when rows that are distinct now would collide there (``"abc"`` and ``"ABC"`` as ids of one
@@ -80,19 +80,27 @@ def _is_mysql() -> bool:
     return op.get_context().dialect.name in ("mysql", "mariadb")
 
 
-def _alter(names: TableNames, c: _Col, type_: sa.types.TypeEngine[str], existing: sa.types.TypeEngine[str]) -> None:
-    op.alter_column(
-        getattr(names, c.table), c.name, schema=names.schema, type_=type_, existing_type=existing,
-        existing_nullable=c.nullable, existing_server_default=c.server_default, existing_comment=c.comment,
-    )
+def _modify(names: TableNames, exact: bool) -> None:
+    """One ``ALTER TABLE ... MODIFY a ..., MODIFY b ...`` per table: the table is rebuilt once, not
+    once per column (the processed-ids table can be large). Each column keeps its length,
+    nullability, default and comment; only its character set and collation change."""
+    dialect = op.get_context().dialect
+    preparer = dialect.identifier_preparer
+    for attr in dict.fromkeys(c.table for c in _COLUMNS):
+        specs = []
+        for c in (c for c in _COLUMNS if c.table == attr):
+            col = sa.Column(c.name, ExactString(c.length) if exact else sa.String(c.length), nullable=c.nullable,
+                            server_default=c.server_default, comment=c.comment)
+            specs.append(f"MODIFY {sa.schema.CreateColumn(col).compile(dialect=dialect)}")
+        table = preparer.format_table(sa.table(getattr(names, attr), schema=names.schema))
+        # validated table names and compiled column specs only; ':' escaped for text()
+        op.execute(sa.text(f"ALTER TABLE {table} {', '.join(specs)}".replace(":", "\\:")))
 
 
 def upgrade() -> None:
     if not _is_mysql():
         return
-    n = tables_for_migration().names
-    for c in _COLUMNS:
-        _alter(n, c, ExactString(c.length), sa.String(c.length))
+    _modify(tables_for_migration().names, exact=True)
 
 
 def _collisions(names: TableNames) -> list[str]:
@@ -130,5 +138,4 @@ def downgrade() -> None:
             "case, accents or trailing spaces, which the table's default collation would take for one; "
             "delete one of each pair first"
         )
-    for c in _COLUMNS:
-        _alter(n, c, sa.String(c.length), ExactString(c.length))
+    _modify(n, exact=False)
