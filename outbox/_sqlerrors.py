@@ -7,7 +7,9 @@
   (``no such table``);
 - a duplicate ``message_id`` in an outbox table into :class:`~outbox.errors.InvalidMessageId`;
 - MySQL/MariaDB error 1366 (text the column's character set cannot hold: an outbox table that is not
-  utf8mb4) into the ``MessageError`` of that field, saying how to convert the table.
+  utf8mb4) into the ``MessageError`` of that field, saying how to convert the column. Only that
+  column: ``ALTER TABLE ... CONVERT TO CHARACTER SET`` would also reset the id and key columns'
+  binary collation (see :class:`~outbox.types.ExactString`) and bring back the case-folding loss.
 
 Both are raised in place of SQLAlchemy's exception and chained to the driver's (``__cause__``).
 Only errors about the toolkit's own tables are touched; every other error passes unchanged.
@@ -20,12 +22,15 @@ import threading
 import weakref
 from typing import Any
 
+import sqlalchemy as sa
 from sqlalchemy import event
+from sqlalchemy.dialects import mysql
 from sqlalchemy.engine import Engine
 
 from ._redact import mask_secrets
 from .errors import InvalidHeaders, InvalidKey, InvalidMessageId, InvalidTopic, MessageError, SchemaMissing
-from .schema import DEFAULT_TABLE_NAMES
+from .schema import DEFAULT_TABLE_NAMES, default_tables
+from .types import ExactString
 
 __all__ = ["explain_errors", "known_table"]
 
@@ -125,6 +130,19 @@ def _charset(ctx: Any, m: re.Match[str]) -> None:
     value = m.group("value").replace("\\\\", "\\")
     raise error(
         f"the {column} {value} cannot be stored: the character set of {table}.{column} is not utf8mb4. "
-        f"Convert the table once (ALTER TABLE {table} CONVERT TO CHARACTER SET utf8mb4) and create databases "
+        f"Convert the column once ({_utf8mb4_column(table, column)}) and create databases "
         "with CHARACTER SET utf8mb4 (then roll the session back and retry)"
     )
+
+
+def _utf8mb4_column(table: str, column: str) -> str:
+    """The ``ALTER TABLE ... MODIFY`` that makes one outbox column utf8mb4, its definition otherwise kept."""
+    col = default_tables().outbox.c.get(column)
+    if col is not None and isinstance(col.type, ExactString):  # utf8mb4 since revision 0003_exact_ids
+        return "run `outbox db upgrade --db URL`: it makes this column utf8mb4"
+    if col is None or not isinstance(col.type, sa.String):  # pragma: no cover - only text columns raise 1366
+        return f"ALTER TABLE {table} MODIFY {column} ... CHARACTER SET utf8mb4"
+    copy = col._copy()
+    copy.type = mysql.VARCHAR(col.type.length, charset="utf8mb4")
+    spec = sa.schema.CreateColumn(copy).compile(dialect=mysql.dialect())
+    return f"ALTER TABLE {table} MODIFY {spec}"

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import sqlalchemy as sa
 
 from ._identifiers import identifier
-from .types import JSONDocument, MessageUUID, Payload, UTCDateTime
+from .types import ExactString, JSONDocument, MessageUUID, Payload, UTCDateTime
 
 __all__ = [
     "ALL_TOPICS",
@@ -42,6 +42,8 @@ TOPIC_LENGTH = 249
 KEY_LENGTH = 255
 MESSAGE_ID_LENGTH = 255
 CONSUMER_LENGTH = 200
+STAGE_LENGTH = 100
+RELAY_ID_LENGTH = 255
 GROUP_LENGTH = 64
 BROKER_KIND_LENGTH = 32
 BROKER_TARGET_LENGTH = 255
@@ -102,8 +104,8 @@ class OutboxTables:
             sa.Column("id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), primary_key=True,
                       autoincrement=True, comment="publication order"),
             sa.Column("message_id", MessageUUID(), nullable=False),
-            sa.Column("topic", sa.String(TOPIC_LENGTH), nullable=False),
-            sa.Column("key", sa.String(KEY_LENGTH), nullable=True),
+            sa.Column("topic", ExactString(TOPIC_LENGTH), nullable=False),
+            sa.Column("key", ExactString(KEY_LENGTH), nullable=True),
             sa.Column("payload", Payload(), nullable=False),
             sa.Column("headers", JSONDocument(), nullable=True),
             sa.Column("content_type", sa.String(127), nullable=True),
@@ -129,8 +131,8 @@ class OutboxTables:
         self.processed = sa.Table(
             n.processed,
             md,
-            sa.Column("consumer", sa.String(CONSUMER_LENGTH), primary_key=True),
-            sa.Column("message_id", sa.String(MESSAGE_ID_LENGTH), primary_key=True),
+            sa.Column("consumer", ExactString(CONSUMER_LENGTH), primary_key=True),
+            sa.Column("message_id", ExactString(MESSAGE_ID_LENGTH), primary_key=True),
             sa.Column("processed_at", UTCDateTime(), nullable=False),
             sa.Column("result", JSONDocument(), nullable=True),
             schema=schema,
@@ -140,9 +142,9 @@ class OutboxTables:
         self.stages = sa.Table(
             n.stages,
             md,
-            sa.Column("consumer", sa.String(CONSUMER_LENGTH), primary_key=True),
-            sa.Column("message_id", sa.String(MESSAGE_ID_LENGTH), primary_key=True),
-            sa.Column("stage", sa.String(100), primary_key=True),
+            sa.Column("consumer", ExactString(CONSUMER_LENGTH), primary_key=True),
+            sa.Column("message_id", ExactString(MESSAGE_ID_LENGTH), primary_key=True),
+            sa.Column("stage", ExactString(STAGE_LENGTH), primary_key=True),
             sa.Column("completed_at", UTCDateTime(), nullable=False),
             sa.Column("result", JSONDocument(), nullable=True),
             schema=schema,
@@ -153,10 +155,10 @@ class OutboxTables:
             md,
             sa.Column("id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), primary_key=True,
                       autoincrement=True),
-            sa.Column("consumer", sa.String(CONSUMER_LENGTH), nullable=False),
-            sa.Column("message_id", sa.String(MESSAGE_ID_LENGTH), nullable=True),
-            sa.Column("topic", sa.String(TOPIC_LENGTH), nullable=False),
-            sa.Column("key", sa.String(KEY_LENGTH), nullable=True),
+            sa.Column("consumer", ExactString(CONSUMER_LENGTH), nullable=False),
+            sa.Column("message_id", ExactString(MESSAGE_ID_LENGTH), nullable=True),
+            sa.Column("topic", ExactString(TOPIC_LENGTH), nullable=False),
+            sa.Column("key", ExactString(KEY_LENGTH), nullable=True),
             sa.Column("payload", Payload(), nullable=False),
             sa.Column("headers", JSONDocument(), nullable=True),
             sa.Column("content_type", sa.String(127), nullable=True),
@@ -175,10 +177,10 @@ class OutboxTables:
         self.leases = sa.Table(
             n.leases,
             md,
-            sa.Column("relay_group", sa.String(GROUP_LENGTH), primary_key=True, server_default=DEFAULT_GROUP,
+            sa.Column("relay_group", ExactString(GROUP_LENGTH), primary_key=True, server_default=DEFAULT_GROUP,
                       comment="relay group leasing this partition; each group leases all partitions"),
             sa.Column("partition", sa.SmallInteger(), primary_key=True, autoincrement=False),
-            sa.Column("owner", sa.String(255), nullable=True),
+            sa.Column("owner", ExactString(RELAY_ID_LENGTH), nullable=True),
             sa.Column("generation", sa.BigInteger(), nullable=False, server_default=sa.text("0"),
                       comment="fencing token: bumped on every change of owner"),
             sa.Column("expires_at", UTCDateTime(), nullable=True),
@@ -188,15 +190,15 @@ class OutboxTables:
         self.relays = sa.Table(
             n.relays,
             md,
-            sa.Column("relay_id", sa.String(255), primary_key=True),
+            sa.Column("relay_id", ExactString(RELAY_ID_LENGTH), primary_key=True),
             sa.Column("hostname", sa.String(255), nullable=False),
             sa.Column("pid", sa.Integer(), nullable=False),
             sa.Column("started_at", UTCDateTime(), nullable=False),
             sa.Column("heartbeat_at", UTCDateTime(), nullable=False),
             sa.Column("expires_at", UTCDateTime(), nullable=False),
-            sa.Column("instance", sa.String(INSTANCE_LENGTH), nullable=True,
+            sa.Column("instance", ExactString(INSTANCE_LENGTH), nullable=True,
                       comment="random id of the process holding this relay_id (a duplicate id is refused)"),
-            sa.Column("relay_group", sa.String(GROUP_LENGTH), nullable=False, server_default=DEFAULT_GROUP),
+            sa.Column("relay_group", ExactString(GROUP_LENGTH), nullable=False, server_default=DEFAULT_GROUP),
             sa.Column("broker_kind", sa.String(BROKER_KIND_LENGTH), nullable=True),
             sa.Column("broker_target", sa.String(BROKER_TARGET_LENGTH), nullable=True,
                       comment="host:port list or vhost; never credentials"),

@@ -8,7 +8,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Dialect as SADialect
 
-__all__ = ["JSONDocument", "MessageUUID", "Payload", "UTCDateTime"]
+__all__ = ["ExactString", "JSONDocument", "MessageUUID", "Payload", "UTCDateTime"]
 
 
 def _with_variants(base: sa.types.TypeEngine[Any], kind: str) -> sa.types.TypeEngine[Any]:
@@ -41,6 +41,26 @@ def JSONDocument() -> sa.types.TypeEngine[Any]:
 def MessageUUID() -> sa.types.TypeEngine[Any]:
     """A UUID: native on PostgreSQL, CHAR(32) elsewhere."""
     return _with_variants(sa.Uuid(as_uuid=True), "uuid")
+
+
+class ExactString(sa.types.TypeDecorator[str]):
+    """``VARCHAR(length)`` that compares byte for byte: ids, keys and names whose equality means identity.
+
+    ``ExactString(255)``. Case, accents and trailing spaces all count, on every database:
+    PostgreSQL and SQLite compare text that way already; MySQL/MariaDB get a binary NO PAD
+    collation (see :meth:`outbox.dialects.Dialect.exact_string`), so a unique key never takes
+    ``"abc"`` after ``"ABC"`` for a duplicate.
+    """
+
+    impl = sa.String
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: SADialect) -> sa.types.TypeEngine[Any]:
+        from . import dialects
+
+        length = self.impl_instance.length
+        variant = dialects.dialect_for(dialect.name).exact_string(length, dialect) if length is not None else None
+        return dialect.type_descriptor(variant if variant is not None else sa.String(length))
 
 
 class UTCDateTime(sa.types.TypeDecorator[dt.datetime]):

@@ -55,6 +55,15 @@ class Dialect:
         """Concrete types for the portable ``payload``, ``json``, ``uuid`` and ``timestamp`` kinds."""
         return {}
 
+    @staticmethod
+    def exact_string(length: int, dialect: sa.engine.Dialect) -> sa.types.TypeEngine[Any] | None:
+        """The concrete type of an :class:`~outbox.types.ExactString`, or ``None`` for plain ``VARCHAR(length)``.
+
+        Ids and keys compare byte for byte: case, accents and trailing spaces all count. Where the
+        database's default text comparison is already that (PostgreSQL, SQLite) nothing is needed.
+        """
+        return None
+
     # --- errors --------------------------------------------------------------------
     #: the driver returns JSON columns as text (parsed by the toolkit), not as Python objects
     json_as_text: ClassVar[bool] = True

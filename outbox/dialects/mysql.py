@@ -1,4 +1,4 @@
-"""MySQL 8 and MariaDB >= 10.6: LONGBLOB, DATETIME(6), INSERT IGNORE, SKIP LOCKED."""
+"""MySQL 8 and MariaDB >= 10.6: LONGBLOB, DATETIME(6), binary NO PAD ids, INSERT IGNORE, SKIP LOCKED."""
 
 from __future__ import annotations
 
@@ -56,6 +56,20 @@ class MySQLDialect(Dialect):
             "json": mysql.JSON(none_as_null=True),
             "timestamp": mysql.DATETIME(fsp=6),
         }
+
+    @staticmethod
+    def exact_string(length: int, dialect: sa.engine.Dialect) -> sa.types.TypeEngine[Any] | None:
+        # The server default (utf8mb4_general_ci) folds case and accents, and every *_bin collation
+        # of utf8mb4 but the NO PAD ones ignores trailing spaces, so a unique key takes "abc" after
+        # "ABC" or "a " after "a" for a duplicate. MariaDB's NO PAD binary collation is
+        # utf8mb4_nopad_bin; MySQL 8's is utf8mb4_0900_bin (>= 8.0.17). The character set is
+        # named too, so the column is right whatever the database's default character set is.
+        return mysql.VARCHAR(length, charset="utf8mb4", collation=MySQLDialect.exact_collation(dialect))
+
+    @staticmethod
+    def exact_collation(dialect: sa.engine.Dialect) -> str:
+        """The collation of :meth:`exact_string` on this server (MariaDB or MySQL)."""
+        return "utf8mb4_nopad_bin" if getattr(dialect, "is_mariadb", False) else "utf8mb4_0900_bin"
 
     def insert_ignore(self, table: sa.Table) -> Insert:
         return sa.insert(table).prefix_with("IGNORE")

@@ -351,12 +351,31 @@ def latin1_mariadb() -> Iterator[sa.Engine]:
         admin.dispose()
 
 
+@pytest.mark.parametrize(("field", "kwargs"), [
+    pytest.param(f, kw, id=f"writer-mariadb-latin1-{f}", marks=pytest.mark.catalogue(
+        area="writer", input=f"{f} outside latin1 on a MariaDB database that is not utf8mb4",
+        expected="stored as given: topic and key columns are utf8mb4 (binary, NO PAD) on every database"))
+    for f, kw in [("key", {"key": "日本"}), ("topic", {"topic": "tópico-😀"})]
+])
+def test_topic_and_key_are_utf8mb4_whatever_the_database_charset(
+    latin1_mariadb: sa.Engine, field: str, kwargs: dict[str, Any]
+) -> None:
+    box = Outbox(topic_pattern=".+")
+    args = {"topic": "t", **kwargs}
+    with Session(latin1_mariadb) as s:
+        s.execute(orders.insert().values(id=1))
+        box.add(s, args.pop("topic"), b"x", **args)
+        s.commit()
+    with latin1_mariadb.connect() as c:
+        assert c.execute(sa.select(T.c[field])).scalar_one() == kwargs[field]
+    _empty(latin1_mariadb)
+
+
 @pytest.mark.parametrize(("field", "kwargs", "error"), [
     pytest.param(f, kw, err, id=f"writer-mariadb-latin1-{f}", marks=pytest.mark.catalogue(
         area="writer", input=f"{f} outside latin1 on a MariaDB outbox table that is not utf8mb4",
-        expected=f"{err.__name__} at flush: 'CONVERT TO CHARACTER SET utf8mb4'"))
-    for f, kw, err in [("key", {"key": "日本"}, InvalidKey), ("topic", {"topic": "tópico-😀"}, InvalidTopic),
-                       ("content_type", {"content_type": "text/😀"}, InvalidHeaders)]
+        expected=f"{err.__name__} at flush: 'ALTER TABLE ... MODIFY {f} ... CHARACTER SET utf8mb4'"))
+    for f, kw, err in [("content_type", {"content_type": "text/😀"}, InvalidHeaders)]
 ])
 def test_text_the_table_charset_cannot_hold_is_explained_at_flush(
     latin1_mariadb: sa.Engine, field: str, kwargs: dict[str, Any], error: type[Exception]
@@ -370,10 +389,44 @@ def test_text_the_table_charset_cannot_hold_is_explained_at_flush(
             s.commit()
         assert type(info.value) is error, f"{type(info.value).__name__}: {info.value}"
         assert f"outbox_messages.{field} is not utf8mb4" in str(info.value)
-        assert "CONVERT TO CHARACTER SET utf8mb4" in str(info.value) and "[SQL:" not in str(info.value)
+        assert "[SQL:" not in str(info.value)
+        advice = str(info.value).split("Convert the column once (")[1].split(") and create databases")[0]
+        assert advice.startswith(f"ALTER TABLE outbox_messages MODIFY {field} ") and "CHARACTER SET utf8mb4" in advice
         s.rollback()
         s.execute(orders.insert().values(id=1))
         box.add(s, "t", b"fine", key="plain")
         s.commit()
     assert counts(latin1_mariadb) == (1, 1)
     _empty(latin1_mariadb)
+
+
+def test_the_advised_column_conversion_works_and_keeps_ids_exact(latin1_mariadb: sa.Engine) -> None:
+    """The statement the error advises is run as given: the value then fits, and the id and key columns
+    keep their binary NO PAD collation (CONVERT TO CHARACTER SET would reset it to a case-folding one)."""
+    from outbox._sqlerrors import _utf8mb4_column
+
+    def collations() -> dict[str, str]:
+        with latin1_mariadb.connect() as c:
+            return dict(c.execute(sa.text(
+                "SELECT COLUMN_NAME, COLLATION_NAME FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = "
+                "DATABASE() AND TABLE_NAME = 'outbox_messages' AND COLLATION_NAME IS NOT NULL")).all())
+
+    before = collations()
+    assert before["key"] == before["topic"] == "utf8mb4_nopad_bin" and before["content_type"].startswith("latin1")
+    try:
+        with latin1_mariadb.begin() as c:
+            c.exec_driver_sql(_utf8mb4_column("outbox_messages", "content_type"))
+        after = collations()
+        assert after["content_type"].startswith("utf8mb4_") and after["key"] == after["topic"] == "utf8mb4_nopad_bin"
+        box = Outbox(topic_pattern=".+")
+        with Session(latin1_mariadb) as s:
+            s.execute(orders.insert().values(id=1))
+            box.add(s, "t", b"x", key="K", content_type="text/😀")
+            box.add(s, "t", b"y", key="k")
+            s.commit()
+        with latin1_mariadb.connect() as c:
+            assert c.execute(sa.select(T.c.key).where(T.c.key == "k")).scalars().all() == ["k"]
+    finally:  # the module's database stays latin1 for the other tests
+        _empty(latin1_mariadb)
+        with latin1_mariadb.begin() as c:
+            c.exec_driver_sql("ALTER TABLE outbox_messages MODIFY content_type VARCHAR(127) CHARACTER SET latin1")

@@ -27,10 +27,12 @@ from alembic.runtime.migration import MigrationContext
 from alembic import command
 from outbox import migrations
 from outbox.schema import OutboxTables, TableNames, default_tables
+from outbox.types import ExactString
 
 REPO = Path(__file__).resolve().parents[2]
 DOCS = REPO / "docs" / "migrations.md"
-HEAD = "0002_relay_groups"
+HEAD = "0003_exact_ids"
+PREVIOUS = "0002_relay_groups"
 FIRST = "0001_initial"
 CUSTOM = TableNames(
     outbox="shop_outbox", processed="shop_processed", stages="shop_stages",
@@ -64,6 +66,44 @@ def _diff(engine: sa.Engine, tables: OutboxTables) -> list[object]:
             "include_name": lambda name, type_, parent: type_ != "table" or name in own,
         })
         return list(compare_metadata(ctx, tables.metadata))
+
+
+def _exact_columns(tables: OutboxTables) -> set[tuple[str, str]]:
+    """(table, column) of every column the models declare as an exact (byte-for-byte) string."""
+    return {(t.name, c.name) for t in tables.all() for c in t.columns if isinstance(c.type, ExactString)}
+
+
+def _collations(engine: sa.Engine, tables: OutboxTables) -> dict[tuple[str, str], str]:
+    """MySQL/MariaDB: the collation the database really gives each of the toolkit's text columns."""
+    with engine.connect() as conn:
+        rows = conn.execute(sa.text(
+            "SELECT TABLE_NAME, COLUMN_NAME, COLLATION_NAME FROM information_schema.COLUMNS "
+            "WHERE TABLE_SCHEMA = DATABASE() AND COLLATION_NAME IS NOT NULL"))
+        own = set(tables.names.all())
+        return {(t, c): coll for t, c, coll in rows if t in own}
+
+
+def _assert_ids_exact(engine: sa.Engine, tables: OutboxTables) -> None:
+    """Every exact column is binary NO PAD on MariaDB (no other text column is), and on every dialect
+    ids differing only in case, trailing space or accent are distinct primary keys."""
+    exact = _exact_columns(tables)
+    assert {("outbox_processed_messages", "message_id"), ("outbox_messages", "key"),
+            ("outbox_relay_leases", "relay_group")} <= {(t.replace(tables.names.outbox, "outbox_messages")
+                                                        .replace(tables.names.processed, "outbox_processed_messages")
+                                                        .replace(tables.names.leases, "outbox_relay_leases"), c)
+                                                       for t, c in exact}
+    if engine.dialect.name in ("mysql", "mariadb"):
+        coll = _collations(engine, tables)
+        assert {k: v for k, v in coll.items() if k in exact} == dict.fromkeys(exact, "utf8mb4_nopad_bin")
+        assert all(v != "utf8mb4_nopad_bin" for k, v in coll.items() if k not in exact)  # hostname, status...
+    now = dt.datetime.now(dt.timezone.utc)
+    ids = ["ABC", "abc", "a", "a ", "e", "\u00e9"]
+    with engine.begin() as conn:
+        conn.execute(tables.processed.insert(), [{"consumer": "c", "message_id": i, "processed_at": now} for i in ids])
+        got = conn.execute(sa.select(tables.processed.c.message_id).where(tables.processed.c.message_id == "abc"))
+        assert got.scalars().all() == ["abc"]
+        assert sorted(conn.execute(sa.select(tables.processed.c.message_id)).scalars()) == sorted(ids)
+        conn.execute(tables.processed.delete())
 
 
 def _cli() -> list[str]:
@@ -176,11 +216,114 @@ def test_upgrade_from_0001_keeps_rows_and_keys_leases_by_group(fresh_database: s
         engine.dispose()
 
 
+def test_cli_upgrade_from_0002_keeps_rows_and_makes_ids_exact(fresh_database: str, tmp_path: Path) -> None:
+    """0003: `outbox db upgrade` turns the id/key columns binary NO PAD on MariaDB and keeps every row;
+    the downgrade refuses while rows differ only in case, then goes back to the table default."""
+    engine = _engine(fresh_database)
+    now = dt.datetime.now(dt.timezone.utc)
+    t = default_tables()
+    mysql = engine.dialect.name in ("mysql", "mariadb")
+    try:
+        migrations.upgrade(engine, PREVIOUS)
+        if mysql:  # the loss being fixed: the columns fold case before 0003 (JSON columns are utf8mb4_bin)
+            assert {v for k, v in _collations(engine, t).items() if k in _exact_columns(t)} == {"utf8mb4_general_ci"}
+        with engine.begin() as conn:
+            conn.execute(t.processed.insert(), [{"consumer": "c", "message_id": i, "processed_at": now}
+                                                for i in ("ABC", "x")])
+            conn.execute(t.stages.insert().values(consumer="c", message_id="ABC", stage="Ship", completed_at=now))
+            conn.execute(t.leases.insert().values(relay_group="G", partition=0, owner="R1", generation=3))
+            conn.execute(t.relays.insert().values(relay_id="R1", hostname="h", pid=1, started_at=now,
+                                                  heartbeat_at=now, expires_at=now, relay_group="G"))
+            conn.execute(t.outbox.insert().values(
+                message_id=__import__("uuid").uuid4(), topic="T", key="K", payload=b"p", partition=0,
+                created_at=now, available_at=now, status="dead"))
+            conn.execute(t.dead_letters.insert().values(
+                consumer="c", message_id="ABC", topic="T", key="K", payload=b"p", error="e", attempts=1,
+                first_failed_at=now, last_failed_at=now))
+
+        proc = _run_cli("db", "upgrade", "--db", fresh_database, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr
+        assert f"{PREVIOUS} -> {HEAD}" in proc.stdout
+        assert migrations.current(engine) == HEAD
+        with engine.connect() as conn:
+            assert sorted(conn.execute(sa.select(t.processed.c.message_id)).scalars()) == ["ABC", "x"]
+            assert conn.execute(sa.select(t.stages.c.stage)).scalar_one() == "Ship"
+            lease = conn.execute(sa.select(t.leases.c.relay_group, t.leases.c.owner, t.leases.c.generation)).one()
+            assert tuple(lease) == ("G", "R1", 3)
+            assert conn.execute(sa.select(t.relays.c.relay_id, t.relays.c.relay_group)).one() == ("R1", "G")
+            assert conn.execute(sa.select(t.outbox.c.topic, t.outbox.c.key)).one() == ("T", "K")
+            assert conn.execute(sa.select(t.dead_letters.c.message_id)).scalar_one() == "ABC"
+        assert _diff(engine, t) == []
+        if mysql:
+            assert {v for k, v in _collations(engine, t).items() if k in _exact_columns(t)} == {"utf8mb4_nopad_bin"}
+        with engine.begin() as conn:  # now distinct from the rows already there
+            conn.execute(t.processed.insert().values(consumer="c", message_id="abc", processed_at=now))
+            conn.execute(t.leases.insert().values(relay_group="g", partition=0, generation=0))
+        if not mysql:
+            return
+
+        proc = _run_cli("db", "downgrade", PREVIOUS, "--db", fresh_database, cwd=tmp_path)
+        assert proc.returncode != 0
+        assert "cannot downgrade below 0003_exact_ids" in proc.stderr, proc.stderr
+        assert "outbox_processed_messages" in proc.stderr and "outbox_relay_leases" in proc.stderr
+        assert "Traceback" not in proc.stderr
+        assert migrations.current(engine) == HEAD  # nothing was changed
+        assert {v for k, v in _collations(engine, t).items() if k in _exact_columns(t)} == {"utf8mb4_nopad_bin"}
+
+        with engine.begin() as conn:
+            conn.execute(t.processed.delete().where(t.processed.c.message_id == "abc"))
+            conn.execute(t.leases.delete().where(t.leases.c.relay_group == "g"))
+        migrations.downgrade(engine, PREVIOUS)
+        assert migrations.current(engine) == PREVIOUS
+        assert {v for k, v in _collations(engine, t).items() if k in _exact_columns(t)} == {"utf8mb4_general_ci"}
+        with engine.connect() as conn:
+            assert sorted(conn.execute(sa.select(t.processed.c.message_id)).scalars()) == ["ABC", "x"]
+        cols = {c["name"]: c for c in sa.inspect(engine).get_columns("outbox_relay_leases")}
+        assert cols["relay_group"]["comment"] and "'default'" in str(cols["relay_group"]["default"])
+        assert cols["relay_group"]["nullable"] is False
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.parametrize("dialect_name", ["mariadb"])
+def test_exact_ids_on_a_latin1_database_and_back(dialect_name: str, fresh_database: str) -> None:
+    """A database whose default is latin1: the id columns are utf8mb4 binary all the same, and the
+    downgrade's collision check compares the values as latin1 would hold them."""
+    from outbox.errors import DatabaseError
+
+    engine = _engine(fresh_database)
+    t = default_tables()
+    now = dt.datetime.now(dt.timezone.utc)
+    try:
+        with engine.begin() as conn:
+            conn.exec_driver_sql("ALTER DATABASE CHARACTER SET latin1")
+        migrations.upgrade(engine)
+        coll = _collations(engine, t)
+        exact = _exact_columns(t)
+        assert {v for k, v in coll.items() if k in exact} == {"utf8mb4_nopad_bin"}
+        assert coll[("outbox_messages", "content_type")] == "latin1_swedish_ci"
+        with engine.begin() as conn:
+            conn.execute(t.processed.insert(), [{"consumer": "c", "message_id": i, "processed_at": now}
+                                                for i in ("\u00c9t\u00e9", "\u00e9t\u00e9", "x")])
+        with pytest.raises(DatabaseError, match="cannot downgrade below 0003_exact_ids: outbox_processed_messages"):
+            migrations.downgrade(engine, PREVIOUS)
+        assert migrations.current(engine) == HEAD
+        with engine.begin() as conn:
+            conn.execute(t.processed.delete().where(t.processed.c.message_id == "\u00e9t\u00e9"))
+        migrations.downgrade(engine, PREVIOUS)
+        assert {v for k, v in _collations(engine, t).items() if k in exact} == {"latin1_swedish_ci"}
+        with engine.connect() as conn:
+            assert sorted(conn.execute(sa.select(t.processed.c.message_id)).scalars()) == ["x", "\u00c9t\u00e9"]
+    finally:
+        engine.dispose()
+
+
 def test_no_drift_between_migration_and_schema(fresh_database: str) -> None:
     engine = _engine(fresh_database)
     try:
         migrations.upgrade(engine)
         assert _diff(engine, default_tables()) == []
+        _assert_ids_exact(engine, default_tables())
         # and the comparison is not vacuous: a dropped index is reported
         (index,) = default_tables().processed.indexes
         with engine.begin() as conn:
@@ -204,6 +347,7 @@ def test_custom_table_names_migrate_without_drift_next_to_the_default_ones(fresh
         assert {"shop_outbox_alembic_version", migrations.VERSION_TABLE} <= names
         assert migrations.current(engine, tables=custom) == HEAD
         assert _diff(engine, custom) == []
+        _assert_ids_exact(engine, custom)
         with engine.connect() as conn:
             idx = {i["name"] for i in sa.inspect(conn).get_indexes("shop_outbox")}
         assert "ix_shop_outbox_claim" in idx
@@ -253,6 +397,7 @@ def test_offline_sql_creates_the_same_schema(dialect_name: str, fresh_database: 
                 conn.exec_driver_sql(stmt)
         assert migrations.current(engine) == HEAD
         assert _diff(engine, default_tables()) == []
+        _assert_ids_exact(engine, default_tables())
         migrations.downgrade(engine, "base")  # and the online tools take over from there
         assert not (set(TableNames().all()) & _table_names(engine))
     finally:

@@ -173,3 +173,28 @@ def test_cli_purge_says_what_it_releases_and_with_blocked_drops_the_poison_key(e
     assert json.loads(capsys.readouterr().out) == {"purged": 3}
     with engine.connect() as c:
         assert c.execute(sa.select(sa.func.count()).select_from(T)).scalar_one() == 0
+
+
+def test_keys_that_differ_only_in_case_space_or_accent_are_ordered_apart(engine: sa.Engine) -> None:
+    """'A', 'a', 'a ' and 'á' are four keys: a dead row of 'A' holds back only 'A' (MariaDB's default
+    collation would merge them all), and requeue / purge by key touch only that key's rows."""
+    keys = ["A", "a", "A", "a", "a ", "\u00e1"]
+    ids = add(engine, [("t", k, q) for q, k in enumerate(keys)])
+    set_rows(engine, list(ids.values()), partition=0)  # one partition: only the key can tell them apart
+    set_rows(engine, [ids[0]], status="dead", attempts=1, last_error="poison")
+    pub = MemoryPublisher()
+    r = relay(engine, pub)
+    r.drain()
+    assert sent(pub) == [1, 3, 4, 5]
+    assert [m.key for m in pub.snapshot()] == ["a", "a", "a ", "\u00e1"]
+    st = admin.outbox_status(engine)
+    assert st["blocked"] == 1
+    (b,) = st["blocked_by"]
+    assert (b["key"], b["blocking_id"], b["blocked"]) == ("A", ids[0], 1)
+    assert admin.requeue_dead(engine, key="a") == 0  # 'a' has no dead row
+    assert admin.purge_dead(engine, key="A", with_blocked=True) == 2
+    r.drain()
+    r.close()
+    assert sent(pub) == [1, 3, 4, 5]
+    with engine.connect() as c:
+        assert c.execute(sa.select(sa.func.count()).select_from(T)).scalar_one() == 0
