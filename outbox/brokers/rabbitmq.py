@@ -309,6 +309,14 @@ class RabbitMQPublisher:
         except _LINK_ERRORS as exc:  # pika reports most losses through callbacks; these as exceptions
             if conn is self._conn and self._conn_lost is None:
                 self._conn_lost = exc
+        except ValueError as exc:
+            # A connection reset between the TCP connect and pika's stream set-up (a load balancer
+            # that accepts, then resets) surfaces as "Expected connected socket, but getpeername()
+            # failed": a lost link like any other, not a reason to crash the relay.
+            if "connected socket" not in str(exc):
+                raise
+            if conn is self._conn and self._conn_lost is None:
+                self._conn_lost = exc
 
     def _run_until(self, done: Callable[[], bool], deadline: float) -> bool:
         """Drive the I/O loop until ``done()``, the connection drops or ``deadline``; return ``done()``."""
