@@ -33,6 +33,14 @@ RUN_ID = uuid.uuid4().hex[:8]
 DIALECTS = ["sqlite", "postgresql", "mariadb"]
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    # here, not in tests/faults or tests/badinput, so that one run of the whole suite can regenerate both tables
+    parser.addoption("--write-guarantees", action="store_true",
+                     help="rewrite the fault matrix in docs/guarantees.md from this run of tests/faults")
+    parser.addoption("--write-catalogue", action="store_true",
+                     help="rewrite the bad-input table in docs/guarantees.md from this run of tests/badinput")
+
+
 def _create_database(admin_url: str, name: str) -> str:
     url = make_url(admin_url)
     engine = sa.create_engine(url, isolation_level="AUTOCOMMIT", poolclass=sa.pool.NullPool)

@@ -25,11 +25,6 @@ _CASES = pytest.StashKey[dict[str, dict[str, str]]]()
 _OUTCOMES = pytest.StashKey[dict[str, str]]()
 
 
-def pytest_addoption(parser: pytest.Parser) -> None:
-    parser.addoption("--write-catalogue", action="store_true",
-                     help="rewrite the bad-input table in docs/guarantees.md from this run")
-
-
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "catalogue(area, input, expected): one case of the bad-input catalogue")
     config.stash[_CASES] = {}

@@ -28,11 +28,6 @@ _NUMBERS = pytest.StashKey[dict[str, dict[str, Any]]]()
 _OUTCOMES = pytest.StashKey[dict[str, str]]()
 
 
-def pytest_addoption(parser: pytest.Parser) -> None:
-    parser.addoption("--write-guarantees", action="store_true",
-                     help="rewrite the fault matrix in docs/guarantees.md from this run of tests/faults")
-
-
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "faults(db, broker, fault, guarantee): one case of the fault matrix")
     config.stash[_CASES] = {}

@@ -399,21 +399,8 @@ DATABASES = {"sigstop-70s-defaults": ("postgresql",)}
 #: faults after which per-key order is not guaranteed on a broker (the remaining windows)
 ORDER_NOT_COVERED = {("sigstop-after-claim", "rabbitmq")}
 
-ITEM3 = "issue 9 item 3 (a frozen relay publishes its stale batch); fixed on branch relaycore"
-ITEM1_KAFKA = "issue 9 item 1 (Kafka producer not recovered after a long outage); fixed on branch brokers"
-ITEM1_RABBIT = "issue 9 item 1 (RabbitMQ heartbeats not serviced while idle); fixed on branch brokers"
-UNASSIGNED_PIKA = ("found by this suite, not assigned in issue 9: a connection reset while pika connects raises "
-                   "ValueError ('Expected connected socket'), which the relay does not treat as transient: it exits 1")
-ITEM2 = "issue 9 items 2 and 8 (a bad row crashes the relay / stays pending); fixed on branch badrows"
 #: (fault, db, broker) -> xfail reason; None matches any
 KNOWN_FAILURES: dict[tuple[str, str | None, str | None], str] = {
-    ("sigstop-after-claim", "postgresql", "kafka"): ITEM3,  # MariaDB passes today: InnoDB makes B wait
-    ("sigstop-70s-defaults", None, "kafka"): ITEM3,
-    ("broker-pause", None, "kafka"): ITEM1_KAFKA,
-    ("idle-then-traffic", None, "rabbitmq"): ITEM1_RABBIT,
-    ("corrupt-rows", None, None): ITEM2,
-    ("broker-restart", None, "kafka"): ITEM1_KAFKA,
-    ("broker-reset-lb", None, "rabbitmq"): UNASSIGNED_PIKA,
 }
 
 
