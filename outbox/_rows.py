@@ -33,6 +33,8 @@ MAX_ATTEMPTS_VALUE = 2**31 - 2
 MAX_PARTITION = 32767
 
 CONTENT_TYPE_LENGTH = 127
+#: keys of at most this many characters are within KEY_LENGTH UTF-8 bytes whatever they hold (4 bytes a character)
+_SHORT_KEY = KEY_LENGTH // 4
 _RAW = ("message_id", "payload", "headers")
 _COLUMNS = ("id", "message_id", "topic", "key", "payload", "headers", "content_type", "partition", "attempts")
 
@@ -51,22 +53,34 @@ def decode_row(row: Any, *, json_as_text: bool) -> OutboxRecord:
 
     ``json_as_text``: the driver hands JSON columns over as text (SQLite, MySQL/MariaDB), rather
     than already parsed (psycopg).
+
+    Every claimed row comes through here, so each field takes the checks the writer's own rows
+    pass with a few type and length tests, and only a value that fails them goes through the
+    full check that names the problem (the same rules either way).
     """
-    rid = row.id
     try:
-        return OutboxRecord(
-            id=rid,
-            message_id=_message_id(row.message_id),
-            topic=_topic(row.topic),
-            key=_key(row.key),
-            payload=_payload(row.payload),
-            headers=_headers(row.headers, json_as_text),
-            content_type=_optional_text("content_type", row.content_type, CONTENT_TYPE_LENGTH),
-            partition=_int("partition", row.partition, 0, MAX_PARTITION),
-            attempts=_int("attempts", row.attempts, 0, MAX_ATTEMPTS_VALUE),
-        )
+        rid, mid, topic, key, payload, headers, ctype, part, attempts = row  # a claimed Row, in _COLUMNS order
+    except TypeError:  # an object with the column names as attributes
+        rid, mid, topic, key, payload, headers, ctype, part, attempts = (getattr(row, n) for n in _COLUMNS)
+    try:
+        if type(mid) is not uuid.UUID:
+            mid = _message_id(mid)
+        if type(topic) is not str or not topic or len(topic) > TOPIC_LENGTH or "\x00" in topic or topic.isspace():
+            topic = _topic(topic)
+        if key is not None and (type(key) is not str or not key or len(key) > _SHORT_KEY):
+            key = _key(key)  # (a str of at most _SHORT_KEY characters is at most KEY_LENGTH UTF-8 bytes)
+        if type(payload) is not bytes:
+            payload = _payload(payload)
+        headers = {} if headers is None else _headers(headers, json_as_text)
+        if ctype is not None and (type(ctype) is not str or len(ctype) > CONTENT_TYPE_LENGTH):
+            ctype = _optional_text("content_type", ctype, CONTENT_TYPE_LENGTH)
+        if type(part) is not int or not 0 <= part <= MAX_PARTITION:
+            part = _int("partition", part, 0, MAX_PARTITION)
+        if type(attempts) is not int or not 0 <= attempts <= MAX_ATTEMPTS_VALUE:
+            attempts = _int("attempts", attempts, 0, MAX_ATTEMPTS_VALUE)
     except RowError as exc:
         raise RowError(f"row {rid}: {exc}") from None
+    return OutboxRecord(rid, mid, topic, key, payload, headers, ctype, part, attempts)
 
 
 def _kind(value: Any) -> str:

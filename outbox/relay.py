@@ -596,15 +596,16 @@ class Relay:
         bad: list[tuple[int, str]] = []
         held_back: set[tuple[Any, Any]] = set()
         strict = self.config.ordering == "strict"
+        unmarkable, as_text = self._unmarkable, self.dialect.json_as_text
         for r in rows:
-            if r.id in self._unmarkable:
-                if strict and not self._unmarkable[r.id] and isinstance(r.key, str):
+            if unmarkable and r.id in unmarkable:
+                if strict and not unmarkable[r.id] and isinstance(r.key, str):
                     held_back.add((r.topic, r.key))
                 continue
-            if strict and (r.topic, r.key) in held_back:
+            if held_back and (r.topic, r.key) in held_back:
                 continue
             try:
-                records.append(decode_row(r, json_as_text=self.dialect.json_as_text))
+                records.append(decode_row(r, json_as_text=as_text))
             except RowError as exc:
                 bad.append((r.id, _short(str(exc))))
                 if strict and isinstance(r.key, str):
