@@ -32,7 +32,7 @@ from .errors import InvalidHeaders, InvalidKey, InvalidMessageId, InvalidTopic, 
 from .schema import DEFAULT_TABLE_NAMES, default_tables
 from .types import ExactString
 
-__all__ = ["explain_errors", "known_table"]
+__all__ = ["explain_errors", "known_table", "missing_table"]
 
 _MISSING = (
     re.compile(r'relation "(?:[^"]+\.)?(?P<name>[^".]+)" does not exist'),  # PostgreSQL
@@ -85,16 +85,24 @@ def _db_label(ctx: Any) -> str:
     return mask_secrets(engine.url.render_as_string(hide_password=True))
 
 
+def missing_table(text: str) -> str | None:
+    """The table a driver's error text says does not exist (PostgreSQL, MySQL/MariaDB, SQLite), if it says so."""
+    for pattern in _MISSING:
+        m = pattern.search(text)
+        if m:
+            return m.group("name")
+    return None
+
+
 def _translate(ctx: Any) -> None:
     original = ctx.original_exception
     text = str(original)
-    for pattern in _MISSING:
-        m = pattern.search(text)
-        if m and m.group("name") in _tables:
-            raise SchemaMissing(
-                f"the toolkit's table {m.group('name')!r} does not exist in {_db_label(ctx)}: "
-                "run `outbox db upgrade --db URL` (or outbox.migrations.upgrade(engine)) first"
-            )
+    name = missing_table(text)
+    if name is not None and name in _tables:
+        raise SchemaMissing(
+            f"the toolkit's table {name!r} does not exist in {_db_label(ctx)}: "
+            "run `outbox db upgrade --db URL` (or outbox.migrations.upgrade(engine)) first"
+        )
     m = _CHARSET.search(text)
     if m:
         _charset(ctx, m)

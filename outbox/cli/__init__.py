@@ -6,7 +6,6 @@ import argparse
 import importlib
 import logging
 import os
-import re
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -14,6 +13,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from .._redact import mask_secrets
+from .._sqlerrors import missing_table
 from ..errors import ConfigurationError, OutboxError
 from ._common import one_line
 from ._settings import MaskingArgumentParser, check_log_level
@@ -123,13 +123,10 @@ def _main(argv: Sequence[str] | None) -> int:
         return 1
 
 
-_MISSING_TABLE = re.compile(r"does not exist|no such table|doesn't exist|undefined table|unknown table", re.I)
-
-
 def _database_error(exc: sa.exc.DBAPIError, args: argparse.Namespace) -> str:
     """A driver error in one line; a missing table says what to run."""
     text = one_line(exc)
-    if _MISSING_TABLE.search(text):
+    if missing_table(str(exc)) is not None:
         return f"{text}: the toolkit's tables are missing, run `outbox db upgrade --db URL` first"
     return f"database error: {text}"
 

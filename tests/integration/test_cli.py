@@ -332,3 +332,29 @@ def test_readme_toml_example_is_accepted_by_both_commands(tmp_path, monkeypatch)
     args = build_parser().parse_args(["consume", "x:C", "--config", str(cfg)])
     values = resolve(consume_cmd.settings(), args, table="consume", file=load_config_file(str(cfg)), file_label="f")
     assert values["topics"] == ("orders",) and values["group"] == "billing"
+
+
+@pytest.mark.parametrize("dialect_name", ["sqlite", "postgresql", "mariadb"])
+def test_a_missing_table_met_mid_command_says_to_run_db_upgrade(dialect_name, database_urls) -> None:
+    """The CLI's last-resort translation recognises a missing table the way the writer's does
+    (outbox._sqlerrors.missing_table), and nothing else that merely 'does not exist'."""
+    from outbox.cli import _database_error
+
+    engine = sa.create_engine(database_urls[dialect_name], poolclass=sa.pool.NullPool)
+    try:
+        with engine.connect() as conn:
+            conn.execute(sa.text("SELECT 1 FROM outbox_table_that_is_not_there"))
+    except sa.exc.DBAPIError as exc:
+        text = _database_error(exc, argparse.Namespace())
+    else:  # pragma: no cover
+        pytest.fail("the query should fail")
+    finally:
+        engine.dispose()
+    assert "run `outbox db upgrade --db URL` first" in text, text
+    with engine.connect() as conn:
+        try:
+            conn.execute(sa.text("SELECT no_such_column FROM (SELECT 1 AS x) AS t"))
+        except sa.exc.DBAPIError as exc:
+            other = _database_error(exc, argparse.Namespace())
+    assert other.startswith("database error: ") and "db upgrade" not in other, other
+    engine.dispose()
