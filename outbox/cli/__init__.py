@@ -12,6 +12,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from .._logging import LOG_FORMATS, ContextFilter, JsonFormatter, MaskingFormatter, RateLimitFilter
 from .._redact import mask_secrets
 from .._sqlerrors import missing_table
 from ..errors import ConfigurationError, OutboxError
@@ -24,24 +25,48 @@ __all__ = ["main"]
 COMMAND_MODULES = ("demo", "db", "relay", "status", "dead", "consume", "purge")
 
 
-class _MaskingFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        return mask_secrets(super().format(record))
+#: loggers of libraries that are chatty at INFO (pika logs object reprs): WARNING unless --log-level DEBUG
+QUIET_LOGGERS = ("pika", "kafka", "urllib3", "asyncio", "alembic.runtime.migration")
+
+#: seconds within which a repeated identical warning or error is counted, not shown again
+REPEAT_WINDOW = 30.0
+
+_TEXT_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+_format = "text"
 
 
-def setup_logging(level: str = "INFO") -> None:
+def setup_logging(level: str = "INFO", fmt: str = "text") -> None:
+    """One stderr handler: text or JSON lines, passwords masked, repeats rate-limited, context attached."""
+    global _format
+    _format = fmt
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_MaskingFormatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+    handler.setFormatter(JsonFormatter() if fmt == "json" else MaskingFormatter(_TEXT_FORMAT))
+    handler.addFilter(ContextFilter())
+    handler.addFilter(RateLimitFilter(REPEAT_WINDOW))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    quiet = logging.getLevelName(level.upper()) > logging.DEBUG
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING if quiet else logging.NOTSET)
+
+
+def check_log_format(text: str) -> str:
+    fmt = str(text).strip().lower()
+    if fmt not in LOG_FORMATS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a log format: use one of {', '.join(LOG_FORMATS)}")
+    return fmt
 
 
 def _add_log_level(parser: argparse.ArgumentParser, default: Any) -> None:
-    """``--log-level`` on ``parser`` and every sub-command below it (before or after the sub-command)."""
+    """``--log-level`` and ``--log-format`` on ``parser`` and every sub-command below it (before or after
+    the sub-command)."""
     if "--log-level" not in parser._option_string_actions:
         parser.add_argument("--log-level", default=default, type=check_log_level, metavar="LEVEL",
                             help="DEBUG, INFO, WARNING or ERROR (default INFO, env OUTBOX_LOG_LEVEL)")
+    if "--log-format" not in parser._option_string_actions:
+        parser.add_argument("--log-format", default=default, type=check_log_format, metavar="FORMAT",
+                            help="text or json: one JSON object per line (default text, env OUTBOX_LOG_FORMAT)")
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
             for child in action.choices.values():
@@ -77,7 +102,7 @@ def _silence_stdout() -> None:
 
 
 def _log_level(args: argparse.Namespace) -> str:
-    if args.log_level:
+    if getattr(args, "log_level", None):
         return str(args.log_level)
     env = os.environ.get("OUTBOX_LOG_LEVEL", "").strip()
     if not env:
@@ -86,6 +111,26 @@ def _log_level(args: argparse.Namespace) -> str:
         return check_log_level(env)
     except argparse.ArgumentTypeError as exc:
         raise ConfigurationError(f"environment variable OUTBOX_LOG_LEVEL: {exc}") from None
+
+
+def _log_format(args: argparse.Namespace) -> str:
+    if getattr(args, "log_format", None):
+        return str(args.log_format)
+    env = os.environ.get("OUTBOX_LOG_FORMAT", "").strip()
+    if not env:
+        return "text"
+    try:
+        return check_log_format(env)
+    except argparse.ArgumentTypeError as exc:
+        raise ConfigurationError(f"environment variable OUTBOX_LOG_FORMAT: {exc}") from None
+
+
+def _error(text: str) -> None:
+    """The one line of a failed command: ``error: ...``, or a JSON log line under --log-format json."""
+    if _format == "json":
+        logging.getLogger("outbox.cli").error("%s", text)
+    else:
+        print(f"error: {text}", file=sys.stderr)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -98,28 +143,32 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(argv: Sequence[str] | None) -> int:
+    global _format
+    _format = "text"
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        setup_logging(_log_level(args))
+        fmt = _log_format(args)
+        _format = fmt
+        setup_logging(_log_level(args), fmt)
         code = int(args.func(args) or 0)
         sys.stdout.flush()  # a closed pipe shows up here, not in the interpreter's shutdown
         return code
     except BrokenPipeError:
         raise
     except ConfigurationError as exc:
-        print(f"error: {mask_secrets(exc)}", file=sys.stderr)
+        _error(mask_secrets(exc))
         return 2
     except OutboxError as exc:
-        print(f"error: {mask_secrets(exc)}", file=sys.stderr)
+        _error(mask_secrets(exc))
         return 1
     except KeyboardInterrupt:
         return 130
     except sa.exc.DBAPIError as exc:
-        print(f"error: {_database_error(exc, args)}", file=sys.stderr)
+        _error(_database_error(exc, args))
         return 1
     except Exception as exc:  # translate driver errors into one readable line, never a password
-        print(f"error: {type(exc).__name__}: {one_line(exc)}", file=sys.stderr)
+        _error(f"{type(exc).__name__}: {one_line(exc)}")
         return 1
 
 

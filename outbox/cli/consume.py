@@ -14,6 +14,7 @@ import signal
 import sys
 from typing import Any
 
+from .._logging import set_process_context
 from .._redact import mask_secrets
 from ..config import Setting
 from ..errors import ConfigurationError
@@ -153,6 +154,7 @@ def _run(args: argparse.Namespace, v: dict[str, Any], consumer: Any, engine: Any
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
+    set_process_context(consumer=consumer.name)
     log.info("consumer %s on %s, database %s", consumer.name, mask_secrets(where), mask_secrets(engine.url))
     try:
         runner.run()
