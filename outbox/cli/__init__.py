@@ -146,7 +146,13 @@ def _main(argv: Sequence[str] | None) -> int:
     global _format
     _format = "text"
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:
+        words = list(sys.argv[1:] if argv is None else argv)
+        if exc.code == 2 and "status" in words and "--check" in words:
+            return 3  # a monitoring check that cannot run is UNKNOWN, not CRITICAL
+        raise
     try:
         fmt = _log_format(args)
         _format = fmt
