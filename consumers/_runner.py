@@ -128,7 +128,7 @@ class RunnerCore:
         done = mark[0] - self._progress_mark[0]
         if mark != self._progress_mark:
             rate = done / self._busy if self._busy > 0 else 0.0
-            log.info("consumer %s: %s (+%d in %.1f s busy: %.0f msg/s)", self.consumer.name, s, done, self._busy,
+            log.info("consumer %s: %s (+%d in %.2f s busy: %.0f msg/s)", self.consumer.name, s, done, self._busy,
                      rate)
         self._last_progress, self._progress_mark, self._busy = now, mark, 0.0
 

@@ -706,7 +706,7 @@ class Relay:
             sent = self.stats.published - self._progress_mark
             rate = sent / self._busy if self._busy > 0 else 0.0
             if sent or self.stats.retried or self.stats.dead:
-                log.info("published %d (+%d in %.1f s busy: %.0f msg/s), retried %d, dead %d; partitions %s",
+                log.info("published %d (+%d in %.2f s busy: %.0f msg/s), retried %d, dead %d; partitions %s",
                          self.stats.published, sent, self._busy, rate, self.stats.retried, self.stats.dead,
                          _ranges(list(self.leases.held)))
             self._last_progress = now

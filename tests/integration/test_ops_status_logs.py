@@ -392,7 +392,7 @@ def test_relay_and_consume_json_logs_on_rabbitmq(engine, db_url, rabbitmq_url, a
     (tmp_path / "sinkmod.py").write_text(CONSUMER_MODULE)
     log = tmp_path / "consume.log"
     consume = _daemon(["--log-format", "json", "consume", "sinkmod:Sink", "--db", url, "--rabbitmq", rabbitmq_url,
-                       "--queue", amqp_names["queue"], "--progress-interval", "0.2", "--batch-size", "20"],
+                       "--queue", amqp_names["queue"], "--progress-interval", "0.01", "--batch-size", "5"],
                       log, cwd=tmp_path)
 
     def processed() -> int:
@@ -434,3 +434,31 @@ def test_unreachable_kafka_for_60_s_logs_a_few_lines_per_error(tmp_path) -> None
     assert lines and any("librdkafka" in o["logger"] for o in lines), lines  # librdkafka goes through logging
     assert max(per_error.values()) <= 4, per_error
     assert len(lines) <= 4 * len(per_error) and len(lines) <= 30, per_error
+
+
+@pytest.mark.parametrize("dialect_name", ["sqlite"], indirect=True)
+def test_progress_rate_is_over_the_time_the_work_took(engine, caplog) -> None:
+    import threading
+
+    n, every = 500, 2.0
+    _write_rows(engine, "burst", n)
+    relay = Relay(engine, MemoryPublisher(), config=RelayConfig(progress_interval=every, poll_interval=0.1))
+    caplog.set_level(logging.INFO, logger="outbox.relay")
+    t = threading.Thread(target=relay.run, daemon=True)
+    began = time.monotonic()
+    t.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not [r for r in caplog.records if "busy" in r.getMessage()] and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        relay.stop()
+        t.join(30)
+    [line] = [r.getMessage() for r in caplog.records if "busy" in r.getMessage()][:1]
+    m = re.search(r"published (\d+) \(\+(\d+) in ([\d.]+) s busy: (\d+) msg/s\)", line)
+    assert m, line
+    sent, busy, rate = int(m.group(2)), float(m.group(3)), int(m.group(4))
+    window = time.monotonic() - began
+    assert sent == n and busy < every and window >= every
+    assert rate > 1.5 * sent / every, line  # averaged over the 2 s window it would read at most sent / 2 s
+    assert abs(rate - sent / busy) <= max(2, 0.05 * rate), line
