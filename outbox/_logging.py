@@ -120,7 +120,8 @@ class RateLimitFilter(logging.Filter):
         self.min_level = min_level
         self.max_keys = max_keys
         self._clock = clock
-        self._seen: OrderedDict[tuple[str, int, str], list[float]] = OrderedDict()  # key -> [shown at, dropped]
+        # key -> [shown at, dropped since, last text dropped]
+        self._seen: OrderedDict[tuple[str, int, str], list[Any]] = OrderedDict()
         self._lock = threading.Lock()
 
     def filter(self, record: logging.LogRecord) -> bool:
@@ -136,10 +137,11 @@ class RateLimitFilter(logging.Filter):
             entry = self._seen.get(key)
             if entry is not None and now - entry[0] < self.window:
                 entry[1] += 1
+                entry[2] = text
                 return False
             dropped = int(entry[1]) if entry is not None else 0
             since = now - entry[0] if entry is not None else 0.0
-            self._seen[key] = [now, 0]
+            self._seen[key] = [now, 0, text]
             self._seen.move_to_end(key)
             while len(self._seen) > self.max_keys:
                 self._seen.popitem(last=False)
@@ -148,7 +150,22 @@ class RateLimitFilter(logging.Filter):
             record.args = None
         return True
 
-    def pending(self) -> list[tuple[str, int, int]]:
-        """(logger, level, dropped) of the messages with repeats not reported yet."""
+    def pending(self) -> list[tuple[str, int, int, str]]:
+        """(logger, level, dropped, last text) of the messages with repeats not reported yet."""
         with self._lock:
-            return [(k[0], k[1], int(v[1])) for k, v in self._seen.items() if v[1]]
+            return [(k[0], k[1], int(v[1]), str(v[2])) for k, v in self._seen.items() if v[1]]
+
+    def flush(self, handler: logging.Handler) -> None:
+        """Report the repeats not reported yet (at exit), one line per message, through ``handler``."""
+        now = self._clock()
+        with self._lock:
+            items = [(k, list(v)) for k, v in self._seen.items() if v[1]]
+            for k, _v in items:
+                self._seen[k][1] = 0
+        for (name, level, _), (shown, dropped, text) in items:
+            rec = logging.LogRecord(name, level, __file__, 0, "%s (repeated %d times in %.0f s)",
+                                    (text, dropped, now - shown), None)
+            for f in handler.filters:  # the context, not this filter (the line is the count itself)
+                if f is not self:
+                    f.filter(rec) if isinstance(f, logging.Filter) else f(rec)
+            handler.emit(rec)

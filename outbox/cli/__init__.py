@@ -33,6 +33,16 @@ REPEAT_WINDOW = 30.0
 
 _TEXT_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 _format = "text"
+_repeats: RateLimitFilter | None = None
+
+
+def flush_repeats() -> None:
+    """Log the counts of repeated lines not reported yet (a daemon's exit): nothing is hidden silently."""
+    root = logging.getLogger()
+    if _repeats is not None:
+        for handler in root.handlers:
+            if _repeats in handler.filters:
+                _repeats.flush(handler)
 
 
 def setup_logging(level: str = "INFO", fmt: str = "text") -> None:
@@ -42,7 +52,9 @@ def setup_logging(level: str = "INFO", fmt: str = "text") -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else MaskingFormatter(_TEXT_FORMAT))
     handler.addFilter(ContextFilter())
-    handler.addFilter(RateLimitFilter(REPEAT_WINDOW))
+    global _repeats
+    _repeats = RateLimitFilter(REPEAT_WINDOW)
+    handler.addFilter(_repeats)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
@@ -157,7 +169,10 @@ def _main(argv: Sequence[str] | None) -> int:
         fmt = _log_format(args)
         _format = fmt
         setup_logging(_log_level(args), fmt)
-        code = int(args.func(args) or 0)
+        try:
+            code = int(args.func(args) or 0)
+        finally:
+            flush_repeats()
         sys.stdout.flush()  # a closed pipe shows up here, not in the interpreter's shutdown
         return code
     except BrokenPipeError:

@@ -462,3 +462,22 @@ def test_progress_rate_is_over_the_time_the_work_took(engine, caplog) -> None:
     assert sent == n and busy < every and window >= every
     assert rate > 1.5 * sent / every, line  # averaged over the 2 s window it would read at most sent / 2 s
     assert abs(rate - sent / busy) <= max(2, 0.05 * rate), line
+
+
+def test_repeats_not_reported_yet_are_reported_at_exit() -> None:
+    import io
+
+    now = [0.0]
+    f = RateLimitFilter(30, clock=lambda: now[0])
+    out = io.StringIO()
+    h = logging.StreamHandler(out)
+    h.addFilter(f)
+    h.setFormatter(JsonFormatter())
+    for i in range(5):
+        now[0] += 1
+        h.handle(_record("broker down, retrying in %d s", i))
+    f.flush(h)
+    f.flush(h)  # reported once
+    lines = _json_lines(out.getvalue())
+    assert [o["message"] for o in lines] == ["broker down, retrying in 0 s",
+                                             "broker down, retrying in 4 s (repeated 4 times in 4 s)"]
