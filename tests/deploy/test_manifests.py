@@ -205,3 +205,47 @@ def test_the_check_is_not_blind(monkeypatch) -> None:
         test_probes_point_at_the_endpoints_the_daemon_serves("relay")
     with pytest.raises((AssertionError, SystemExit, argparse.ArgumentError)):
         test_container_arguments_parse_with_the_real_cli()
+
+
+def _units() -> dict[str, dict[str, str]]:
+    """The systemd units of docs/deployment.md: Description -> {key: value} of [Service] and [Unit]."""
+    import re
+
+    text = (DEPLOY.parent / "deployment.md").read_text()
+    units = {}
+    for block in re.findall(r"```ini\n(.*?)```", text, re.S):
+        keys = dict(line.split("=", 1) for line in block.splitlines() if "=" in line and not line.startswith("#"))
+        units[keys["Description"]] = keys
+    return units
+
+
+def test_systemd_units_restart_and_outlast_the_shutdown() -> None:
+    units = _units()
+    assert len(units) == 2, sorted(units)
+    defaults = RelayConfig()
+    parser = build_parser()
+    for description, keys in units.items():
+        assert keys["Restart"] == "always" and keys["EnvironmentFile"].startswith("/etc/outbox/"), description
+        argv = keys["ExecStart"].split()[1:]
+        command = argv[0]
+        if command == "relay":
+            assert float(keys["TimeoutStopSec"]) > defaults.shutdown_timeout + defaults.publish_timeout
+        argv = [a.replace("${OUTBOX_CONSUMER_CLASS}", "billing.consumers:OrderConsumer") for a in argv]
+        if "--http" in argv:  # pending in this build (see PENDING_FLAGS)
+            i = argv.index("--http")
+            host = argv[i + 1].rpartition(":")[0]
+            assert host == "127.0.0.1", "outside a pod the endpoint stays on loopback"
+            if "--http" not in parser._subparsers._group_actions[0].choices[command]._option_string_actions:
+                del argv[i:i + 2]
+        assert parser.parse_args(argv).command == command
+        assert "OUTBOX_DB_URL" not in keys["ExecStart"] and "--db" not in argv, "the password goes in the env file"
+
+
+def test_the_env_file_in_the_docs_sets_declared_settings() -> None:
+    import re
+
+    text = (DEPLOY.parent / "deployment.md").read_text()
+    names = re.findall(r"^(OUTBOX_[A-Z_]+)=", text, re.M)
+    assert "OUTBOX_DB_URL" in names
+    declared = _declared_env("relay") | _declared_env("consume")
+    assert set(names) <= declared, set(names) - declared
