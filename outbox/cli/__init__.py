@@ -16,7 +16,7 @@ from .._redact import mask_secrets
 from .._sqlerrors import missing_table
 from ..errors import ConfigurationError, OutboxError
 from ._common import one_line
-from ._settings import MaskingArgumentParser, check_log_level
+from ._settings import GLOBAL_SETTINGS, MaskingArgumentParser, check_log_level, help_text
 
 __all__ = ["main"]
 
@@ -39,9 +39,10 @@ def setup_logging(level: str = "INFO") -> None:
 
 def _add_log_level(parser: argparse.ArgumentParser, default: Any) -> None:
     """``--log-level`` on ``parser`` and every sub-command below it (before or after the sub-command)."""
-    if "--log-level" not in parser._option_string_actions:
-        parser.add_argument("--log-level", default=default, type=check_log_level, metavar="LEVEL",
-                            help="DEBUG, INFO, WARNING or ERROR (default INFO, env OUTBOX_LOG_LEVEL)")
+    level = GLOBAL_SETTINGS[0]
+    if level.flags[0] not in parser._option_string_actions:
+        parser.add_argument(*level.flags, dest=level.name, default=default, type=check_log_level,
+                            metavar=level.metavar, help=help_text(level))
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
             for child in action.choices.values():
@@ -79,13 +80,14 @@ def _silence_stdout() -> None:
 def _log_level(args: argparse.Namespace) -> str:
     if args.log_level:
         return str(args.log_level)
-    env = os.environ.get("OUTBOX_LOG_LEVEL", "").strip()
+    var = GLOBAL_SETTINGS[0].env[0]
+    env = os.environ.get(var, "").strip()
     if not env:
         return "INFO"
     try:
         return check_log_level(env)
     except argparse.ArgumentTypeError as exc:
-        raise ConfigurationError(f"environment variable OUTBOX_LOG_LEVEL: {exc}") from None
+        raise ConfigurationError(f"environment variable {var}: {exc}") from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
