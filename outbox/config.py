@@ -53,6 +53,7 @@ class RelayConfig:
     backoff_initial: float = 1.0
     """Seconds before the first retry of a row; doubles per attempt, with jitter."""
     backoff_max: float = 300.0
+    """Longest wait between two retries of a row (seconds): the doubling stops here."""
     ordering: str = field(default="strict", metadata={"choices": ORDERING_MODES})
     """``strict``: a failing or dead message holds back later messages of the same key.
     ``none``: later messages pass it."""
@@ -79,6 +80,8 @@ class RelayConfig:
     """Topics this relay's group publishes: exact names, or prefixes ending in ``*`` (``orders.*``);
     ``*`` (the default) is every topic. A comma-separated string is accepted too."""
     extra: Mapping[str, Any] = field(default_factory=dict, metadata={"flags": (), "env": ()})
+    """Free-form table kept on the config for the application that embeds the relay; the relay itself
+    does not read it."""
 
     def __post_init__(self) -> None:
         _positive_int("batch_size", self.batch_size, 1, 100_000)

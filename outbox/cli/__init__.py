@@ -17,7 +17,7 @@ from .._redact import mask_secrets
 from .._sqlerrors import missing_table
 from ..errors import ConfigurationError, OutboxError
 from ._common import one_line
-from ._settings import MaskingArgumentParser, check_log_level
+from ._settings import GLOBAL_SETTINGS, MaskingArgumentParser, check_log_level, help_text
 
 __all__ = ["main"]
 
@@ -71,14 +71,13 @@ def check_log_format(text: str) -> str:
 
 
 def _add_log_level(parser: argparse.ArgumentParser, default: Any) -> None:
-    """``--log-level`` and ``--log-format`` on ``parser`` and every sub-command below it (before or after
-    the sub-command)."""
-    if "--log-level" not in parser._option_string_actions:
-        parser.add_argument("--log-level", default=default, type=check_log_level, metavar="LEVEL",
-                            help="DEBUG, INFO, WARNING or ERROR (default INFO, env OUTBOX_LOG_LEVEL)")
-    if "--log-format" not in parser._option_string_actions:
-        parser.add_argument("--log-format", default=default, type=check_log_format, metavar="FORMAT",
-                            help="text or json: one JSON object per line (default text, env OUTBOX_LOG_FORMAT)")
+    """``--log-level`` and ``--log-format`` (GLOBAL_SETTINGS) on ``parser`` and every sub-command below it
+    (before or after the sub-command)."""
+    checks = {"log_level": check_log_level, "log_format": check_log_format}
+    for setting in GLOBAL_SETTINGS:
+        if setting.flags[0] not in parser._option_string_actions:
+            parser.add_argument(*setting.flags, dest=setting.name, default=default, type=checks[setting.name],
+                                metavar=setting.metavar, help=help_text(setting))
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
             for child in action.choices.values():
@@ -116,25 +115,27 @@ def _silence_stdout() -> None:
 def _log_level(args: argparse.Namespace) -> str:
     if getattr(args, "log_level", None):
         return str(args.log_level)
-    env = os.environ.get("OUTBOX_LOG_LEVEL", "").strip()
+    var = GLOBAL_SETTINGS[0].env[0]
+    env = os.environ.get(var, "").strip()
     if not env:
         return "INFO"
     try:
         return check_log_level(env)
     except argparse.ArgumentTypeError as exc:
-        raise ConfigurationError(f"environment variable OUTBOX_LOG_LEVEL: {exc}") from None
+        raise ConfigurationError(f"environment variable {var}: {exc}") from None
 
 
 def _log_format(args: argparse.Namespace) -> str:
     if getattr(args, "log_format", None):
         return str(args.log_format)
-    env = os.environ.get("OUTBOX_LOG_FORMAT", "").strip()
+    var = GLOBAL_SETTINGS[1].env[0]
+    env = os.environ.get(var, "").strip()
     if not env:
         return "text"
     try:
         return check_log_format(env)
     except argparse.ArgumentTypeError as exc:
-        raise ConfigurationError(f"environment variable OUTBOX_LOG_FORMAT: {exc}") from None
+        raise ConfigurationError(f"environment variable {var}: {exc}") from None
 
 
 def _error(text: str) -> None:

@@ -23,14 +23,17 @@ from ..errors import ConfigurationError
 
 __all__ = [
     "BROKER_SETTINGS",
+    "COMMON_SETTINGS",
     "CONNECTION_SETTINGS",
     "FILE_TABLES",
+    "GLOBAL_SETTINGS",
     "LOG_LEVELS",
     "MaskingArgumentParser",
     "Resolved",
     "add_common_options",
     "add_settings",
     "check_log_level",
+    "help_text",
     "load_config_file",
     "parse_kv",
     "resolve",
@@ -84,7 +87,8 @@ def _arg_type(setting: Setting, flag: str) -> Any:
     return parse
 
 
-def _help(setting: Setting) -> str:
+def help_text(setting: Setting) -> str:
+    """The ``--help`` line of a setting: its help, default, environment variable and TOML key."""
     parts = [setting.help.rstrip(".")] if setting.help else []
     if setting.default not in (None, ()):
         parts.append(f"default {setting.default}")
@@ -103,7 +107,7 @@ def add_settings(parser: argparse.ArgumentParser, settings: Iterable[Setting]) -
         if s.kind == "bool":
             if flags:
                 parser.add_argument(*flags, dest=s.name, action=argparse.BooleanOptionalAction, default=None,
-                                    help=_help(s))
+                                    help=help_text(s))
             negation = [f for f in s.negation if f not in taken]
             if negation:
                 parser.add_argument(*negation, dest=s.name, action="store_false", default=None,
@@ -113,19 +117,18 @@ def add_settings(parser: argparse.ArgumentParser, settings: Iterable[Setting]) -
             continue
         if s.kind == "list":
             parser.add_argument(*flags, dest=s.name, action="append", default=None, metavar=s.metavar,
-                                type=_arg_type(s, flags[0]), help=_help(s) + " (repeatable, or comma-separated)")
+                                type=_arg_type(s, flags[0]), help=help_text(s) + " (repeatable, or comma-separated)")
         else:
             parser.add_argument(*flags, dest=s.name, default=None, metavar=s.metavar or s.name.upper(),
-                                type=_arg_type(s, flags[0]), choices=None, help=_help(s))
+                                type=_arg_type(s, flags[0]), choices=None, help=help_text(s))
 
 
 def add_common_options(parser: argparse.ArgumentParser, *, x_aliases: Sequence[str] = ()) -> None:
-    """``--config FILE`` and ``-X KEY=VALUE``, the same on both commands."""
-    parser.add_argument("--config", metavar="FILE", default=None,
-                        help="TOML file with [relay], [consume], [kafka] and [rabbitmq] tables (env OUTBOX_CONFIG)")
-    parser.add_argument("-X", "--broker-option", *x_aliases, dest="broker_options", action="append", default=[],
-                        metavar="KEY=VALUE", help="broker setting: a librdkafka property for Kafka, a publisher "
-                        "option for RabbitMQ (repeatable; overrides the [kafka] / [rabbitmq] table)")
+    """``--config FILE`` and ``-X KEY=VALUE``, the same on both commands (declared in COMMON_SETTINGS)."""
+    config, options = COMMON_SETTINGS
+    parser.add_argument(*config.flags, metavar=config.metavar, default=None, help=help_text(config))
+    parser.add_argument(*options.flags, *x_aliases, dest="broker_options", action="append", default=[],
+                        metavar=options.metavar, help=help_text(options))
 
 
 def parse_kv(pairs: Iterable[str], option: str = "-X") -> dict[str, str]:
@@ -241,4 +244,21 @@ BROKER_SETTINGS = (
             toml="kafka", flags=("--kafka",), metavar="SERVERS"),
     Setting("rabbitmq", help="RabbitMQ URL, amqp://...", env=("OUTBOX_RABBITMQ_URL",), toml="rabbitmq",
             flags=("--rabbitmq",), metavar="URL"),
+)
+
+#: options of the ``outbox`` command itself, given before or after the sub-command
+GLOBAL_SETTINGS = (
+    Setting("log_level", help="log level: DEBUG, INFO, WARNING, ERROR or CRITICAL (default INFO)",
+            env=("OUTBOX_LOG_LEVEL",), flags=("--log-level",), choices=LOG_LEVELS, metavar="LEVEL"),
+    Setting("log_format", help="log format: text, or json for one JSON object per line (default text)",
+            env=("OUTBOX_LOG_FORMAT",), flags=("--log-format",), choices=("text", "json"), metavar="FORMAT"),
+)
+
+#: options both daemons take, with no TOML key (the file is the one that holds the keys)
+COMMON_SETTINGS = (
+    Setting("config", help="TOML file with [relay], [consume], [kafka] and [rabbitmq] tables",
+            env=("OUTBOX_CONFIG",), flags=("--config",), metavar="FILE"),
+    Setting("broker_options", kind="list", help="broker setting: a librdkafka property for Kafka, a publisher "
+            "option for RabbitMQ (repeatable; overrides the [kafka] / [rabbitmq] table)",
+            flags=("-X", "--broker-option"), metavar="KEY=VALUE"),
 )
