@@ -12,6 +12,7 @@ import sqlalchemy as sa
 import tenacity
 
 from outbox._dberrors import is_transient
+from outbox._logging import log_context
 from outbox._redact import mask_secrets
 from outbox.errors import ConfigurationError
 
@@ -20,6 +21,10 @@ from .message import IncomingMessage
 
 log = logging.getLogger("consumers.runner")
 
+#: seconds between the runner's progress lines (0: none), as the relay's ``progress_interval``
+PROGRESS_INTERVAL = 10.0
+
+
 @dataclass
 class RunnerStats:
     batches: int = 0
@@ -27,6 +32,10 @@ class RunnerStats:
     duplicates: int = 0
     dead: int = 0
     retries: int = 0
+
+    def __str__(self) -> str:
+        return (f"processed {self.processed}, duplicates {self.duplicates}, retries {self.retries}, "
+                f"dead {self.dead}, batches {self.batches}")
 
 
 class RunnerCore:
@@ -59,6 +68,10 @@ class RunnerCore:
         self.batch_timeout = float(batch_timeout)
         self.requeue_interval = requeue_interval
         self.stats = RunnerStats()
+        self.progress_interval = PROGRESS_INTERVAL
+        self._last_progress = time.monotonic()
+        self._progress_mark = (0, 0)  # (processed + duplicates, dead + retries) at the last line
+        self._busy = 0.0  # seconds spent in batches since the last progress line
         self._stop = threading.Event()
         self._next_requeue_check = 0.0
         self._db_wait = backoff(0.2, 10.0, 0.2)
@@ -85,8 +98,11 @@ class RunnerCore:
         attempt = 0
         while True:
             attempt += 1
+            began = time.monotonic()
             try:
-                outcomes = self.consumer.process_batch(self.engine, batch)
+                with log_context(consumer=self.consumer.name):
+                    outcomes = self.consumer.process_batch(self.engine, batch)
+                self._busy += time.monotonic() - began
                 break
             except Exception as exc:
                 state = tenacity.RetryCallState(retry_object=None, fn=None, args=(), kwargs={})  # type: ignore[arg-type]
@@ -98,7 +114,23 @@ class RunnerCore:
                 if self._stop.wait(delay):
                     return None
         self._count(outcomes)
+        self._progress()
         return outcomes
+
+    def _progress(self) -> None:
+        """Every ``progress_interval`` s with work done: one line, the rate over the time the batches took."""
+        every = self.progress_interval
+        now = time.monotonic()
+        if every <= 0 or now - self._last_progress < every:
+            return
+        s = self.stats
+        mark = (s.processed + s.duplicates, s.dead + s.retries)
+        done = mark[0] - self._progress_mark[0]
+        if mark != self._progress_mark:
+            rate = done / self._busy if self._busy > 0 else 0.0
+            log.info("consumer %s: %s (+%d in %.2f s busy: %.0f msg/s)", self.consumer.name, s, done, self._busy,
+                     rate)
+        self._last_progress, self._progress_mark, self._busy = now, mark, 0.0
 
     def _count(self, outcomes: Sequence[Outcome]) -> None:
         s = self.stats

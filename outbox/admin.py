@@ -50,8 +50,10 @@ def blocked_rows(engine: Engine, *, tables: OutboxTables | None = None) -> dict[
     held back), ``blocked_due`` (of those, rows otherwise due now) and ``blocked_by``: one entry per
     blocking row (``topic``, ``key``, ``blocking_id``, ``blocking_status`` ``dead`` or
     ``retrying``, ``reason``, ``attempts``, ``retry_at``, ``blocked`` rows behind it and
-    ``waiting_since``, the write time of the oldest of them), the most blocking first, at most
-    :data:`MAX_BLOCKERS_LISTED`.
+    ``waiting_since``, the write time of the oldest of them; also ``message_id`` and
+    ``blocking_created_at`` of the blocking row), the most blocking first, at most
+    :data:`MAX_BLOCKERS_LISTED`; and ``blocked_by_topic``: per topic, ``blocked`` rows, ``blockers``
+    and the oldest ``waiting_since`` (all blockers counted, not only the listed ones).
     """
     t = tables or default_tables()
     o = t.outbox
@@ -63,7 +65,8 @@ def blocked_rows(engine: Engine, *, tables: OutboxTables | None = None) -> dict[
         details = {
             row.id: row
             for row in conn.execute(
-                sa.select(o.c.id, o.c.status, o.c.last_error, o.c.attempts, o.c.available_at)
+                sa.select(o.c.id, o.c.message_id, o.c.status, o.c.last_error, o.c.attempts, o.c.available_at,
+                          o.c.created_at)
                 .where(o.c.id.in_([g[2] for g in listed]))
             )
         } if listed else {}
@@ -73,16 +76,27 @@ def blocked_rows(engine: Engine, *, tables: OutboxTables | None = None) -> dict[
         dead = d is not None and d.status == STATUS_DEAD
         blocked_by.append({
             "topic": topic, "key": key, "blocking_id": bid,
+            "message_id": str(d.message_id) if d is not None else None,
             "blocking_status": "dead" if dead else "retrying",
+            "blocking_created_at": _aware(d.created_at) if d is not None else None,
             "reason": d.last_error if d is not None else None,
             "attempts": d.attempts if d is not None else None,
             "retry_at": None if dead or d is None else _aware(d.available_at),
             "blocked": int(n), "waiting_since": _aware(since),
         })
+    by_topic: dict[str, dict[str, Any]] = {}
+    for topic, _key, _bid, n, _due, since in groups:
+        entry = by_topic.setdefault(topic, {"blocked": 0, "blockers": 0, "waiting_since": None})
+        entry["blocked"] += int(n)
+        entry["blockers"] += 1
+        since = _aware(since)
+        if since is not None and (entry["waiting_since"] is None or since < entry["waiting_since"]):
+            entry["waiting_since"] = since
     return {
         "blocked": sum(int(g[3]) for g in groups),
         "blocked_due": sum(int(g[4] or 0) for g in groups),
         "blocked_by": blocked_by,
+        "blocked_by_topic": dict(sorted(by_topic.items())),
     }
 
 
@@ -97,7 +111,11 @@ def outbox_status(engine: Engine, *, tables: OutboxTables | None = None) -> dict
 
     ``due`` counts rows a relay would send now; rows held back by strict ordering behind a dead or
     retrying earlier row of their (topic, key) are counted in ``blocked`` instead, and
-    ``blocked_by`` says what blocks them (see :func:`blocked_rows`).
+    ``blocked_by`` says what blocks them (see :func:`blocked_rows`). ``waiting`` counts pending rows
+    not due yet (retry backoffs and delays; the next due at ``waiting_next_due_at``), ``delayed``
+    those of them never tried (written with a delay). Each relay has ``alive``, ``lease_expired``
+    and ``heartbeat_age_s``; ``relays_by_group`` counts them per group. The shape is documented in
+    docs/operations.md ("status JSON").
     """
     t = tables or default_tables()
     o, le, r = t.outbox, t.leases, t.relays
@@ -113,9 +131,14 @@ def outbox_status(engine: Engine, *, tables: OutboxTables | None = None) -> dict
         retrying = conn.execute(
             sa.select(sa.func.count()).where(o.c.status == STATUS_PENDING, o.c.attempts > 0)
         ).scalar_one()
-        delayed = conn.execute(
-            sa.select(sa.func.count()).where(o.c.status == STATUS_PENDING, o.c.available_at > now)
-        ).scalar_one()
+        delayed, next_due = conn.execute(
+            sa.select(sa.func.count(), sa.func.min(o.c.available_at))
+            .where(o.c.status == STATUS_PENDING, o.c.available_at > now)
+        ).one()
+        scheduled, next_scheduled = conn.execute(
+            sa.select(sa.func.count(), sa.func.min(o.c.available_at))
+            .where(o.c.status == STATUS_PENDING, o.c.available_at > now, o.c.attempts == 0)
+        ).one()
         dead = conn.execute(sa.select(sa.func.count()).where(o.c.status == STATUS_DEAD)).scalar_one()
         published = conn.execute(sa.select(sa.func.count()).where(o.c.status == STATUS_PUBLISHED)).scalar_one()
         unknown = conn.execute(sa.select(sa.func.count()).where(o.c.status.not_in(KNOWN_STATUSES))).scalar_one()
@@ -123,8 +146,17 @@ def outbox_status(engine: Engine, *, tables: OutboxTables | None = None) -> dict
         leases = [dict(row._mapping) for row in conn.execute(sa.select(le).order_by(le.c.relay_group, le.c.partition))]
     if oldest is not None and oldest.tzinfo is None:
         oldest = oldest.replace(tzinfo=dt.timezone.utc)
+    relays_by_group: dict[str, dict[str, Any]] = {}
     for rel in relays:
         rel["alive"] = rel["expires_at"] is not None and rel["expires_at"] > now
+        rel["lease_expired"] = not rel["alive"]
+        beat = _aware(rel.get("heartbeat_at"))
+        rel["heartbeat_age_s"] = (now - beat).total_seconds() if beat is not None else None
+        group = relays_by_group.setdefault(rel.get("relay_group") or "default", {"alive": 0, "expired": 0,
+                                                                                  "last_heartbeat_at": None})
+        group["alive" if rel["alive"] else "expired"] += 1
+        if beat is not None and (group["last_heartbeat_at"] is None or beat > group["last_heartbeat_at"]):
+            group["last_heartbeat_at"] = beat
     owners: dict[str, list[int]] = {}
     free_by_group: dict[str, list[int]] = {}
     for lease in leases:
@@ -140,14 +172,19 @@ def outbox_status(engine: Engine, *, tables: OutboxTables | None = None) -> dict
         "due": max(0, due - blocked["blocked_due"]),
         "blocked": blocked["blocked"],
         "blocked_by": blocked["blocked_by"],
+        "blocked_by_topic": blocked["blocked_by_topic"],
         "retrying": retrying,
         "waiting": delayed,
+        "waiting_next_due_at": _aware(next_due),
+        "delayed": scheduled,
+        "delayed_next_due_at": _aware(next_scheduled),
         "dead": dead,
         "published": published,
         "unknown_status": unknown,
         "oldest_pending_at": oldest,
         "oldest_pending_age_s": (now - oldest).total_seconds() if oldest is not None else None,
         "relays": relays,
+        "relays_by_group": dict(sorted(relays_by_group.items())),
         "partitions": len({lease["partition"] for lease in leases}),
         "partition_owners": owners,
         "unowned_partitions": free,

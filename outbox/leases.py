@@ -117,6 +117,7 @@ class LeaseManager:
     """partition -> monotonic time this relay took it over from a relay whose lease lapsed (for logs
     and tests; ordering no longer depends on it: see :meth:`lock_for_claim`)."""
     joined: bool = False
+    _joined_before: bool = field(default=False, init=False, repr=False)  # joined once: later joins log at DEBUG
     started_at: dt.datetime | None = None
     inherited: bool = False
     """this relay took over the row of an earlier incarnation with the same id: its leases count as takeovers"""
@@ -155,8 +156,11 @@ class LeaseManager:
                             raise
                         self.joined = True
                         _LIVE_INSTANCES.add(self.instance)
-                        log.info("relay %s joined relay group %s (topics %s, broker %s)", self.relay_id, self.group,
-                                 self.topics_text, " ".join(filter(None, (self.broker_kind, self.broker_target))))
+                        # once at INFO: a relay that rejoins after each failed broker connect says so at DEBUG
+                        log.log(logging.DEBUG if self._joined_before else logging.INFO,
+                                "relay %s joined relay group %s (topics %s, broker %s)", self.relay_id, self.group,
+                                self.topics_text, " ".join(filter(None, (self.broker_kind, self.broker_target))))
+                        self._joined_before = True
                         return True
             except sa.exc.IntegrityError:  # another process inserted this relay id at the same moment
                 continue

@@ -42,6 +42,7 @@ from tenacity import wait_exponential, wait_random
 
 from . import dialects
 from ._dberrors import is_permanent
+from ._logging import log_context
 from ._redact import mask_secrets
 from ._rows import RowError, claim_columns, decode_row, unclaimable_rows
 from .brokers.base import Outcome, Publisher, PublishResult
@@ -124,6 +125,7 @@ class Relay:
         self._last_rebalance = 0.0
         self._last_progress = time.monotonic()
         self._progress_mark = 0
+        self._busy = 0.0  # seconds spent in rounds that published since the last progress line
         self._listener: Any = None
         self._active_partitions: set[int] = set()
         self._blocked: set[Blocker] = set()
@@ -204,6 +206,10 @@ class Relay:
     def run(self) -> RelayStats:
         """Publish until :meth:`stop` is called. Database and broker outages are retried forever."""
         waits = wait_exponential(multiplier=0.5, max=30.0) + wait_random(0, 0.5)
+        with log_context(relay_id=self.relay_id, relay_group=self.config.group):
+            return self._run(waits)
+
+    def _run(self, waits: Any) -> RelayStats:
         failures = 0
         idle = self.config.min_poll_interval
         log.info("relay %s starting on %s (ordering=%s, batch=%d)", self.relay_id, self.db_label,
@@ -215,7 +221,10 @@ class Relay:
                         self.start()
                         log.info("relay %s holds partitions %s", self.relay_id, _ranges(list(self.leases.held)))
                     self._maybe_rebalance()
+                    began = time.monotonic()
                     n = self.run_once()
+                    if n > 0:
+                        self._busy += time.monotonic() - began
                     failures = 0
                 except TRANSIENT_ERRORS as exc:
                     failures += 1
@@ -693,12 +702,16 @@ class Relay:
             return
         now = time.monotonic()
         if now - self._last_progress >= every:
-            rate = (self.stats.published - self._progress_mark) / (now - self._last_progress)
-            if self.stats.published != self._progress_mark or self.stats.retried or self.stats.dead:
-                log.info("published %d (%.0f msg/s), retried %d, dead %d; partitions %s", self.stats.published,
-                         rate, self.stats.retried, self.stats.dead, _ranges(list(self.leases.held)))
+            # the rate over the time the work took, not the whole interval: a 1 s burst reads as its own rate
+            sent = self.stats.published - self._progress_mark
+            rate = sent / self._busy if self._busy > 0 else 0.0
+            if sent or self.stats.retried or self.stats.dead:
+                log.info("published %d (+%d in %.2f s busy: %.0f msg/s), retried %d, dead %d; partitions %s",
+                         self.stats.published, sent, self._busy, rate, self.stats.retried, self.stats.dead,
+                         _ranges(list(self.leases.held)))
             self._last_progress = now
             self._progress_mark = self.stats.published
+            self._busy = 0.0
 
     def _summary(self) -> str:
         s = self.stats

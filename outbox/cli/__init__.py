@@ -12,6 +12,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from .._logging import LOG_FORMATS, ContextFilter, JsonFormatter, MaskingFormatter, RateLimitFilter
 from .._redact import mask_secrets
 from .._sqlerrors import missing_table
 from ..errors import ConfigurationError, OutboxError
@@ -24,25 +25,59 @@ __all__ = ["main"]
 COMMAND_MODULES = ("demo", "db", "relay", "status", "dead", "consume", "purge")
 
 
-class _MaskingFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        return mask_secrets(super().format(record))
+#: loggers of libraries that are chatty at INFO (pika logs object reprs): WARNING unless --log-level DEBUG
+QUIET_LOGGERS = ("pika", "kafka", "urllib3", "asyncio", "alembic.runtime.migration")
+
+#: seconds within which a repeated identical warning or error is counted, not shown again
+REPEAT_WINDOW = 30.0
+
+_TEXT_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+_format = "text"
+_repeats: RateLimitFilter | None = None
 
 
-def setup_logging(level: str = "INFO") -> None:
+def flush_repeats() -> None:
+    """Log the counts of repeated lines not reported yet (a daemon's exit): nothing is hidden silently."""
+    root = logging.getLogger()
+    if _repeats is not None:
+        for handler in root.handlers:
+            if _repeats in handler.filters:
+                _repeats.flush(handler)
+
+
+def setup_logging(level: str = "INFO", fmt: str = "text") -> None:
+    """One stderr handler: text or JSON lines, passwords masked, repeats rate-limited, context attached."""
+    global _format
+    _format = fmt
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_MaskingFormatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+    handler.setFormatter(JsonFormatter() if fmt == "json" else MaskingFormatter(_TEXT_FORMAT))
+    handler.addFilter(ContextFilter())
+    global _repeats
+    _repeats = RateLimitFilter(REPEAT_WINDOW)
+    handler.addFilter(_repeats)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    quiet = logging.getLevelName(level.upper()) > logging.DEBUG
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING if quiet else logging.NOTSET)
+
+
+def check_log_format(text: str) -> str:
+    fmt = str(text).strip().lower()
+    if fmt not in LOG_FORMATS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a log format: use one of {', '.join(LOG_FORMATS)}")
+    return fmt
 
 
 def _add_log_level(parser: argparse.ArgumentParser, default: Any) -> None:
-    """``--log-level`` on ``parser`` and every sub-command below it (before or after the sub-command)."""
-    level = GLOBAL_SETTINGS[0]
-    if level.flags[0] not in parser._option_string_actions:
-        parser.add_argument(*level.flags, dest=level.name, default=default, type=check_log_level,
-                            metavar=level.metavar, help=help_text(level))
+    """``--log-level`` and ``--log-format`` (GLOBAL_SETTINGS) on ``parser`` and every sub-command below it
+    (before or after the sub-command)."""
+    checks = {"log_level": check_log_level, "log_format": check_log_format}
+    for setting in GLOBAL_SETTINGS:
+        if setting.flags[0] not in parser._option_string_actions:
+            parser.add_argument(*setting.flags, dest=setting.name, default=default, type=checks[setting.name],
+                                metavar=setting.metavar, help=help_text(setting))
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
             for child in action.choices.values():
@@ -78,7 +113,7 @@ def _silence_stdout() -> None:
 
 
 def _log_level(args: argparse.Namespace) -> str:
-    if args.log_level:
+    if getattr(args, "log_level", None):
         return str(args.log_level)
     var = GLOBAL_SETTINGS[0].env[0]
     env = os.environ.get(var, "").strip()
@@ -88,6 +123,27 @@ def _log_level(args: argparse.Namespace) -> str:
         return check_log_level(env)
     except argparse.ArgumentTypeError as exc:
         raise ConfigurationError(f"environment variable {var}: {exc}") from None
+
+
+def _log_format(args: argparse.Namespace) -> str:
+    if getattr(args, "log_format", None):
+        return str(args.log_format)
+    var = GLOBAL_SETTINGS[1].env[0]
+    env = os.environ.get(var, "").strip()
+    if not env:
+        return "text"
+    try:
+        return check_log_format(env)
+    except argparse.ArgumentTypeError as exc:
+        raise ConfigurationError(f"environment variable {var}: {exc}") from None
+
+
+def _error(text: str) -> None:
+    """The one line of a failed command: ``error: ...``, or a JSON log line under --log-format json."""
+    if _format == "json":
+        logging.getLogger("outbox.cli").error("%s", text)
+    else:
+        print(f"error: {text}", file=sys.stderr)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -100,28 +156,41 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(argv: Sequence[str] | None) -> int:
+    global _format
+    _format = "text"
     parser = build_parser()
-    args = parser.parse_args(argv)
     try:
-        setup_logging(_log_level(args))
-        code = int(args.func(args) or 0)
+        args = parser.parse_args(argv)
+    except SystemExit as exc:
+        words = list(sys.argv[1:] if argv is None else argv)
+        if exc.code == 2 and "status" in words and "--check" in words:
+            return 3  # a monitoring check that cannot run is UNKNOWN, not CRITICAL
+        raise
+    try:
+        fmt = _log_format(args)
+        _format = fmt
+        setup_logging(_log_level(args), fmt)
+        try:
+            code = int(args.func(args) or 0)
+        finally:
+            flush_repeats()
         sys.stdout.flush()  # a closed pipe shows up here, not in the interpreter's shutdown
         return code
     except BrokenPipeError:
         raise
     except ConfigurationError as exc:
-        print(f"error: {mask_secrets(exc)}", file=sys.stderr)
+        _error(mask_secrets(exc))
         return 2
     except OutboxError as exc:
-        print(f"error: {mask_secrets(exc)}", file=sys.stderr)
+        _error(mask_secrets(exc))
         return 1
     except KeyboardInterrupt:
         return 130
     except sa.exc.DBAPIError as exc:
-        print(f"error: {_database_error(exc, args)}", file=sys.stderr)
+        _error(_database_error(exc, args))
         return 1
     except Exception as exc:  # translate driver errors into one readable line, never a password
-        print(f"error: {type(exc).__name__}: {one_line(exc)}", file=sys.stderr)
+        _error(f"{type(exc).__name__}: {one_line(exc)}")
         return 1
 
 

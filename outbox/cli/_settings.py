@@ -250,6 +250,8 @@ BROKER_SETTINGS = (
 GLOBAL_SETTINGS = (
     Setting("log_level", help="log level: DEBUG, INFO, WARNING, ERROR or CRITICAL (default INFO)",
             env=("OUTBOX_LOG_LEVEL",), flags=("--log-level",), choices=LOG_LEVELS, metavar="LEVEL"),
+    Setting("log_format", help="log format: text, or json for one JSON object per line (default text)",
+            env=("OUTBOX_LOG_FORMAT",), flags=("--log-format",), choices=("text", "json"), metavar="FORMAT"),
 )
 
 #: options both daemons take, with no TOML key (the file is the one that holds the keys)

@@ -14,6 +14,7 @@ import signal
 import sys
 from typing import Any
 
+from .._logging import set_process_context
 from .._redact import mask_secrets
 from ..config import Setting
 from ..errors import ConfigurationError
@@ -55,6 +56,9 @@ CONSUMER_SETTINGS: tuple[Setting, ...] = (
     Setting("requeue_interval", kind="float", positive=True, default=30.0,
             help="seconds between checks for requeued dead letters", env=("OUTBOX_CONSUMER_REQUEUE_INTERVAL",),
             toml="requeue_interval", flags=("--requeue-interval",)),
+    Setting("progress_interval", kind="float", minimum=0, default=10.0,
+            help="seconds between progress lines while messages arrive (0: none)",
+            env=("OUTBOX_CONSUMER_PROGRESS_INTERVAL",), toml="progress_interval", flags=("--progress-interval",)),
 )
 
 
@@ -155,6 +159,8 @@ def _run(args: argparse.Namespace, v: dict[str, Any], consumer: Any, engine: Any
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
+    runner.progress_interval = float(v.get("progress_interval", 10.0))
+    set_process_context(consumer=consumer.name)
     log.info("consumer %s on %s, database %s", consumer.name, mask_secrets(where), mask_secrets(engine.url))
     try:
         runner.run()

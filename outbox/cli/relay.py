@@ -10,6 +10,7 @@ import typing
 import urllib.parse
 from typing import Any
 
+from .._logging import set_process_context
 from .._redact import mask_secrets
 from ..config import RelayConfig, Setting, relay_settings
 from ..errors import ConfigurationError
@@ -134,6 +135,7 @@ def run(args: argparse.Namespace) -> int:
     kind, where = getattr(args, "broker_identity", (None, None))
     relay = Relay(engine, publisher, config=config, tables=tables_from_args(args), broker_kind=kind,
                   broker_target=where)
+    set_process_context(relay_id=relay.relay_id, relay_group=config.group)
 
     def _stop(signum: int, _frame: object) -> None:
         log.info("received %s: finishing the batch in hand, then leaving", signal.Signals(signum).name)
