@@ -21,9 +21,8 @@ from outbox._dberrors import is_transient
 from outbox._redact import mask_secrets
 from outbox.dialects import dialect_for
 from outbox.errors import ConfigurationError
+from outbox.incoming import IncomingMessage, bounded_text, id_text, storable_id, text_form
 from outbox.schema import KEY_LENGTH, STATUS_DEAD, TOPIC_LENGTH, OutboxTables, default_tables
-
-from .message import IncomingMessage, bounded_text, id_text, storable_id, text_form
 
 __all__ = [
     "STATUS_REQUEUED",
