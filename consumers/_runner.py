@@ -15,9 +15,9 @@ from outbox._dberrors import is_transient
 from outbox._logging import log_context
 from outbox._redact import mask_secrets
 from outbox.errors import ConfigurationError
+from outbox.incoming import IncomingMessage
 
 from .base import DedupConsumer, Outcome, backoff
-from .message import IncomingMessage
 
 log = logging.getLogger("consumers.runner")
 

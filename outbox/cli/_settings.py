@@ -33,6 +33,7 @@ __all__ = [
     "add_common_options",
     "add_settings",
     "check_log_level",
+    "choose_broker",
     "help_text",
     "load_config_file",
     "parse_kv",
@@ -129,6 +130,29 @@ def add_common_options(parser: argparse.ArgumentParser, *, x_aliases: Sequence[s
     parser.add_argument(*config.flags, metavar=config.metavar, default=None, help=help_text(config))
     parser.add_argument(*options.flags, *x_aliases, dest="broker_options", action="append", default=[],
                         metavar=options.metavar, help=help_text(options))
+
+
+def choose_broker(values: Any) -> tuple[str, str]:
+    """``(transport name, target)`` from ``--broker NAME --broker-url TARGET`` or a shortcut
+    (``--kafka SERVERS``, ``--rabbitmq URL``); pops the four settings from ``values``."""
+    name, url = values.pop("broker", None), values.pop("broker_url", None)
+    kafka, rabbit = values.pop("kafka", None), values.pop("rabbitmq", None)
+    given = [n for n, v in (("--broker", name), ("--kafka", kafka), ("--rabbitmq", rabbit)) if v]
+    if len(given) > 1:
+        raise ConfigurationError(f"choose one broker: {' or '.join(given)}, not {'both' if len(given) == 2 else 'all'}")
+    if kafka:
+        return "kafka", str(kafka)
+    if rabbit:
+        return "rabbitmq", str(rabbit)
+    if not name:
+        raise ConfigurationError("no broker given: pass --kafka SERVERS, --rabbitmq URL or --broker NAME "
+                                 "--broker-url TARGET")
+    from ..transports import get
+
+    transport = get(str(name))  # an unknown name lists the registered ones
+    if not url and getattr(transport, "needs_target", True):
+        raise ConfigurationError(f"--broker {name} needs --broker-url TARGET (or OUTBOX_BROKER_URL)")
+    return str(name), str(url or "")
 
 
 def parse_kv(pairs: Iterable[str], option: str = "-X") -> dict[str, str]:
@@ -239,10 +263,16 @@ CONNECTION_SETTINGS = (
 )
 
 BROKER_SETTINGS = (
-    Setting("kafka", help="Kafka bootstrap servers",
+    Setting("broker", help="transport name: kafka, rabbitmq, memory or one a package registers "
+            "(entry point group outboxkit.transports)", env=("OUTBOX_BROKER",), toml="broker", flags=("--broker",),
+            metavar="NAME"),
+    Setting("broker_url", help="where --broker connects: Kafka bootstrap servers, an AMQP URL, ...",
+            env=("OUTBOX_BROKER_URL",), toml="broker_url", flags=("--broker-url",), metavar="TARGET"),
+    Setting("kafka", help="Kafka bootstrap servers (shortcut for --broker kafka --broker-url SERVERS)",
             env=("OUTBOX_KAFKA_BOOTSTRAP_SERVERS", "OUTBOX_KAFKA_SERVERS", "KAFKA_BOOTSTRAP_SERVERS"),
             toml="kafka", flags=("--kafka",), metavar="SERVERS"),
-    Setting("rabbitmq", help="RabbitMQ URL, amqp://...", env=("OUTBOX_RABBITMQ_URL",), toml="rabbitmq",
+    Setting("rabbitmq", help="RabbitMQ URL, amqp://... (shortcut for --broker rabbitmq --broker-url URL)",
+            env=("OUTBOX_RABBITMQ_URL",), toml="rabbitmq",
             flags=("--rabbitmq",), metavar="URL"),
 )
 
@@ -256,9 +286,9 @@ GLOBAL_SETTINGS = (
 
 #: options both daemons take, with no TOML key (the file is the one that holds the keys)
 COMMON_SETTINGS = (
-    Setting("config", help="TOML file with [relay], [consume], [kafka] and [rabbitmq] tables",
+    Setting("config", help="TOML file with [relay], [consume], [kafka], [rabbitmq] and [NAME] (other transport) tables",
             env=("OUTBOX_CONFIG",), flags=("--config",), metavar="FILE"),
-    Setting("broker_options", kind="list", help="broker setting: a librdkafka property for Kafka, a publisher "
-            "option for RabbitMQ (repeatable; overrides the [kafka] / [rabbitmq] table)",
+    Setting("broker_options", kind="list", help="transport setting: a librdkafka property for Kafka, a publisher "
+            "option for RabbitMQ (repeatable; overrides the [kafka] / [rabbitmq] / [NAME] table)",
             flags=("-X", "--broker-option"), metavar="KEY=VALUE"),
 )

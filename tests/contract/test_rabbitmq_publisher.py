@@ -11,6 +11,7 @@ import pytest
 
 from outbox.brokers import MESSAGE_ID_HEADER, Outcome, RabbitMQPublisher
 from outbox.errors import ConfigurationError
+from outbox.transports.codecs import NativeCodec
 
 pytestmark = pytest.mark.rabbitmq
 
@@ -207,25 +208,28 @@ def test_connection_lost_in_the_middle_of_a_batch(rabbitmq_url, routed, rabbit_a
     exchange, queue = routed
     name = f"contract-{uuid.uuid4().hex[:8]}"
 
-    class KilledMidway(RabbitMQPublisher):
+    class KilledMidway(NativeCodec):
         """Has the broker drop the connection just before the 25th message goes out."""
 
-        def _properties(self, rec):
-            if rec.payload == b"25" and not getattr(self, "killed", False):
+        killed = False
+
+        def encode(self, rec, binding):
+            if rec.payload == b"25" and not self.killed:
                 self.killed = True
                 deadline = time.monotonic() + 30
                 while not _close_connections(name):
                     assert time.monotonic() < deadline
-            return super()._properties(rec)
+            return super().encode(rec, binding)
 
-    pub = KilledMidway(url=rabbitmq_url, connection_name=name)
+    codec = KilledMidway()
+    pub = RabbitMQPublisher(url=rabbitmq_url, connection_name=name, codec=codec)
     try:
         records = [make_record(exchange, f"{i}".encode(), key="k") for i in range(50)]
         with caplog.at_level("WARNING", logger="outbox.brokers.rabbitmq"):
             results = pub.publish(records, timeout=30)
     finally:
         pub.close()
-    assert pub.killed
+    assert codec.killed
     assert any("connection lost" in r.getMessage() for r in caplog.records)
     assert [r.id for r in results] == [r.id for r in records]
     assert all(r.outcome is Outcome.DELIVERED for r in results), {r.error for r in results}

@@ -51,6 +51,7 @@ def make_message() -> Callable[..., IncomingMessage]:
         return IncomingMessage(
             id=str(uuid.uuid4()) if msg_id == "auto" else msg_id, topic=topic, key=key, payload=payload,
             headers={"h": "v"}, content_type="application/json", partition=partition, offset=offset, broker=broker,
+            ordered_by_partition=broker == "kafka",  # what the Kafka transport sets
         )
 
     return make

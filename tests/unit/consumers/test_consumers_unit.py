@@ -42,8 +42,9 @@ def test_body_is_decoded_lazily_by_content_type():
 
 
 def test_lane_and_source():
-    m = msg(partition=2, offset=9, broker="kafka")
+    m = msg(partition=2, offset=9, broker="kafka", ordered_by_partition=True)
     assert m.lane == ("orders", 2)
+    assert msg(partition=2, offset=9, broker="kafka").lane is None  # lanes come from the transport's flag
     assert m.source == {"broker": "kafka", "topic": "orders", "partition": 2, "offset": 9}
     assert msg(delivery_tag=3, broker="rabbitmq", redelivered=True).lane is None
 
