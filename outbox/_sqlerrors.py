@@ -32,13 +32,23 @@ from .errors import InvalidHeaders, InvalidKey, InvalidMessageId, InvalidTopic, 
 from .schema import DEFAULT_TABLE_NAMES, default_tables
 from .types import ExactString
 
-__all__ = ["explain_errors", "known_table", "missing_table"]
+__all__ = ["ADDED_COLUMNS", "explain_errors", "known_table", "missing_column_error", "missing_table"]
 
 _MISSING = (
     re.compile(r'relation "(?:[^"]+\.)?(?P<name>[^".]+)" does not exist'),  # PostgreSQL
     re.compile(r"Table '(?:[^'.]+\.)?(?P<name>[^'.]+)' doesn't exist"),  # MySQL / MariaDB 1146
     re.compile(r"no such table: (?:\w+\.)?(?P<name>\w+)"),  # SQLite
 )
+#: a column the code uses that the database lacks: it is at an older revision of the toolkit's schema
+_MISSING_COLUMN = (
+    re.compile(r'column "(?P<column>\w+)" of relation "(?P<table>\w+)" does not exist'),  # PostgreSQL INSERT
+    re.compile(r'column (?:"?\w+"?\.)?"?(?P<table>\w+)"?\."?(?P<column>\w+)"? does not exist'),  # PostgreSQL
+    re.compile(r"Unknown column '(?:(?P<table>\w+)\.)?(?P<column>\w+)' in"),  # MySQL / MariaDB 1054
+    re.compile(r"table (?:\w+\.)?(?P<table>\w+) has no column named (?P<column>\w+)"),  # SQLite INSERT
+    re.compile(r"no such column: (?:(?P<table>\w+)\.)?(?P<column>\w+)"),  # SQLite SELECT
+)
+#: columns added after the first revision, and the revision that adds each
+ADDED_COLUMNS = {"attributes": "0004_attributes"}
 _UNIQUE_SQLITE = re.compile(r"UNIQUE constraint failed: (?P<name>\w+)\.message_id")
 _UNIQUE_NAMED = re.compile(r"uq_(?P<name>\w+?)_message_id")
 _PG_KEY = re.compile(r"Key \(message_id\)=\((?P<id>[^)]+)\)")
@@ -103,6 +113,7 @@ def _translate(ctx: Any) -> None:
             f"the toolkit's table {name!r} does not exist in {_db_label(ctx)}: "
             "run `outbox db upgrade --db URL` (or outbox.migrations.upgrade(engine)) first"
         )
+    _missing_column(ctx, text)
     m = _CHARSET.search(text)
     if m:
         _charset(ctx, m)
@@ -122,6 +133,31 @@ def _translate(ctx: Any) -> None:
         f"{which} is already in the outbox table {m.group('name')!r} (committed earlier): "
         "every message needs its own id (roll the session back and retry with a new one)"
     )
+
+
+def missing_column_error(table: str, column: str, where: str) -> SchemaMissing:
+    """The error for a toolkit column the database lacks (a forgotten ``outbox db upgrade``)."""
+    revision = ADDED_COLUMNS.get(column)
+    since = f" (it comes with revision {revision})" if revision else ""
+    return SchemaMissing(
+        f"the column {table}.{column} does not exist in {where}: the database is at an older revision of the "
+        f"toolkit's schema{since}; run `outbox db upgrade --db URL` (or outbox.migrations.upgrade(engine)) first"
+    )
+
+
+def _missing_column(ctx: Any, text: str) -> None:
+    if not any(c in text for c in ADDED_COLUMNS):
+        return
+    for pattern in _MISSING_COLUMN:
+        m = pattern.search(text)
+        if m and m.group("column") in ADDED_COLUMNS:
+            table = m.group("table")
+            if table is None:  # MySQL may name only the column
+                into = _INSERT_INTO.search(getattr(ctx, "statement", None) or "")
+                table = into.group("name") if into else None
+            if table is not None and table in _outboxes:
+                raise missing_column_error(table, m.group("column"), _db_label(ctx))
+            return
 
 
 def _charset(ctx: Any, m: re.Match[str]) -> None:
