@@ -31,7 +31,8 @@ from outbox.types import ExactString
 
 REPO = Path(__file__).resolve().parents[2]
 DOCS = REPO / "docs" / "migrations.md"
-HEAD = "0003_exact_ids"
+HEAD = "0004_attributes"
+EXACT = "0003_exact_ids"
 PREVIOUS = "0002_relay_groups"
 FIRST = "0001_initial"
 CUSTOM = TableNames(
@@ -267,7 +268,8 @@ def test_cli_upgrade_from_0002_keeps_rows_and_makes_ids_exact(fresh_database: st
         assert "cannot downgrade below 0003_exact_ids" in proc.stderr, proc.stderr
         assert "outbox_processed_messages" in proc.stderr and "outbox_relay_leases" in proc.stderr
         assert "Traceback" not in proc.stderr
-        assert migrations.current(engine) == HEAD  # nothing was changed
+        assert migrations.current(engine) == HEAD  # nothing was changed: refused before 0004 was undone
+        assert "attributes" in {c["name"] for c in sa.inspect(engine).get_columns("outbox_messages")}
         assert {v for k, v in _collations(engine, t).items() if k in _exact_columns(t)} == {"utf8mb4_nopad_bin"}
 
         with engine.begin() as conn:
@@ -307,7 +309,7 @@ def test_exact_ids_on_a_latin1_database_and_back(dialect_name: str, fresh_databa
                                                 for i in ("\u00c9t\u00e9", "\u00e9t\u00e9", "x")])
         with pytest.raises(DatabaseError, match="cannot downgrade below 0003_exact_ids: outbox_processed_messages"):
             migrations.downgrade(engine, PREVIOUS)
-        assert migrations.current(engine) == HEAD
+        assert migrations.current(engine) == HEAD  # refused before any revision was undone
         with engine.begin() as conn:
             conn.execute(t.processed.delete().where(t.processed.c.message_id == "\u00e9t\u00e9"))
         migrations.downgrade(engine, PREVIOUS)
