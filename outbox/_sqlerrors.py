@@ -35,7 +35,8 @@ from .types import ExactString
 __all__ = ["ADDED_COLUMNS", "explain_errors", "known_table", "missing_column_error", "missing_table"]
 
 _MISSING = (
-    re.compile(r'relation "(?:[^"]+\.)?(?P<name>[^".]+)" does not exist'),  # PostgreSQL
+    # PostgreSQL ('column "c" of relation "t" does not exist' is a missing column, not a table)
+    re.compile(r'(?<!of )relation "(?:[^"]+\.)?(?P<name>[^".]+)" does not exist'),
     re.compile(r"Table '(?:[^'.]+\.)?(?P<name>[^'.]+)' doesn't exist"),  # MySQL / MariaDB 1146
     re.compile(r"no such table: (?:\w+\.)?(?P<name>\w+)"),  # SQLite
 )
@@ -107,13 +108,13 @@ def missing_table(text: str) -> str | None:
 def _translate(ctx: Any) -> None:
     original = ctx.original_exception
     text = str(original)
+    _missing_column(ctx, text)  # first: PostgreSQL's 'column "c" of relation "t" does not exist' names a table
     name = missing_table(text)
     if name is not None and name in _tables:
         raise SchemaMissing(
             f"the toolkit's table {name!r} does not exist in {_db_label(ctx)}: "
             "run `outbox db upgrade --db URL` (or outbox.migrations.upgrade(engine)) first"
         )
-    _missing_column(ctx, text)
     m = _CHARSET.search(text)
     if m:
         _charset(ctx, m)

@@ -287,6 +287,61 @@ def test_cli_upgrade_from_0002_keeps_rows_and_makes_ids_exact(fresh_database: st
         engine.dispose()
 
 
+def test_upgrade_from_0003_keeps_pending_rows_relayable_and_new_rows_carry_attributes(
+        fresh_database: str, tmp_path: Path) -> None:
+    """0004: rows written under 0003 relay unchanged (no attributes); the code at 0004 against a database at
+    0003 says which column is missing and to run `outbox db upgrade`, from the writer and from the relay."""
+    from sqlalchemy.orm import Session
+
+    from outbox import Outbox, SchemaMissing
+    from outbox.brokers.memory import MemoryPublisher
+    from outbox.config import RelayConfig
+    from outbox.relay import Relay
+
+    engine = _engine(fresh_database)
+    t = default_tables()
+    now = dt.datetime.now(dt.timezone.utc)
+    old_ids = [__import__("uuid").uuid4() for _ in range(3)]
+
+    def relay_all() -> list:
+        got: list = []
+        relay = Relay(engine, MemoryPublisher(), on_published=got.extend,
+                      config=RelayConfig(min_poll_interval=0.01, poll_interval=0.05, progress_interval=0))
+        try:
+            relay.drain()
+        finally:
+            relay.close()
+        return got
+
+    try:
+        migrations.upgrade(engine, EXACT)
+        with engine.begin() as conn:  # rows as the 0003 writer left them (no attributes column)
+            conn.execute(t.outbox.insert(), [
+                {"message_id": m, "topic": "orders", "key": "k", "payload": b'{"n": %d}' % i,
+                 "headers": {"h": str(i)}, "content_type": "application/json", "partition": 0, "created_at": now,
+                 "available_at": now, "status": "pending"} for i, m in enumerate(old_ids)])
+        with pytest.raises(SchemaMissing) as err, Session(engine) as s, s.begin():
+            Outbox().add(s, "orders", {}, type="t")
+        assert "outbox_messages.attributes does not exist" in str(err.value)
+        assert "0004_attributes" in str(err.value) and "run `outbox db upgrade" in str(err.value)
+        with pytest.raises(SchemaMissing, match=r"outbox_messages\.attributes does not exist.*outbox db upgrade"):
+            relay_all()
+
+        proc = _run_cli("db", "upgrade", "--db", fresh_database, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr
+        assert f"{EXACT} -> {HEAD}" in proc.stdout, proc.stdout
+        assert _diff(engine, t) == []
+        with Session(engine) as s, s.begin():
+            new = Outbox(source="/shop").add(s, "orders", {"n": 9}, key="k", type="order.placed")
+        recs = relay_all()
+        assert [r.message_id for r in recs] == [*old_ids, new]  # the old rows first, in order, unchanged
+        assert [(r.payload, r.headers, dict(r.attributes)) for r in recs[:3]] == [
+            (b'{"n": %d}' % i, {"h": str(i)}, {}) for i in range(3)]
+        assert dict(recs[3].attributes) == {"type": "order.placed", "source": "/shop"}
+    finally:
+        engine.dispose()
+
+
 @pytest.mark.parametrize("dialect_name", ["mariadb"])
 def test_exact_ids_on_a_latin1_database_and_back(dialect_name: str, fresh_database: str) -> None:
     """A database whose default is latin1: the id columns are utf8mb4 binary all the same, and the
