@@ -32,7 +32,9 @@ from .errors import InvalidHeaders, InvalidKey, InvalidMessageId, InvalidTopic, 
 from .schema import DEFAULT_TABLE_NAMES, default_tables
 from .types import ExactString
 
-__all__ = ["ADDED_COLUMNS", "explain_errors", "known_table", "missing_column_error", "missing_table"]
+__all__ = [
+    "ADDED_COLUMNS", "explain_errors", "known_table", "missing_column", "missing_column_error", "missing_table",
+]
 
 _MISSING = (
     # PostgreSQL ('column "c" of relation "t" does not exist' is a missing column, not a table)
@@ -146,19 +148,28 @@ def missing_column_error(table: str, column: str, where: str) -> SchemaMissing:
     )
 
 
-def _missing_column(ctx: Any, text: str) -> None:
+def missing_column(text: str) -> tuple[str | None, str] | None:
+    """``(table or None, column)`` when a driver's error text says a column added by a later revision of the
+    toolkit's schema (:data:`ADDED_COLUMNS`) does not exist; MySQL may name only the column."""
     if not any(c in text for c in ADDED_COLUMNS):
-        return
+        return None
     for pattern in _MISSING_COLUMN:
         m = pattern.search(text)
         if m and m.group("column") in ADDED_COLUMNS:
-            table = m.group("table")
-            if table is None:  # MySQL may name only the column
-                into = _INSERT_INTO.search(getattr(ctx, "statement", None) or "")
-                table = into.group("name") if into else None
-            if table is not None and table in _outboxes:
-                raise missing_column_error(table, m.group("column"), _db_label(ctx))
-            return
+            return m.group("table"), m.group("column")
+    return None
+
+
+def _missing_column(ctx: Any, text: str) -> None:
+    found = missing_column(text)
+    if found is None:
+        return
+    table, column = found
+    if table is None:
+        into = _INSERT_INTO.search(getattr(ctx, "statement", None) or "")
+        table = into.group("name") if into else None
+    if table is not None and table in _outboxes:
+        raise missing_column_error(table, column, _db_label(ctx))
 
 
 def _charset(ctx: Any, m: re.Match[str]) -> None:

@@ -326,6 +326,9 @@ def test_upgrade_from_0003_keeps_pending_rows_relayable_and_new_rows_carry_attri
         assert "0004_attributes" in str(err.value) and "run `outbox db upgrade" in str(err.value)
         with pytest.raises(SchemaMissing, match=r"outbox_messages\.attributes does not exist.*outbox db upgrade"):
             relay_all()
+        proc = _run_cli("dead", "show", "1", "--db", fresh_database, cwd=tmp_path)  # any command reading the rows
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr
+        assert "column 'attributes' comes with 0004_attributes), run `outbox db upgrade" in proc.stderr, proc.stderr
 
         proc = _run_cli("db", "upgrade", "--db", fresh_database, cwd=tmp_path)
         assert proc.returncode == 0, proc.stderr
