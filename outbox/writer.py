@@ -481,6 +481,8 @@ def _attribute(name: str, value: object) -> str:
     return value
 
 
+#: the longest tracestate W3C Trace Context asks propagators to keep
+_TRACESTATE_LENGTH = 512
 #: OpenTelemetry, once looked for: None = not yet, False = not installed, else (get_current_span, propagator)
 _OTEL: Any = None
 
@@ -508,6 +510,8 @@ def _trace_context() -> dict[str, str] | None:
     carrier: dict[str, str] = {}
     propagator.inject(carrier)
     out = {k: carrier[k] for k in ("traceparent", "tracestate") if carrier.get(k)}
+    if len(out.get("tracestate", "")) > _TRACESTATE_LENGTH:  # W3C: a longer one may be dropped anywhere
+        del out["tracestate"]
     return out or None
 
 
