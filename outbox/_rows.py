@@ -16,11 +16,12 @@ from __future__ import annotations
 import datetime as dt
 import json
 import uuid
+from collections.abc import Mapping
 from typing import Any
 
 import sqlalchemy as sa
 
-from .message import OutboxRecord
+from .message import NO_ATTRIBUTES, OutboxRecord
 from .schema import KEY_LENGTH, TOPIC_LENGTH
 
 __all__ = [
@@ -36,10 +37,12 @@ MAX_PARTITION = 32767
 CONTENT_TYPE_LENGTH = 127
 #: keys of at most this many characters are within KEY_LENGTH UTF-8 bytes whatever they hold (4 bytes a character)
 _SHORT_KEY = KEY_LENGTH // 4
-_RAW = ("message_id", "payload", "headers", "created_at")
+_RAW = ("message_id", "payload", "headers", "created_at", "attributes")
 _COLUMNS = ("id", "message_id", "topic", "key", "payload", "headers", "content_type", "partition", "attempts",
-            "created_at")
+            "created_at", "attributes")
 _UTC = dt.timezone.utc
+#: bounds of one attribute value (the writer's limit; a hand-made row over it is refused here)
+ATTRIBUTE_LENGTH = 2048
 
 
 class RowError(ValueError):
@@ -62,10 +65,10 @@ def decode_row(row: Any, *, json_as_text: bool) -> OutboxRecord:
     full check that names the problem (the same rules either way).
     """
     try:
-        rid, mid, topic, key, payload, headers, ctype, part, attempts, created = row  # a claimed Row, in _COLUMNS order
-    except TypeError:  # an object with the column names as attributes
-        rid, mid, topic, key, payload, headers, ctype, part, attempts, created = (
-            getattr(row, n, None) for n in _COLUMNS)
+        rid, mid, topic, key, payload, headers, ctype, part, attempts, created, attrs = row  # a claimed Row, _COLUMNS
+    except TypeError:  # an object with the column names as attributes (created_at, attributes may be absent)
+        rid, mid, topic, key, payload, headers, ctype, part, attempts, created, attrs = (
+            getattr(row, n) if n not in ("created_at", "attributes") else getattr(row, n, None) for n in _COLUMNS)
     try:
         if type(mid) is not uuid.UUID:
             mid = _message_id(mid)
@@ -82,9 +85,10 @@ def decode_row(row: Any, *, json_as_text: bool) -> OutboxRecord:
             part = _int("partition", part, 0, MAX_PARTITION)
         if type(attempts) is not int or not 0 <= attempts <= MAX_ATTEMPTS_VALUE:
             attempts = _int("attempts", attempts, 0, MAX_ATTEMPTS_VALUE)
+        attrs = NO_ATTRIBUTES if attrs is None else _attributes(attrs, json_as_text)
     except RowError as exc:
         raise RowError(f"row {rid}: {exc}") from None
-    return OutboxRecord(rid, mid, topic, key, payload, headers, ctype, part, attempts, _created_at(created))
+    return OutboxRecord(rid, mid, topic, key, payload, headers, ctype, part, attempts, _created_at(created), attrs)
 
 
 def _created_at(value: Any) -> dt.datetime | None:
@@ -202,6 +206,27 @@ def _headers(value: Any, json_as_text: bool) -> dict[str, str]:
                            f"{_short_repr(k)}")
         if not k:
             raise RowError("headers must be a JSON object of strings, got an empty header name")
+    return value
+
+
+def _attributes(value: Any, json_as_text: bool) -> Mapping[str, str]:
+    if json_as_text and isinstance(value, (str, bytes, bytearray)):
+        try:
+            value = json.loads(value)
+        except ValueError as exc:
+            raise RowError(f"attributes must be a JSON object of strings, got invalid JSON ({exc})") from None
+    if value is None or value == {}:
+        return NO_ATTRIBUTES
+    if not isinstance(value, dict):
+        raise RowError(f"attributes must be a JSON object of strings, got {_json_kind(value)}")
+    for k, v in value.items():
+        if not isinstance(v, str):
+            raise RowError(f"attributes must be a JSON object of strings, got {_json_kind(v)} for "
+                           f"{_short_repr(k)}")
+        if not k:
+            raise RowError("attributes must be a JSON object of strings, got an empty name")
+        if len(v) > ATTRIBUTE_LENGTH or "\x00" in v:
+            raise RowError(f"attribute {_short_repr(k)} must be at most {ATTRIBUTE_LENGTH} characters without NUL")
     return value
 
 

@@ -32,13 +32,26 @@ from .errors import InvalidHeaders, InvalidKey, InvalidMessageId, InvalidTopic, 
 from .schema import DEFAULT_TABLE_NAMES, default_tables
 from .types import ExactString
 
-__all__ = ["explain_errors", "known_table", "missing_table"]
+__all__ = [
+    "ADDED_COLUMNS", "explain_errors", "known_table", "missing_column", "missing_column_error", "missing_table",
+]
 
 _MISSING = (
-    re.compile(r'relation "(?:[^"]+\.)?(?P<name>[^".]+)" does not exist'),  # PostgreSQL
+    # PostgreSQL ('column "c" of relation "t" does not exist' is a missing column, not a table)
+    re.compile(r'(?<!of )relation "(?:[^"]+\.)?(?P<name>[^".]+)" does not exist'),
     re.compile(r"Table '(?:[^'.]+\.)?(?P<name>[^'.]+)' doesn't exist"),  # MySQL / MariaDB 1146
     re.compile(r"no such table: (?:\w+\.)?(?P<name>\w+)"),  # SQLite
 )
+#: a column the code uses that the database lacks: it is at an older revision of the toolkit's schema
+_MISSING_COLUMN = (
+    re.compile(r'column "(?P<column>\w+)" of relation "(?P<table>\w+)" does not exist'),  # PostgreSQL INSERT
+    re.compile(r'column (?:"?\w+"?\.)?"?(?P<table>\w+)"?\."?(?P<column>\w+)"? does not exist'),  # PostgreSQL
+    re.compile(r"Unknown column '(?:(?P<table>\w+)\.)?(?P<column>\w+)' in"),  # MySQL / MariaDB 1054
+    re.compile(r"table (?:\w+\.)?(?P<table>\w+) has no column named (?P<column>\w+)"),  # SQLite INSERT
+    re.compile(r"no such column: (?:(?P<table>\w+)\.)?(?P<column>\w+)"),  # SQLite SELECT
+)
+#: columns added after the first revision, and the revision that adds each
+ADDED_COLUMNS = {"attributes": "0004_attributes"}
 _UNIQUE_SQLITE = re.compile(r"UNIQUE constraint failed: (?P<name>\w+)\.message_id")
 _UNIQUE_NAMED = re.compile(r"uq_(?P<name>\w+?)_message_id")
 _PG_KEY = re.compile(r"Key \(message_id\)=\((?P<id>[^)]+)\)")
@@ -97,6 +110,7 @@ def missing_table(text: str) -> str | None:
 def _translate(ctx: Any) -> None:
     original = ctx.original_exception
     text = str(original)
+    _missing_column(ctx, text)  # first: PostgreSQL's 'column "c" of relation "t" does not exist' names a table
     name = missing_table(text)
     if name is not None and name in _tables:
         raise SchemaMissing(
@@ -122,6 +136,40 @@ def _translate(ctx: Any) -> None:
         f"{which} is already in the outbox table {m.group('name')!r} (committed earlier): "
         "every message needs its own id (roll the session back and retry with a new one)"
     )
+
+
+def missing_column_error(table: str, column: str, where: str) -> SchemaMissing:
+    """The error for a toolkit column the database lacks (a forgotten ``outbox db upgrade``)."""
+    revision = ADDED_COLUMNS.get(column)
+    since = f" (it comes with revision {revision})" if revision else ""
+    return SchemaMissing(
+        f"the column {table}.{column} does not exist in {where}: the database is at an older revision of the "
+        f"toolkit's schema{since}; run `outbox db upgrade --db URL` (or outbox.migrations.upgrade(engine)) first"
+    )
+
+
+def missing_column(text: str) -> tuple[str | None, str] | None:
+    """``(table or None, column)`` when a driver's error text says a column added by a later revision of the
+    toolkit's schema (:data:`ADDED_COLUMNS`) does not exist; MySQL may name only the column."""
+    if not any(c in text for c in ADDED_COLUMNS):
+        return None
+    for pattern in _MISSING_COLUMN:
+        m = pattern.search(text)
+        if m and m.group("column") in ADDED_COLUMNS:
+            return m.group("table"), m.group("column")
+    return None
+
+
+def _missing_column(ctx: Any, text: str) -> None:
+    found = missing_column(text)
+    if found is None:
+        return
+    table, column = found
+    if table is None:
+        into = _INSERT_INTO.search(getattr(ctx, "statement", None) or "")
+        table = into.group("name") if into else None
+    if table is not None and table in _outboxes:
+        raise missing_column_error(table, column, _db_label(ctx))
 
 
 def _charset(ctx: Any, m: re.Match[str]) -> None:

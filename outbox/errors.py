@@ -11,6 +11,8 @@ The tree::
     │   ├── InvalidTopic              not a legal Kafka topic / RabbitMQ exchange name, or too long
     │   ├── InvalidKey                a key that is not a short string, or holds NUL / lone surrogates
     │   ├── InvalidHeaders            headers (and content_type) of the wrong type, too long, NUL, surrogates
+    │   │   └── ReservedHeader        a header name a codec writes itself (message-id, ce_*, ...), or given twice
+    │   ├── InvalidAttribute          type / source / subject / correlation_id / app_id not a short, clean str
     │   ├── InvalidMessageId          not a UUID, or an id already added / committed
     │   └── InvalidDeliveryTime       naive datetimes, times in the past, negative or non-finite delays
     ├── DatabaseError                 database problems the toolkit can name
@@ -42,6 +44,7 @@ __all__ = [
     "DecodeError",
     "DuplicateRelay",
     "IllegalTransition",
+    "InvalidAttribute",
     "InvalidDeliveryTime",
     "InvalidHeaders",
     "InvalidIdentifier",
@@ -56,6 +59,7 @@ __all__ = [
     "PublishFailed",
     "RelayError",
     "RelayGroupConflict",
+    "ReservedHeader",
     "SchemaMissing",
     "SerializationError",
     "SingleRelayOnly",
@@ -111,6 +115,15 @@ class InvalidKey(MessageError):
 
 class InvalidHeaders(MessageError):
     """Header names or values (or ``content_type``) that no broker or database would take."""
+
+
+class ReservedHeader(InvalidHeaders):
+    """A header name that a codec writes itself (compared case-insensitively), or two names equal but for case."""
+
+
+class InvalidAttribute(MessageError):
+    """A message attribute (``type``, ``source``, ``subject``, ``correlation_id``, ``app_id``) that is not a
+    non-empty str within its length, or holds NUL / lone surrogates."""
 
 
 class InvalidMessageId(MessageError):

@@ -7,9 +7,13 @@ import uuid
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
-__all__ = ["OutboxRecord", "OutgoingMessage", "partition_for"]
+__all__ = ["NO_ATTRIBUTES", "OutboxRecord", "OutgoingMessage", "partition_for"]
+
+#: the attributes of a record that has none (one shared, read-only empty mapping)
+NO_ATTRIBUTES: Mapping[str, str] = MappingProxyType({})
 
 
 @dataclass(frozen=True)
@@ -24,6 +28,11 @@ class OutgoingMessage:
     deliver_at: dt.datetime | None = None
     delay: dt.timedelta | float | None = None
     content_type: str | None = None
+    type: str | None = None
+    source: str | None = None
+    subject: str | None = None
+    correlation_id: str | None = None
+    app_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +49,10 @@ class OutboxRecord:
     partition: int = 0
     attempts: int = 0
     created_at: dt.datetime | None = None
+    #: message attributes the writer stored (``type``, ``source``, ``subject``, ``correlation_id``,
+    #: ``app_id``, ``traceparent``, ``tracestate``); only the ones given, empty for most rows.
+    #: Codecs map them to the wire (CloudEvents ``ce_type``, AMQP ``correlation_id`` ...).
+    attributes: Mapping[str, str] = field(default_factory=lambda: NO_ATTRIBUTES)
 
 
 def partition_for(key: str | None, message_id: uuid.UUID, partitions: int) -> int:

@@ -157,7 +157,28 @@ def downgrade(bind: Engine | Connection | str, revision: str, *, tables: OutboxT
     from alembic import command
 
     with _connected(bind) as conn, _active(tables):
+        for script in _undone(conn, revision, tables) or []:
+            check = getattr(script.module, "check_downgrade", None)
+            if check is not None:  # refuse before anything changes: MySQL commits each DDL statement at once
+                check(conn, (tables or default_tables()).names)
         command.downgrade(alembic_config(connection=conn, tables=tables), revision)
+
+
+def _undone(conn: Connection, revision: str, tables: OutboxTables | None) -> list[Any] | None:
+    """The migration scripts a downgrade to ``revision`` undoes, newest first (None: relative or unknown target,
+    left to Alembic)."""
+    from alembic.script import ScriptDirectory
+
+    script = ScriptDirectory(script_location())
+    now = current(conn, tables=tables)
+    if now is None:
+        return None
+    try:
+        lower = "base" if revision == "base" else script.get_revision(revision).revision  # type: ignore[union-attr]
+        undone = list(script.iterate_revisions(now, lower))
+    except Exception:  # a relative or unknown revision: Alembic's own handling and error
+        return None
+    return [r for r in undone if r.revision != lower]
 
 
 def _reaches_base(current_rev: str | None, revision: str) -> bool:

@@ -45,6 +45,7 @@ from ._dberrors import is_permanent
 from ._logging import log_context
 from ._redact import mask_secrets
 from ._rows import RowError, claim_columns, decode_row, unclaimable_rows
+from ._sqlerrors import ADDED_COLUMNS, missing_column_error
 from .config import RelayConfig
 from .dialects.base import Blocker
 from .errors import BrokerUnavailable, SchemaMissing
@@ -169,6 +170,11 @@ class Relay:
                     raise SchemaMissing(
                         f"table {t.name!r} does not exist in {self.db_label}: run `outbox db upgrade` first"
                     )
+            o = self.tables.outbox
+            have = {c["name"] for c in inspector.get_columns(o.name, schema=o.schema)}
+            for column in ADDED_COLUMNS:  # the claim reads them: an older schema fails every claim
+                if column not in have:
+                    raise missing_column_error(o.name, column, self.db_label)
         self._after.clear()
         self._refresh_due = True
         self.engine = self.dialect.prepare_relay_engine(self.engine)

@@ -117,6 +117,9 @@ class OutboxTables:
             sa.Column("last_error", sa.Text(), nullable=True),
             sa.Column("status", sa.String(16), nullable=False, server_default=STATUS_PENDING),
             sa.Column("published_at", UTCDateTime(), nullable=True),
+            sa.Column("attributes", JSONDocument(), nullable=True,
+                      comment="message attributes: type, source, subject, correlation_id, app_id, traceparent, "
+                              "tracestate"),
             sa.UniqueConstraint("message_id", name=f"uq_{n.outbox}_message_id"),
             schema=schema,
         )

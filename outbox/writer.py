@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session, registry
 from . import _sqlerrors, dialects
 from .errors import (
     ConfigurationError,
+    InvalidAttribute,
     InvalidDeliveryTime,
     InvalidHeaders,
     InvalidKey,
@@ -27,6 +28,7 @@ from .errors import (
     InvalidTopic,
     MessageError,
     PayloadTooLarge,
+    ReservedHeader,
     SerializationError,
 )
 from .ids import uuid7
@@ -51,6 +53,17 @@ _MAX_HEADER_NAME_BYTES = 255
 _CONTENT_TYPE_LENGTH = 127  # the content_type column is VARCHAR(127)
 #: The latest time Python's datetime, MySQL/MariaDB DATETIME and PostgreSQL can all hold.
 _LATEST = dt.datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=dt.timezone.utc)
+#: Header names some codec writes itself, lower-case: a user header by that name (in any case) would be
+#: dropped, or contradict the codec's, on one broker or another, so add() refuses it. Kept here until the
+#: codecs module's ``outbox.transports.codecs.reserved_header_names()`` is in this branch's base: the
+#: integrator switches to that (native: message-id, content-type; trace context: traceparent,
+#: tracestate; debezium: id; cloudevents: ce_*, cloudEvents_*, cloudEvents:*).
+_RESERVED_HEADERS = frozenset({"message-id", "content-type", "traceparent", "tracestate", "id"})
+_RESERVED_PREFIXES = ("ce_", "cloudevents_", "cloudevents:")
+#: The message attributes add() takes, and the longest value of each. ``type``, ``correlation_id`` and
+#: ``app_id`` are AMQP short strings on RabbitMQ (at most 255 UTF-8 bytes); ``source`` (a URI-reference)
+#: and ``subject`` are CloudEvents attributes, bounded so a row stays small.
+_ATTRIBUTE_BYTES = {"type": 255, "source": 2048, "subject": 2048, "correlation_id": 255, "app_id": 255}
 _NOTIFY_KEY = "outboxkit.notify_channels"
 _IDS_KEY = "outboxkit.message_ids"
 
@@ -95,6 +108,8 @@ class Outbox:
         allow_past_deliver_at: bool = False,
         notify: bool = False,
         default_headers: Mapping[str, str] | None = None,
+        source: str | None = None,
+        trace_context: bool = True,
     ) -> None:
         if not _is_int(partitions) or not 1 <= partitions <= 32767:
             raise ConfigurationError(f"partitions must be an int between 1 and 32767, got {partitions!r}")
@@ -105,7 +120,8 @@ class Outbox:
             )
         if naive_datetimes not in ("reject", "utc"):
             raise ConfigurationError(f"naive_datetimes must be 'reject' or 'utc', got {naive_datetimes!r}")
-        for name, flag in (("allow_past_deliver_at", allow_past_deliver_at), ("notify", notify)):
+        for name, flag in (("allow_past_deliver_at", allow_past_deliver_at), ("notify", notify),
+                           ("trace_context", trace_context)):
             if not isinstance(flag, bool):
                 raise ConfigurationError(f"{name} must be True or False, got {type(flag).__name__} {flag!r}")
         if serializer is not None and not isinstance(serializer, Serializer):
@@ -136,6 +152,12 @@ class Outbox:
             self.default_headers = self._check_headers(default_headers)
         except InvalidHeaders as exc:
             raise ConfigurationError(f"default_headers: {exc}") from None
+        self._default_lower = {k.lower(): k for k in self.default_headers}
+        try:
+            self.source = None if source is None else _attribute("source", source)
+        except InvalidAttribute as exc:
+            raise ConfigurationError(f"Outbox(source=...): {exc}") from None
+        self.trace_context = trace_context
         self._row_cls = _row_class(self.tables)
         self._table_key = self.tables.outbox.fullname
         for t in self.tables.all():
@@ -154,14 +176,26 @@ class Outbox:
         deliver_at: dt.datetime | None = None,
         delay: dt.timedelta | float | None = None,
         content_type: str | None = None,
+        type: str | None = None,
+        source: str | None = None,
+        subject: str | None = None,
+        correlation_id: str | None = None,
+        app_id: str | None = None,
     ) -> uuid.UUID:
         """Add one message to ``session`` (a ``Session`` or ``AsyncSession``); return its id.
 
         Nothing is flushed or committed: the row is written with the session's next flush and
         commits or rolls back with everything else in the transaction.
+
+        ``type``, ``source`` (default: ``Outbox(source=...)``), ``subject``, ``correlation_id`` and
+        ``app_id`` are message attributes: stored only when given, and put on the wire by the relay's
+        codec (CloudEvents ``ce_type``/``ce_source``/``ce_subject``; AMQP ``type``, ``correlation_id``,
+        ``app_id`` properties; Kafka headers). With ``opentelemetry-api`` installed and a span active,
+        its W3C trace context is stored too (``Outbox(trace_context=False)`` turns that off).
         """
         row = self._build(
-            OutgoingMessage(topic, payload, key, headers, message_id, deliver_at, delay, content_type),
+            OutgoingMessage(topic, payload, key, headers, message_id, deliver_at, delay, content_type,
+                            type, source, subject, correlation_id, app_id),
             _now(),
         )
         self._attach(session, [row])
@@ -250,11 +284,14 @@ class Outbox:
                 )
         headers = self._check_headers(msg.headers)
         if self.default_headers:
-            headers = {**self.default_headers, **headers}
+            headers = self._with_defaults(headers)
+        attributes = self._attributes(msg)
         mid = _message_id(msg.message_id)
         available_at = self._available_at(msg.deliver_at, msg.delay, now)
         data, ctype = self._serialize(msg.payload)
         header_bytes = sum(len(k.encode("utf-8")) + len(v.encode("utf-8")) for k, v in headers.items())
+        if attributes:  # they travel as headers on Kafka
+            header_bytes += sum(len(k) + len(v.encode("utf-8")) for k, v in attributes.items())
         total = len(data) + key_bytes + header_bytes
         if total > self.max_payload_bytes:
             raise PayloadTooLarge(total, self.max_payload_bytes, payload=len(data), key=key_bytes, headers=header_bytes)
@@ -273,6 +310,7 @@ class Outbox:
             key=key,
             payload=data,
             headers=headers or None,
+            attributes=attributes,
             content_type=content_type,
             partition=partition_for(key, mid, self.partitions),
             created_at=now,
@@ -280,6 +318,32 @@ class Outbox:
             attempts=0,
             status=STATUS_PENDING,
         )
+
+    def _with_defaults(self, headers: dict[str, str]) -> dict[str, str]:
+        """``default_headers`` under the message's own; a message header overrides a default one whatever its case."""
+        if not headers:
+            return dict(self.default_headers)
+        lower = self._default_lower
+        if any(k.lower() in lower for k in headers):
+            given = {k.lower() for k in headers}
+            return {**{k: v for k, v in self.default_headers.items() if k.lower() not in given}, **headers}
+        return {**self.default_headers, **headers}
+
+    def _attributes(self, msg: OutgoingMessage) -> dict[str, str] | None:
+        """The row's ``attributes``: only the ones given (None, no bytes in the row, when there are none)."""
+        out: dict[str, str] | None = None
+        source = msg.source if msg.source is not None else self.source
+        for name, value in (("type", msg.type), ("source", source), ("subject", msg.subject),
+                            ("correlation_id", msg.correlation_id), ("app_id", msg.app_id)):
+            if value is not None:
+                if out is None:
+                    out = {}
+                out[name] = value if value is self.source else _attribute(name, value)
+        if self.trace_context:
+            trace = _trace_context()
+            if trace:
+                out = trace if out is None else {**out, **trace}
+        return out
 
     def _check_topic(self, topic: object) -> str:
         if not isinstance(topic, str):
@@ -322,9 +386,19 @@ class Outbox:
             raise InvalidHeaders(f"headers must be a mapping of str to str, got {type(headers).__name__}")
         out: dict[str, str] = {}
         size = 0
+        seen: dict[str, str] = {}
         for k, v in headers.items():
             if not isinstance(k, str) or not k:
                 raise InvalidHeaders(f"header names must be non-empty str, got {type(k).__name__} {k!r}")
+            lower = k.lower()
+            if lower in _RESERVED_HEADERS or lower.startswith(_RESERVED_PREFIXES):
+                raise ReservedHeader(_reserved_reason(k, lower))
+            if lower in seen:
+                raise ReservedHeader(
+                    f"headers {seen[lower]!r} and {k!r} differ only in case: brokers and consumers compare header "
+                    "names case-insensitively (AMQP, HTTP bindings), so one would hide the other; keep one"
+                )
+            seen[lower] = k
             name_bytes = _text_bytes(k, f"header name {k!r}", InvalidHeaders)
             if name_bytes > _MAX_HEADER_NAME_BYTES:
                 raise InvalidHeaders(
@@ -378,6 +452,67 @@ class Outbox:
                 )
             return DUE_NOW
         return deliver_at
+
+
+def _reserved_reason(name: str, lower: str) -> str:
+    if lower == "message-id":
+        why = "the relay writes the message id there; pass message_id=... instead"
+    elif lower == "content-type":
+        why = "the relay writes the content type there; pass content_type=... instead"
+    elif lower in ("traceparent", "tracestate"):
+        why = ("the relay writes the W3C trace context there, captured from the active OpenTelemetry span at "
+               "add(); start a span around add() instead")
+    elif lower == "id":
+        why = "the debezium codec writes the message id there; pass message_id=... instead"
+    else:
+        why = ("the cloudevents codec writes CloudEvents attributes under the ce_ / cloudEvents_ / cloudEvents: "
+               "prefixes; pass type=, source=, subject= instead, or rename the header")
+    return f"header {name!r} is reserved (names are compared case-insensitively): {why}"
+
+
+def _attribute(name: str, value: object) -> str:
+    """One message attribute, checked: a non-empty str within its bound, no NUL or lone surrogate."""
+    if not isinstance(value, str):
+        raise InvalidAttribute(f"{name} must be a str or None, got {type(value).__name__} {value!r}")
+    size = _text_bytes(value, name, InvalidAttribute)
+    limit = _ATTRIBUTE_BYTES[name]
+    if not value or size > limit:
+        raise InvalidAttribute(f"{name} must be 1-{limit} UTF-8 bytes, got {size} bytes")
+    return value
+
+
+#: the longest tracestate W3C Trace Context asks propagators to keep
+_TRACESTATE_LENGTH = 512
+#: OpenTelemetry, once looked for: None = not yet, False = not installed, else (get_current_span, propagator)
+_OTEL: Any = None
+
+
+def _load_otel() -> Any:
+    try:
+        from opentelemetry.trace import get_current_span
+        from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+    except ImportError:
+        return False
+    return get_current_span, TraceContextTextMapPropagator()
+
+
+def _trace_context() -> dict[str, str] | None:
+    """W3C ``traceparent`` (and a non-empty ``tracestate``) of the active span, if OpenTelemetry is installed."""
+    global _OTEL
+    otel = _OTEL
+    if otel is None:
+        otel = _OTEL = _load_otel()
+    if otel is False:
+        return None
+    get_current_span, propagator = otel
+    if not get_current_span().get_span_context().is_valid:
+        return None
+    carrier: dict[str, str] = {}
+    propagator.inject(carrier)
+    out = {k: carrier[k] for k in ("traceparent", "tracestate") if carrier.get(k)}
+    if len(out.get("tracestate", "")) > _TRACESTATE_LENGTH:  # W3C: a longer one may be dropped anywhere
+        del out["tracestate"]
+    return out or None
 
 
 def _is_int(value: object) -> bool:

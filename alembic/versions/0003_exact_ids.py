@@ -103,11 +103,8 @@ def upgrade() -> None:
     _modify(tables_for_migration().names, exact=True)
 
 
-def _collisions(names: TableNames) -> list[str]:
+def _collisions(bind: sa.Connection, names: TableNames) -> list[str]:
     """The tables with rows that would share a unique key under the table's default collation."""
-    if op.get_context().as_sql:  # offline script: nothing to read
-        return []
-    bind = op.get_bind()
     found = []
     for attr, cols in _UNIQUE.items():
         name = getattr(names, attr)
@@ -127,15 +124,25 @@ def _collisions(names: TableNames) -> list[str]:
     return found
 
 
-def downgrade() -> None:
-    if not _is_mysql():
+def check_downgrade(bind: sa.Connection, names: TableNames) -> None:
+    """Refuse a downgrade below this revision while it would merge distinct ids. ``outbox.migrations.downgrade``
+    calls it before undoing any revision (MySQL/MariaDB commit each DDL statement at once, so a refusal
+    half-way would leave later revisions undone but the version table unchanged)."""
+    if bind.dialect.name not in ("mysql", "mariadb"):
         return
-    n = tables_for_migration().names
-    clash = _collisions(n)
+    clash = _collisions(bind, names)
     if clash:
         raise DatabaseError(
             f"cannot downgrade below 0003_exact_ids: {', '.join(clash)} hold(s) ids that differ only in "
             "case, accents or trailing spaces, which the table's default collation would take for one; "
             "delete one of each pair first"
         )
+
+
+def downgrade() -> None:
+    if not _is_mysql():
+        return
+    n = tables_for_migration().names
+    if not op.get_context().as_sql:  # offline script: nothing to read
+        check_downgrade(op.get_bind(), n)
     _modify(n, exact=False)

@@ -14,7 +14,7 @@ import sqlalchemy as sa
 
 from .._logging import LOG_FORMATS, ContextFilter, JsonFormatter, MaskingFormatter, RateLimitFilter
 from .._redact import mask_secrets
-from .._sqlerrors import missing_table
+from .._sqlerrors import ADDED_COLUMNS, missing_column, missing_table
 from ..errors import ConfigurationError, OutboxError
 from ._common import one_line
 from ._settings import GLOBAL_SETTINGS, MaskingArgumentParser, check_log_level, help_text
@@ -197,6 +197,10 @@ def _main(argv: Sequence[str] | None) -> int:
 def _database_error(exc: sa.exc.DBAPIError, args: argparse.Namespace) -> str:
     """A driver error in one line; a missing table says what to run."""
     text = one_line(exc)
+    column = missing_column(str(exc))
+    if column is not None:
+        return (f"{text}: the database is at an older revision of the toolkit's schema (column {column[1]!r} "
+                f"comes with {ADDED_COLUMNS[column[1]]}), run `outbox db upgrade --db URL` first")
     if missing_table(str(exc)) is not None:
         return f"{text}: the toolkit's tables are missing, run `outbox db upgrade --db URL` first"
     return f"database error: {text}"

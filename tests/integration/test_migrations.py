@@ -31,7 +31,8 @@ from outbox.types import ExactString
 
 REPO = Path(__file__).resolve().parents[2]
 DOCS = REPO / "docs" / "migrations.md"
-HEAD = "0003_exact_ids"
+HEAD = "0004_attributes"
+EXACT = "0003_exact_ids"
 PREVIOUS = "0002_relay_groups"
 FIRST = "0001_initial"
 CUSTOM = TableNames(
@@ -267,7 +268,8 @@ def test_cli_upgrade_from_0002_keeps_rows_and_makes_ids_exact(fresh_database: st
         assert "cannot downgrade below 0003_exact_ids" in proc.stderr, proc.stderr
         assert "outbox_processed_messages" in proc.stderr and "outbox_relay_leases" in proc.stderr
         assert "Traceback" not in proc.stderr
-        assert migrations.current(engine) == HEAD  # nothing was changed
+        assert migrations.current(engine) == HEAD  # nothing was changed: refused before 0004 was undone
+        assert "attributes" in {c["name"] for c in sa.inspect(engine).get_columns("outbox_messages")}
         assert {v for k, v in _collations(engine, t).items() if k in _exact_columns(t)} == {"utf8mb4_nopad_bin"}
 
         with engine.begin() as conn:
@@ -281,6 +283,64 @@ def test_cli_upgrade_from_0002_keeps_rows_and_makes_ids_exact(fresh_database: st
         cols = {c["name"]: c for c in sa.inspect(engine).get_columns("outbox_relay_leases")}
         assert cols["relay_group"]["comment"] and "'default'" in str(cols["relay_group"]["default"])
         assert cols["relay_group"]["nullable"] is False
+    finally:
+        engine.dispose()
+
+
+def test_upgrade_from_0003_keeps_pending_rows_relayable_and_new_rows_carry_attributes(
+        fresh_database: str, tmp_path: Path) -> None:
+    """0004: rows written under 0003 relay unchanged (no attributes); the code at 0004 against a database at
+    0003 says which column is missing and to run `outbox db upgrade`, from the writer and from the relay."""
+    from sqlalchemy.orm import Session
+
+    from outbox import Outbox, SchemaMissing
+    from outbox.brokers.memory import MemoryPublisher
+    from outbox.config import RelayConfig
+    from outbox.relay import Relay
+
+    engine = _engine(fresh_database)
+    t = default_tables()
+    now = dt.datetime.now(dt.timezone.utc)
+    old_ids = [__import__("uuid").uuid4() for _ in range(3)]
+
+    def relay_all() -> list:
+        got: list = []
+        relay = Relay(engine, MemoryPublisher(), on_published=got.extend,
+                      config=RelayConfig(min_poll_interval=0.01, poll_interval=0.05, progress_interval=0))
+        try:
+            relay.drain()
+        finally:
+            relay.close()
+        return got
+
+    try:
+        migrations.upgrade(engine, EXACT)
+        with engine.begin() as conn:  # rows as the 0003 writer left them (no attributes column)
+            conn.execute(t.outbox.insert(), [
+                {"message_id": m, "topic": "orders", "key": "k", "payload": b'{"n": %d}' % i,
+                 "headers": {"h": str(i)}, "content_type": "application/json", "partition": 0, "created_at": now,
+                 "available_at": now, "status": "pending"} for i, m in enumerate(old_ids)])
+        with pytest.raises(SchemaMissing) as err, Session(engine) as s, s.begin():
+            Outbox().add(s, "orders", {}, type="t")
+        assert "outbox_messages.attributes does not exist" in str(err.value)
+        assert "0004_attributes" in str(err.value) and "run `outbox db upgrade" in str(err.value)
+        with pytest.raises(SchemaMissing, match=r"outbox_messages\.attributes does not exist.*outbox db upgrade"):
+            relay_all()
+        proc = _run_cli("dead", "show", "1", "--db", fresh_database, cwd=tmp_path)  # any command reading the rows
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr
+        assert "column 'attributes' comes with 0004_attributes), run `outbox db upgrade" in proc.stderr, proc.stderr
+
+        proc = _run_cli("db", "upgrade", "--db", fresh_database, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr
+        assert f"{EXACT} -> {HEAD}" in proc.stdout, proc.stdout
+        assert _diff(engine, t) == []
+        with Session(engine) as s, s.begin():
+            new = Outbox(source="/shop").add(s, "orders", {"n": 9}, key="k", type="order.placed")
+        recs = relay_all()
+        assert [r.message_id for r in recs] == [*old_ids, new]  # the old rows first, in order, unchanged
+        assert [(r.payload, r.headers, dict(r.attributes)) for r in recs[:3]] == [
+            (b'{"n": %d}' % i, {"h": str(i)}, {}) for i in range(3)]
+        assert dict(recs[3].attributes) == {"type": "order.placed", "source": "/shop"}
     finally:
         engine.dispose()
 
@@ -307,7 +367,7 @@ def test_exact_ids_on_a_latin1_database_and_back(dialect_name: str, fresh_databa
                                                 for i in ("\u00c9t\u00e9", "\u00e9t\u00e9", "x")])
         with pytest.raises(DatabaseError, match="cannot downgrade below 0003_exact_ids: outbox_processed_messages"):
             migrations.downgrade(engine, PREVIOUS)
-        assert migrations.current(engine) == HEAD
+        assert migrations.current(engine) == HEAD  # refused before any revision was undone
         with engine.begin() as conn:
             conn.execute(t.processed.delete().where(t.processed.c.message_id == "\u00e9t\u00e9"))
         migrations.downgrade(engine, PREVIOUS)

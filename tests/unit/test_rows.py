@@ -49,3 +49,27 @@ def test_parsed_json_string_is_not_parsed_again() -> None:
     """On psycopg a str in headers is a JSON string, not JSON text to parse."""
     with pytest.raises(RowError, match="got a JSON string"):
         decode_row(raw(headers='{"a": "b"}', message_id=MID), json_as_text=False)
+
+
+def test_attributes_decode_on_text_and_parsed_json_drivers_and_null_is_empty() -> None:
+    from outbox.message import NO_ATTRIBUTES
+
+    assert decode_row(raw(), json_as_text=True).attributes is NO_ATTRIBUTES  # a row from before 0004
+    assert decode_row(raw(attributes=None), json_as_text=True).attributes is NO_ATTRIBUTES
+    text = decode_row(raw(attributes='{"type": "t", "traceparent": "00-a-b-01"}'), json_as_text=True)
+    parsed = decode_row(raw(attributes={"type": "t", "traceparent": "00-a-b-01"}, headers={"a": "b"}),
+                        json_as_text=False)
+    assert text.attributes == parsed.attributes == {"type": "t", "traceparent": "00-a-b-01"}
+
+
+@pytest.mark.parametrize("value, fragment", [
+    ('{"type": 1}', "attributes must be a JSON object of strings, got a JSON number for 'type'"),
+    ('["t"]', "attributes must be a JSON object of strings, got a JSON array"),
+    ("{not json", "attributes must be a JSON object of strings, got invalid JSON"),
+    ('{"": "x"}', "got an empty name"),
+    ('{"subject": "' + "s" * 2049 + '"}', "attribute 'subject' must be at most 2048 characters"),
+])
+def test_bad_attributes_name_the_row_and_the_problem(value: str, fragment: str) -> None:
+    with pytest.raises(RowError) as err:
+        decode_row(raw(attributes=value), json_as_text=True)
+    assert str(err.value).startswith("row 7: ") and fragment in str(err.value)
