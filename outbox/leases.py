@@ -9,6 +9,10 @@ after a publish re-checks the generation in the same transaction (see :meth:`Lea
 so a relay whose lease lapsed can never touch rows that another relay now owns. And a claim locks
 its lease rows for the whole claim-publish-mark transaction (:meth:`LeaseManager.lock_for_claim`),
 which a takeover must wait out, so a relay paused mid-batch is never overtaken by a new owner.
+That wait is bounded: the relay's own sessions end when idle in a transaction for longer than
+``RelayConfig.idle_transaction_timeout`` (``publish_timeout + lease_ttl``; set per dialect by
+:meth:`~outbox.dialects.Dialect.relay_engine`), which releases a frozen relay's locks, and a relay
+that wakes with a batch claimed too long ago drops it unpublished (``Relay.run_once``).
 
 Membership (:meth:`LeaseManager.join`, :meth:`LeaseManager.register`):
 
@@ -478,8 +482,10 @@ class LeaseManager:
         The claim, the publish and the mark of a batch run in one transaction, so these lease row
         locks last until the batch is done. A takeover has to lock the lease row too (the
         ``FOR UPDATE SKIP LOCKED`` in :meth:`rebalance`), so no relay can take a partition over
-        while its owner is in the middle of a batch of it, however long the owner is frozen
-        (GC pause, SIGSTOP, VM pause). And a relay that wakes up after losing a lease finds
+        while its owner is in the middle of a batch of it, for as long as the owner is frozen (GC
+        pause, SIGSTOP, VM pause) up to the session's idle-in-transaction bound
+        (``RelayConfig.idle_transaction_timeout``), after which the database ends the frozen
+        transaction and the locks go. And a relay that wakes up after losing a lease finds
         another owner (or generation) here and claims nothing of that partition. Together: rows
         of a partition are only ever claimed, published and marked by its one current owner.
 
