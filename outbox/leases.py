@@ -165,6 +165,11 @@ class LeaseManager:
             except sa.exc.IntegrityError:  # another process inserted this relay id at the same moment
                 continue
             same_id = blocker.relay_id == self.relay_id
+            if same_id and self.joined:
+                # we were running (this is a re-join after a database error, e.g. the server ended
+                # the session of this frozen process) and another process took our row meanwhile
+                self._leave_local()
+                raise DuplicateRelay(self._taken_over(blocker))
             who = f"relay {blocker.relay_id} (pid {blocker.pid} on {blocker.hostname})"
             if self._is_dead(blocker) and self._evict(blocker):
                 log.warning("%s is gone (no such process on this host): taking over at once", who)
@@ -209,11 +214,7 @@ class LeaseManager:
             row = conn.execute(sa.select(r).where(r.c.relay_id == self.relay_id)).first()
             if row is not None and row.instance != self.instance:
                 self._leave_local()
-                msg = (f"relay id {self.relay_id!r} was taken over by another process (pid {row.pid} on "
-                       f"{row.hostname}) while this relay was running: two relays share this id. Stopping this "
-                       "one; give each relay its own --relay-id")
-                log.error("%s", msg)
-                raise DuplicateRelay(msg)
+                raise DuplicateRelay(self._taken_over(row))
             lapsed = row is None or row.expires_at <= now
             if not self.dialect.supports_concurrent_relays:
                 other = conn.execute(
@@ -229,6 +230,14 @@ class LeaseManager:
                     raise SingleRelayOnly(msg)
             self._write_row(conn, now, renew=row is not None)
             self._check_conflicts(conn, now, running=True)
+
+    def _taken_over(self, row: Any) -> str:
+        """Log and return why this running relay stops: ``row`` (its id's row) is another process's now."""
+        msg = (f"relay id {self.relay_id!r} was taken over by another process (pid {row.pid} on "
+               f"{row.hostname}) while this relay was running: two relays share this id. Stopping this "
+               "one; give each relay its own --relay-id")
+        log.error("%s", msg)
+        return msg
 
     def unregister(self) -> None:
         r = self.tables.relays
