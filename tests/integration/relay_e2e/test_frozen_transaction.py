@@ -19,20 +19,28 @@ deliveries (read back from the broker) stay in outbox-id order.
 from __future__ import annotations
 
 import collections
+import json
 import signal
 import time
 
 import pytest
+import sqlalchemy as sa
 
 from outbox.config import RelayConfig
 
-from .conftest import declare_queue, wait_until, write
+from .conftest import TABLES, declare_queue, wait_until, write
 from .test_frozen_relay import Child, keys_out_of_order
 
 TTL = 3.0
 PUBLISH_TIMEOUT = 2.0
 KEYS = 20
 N = 600
+
+
+def _seqs_by_id(engine: sa.Engine) -> dict[int, int]:
+    o = TABLES.outbox
+    with engine.connect() as conn:
+        return {i: json.loads(p)["seq"] for i, p in conn.execute(sa.select(o.c.id, o.c.payload))}
 
 
 @pytest.mark.parametrize("dialect", ["postgresql", "mariadb"])
@@ -49,8 +57,9 @@ def test_a_relay_frozen_in_its_claim_transaction_is_taken_over_and_does_not_publ
     a = Child({**spec, "relay_id": "A", "freeze": "after_claim"}, tmp_path / "a.log")
     b = None
     try:
-        batch = set(a.event("frozen", timeout=90)["ids"])
-        assert batch
+        batch_ids = set(a.event("frozen", timeout=90)["ids"])
+        batch = {seq for i, seq in _seqs_by_id(d.engine).items() if i in batch_ids}  # ids -> seqs
+        assert batch and len(batch) == len(batch_ids)
         frozen_at = time.monotonic()
         b = Child({**spec, "relay_id": "B", "freeze": "none"}, tmp_path / "b.log")
         b.event("started", timeout=60)
