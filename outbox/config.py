@@ -119,6 +119,30 @@ class RelayConfig:
     def renew_interval(self) -> float:
         return self.lease_ttl / 3.0
 
+    @property
+    def idle_transaction_timeout(self) -> float:
+        """Seconds a relay transaction may sit idle on the database server before the server ends it.
+
+        ``publish_timeout + lease_ttl``: the longest legitimate idle inside a batch transaction is
+        the wait for the broker's verdict (``publish_timeout``); ``lease_ttl`` is the margin. Set on
+        the relay's own connections (see :meth:`outbox.dialects.Dialect.relay_session_setup`), so a
+        relay frozen inside its claim transaction (SIGSTOP, VM pause, a host gone without a TCP
+        reset) cannot keep its lease rows locked, and its partitions from every other relay, for
+        longer than this.
+        """
+        return self.publish_timeout + self.lease_ttl
+
+    @property
+    def stale_claim_age(self) -> float:
+        """Seconds after its claim statement returned that a batch may still be handed to the publisher.
+
+        Older (the relay was frozen or starved in between), the server may already have ended the
+        transaction and another relay may own the partitions: the batch is rolled back unpublished.
+        Half the margin of :attr:`idle_transaction_timeout`, so that a publish started in time
+        (at most ``publish_timeout`` long) ends before the server can end the transaction.
+        """
+        return self.lease_ttl / 2.0
+
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any], *, source: str = "relay setting") -> RelayConfig:
         """Build from a mapping (TOML ``[relay]`` table, env vars); unknown keys are an error."""
