@@ -705,6 +705,14 @@ class RabbitMQPublisher:
 
     # ------------------------------------------------------------------ idle, flush, close
 
+    def healthy(self) -> str | None:
+        """``None`` while the connection is open, else why not (for readiness; no network traffic)."""
+        if self._conn is None:
+            return "not connected to RabbitMQ"
+        if self._conn_lost is not None:
+            return f"RabbitMQ connection lost: {_describe(self._conn_lost)}"
+        return None
+
     def idle(self, timeout: float) -> None:
         """Serve the connection for up to ``timeout`` s: heartbeats, late confirms, a close by the broker.
 

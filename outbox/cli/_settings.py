@@ -26,6 +26,7 @@ __all__ = [
     "CONNECTION_SETTINGS",
     "FILE_TABLES",
     "LOG_LEVELS",
+    "OBSERVABILITY_SETTINGS",
     "MaskingArgumentParser",
     "Resolved",
     "add_common_options",
@@ -241,4 +242,14 @@ BROKER_SETTINGS = (
             toml="kafka", flags=("--kafka",), metavar="SERVERS"),
     Setting("rabbitmq", help="RabbitMQ URL, amqp://...", env=("OUTBOX_RABBITMQ_URL",), toml="rabbitmq",
             flags=("--rabbitmq",), metavar="URL"),
+)
+
+OBSERVABILITY_SETTINGS = (
+    Setting("http", help="serve /metrics, /healthz and /readyz on HOST:PORT (off by default; a bare PORT binds "
+            "127.0.0.1; needs pip install 'outboxkit[metrics]')", env=("OUTBOX_HTTP",), toml="http",
+            flags=("--http",), metavar="HOST:PORT"),
+    Setting("metrics_interval", kind="float", positive=True, default=5.0,
+            help="seconds between the database queries behind the row gauges and readiness",
+            env=("OUTBOX_METRICS_INTERVAL",), toml="metrics_interval", flags=("--metrics-interval",),
+            metavar="SECONDS"),
 )

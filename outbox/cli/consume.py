@@ -21,6 +21,7 @@ from ._common import open_database, tables_from_args
 from ._settings import (
     BROKER_SETTINGS,
     CONNECTION_SETTINGS,
+    OBSERVABILITY_SETTINGS,
     add_common_options,
     add_settings,
     load_config_file,
@@ -57,7 +58,7 @@ CONSUMER_SETTINGS: tuple[Setting, ...] = (
 
 
 def settings() -> tuple[Setting, ...]:
-    return (*CONNECTION_SETTINGS, *BROKER_SETTINGS, *CONSUMER_SETTINGS)
+    return (*CONNECTION_SETTINGS, *BROKER_SETTINGS, *CONSUMER_SETTINGS, *OBSERVABILITY_SETTINGS)
 
 
 def register(sub: Any) -> None:
@@ -154,6 +155,7 @@ def _run(args: argparse.Namespace, v: dict[str, Any], consumer: Any, engine: Any
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
     log.info("consumer %s on %s, database %s", consumer.name, mask_secrets(where), mask_secrets(engine.url))
+    stop_http = _serve(runner, engine, args, v)
     try:
         runner.run()
     except Exception as exc:  # librdkafka checks its settings when the consumer is created
@@ -161,4 +163,16 @@ def _run(args: argparse.Namespace, v: dict[str, Any], consumer: Any, engine: Any
         if type(exc).__name__ == "KafkaException" and getattr(err, "code", lambda: None)() == -186:
             raise ConfigurationError(f"invalid Kafka consumer setting: {mask_secrets(err.str())}") from None
         raise
+    finally:
+        stop_http()
     return 0
+
+
+def _serve(runner: Any, engine: Any, args: argparse.Namespace, v: dict[str, Any]) -> Any:
+    """``--http``: metrics and probes around the runner (a no-op stopper when off)."""
+    if not v.get("http"):
+        return lambda: None
+    from ..observability.serve import serve_consumer
+
+    return serve_consumer(runner, engine, v["http"], interval=v.get("metrics_interval", 5.0),
+                          tables=tables_from_args(args))
