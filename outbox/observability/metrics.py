@@ -59,7 +59,7 @@ _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.
 # first match wins; the text is the broker's or database's error, already masked
 _CODES: tuple[tuple[str, re.Pattern[str]], ...] = (
     ("too_large", re.compile(r"too.?large|MSG_SIZE|size.*exceed|exceed.*size|RECORD_LIST_TOO_LARGE", re.I)),
-    ("unknown_topic", re.compile(r"unknown.?topic|UNKNOWN_TOPIC|no such exchange|NOT_FOUND.*exchange", re.I)),
+    ("unknown_topic", re.compile(r"unknown.?topic|UNKNOWN_TOPIC|no (?:such )?exchange|NOT_FOUND.*exchange", re.I)),
     ("unroutable", re.compile(r"unroutable|NO_ROUTE|returned", re.I)),
     ("not_authorized", re.compile(r"authori[sz]|ACCESS_REFUSED|AUTHENTICATION|SASL|forbidden|denied", re.I)),
     ("timeout", re.compile(r"time.?out|TIMED_OUT", re.I)),
