@@ -13,6 +13,7 @@ here, not the whole claim inside the driver's result processing.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import uuid
 from typing import Any
@@ -36,7 +37,8 @@ CONTENT_TYPE_LENGTH = 127
 #: keys of at most this many characters are within KEY_LENGTH UTF-8 bytes whatever they hold (4 bytes a character)
 _SHORT_KEY = KEY_LENGTH // 4
 _RAW = ("message_id", "payload", "headers")
-_COLUMNS = ("id", "message_id", "topic", "key", "payload", "headers", "content_type", "partition", "attempts")
+_COLUMNS = ("id", "message_id", "topic", "key", "payload", "headers", "content_type", "partition", "attempts",
+            "created_at")
 
 
 class RowError(ValueError):
@@ -59,9 +61,13 @@ def decode_row(row: Any, *, json_as_text: bool) -> OutboxRecord:
     full check that names the problem (the same rules either way).
     """
     try:
-        rid, mid, topic, key, payload, headers, ctype, part, attempts = row  # a claimed Row, in _COLUMNS order
+        rid, mid, topic, key, payload, headers, ctype, part, attempts, *rest = row  # a claimed Row, in _COLUMNS order
+        created = rest[0] if rest else None
     except TypeError:  # an object with the column names as attributes
-        rid, mid, topic, key, payload, headers, ctype, part, attempts = (getattr(row, n) for n in _COLUMNS)
+        rid, mid, topic, key, payload, headers, ctype, part, attempts = (getattr(row, n) for n in _COLUMNS[:-1])
+        created = getattr(row, "created_at", None)
+    if not isinstance(created, dt.datetime):  # only measured (commit-to-ack latency): never a reason to fail a row
+        created = None
     try:
         if type(mid) is not uuid.UUID:
             mid = _message_id(mid)
@@ -80,7 +86,7 @@ def decode_row(row: Any, *, json_as_text: bool) -> OutboxRecord:
             attempts = _int("attempts", attempts, 0, MAX_ATTEMPTS_VALUE)
     except RowError as exc:
         raise RowError(f"row {rid}: {exc}") from None
-    return OutboxRecord(rid, mid, topic, key, payload, headers, ctype, part, attempts)
+    return OutboxRecord(rid, mid, topic, key, payload, headers, ctype, part, attempts, created)
 
 
 def _kind(value: Any) -> str:

@@ -52,6 +52,8 @@ INSTALL_HINT = "metrics need prometheus-client: pip install 'outboxkit[metrics]'
 ROW_STATES = ("pending", "due", "delayed", "blocked", "dead")
 #: seconds between broker link probes while the relay is idle (Publisher.healthy, when an adapter has it)
 PROBE_INTERVAL = 5.0
+#: seconds between checks that the database schema is at the head revision
+SCHEMA_CHECK_INTERVAL = 60.0
 
 _BATCH_BUCKETS = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000)
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0)
@@ -314,6 +316,7 @@ class StatusPoller:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._topics: set[str] = set()
+        self._schema_due = 0.0
 
     def start(self) -> StatusPoller:
         self._thread = threading.Thread(target=self._run, name="outbox-metrics-poller", daemon=True)
@@ -350,10 +353,9 @@ class StatusPoller:
         counts: dict[str, dict[str, int]] = {}
         blocked_keys: dict[str, int] = {}
         with self.engine.connect() as conn:
-            rev = migrations.current(conn, tables=self.tables)
-            heads = migrations.heads()
-            self.schema_problem = None if rev in heads else (
-                f"database schema at {rev or 'nothing'}, not at head {', '.join(heads)}: run `outbox db upgrade`")
+            if self._schema_due <= time.monotonic() or self.schema_problem:
+                self.schema_problem = _schema_problem(conn, self.tables, migrations)
+                self._schema_due = time.monotonic() + SCHEMA_CHECK_INTERVAL
             if self.metrics is None:  # a consumer: the database check only
                 return
             due_col = sa.case((o.c.available_at <= now, 1), else_=0)
@@ -396,6 +398,24 @@ class StatusPoller:
         if self.last_ok is not None and time.monotonic() - self.last_ok > max(3 * self.interval, 30.0):
             return f"no successful database poll for {time.monotonic() - self.last_ok:.0f} s"
         return self.schema_problem
+
+
+def _schema_problem(conn: Any, tables: OutboxTables, migrations: Any) -> str | None:
+    """The alembic version row against the shipped head (read directly: no alembic context, no logs)."""
+    import sqlalchemy as sa
+
+    version = sa.table(migrations.version_table_for(tables), sa.column("version_num"),
+                       schema=tables.names.schema)
+    try:
+        revs = [r for (r,) in conn.execute(sa.select(version.c.version_num))]
+    except sa.exc.DBAPIError:
+        conn.rollback()
+        revs = []
+    heads = migrations.heads()
+    if set(revs) & set(heads):
+        return None
+    return (f"database schema at {', '.join(revs) or 'nothing'}, not at head {', '.join(heads)}: "
+            "run `outbox db upgrade`")
 
 
 def _aware(ts: dt.datetime) -> dt.datetime:

@@ -116,7 +116,7 @@ def test_relay_metrics_match_the_broker_and_readiness_follows_the_link(
             target = RabbitTarget(rabbit_url, request.getfixturevalue("amqp_names"))
             proxy = FaultProxy("127.0.0.1", port_of(rabbit_url))
             cleanups.append(proxy.close)
-            broker_args = ["--rabbitmq", via(rabbit_url, int(proxy.address().rsplit(":", 1)[1]))]
+            broker_args = ["--rabbitmq", via(rabbit_url, proxy.port)]
         topic = target.topic
         write(engine, topic, N)
         port = free_port()
