@@ -60,11 +60,75 @@ def raw_produce(bootstrap: str, topic: str, n: int, keys: int) -> float:
     return took
 
 
+def drain_measured(engine, bootstrap: str, batch_size: int) -> tuple[int, float]:
+    """The relay to Kafka with everything ``--http`` turns on: the metrics decorator, the row-gauge
+    poller (default 5 s interval), the endpoint, and a scraper reading /metrics every second."""
+    import threading
+    import urllib.request
+
+    from outbox.observability.serve import serve_relay
+
+    relay = Relay(engine, KafkaPublisher(bootstrap_servers=bootstrap),
+                  config=RelayConfig(batch_size=batch_size, progress_interval=0))
+    stop_http = serve_relay(relay, "127.0.0.1:0")
+    url = f"http://127.0.0.1:{relay.metrics_server.port}/metrics"
+    done = threading.Event()
+
+    def scrape() -> None:
+        while not done.wait(1.0):
+            with urllib.request.urlopen(url, timeout=5) as resp:
+                resp.read()
+
+    scraper = threading.Thread(target=scrape, daemon=True)
+    relay.start()
+    scraper.start()
+    t0 = time.perf_counter()
+    n = relay.drain()
+    took = time.perf_counter() - t0
+    done.set()
+    relay.close()
+    stop_http()
+    return n, took
+
+
+def metrics_comparison(args) -> None:
+    """``--metrics``: the relay to Kafka with metrics off and on, alternately, ``--rounds`` times each."""
+    import statistics
+
+    off: list[float] = []
+    on: list[float] = []
+    with b.bench_database(args.db) as engine, b.kafka_broker(args.kafka) as bootstrap:
+        topic = b.create_topic(bootstrap)
+        for _ in range(args.rounds):
+            for measured in (False, True):
+                b.fill_backlog(engine, args.n, keys=args.keys, topic=topic)
+                if measured:
+                    n, took = drain_measured(engine, bootstrap, args.batch_size)
+                else:
+                    n, took = drain(engine, KafkaPublisher(bootstrap_servers=bootstrap), args.batch_size)
+                if n != args.n:
+                    raise SystemExit(f"drained {n} of {args.n}")
+                (on if measured else off).append(n / took)
+    ratios = [a / c for a, c in zip(on, off, strict=True)]
+    b.emit("relay_kafka_db", args.db)
+    b.emit("relay_kafka_metrics_rounds", args.rounds)
+    b.emit("relay_kafka_metrics_off_msgs_per_s", statistics.median(off))
+    b.emit("relay_kafka_metrics_on_msgs_per_s", statistics.median(on))
+    b.emit("relay_kafka_metrics_on_vs_off_ratios", " ".join(f"{r:.3f}" for r in ratios))
+    b.emit("relay_kafka_metrics_on_vs_off_ratio_median", b.ratio(statistics.median(ratios), 1.0))
+
+
 def main() -> None:
     p = b.parser(__doc__ or "", n=200_000, keys=1000)
     p.add_argument("--profile", metavar="PREFIX",
                    help="sample both drains with py-spy: PREFIX-claim-delete.txt, PREFIX-relay-kafka.txt")
+    p.add_argument("--metrics", action="store_true",
+                   help="instead: relay throughput with metrics (--http) off and on, same run, median of --rounds")
+    p.add_argument("--rounds", type=int, default=3, help="with --metrics: drains of each kind (default 3)")
     args = b.parse(p)
+    if args.metrics:
+        metrics_comparison(args)
+        return
     prof = (lambda what: f"{args.profile}-{what}.txt") if args.profile else (lambda what: None)
     with b.bench_database(args.db) as engine, b.kafka_broker(args.kafka) as bootstrap:
         topic = b.create_topic(bootstrap)
