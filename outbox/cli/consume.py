@@ -112,6 +112,10 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigurationError("--kafka needs --topic (at least one) and --group")
     if rabbitmq and not v.get("queue"):
         raise ConfigurationError("--rabbitmq needs --queue")
+    if v.get("http"):
+        from ..observability.serve import check_endpoint
+
+        check_endpoint(v["http"])
     options = parse_kv(args.broker_options)
     if rabbitmq and options:
         raise ConfigurationError("-X passes librdkafka settings to a Kafka consumer; with --rabbitmq use the "

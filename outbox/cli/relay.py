@@ -94,6 +94,10 @@ def build(args: argparse.Namespace) -> tuple[Any, Any, RelayConfig]:
     db, kafka, rabbit = values.pop("db", None), values.pop("kafka", None), values.pop("rabbitmq", None)
     args.table_prefix, args.schema = values.pop("table_prefix", None), values.pop("schema", None)
     args.http, args.metrics_interval = values.pop("http", None), values.pop("metrics_interval", 5.0)
+    if args.http:
+        from ..observability.serve import check_endpoint
+
+        check_endpoint(args.http)
     if not db:
         raise ConfigurationError("no database given: pass --db URL, set OUTBOX_DB_URL or put db in [relay]")
     if kafka and rabbit:

@@ -9,7 +9,13 @@ from .health import Health
 from .http import MetricsServer, parse_address
 from .metrics import ConsumerMetrics, MetricsPublisher, RelayMetrics, StatusPoller, require_prometheus
 
-__all__ = ["serve_consumer", "serve_relay"]
+__all__ = ["check_endpoint", "serve_consumer", "serve_relay"]
+
+
+def check_endpoint(address: str) -> tuple[str, int]:
+    """Fail early (before any connection) when ``--http`` cannot work: the extra is missing, or a bad address."""
+    require_prometheus()
+    return parse_address(address)
 
 
 def serve_relay(relay: Any, address: str, *, interval: float = 5.0) -> Callable[[], None]:
