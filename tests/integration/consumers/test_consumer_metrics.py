@@ -118,3 +118,61 @@ def test_kafka_consumer_lag_falls_to_zero(engine, effects, recorder_cls, produce
             helpers.wait(lambda: scrape(port, "/readyz")[0] == 200, 30, "/readyz 200")
     finally:
         stop()
+
+
+CLI_MODULE = '''
+import sqlalchemy as sa
+from consumers import DedupConsumer
+
+
+class Writer(DedupConsumer):
+    name = "test.cli-metrics"
+
+    def handle(self, session, message):
+        session.execute(sa.text("INSERT INTO test_consumer_effects (message_id, value) VALUES (:m, 'x')"),
+                        {"m": message.id})
+'''
+
+
+@pytest.mark.rabbitmq
+def test_outbox_consume_serves_metrics_with_http(engine, db_url, effects, count_effects, helpers, rabbitmq_url,
+                                                 amqp_names, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from outbox.devbroker import free_port
+
+    declare_queue(rabbitmq_url, amqp_names["queue"], exchange=amqp_names["exchange"])
+    conn = pika.BlockingConnection(pika.URLParameters(rabbitmq_url))
+    ch = conn.channel()
+    ch.confirm_delivery()
+    for _ in range(12):
+        ch.basic_publish(amqp_names["exchange"], "k", b'{"n": 1}',
+                         pika.BasicProperties(message_id=str(uuid.uuid4()), content_type="application/json"))
+    conn.close()
+    (tmp_path / "climetrics.py").write_text(CLI_MODULE)
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "outbox", "consume", "climetrics:Writer", "--db", db_url,
+                             "--rabbitmq", rabbitmq_url, "--queue", amqp_names["queue"], "--batch-timeout", "0.2",
+                             "--http", f"127.0.0.1:{port}", "--metrics-interval", "0.5"],
+                            env=env, cwd=tmp_path, stderr=subprocess.PIPE)
+    try:
+        def done() -> bool:
+            try:
+                text = scrape(port)[1]
+            except OSError:
+                return False
+            return (outcomes(text, "test.cli-metrics")["processed"] == 12
+                    and sample(text, "outbox_consumer_queue_depth_messages", consumer="test.cli-metrics",
+                               queue=amqp_names["queue"]) == 0)
+
+        helpers.wait(done, 60, "12 processed and an empty queue in /metrics of `outbox consume --http`")
+        helpers.wait(lambda: scrape(port, "/readyz")[0] == 200, 30, "/readyz 200")
+        assert count_effects() == 12
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err.decode()[-2000:]
+    assert "guest:guest" not in err.decode()
