@@ -20,8 +20,11 @@ Check = Callable[[], "str | None"]
 class Health:
     """``live()`` / ``ready()`` -> ``(ok, reasons)``; reasons are masked, never credentials."""
 
-    def __init__(self, *, live_within: float) -> None:
+    def __init__(self, *, live_within: float, waiting: Check | None = None) -> None:
+        """``waiting``: a reason while the process waits on purpose before its loop starts (a standby
+        relay); meanwhile a loop that has not turned yet is no reason to restart it."""
         self.live_within = live_within
+        self.waiting = waiting
         self.last_loop: float | None = None  # time.monotonic() of the main loop's last turn
         self.started = time.monotonic()
         self._ready: list[tuple[str, Check]] = []
@@ -35,6 +38,8 @@ class Health:
     def live(self) -> tuple[bool, dict[str, str]]:
         now = time.monotonic()
         since = now - (self.last_loop if self.last_loop is not None else self.started)
+        if since > self.live_within and self.last_loop is None and self.waiting is not None and self.waiting():
+            return True, {}
         if since > self.live_within:
             what = "turned" if self.last_loop is not None else "started"
             return False, {"loop": f"the main loop has not {what} for {since:.0f} s (limit {self.live_within:.0f} s)"}

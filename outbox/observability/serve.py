@@ -24,7 +24,8 @@ def serve_relay(relay: Any, address: str, *, interval: float = 5.0) -> Callable[
     require_prometheus()
     host, port = parse_address(address)
     cfg = relay.config
-    health = Health(live_within=max(3 * cfg.poll_interval, 3 * cfg.renew_interval, 10.0))
+    health = Health(live_within=max(3 * cfg.poll_interval, 3 * cfg.renew_interval, 10.0),
+                    waiting=lambda: None if relay.leases.joined else "waiting to join the relay group")
     metrics = RelayMetrics()
     metrics.attach(relay)
     publisher = MetricsPublisher(relay.publisher, metrics, health=health)

@@ -84,3 +84,14 @@ def test_outbox_imports_without_prometheus_and_http_says_what_to_install() -> No
     assert r.returncode == 2, (r.stdout, r.stderr)
     assert "pip install 'outboxkit[metrics]'" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_a_relay_waiting_to_join_is_alive_but_not_a_stuck_one() -> None:
+    joined = [False]
+    h = Health(live_within=0.1, waiting=lambda: None if joined[0] else "standby")
+    time.sleep(0.2)
+    assert h.live() == (True, {})  # waiting on purpose (standby): alive
+    joined[0] = True
+    assert not h.live()[0]  # joined, and the loop never turned: stuck
+    h.loop_turned()
+    assert h.live()[0]
