@@ -76,6 +76,29 @@ def pg_engine(database_urls: dict[str, str], _migrated_engines: dict[str, sa.Eng
     return engine, url
 
 
+def rabbit_user_with_secret(url: str) -> tuple[str, Any]:
+    """``url`` with a user of this test's own whose password is SECRET (rabbitmqctl), and its cleanup.
+
+    Without rabbitmqctl the guest user stays: its password is its name, so only the masked
+    ``guest:***@`` form can be checked then.
+    """
+    import shutil
+
+    ctl = shutil.which("rabbitmqctl")
+    user = f"okt-{uuid.uuid4().hex[:8]}"
+    if ctl is None:
+        return url, lambda: None
+    try:
+        subprocess.run([ctl, "add_user", user, SECRET], check=True, capture_output=True, timeout=60)
+        subprocess.run([ctl, "set_permissions", "-p", "/", user, ".*", ".*", ".*"], check=True, capture_output=True,
+                       timeout=60)
+    except (subprocess.SubprocessError, OSError):
+        return url, lambda: None
+    scheme, rest = url.split("://", 1)
+    return (f"{scheme}://{user}:{SECRET}@{rest.rsplit('@', 1)[-1]}",
+            lambda: subprocess.run([ctl, "delete_user", user], capture_output=True, timeout=60))
+
+
 def start_relay(tmp_path: Path, db_url: str, broker_args: list[str], port: int) -> tuple[subprocess.Popen[bytes], Path]:
     log = tmp_path / "relay.log"
     cmd = [sys.executable, "-m", "outbox", "relay", "--db", db_url, *broker_args, "--http", f"127.0.0.1:{port}",
@@ -116,7 +139,9 @@ def test_relay_metrics_match_the_broker_and_readiness_follows_the_link(
             target = RabbitTarget(rabbit_url, request.getfixturevalue("amqp_names"))
             proxy = FaultProxy("127.0.0.1", port_of(rabbit_url))
             cleanups.append(proxy.close)
-            broker_args = ["--rabbitmq", via(rabbit_url, proxy.port)]
+            secret_url, drop_user = rabbit_user_with_secret(rabbit_url)
+            cleanups.append(drop_user)
+            broker_args = ["--rabbitmq", via(secret_url, proxy.port)]
         topic = target.topic
         write(engine, topic, N)
         port = free_port()
