@@ -104,11 +104,21 @@ def _version() -> str:
         return "unknown"
 
 
-def _info(registry: Any, component: str) -> None:
+def _info(registry: Any, component: str) -> Any:
     pc = require_prometheus()
     g = pc.Gauge("outbox_info", "outboxkit version and component; always 1", ("version", "component"),
                  registry=registry)
     g.labels(version=_version(), component=component).set(1)
+    return g
+
+
+#: the relay facts read from the relay object at scrape time (see _RelayFacts): name, type, help
+RELAY_FACTS = (
+    ("outbox_relay_leases_held", "gauge", "partition leases this relay holds"),
+    ("outbox_relay_lease_takeovers", "counter", "partitions taken over from a relay whose lease lapsed"),
+    ("outbox_relay_fenced_rows", "counter", "published rows left unmarked because their partition's lease moved "
+     "to another relay"),
+)
 
 
 # ---------------------------------------------------------------------------- relay
@@ -121,7 +131,7 @@ class RelayMetrics:
         pc = require_prometheus()
         self.registry = registry if registry is not None else new_registry()
         r = self.registry
-        _info(r, "relay")
+        self.info = _info(r, "relay")
         self.published = pc.Counter("outbox_relay_messages_published", "messages the broker acknowledged",
                                     ("topic",), registry=r)
         self.retried = pc.Counter("outbox_relay_messages_retried", "messages not delivered, to be retried",
@@ -173,11 +183,11 @@ class _RelayFacts:
                 break
         if acquired is not None:
             self._taken |= acquired
-        yield GaugeMetricFamily("outbox_relay_leases_held", "partition leases this relay holds", value=held or 0)
-        yield CounterMetricFamily("outbox_relay_lease_takeovers", "partitions taken over from a relay whose lease "
-                                  "lapsed", value=len(self._taken))
-        yield CounterMetricFamily("outbox_relay_fenced_rows", "published rows left unmarked because their "
-                                  "partition's lease moved to another relay", value=self.relay.stats.fenced)
+        values = {"outbox_relay_leases_held": held or 0, "outbox_relay_lease_takeovers": len(self._taken),
+                  "outbox_relay_fenced_rows": self.relay.stats.fenced}
+        for name, kind, doc in RELAY_FACTS:
+            family = GaugeMetricFamily if kind == "gauge" else CounterMetricFamily
+            yield family(name, doc, value=values[name])
 
 
 class MetricsPublisher:
@@ -438,7 +448,7 @@ class ConsumerMetrics:
         self.lag_interval = lag_interval
         self._next_lag = 0.0
         self.broker_problem: str | None = "not connected yet"
-        _info(r, "consumer")
+        self.info = _info(r, "consumer")
         self.messages = pc.Counter("outbox_consumer_messages", "messages by outcome", ("consumer", "outcome"),
                                    registry=r)
         self.handler = pc.Histogram("outbox_consumer_handler_duration_seconds", "seconds in handle() per message",
@@ -525,3 +535,25 @@ class ConsumerMetrics:
 
     def broker_check(self) -> str | None:
         return self.broker_problem
+
+
+def _catalogue() -> tuple[Any, ...]:
+    """Every instrument the relay and the consumer export, built in a throwaway registry: the list
+    docs and tests (the Grafana dashboard check) read. Empty without prometheus-client."""
+    try:
+        pc = require_prometheus()
+    except Exception:
+        return ()
+    from prometheus_client.metrics import MetricWrapperBase
+
+    out: list[Any] = []
+    for owner in (RelayMetrics(), ConsumerMetrics("catalogue")):
+        out += [v for v in vars(owner).values() if isinstance(v, MetricWrapperBase)]
+    facts = pc.CollectorRegistry(auto_describe=True)
+    for name, kind, doc in RELAY_FACTS:
+        out.append((pc.Gauge if kind == "gauge" else pc.Counter)(name, doc, registry=facts))
+    return tuple(out)
+
+
+#: every exported instrument (see :func:`_catalogue`)
+CATALOGUE: tuple[Any, ...] = _catalogue()

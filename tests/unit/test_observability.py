@@ -95,3 +95,22 @@ def test_a_relay_waiting_to_join_is_alive_but_not_a_stuck_one() -> None:
     assert not h.live()[0]  # joined, and the loop never turned: stuck
     h.loop_turned()
     assert h.live()[0]
+
+
+def test_the_catalogue_holds_exactly_the_agreed_metric_names() -> None:
+    pytest.importorskip("prometheus_client")
+    from outbox.observability.metrics import CATALOGUE
+
+    found = {f.name: f.type for c in CATALOGUE for f in c.describe()}
+    assert found == {
+        "outbox_relay_messages_published": "counter", "outbox_relay_messages_retried": "counter",
+        "outbox_relay_messages_dead": "counter", "outbox_relay_batch_size": "histogram",
+        "outbox_relay_batch_duration_seconds": "histogram", "outbox_relay_delivery_latency_seconds": "histogram",
+        "outbox_relay_rows": "gauge", "outbox_relay_oldest_pending_age_seconds": "gauge",
+        "outbox_relay_leases_held": "gauge", "outbox_relay_lease_takeovers": "counter",
+        "outbox_relay_fenced_rows": "counter", "outbox_relay_last_loop_timestamp_seconds": "gauge",
+        "outbox_relay_blocked_keys": "gauge", "outbox_consumer_messages": "counter",
+        "outbox_consumer_handler_duration_seconds": "histogram", "outbox_consumer_batch_size": "histogram",
+        "outbox_consumer_lag_messages": "gauge", "outbox_consumer_queue_depth_messages": "gauge",
+        "outbox_consumer_last_loop_timestamp_seconds": "gauge", "outbox_info": "gauge",
+    }
