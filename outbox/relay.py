@@ -806,6 +806,7 @@ class _Step:
 
 
 def _publisher_kind(publisher: Publisher) -> str:
+    publisher = getattr(publisher, "inner", publisher)  # a decorator (outbox.observability.MetricsPublisher)
     name = type(publisher).__name__
     return (name[: -len("Publisher")] if name.endswith("Publisher") and name != "Publisher" else name).lower()
 

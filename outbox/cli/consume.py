@@ -24,6 +24,7 @@ from ._common import open_database, tables_from_args
 from ._settings import (
     BROKER_SETTINGS,
     CONNECTION_SETTINGS,
+    OBSERVABILITY_SETTINGS,
     add_common_options,
     add_settings,
     choose_broker,
@@ -70,7 +71,7 @@ _NEEDS = {"topics": "--topic (at least one)", "group": "--group", "queue": "--qu
 
 
 def settings() -> tuple[Setting, ...]:
-    return (*CONNECTION_SETTINGS, *BROKER_SETTINGS, *CONSUMER_SETTINGS)
+    return (*CONNECTION_SETTINGS, *BROKER_SETTINGS, *CONSUMER_SETTINGS, *OBSERVABILITY_SETTINGS)
 
 
 def register(sub: Any) -> None:
@@ -123,6 +124,10 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigurationError("give exactly one broker: --kafka SERVERS (with --topic and --group), "
                                      "--rabbitmq URL (with --queue) or --broker NAME --broker-url TARGET") from None
         raise
+    if v.get("http"):
+        from ..observability.serve import check_endpoint
+
+        check_endpoint(v["http"])
     transport = get_transport(name)
     flag = {"kafka": "--kafka", "rabbitmq": "--rabbitmq"}.get(name, f"--broker {name}")
     needs = getattr(transport, "consume_requires", ())
@@ -172,6 +177,7 @@ def _run(args: argparse.Namespace, v: dict[str, Any], consumer: Any, engine: Any
     runner.progress_interval = float(v.get("progress_interval", 10.0))
     set_process_context(consumer=consumer.name)
     log.info("consumer %s on %s, database %s", consumer.name, mask_secrets(where), mask_secrets(engine.url))
+    stop_http = _serve(runner, engine, args, v)
     try:
         runner.run()
     except Exception as exc:  # librdkafka checks its settings when the consumer is created
@@ -179,4 +185,16 @@ def _run(args: argparse.Namespace, v: dict[str, Any], consumer: Any, engine: Any
         if type(exc).__name__ == "KafkaException" and getattr(err, "code", lambda: None)() == -186:
             raise ConfigurationError(f"invalid Kafka consumer setting: {mask_secrets(err.str())}") from None
         raise
+    finally:
+        stop_http()
     return 0
+
+
+def _serve(runner: Any, engine: Any, args: argparse.Namespace, v: dict[str, Any]) -> Any:
+    """``--http``: metrics and probes around the runner (a no-op stopper when off)."""
+    if not v.get("http"):
+        return lambda: None
+    from ..observability.serve import serve_consumer
+
+    return serve_consumer(runner, engine, v["http"], interval=v.get("metrics_interval", 5.0),
+                          tables=tables_from_args(args))
