@@ -44,10 +44,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    # the doc tables are built from every case's outcome in one process; xdist workers each see only theirs
-    parallel = not hasattr(config, "workerinput") and (config.getoption("numprocesses", None) or 0) != 0
-    if parallel and (config.getoption("--write-guarantees") or config.getoption("--write-catalogue")):
-        raise pytest.UsageError("--write-guarantees/--write-catalogue need one process: add -n 0")
+    # the doc tables are built from every case's outcome in one process (xdist workers each see only theirs):
+    # the write options turn the parallel run (addopts -n) off; this runs before xdist's trylast configure
+    if config.getoption("--write-guarantees") or config.getoption("--write-catalogue"):
+        if getattr(config.option, "numprocesses", None):
+            config.option.numprocesses, config.option.dist, config.option.tx = 0, "no", []
 
 
 @pytest.fixture(autouse=True)
