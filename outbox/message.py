@@ -40,6 +40,9 @@ class OutboxRecord:
     partition: int = 0
     attempts: int = 0
     created_at: dt.datetime | None = None
+    attributes: Mapping[str, str] = field(default_factory=dict)
+    """Per-message attributes (``type``, ``source``, ``subject``, ``correlation_id``, ``app_id``,
+    ``traceparent``, ``tracestate``) that codecs map onto the wire; empty when none were given."""
 
 
 def partition_for(key: str | None, message_id: uuid.UUID, partitions: int) -> int:

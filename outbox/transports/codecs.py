@@ -1,19 +1,30 @@
 """Codecs: the one owner of the wire format (record -> :class:`Envelope` -> :class:`IncomingMessage`).
 
-``get_codec("native")`` returns outboxkit's own format. Other codecs register with :func:`register_codec`.
+``get_codec("native")`` returns outboxkit's own format; ``cloudevents`` (CloudEvents 1.0, binary
+content mode: :class:`~outbox.transports._cloudevents.CloudEventsCodec`) and ``debezium`` (the
+layout of Debezium's outbox event router: :class:`~outbox.transports._debezium.DebeziumCodec`) are
+built in too, loaded on first use. Other codecs register with :func:`register_codec`.
+
+:func:`reserved_header_names` is the union of every registered codec's reserved header names: the
+writer refuses user headers with those names (case-insensitively), whichever codec a relay uses.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigurationError
 from ..incoming import IncomingMessage, header_text
 from ..message import OutboxRecord
 from .base import BINDINGS, CONTENT_TYPE_HEADER, MESSAGE_ID_HEADER, Codec, Envelope
 
-__all__ = ["NATIVE", "NativeCodec", "codec_names", "get_codec", "register_codec"]
+if TYPE_CHECKING:  # loaded on first use (module __getattr__): their modules import this one
+    from ._cloudevents import CloudEventsCodec
+    from ._debezium import DebeziumCodec
+
+__all__ = ["NATIVE", "CloudEventsCodec", "DebeziumCodec", "NativeCodec", "codec_names", "get_codec",
+           "register_codec", "reserved_by", "reserved_header_names"]
 
 _OWN_KAFKA = frozenset({MESSAGE_ID_HEADER, CONTENT_TYPE_HEADER})
 _OWN_AMQP = frozenset({MESSAGE_ID_HEADER})
@@ -86,7 +97,32 @@ class NativeCodec:
 
 NATIVE = NativeCodec()
 
-_codecs: dict[str, Codec | Any] = {"native": NATIVE}
+#: name -> codec, or ``"module:attribute"`` of a built-in loaded on first use (its module imports this one)
+_codecs: dict[str, Codec | Any] = {
+    "native": NATIVE,
+    "cloudevents": "outbox.transports._cloudevents:CLOUDEVENTS",
+    "debezium": "outbox.transports._debezium:DEBEZIUM",
+}
+_LAZY_CLASSES = {"CloudEventsCodec": "outbox.transports._cloudevents", "DebeziumCodec": "outbox.transports._debezium"}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY_CLASSES.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(module), name)
+
+
+def _load(name: str) -> Codec:
+    codec = _codecs[name]
+    if isinstance(codec, str):
+        import importlib
+
+        module, _, attr = codec.partition(":")
+        codec = _codecs[name] = getattr(importlib.import_module(module), attr)
+    return codec
 
 
 def register_codec(codec: Codec) -> None:
@@ -102,16 +138,55 @@ def codec_names() -> list[str]:
     return sorted(_codecs)
 
 
-def get_codec(name: str | Codec | None) -> Codec:
-    """The codec registered as ``name`` (a codec object is returned as it is; ``None`` -> native)."""
+def get_codec(name: str | Codec | None, **options: Any) -> Codec:
+    """The codec registered as ``name`` (a codec object is returned as it is; ``None`` -> native).
+
+    ``options`` (``None`` values left out) go to the codec's ``configure(**options)``, which returns
+    a codec so configured; ``get_codec("cloudevents", source="/billing")``. A codec without
+    ``configure`` takes no options, and they are ignored: a relay passes its ``ce_source`` whatever
+    its codec.
+    """
     if name is None:
-        return NATIVE
-    if not isinstance(name, str):
-        return name
-    try:
-        return _codecs[name]
-    except KeyError:
-        raise ConfigurationError(f"unknown codec {name!r}; known: {', '.join(codec_names())}") from None
+        codec: Codec = NATIVE
+    elif not isinstance(name, str):
+        codec = name
+    else:
+        try:
+            codec = _load(name)
+        except KeyError:
+            raise ConfigurationError(f"unknown codec {name!r}; known: {', '.join(codec_names())}") from None
+    given = {k: v for k, v in options.items() if v is not None}
+    configure = getattr(codec, "configure", None) if given else None
+    return configure(**given) if configure is not None else codec
+
+
+def reserved_header_names() -> frozenset[str]:
+    """Lower-case header names some registered codec writes or reads, for every binding.
+
+    A name ending in ``*`` stands for every name with that prefix (``ce_*``). The writer refuses a
+    user header whose lower-cased name is one of them (see :func:`reserved_by`).
+    """
+    names: set[str] = set()
+    for name in list(_codecs):
+        codec = _load(name)
+        for binding in BINDINGS:
+            names.update(n.lower() for n in codec.reserved(binding))
+    return frozenset(names)
+
+
+def reserved_by(header: str) -> str | None:
+    """The name of a registered codec that reserves ``header`` (case-insensitively), or ``None``.
+
+    ``reserved_by("Message-Id") == "native"``, ``reserved_by("ce_type") == "cloudevents"``.
+    """
+    low = header.lower()
+    for name in sorted(_codecs, key=lambda n: (n != "native", n)):
+        codec = _load(name)
+        for binding in BINDINGS:
+            for reserved in codec.reserved(binding):
+                if low == reserved or (reserved.endswith("*") and low.startswith(reserved[:-1])):
+                    return name
+    return None
 
 
 def utc_seconds(stamp: dt.datetime | None) -> int | None:
