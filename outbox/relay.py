@@ -47,7 +47,7 @@ from ._rows import RowError, claim_columns, decode_row, unclaimable_rows
 from .brokers.base import Outcome, Publisher, PublishResult
 from .config import RelayConfig
 from .dialects.base import Blocker
-from .errors import BrokerUnavailable, SchemaMissing
+from .errors import BrokerUnavailable, ConfigurationError, SchemaMissing
 from .leases import LeaseManager, _ranges, default_relay_id
 from .message import OutboxRecord
 from .schema import DUE_NOW, STATUS_DEAD, STATUS_PENDING, STATUS_PUBLISHED, OutboxTables, default_tables
@@ -107,6 +107,7 @@ class Relay:
         self.engine = engine
         self.publisher = publisher
         self.config = config or RelayConfig()
+        _check_codec(publisher, self.config)
         self.tables = tables or default_tables()
         self.dialect = dialects.dialect_for(engine)
         self.relay_id = self.config.relay_id or default_relay_id()
@@ -729,6 +730,15 @@ class _Step:
     what: str
     done: Callable[[int], None] = lambda n: None
     delivered: bool = False
+
+
+def _check_codec(publisher: Publisher, config: RelayConfig) -> None:
+    """A config that names a codec must match the publisher's (the publisher owns the wire format)."""
+    codec = getattr(publisher, "codec", None)
+    name = getattr(codec, "name", None)
+    if config.codec != "native" and name is not None and name != config.codec:
+        raise ConfigurationError(f"the relay config says codec {config.codec!r} but the publisher encodes with "
+                                 f"{name!r}: build the publisher with codec={config.codec!r}")
 
 
 def _publisher_kind(publisher: Publisher) -> str:

@@ -58,7 +58,7 @@ from ..message import OutboxRecord
 from .base import BINDINGS, CONTENT_TYPE_HEADER, Envelope
 from .codecs import NATIVE
 
-__all__ = ["CLOUDEVENTS", "DEFAULT_SOURCE", "SPECVERSION", "CloudEventsCodec", "rfc3339"]
+__all__ = ["CLOUDEVENTS", "DEFAULT_SOURCE", "SPECVERSION", "CloudEventsCodec", "check_source", "rfc3339"]
 
 SPECVERSION = "1.0"
 #: The ``source`` of events whose row names none (``--ce-source`` changes it).
@@ -96,13 +96,14 @@ def rfc3339(stamp: dt.datetime) -> str:
     return text + "Z"
 
 
-def _check_source(source: object) -> str:
+def check_source(source: object, what: str = "the CloudEvents source") -> str:
+    """``source`` if it can be a CloudEvents ``source`` (a non-empty URI-reference), else a clear error."""
     if not isinstance(source, str) or not source.strip():
-        raise ConfigurationError(f"the CloudEvents source must be a non-empty URI-reference such as /orders-service, "
-                                 f"got {source!r}")
-    if len(source) > _SOURCE_LENGTH or any(ord(c) < 33 or ord(c) == 127 for c in source):
-        raise ConfigurationError("the CloudEvents source must be a URI-reference of at most "
-                                 f"{_SOURCE_LENGTH} characters without spaces or control characters")
+        raise ConfigurationError(f"{what} must be a non-empty URI-reference such as /orders-service "
+                                 f"(CloudEvents source), got {source!r}")
+    if len(source) > _SOURCE_LENGTH or any(ord(c) < 33 or 127 <= ord(c) < 160 for c in source):
+        raise ConfigurationError(f"{what} must be a URI-reference of at most {_SOURCE_LENGTH} characters without "
+                                 "spaces or control characters (CloudEvents source)")
     return source
 
 
@@ -115,7 +116,7 @@ class CloudEventsCodec:
     name = "cloudevents"
 
     def __init__(self, *, source: str = DEFAULT_SOURCE) -> None:
-        self.source = _check_source(source)
+        self.source = check_source(source)
 
     def configure(self, *, source: str | None = None, **_ignored: Any) -> CloudEventsCodec:
         """A codec like this one with another default ``source`` (options it does not know are ignored)."""
