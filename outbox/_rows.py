@@ -13,6 +13,7 @@ here, not the whole claim inside the driver's result processing.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import uuid
 from typing import Any
@@ -35,8 +36,10 @@ MAX_PARTITION = 32767
 CONTENT_TYPE_LENGTH = 127
 #: keys of at most this many characters are within KEY_LENGTH UTF-8 bytes whatever they hold (4 bytes a character)
 _SHORT_KEY = KEY_LENGTH // 4
-_RAW = ("message_id", "payload", "headers")
-_COLUMNS = ("id", "message_id", "topic", "key", "payload", "headers", "content_type", "partition", "attempts")
+_RAW = ("message_id", "payload", "headers", "created_at")
+_COLUMNS = ("id", "message_id", "topic", "key", "payload", "headers", "content_type", "partition", "attempts",
+            "created_at")
+_UTC = dt.timezone.utc
 
 
 class RowError(ValueError):
@@ -59,9 +62,10 @@ def decode_row(row: Any, *, json_as_text: bool) -> OutboxRecord:
     full check that names the problem (the same rules either way).
     """
     try:
-        rid, mid, topic, key, payload, headers, ctype, part, attempts = row  # a claimed Row, in _COLUMNS order
+        rid, mid, topic, key, payload, headers, ctype, part, attempts, created = row  # a claimed Row, in _COLUMNS order
     except TypeError:  # an object with the column names as attributes
-        rid, mid, topic, key, payload, headers, ctype, part, attempts = (getattr(row, n) for n in _COLUMNS)
+        rid, mid, topic, key, payload, headers, ctype, part, attempts, created = (
+            getattr(row, n, None) for n in _COLUMNS)
     try:
         if type(mid) is not uuid.UUID:
             mid = _message_id(mid)
@@ -80,7 +84,24 @@ def decode_row(row: Any, *, json_as_text: bool) -> OutboxRecord:
             attempts = _int("attempts", attempts, 0, MAX_ATTEMPTS_VALUE)
     except RowError as exc:
         raise RowError(f"row {rid}: {exc}") from None
-    return OutboxRecord(rid, mid, topic, key, payload, headers, ctype, part, attempts)
+    return OutboxRecord(rid, mid, topic, key, payload, headers, ctype, part, attempts, _created_at(created))
+
+
+def _created_at(value: Any) -> dt.datetime | None:
+    """The row's ``created_at`` as an aware UTC datetime (the broker timestamp), ``None`` if unreadable.
+
+    Read raw: a hand-made value the driver cannot convert costs the message its timestamp (the
+    broker then stamps the send time), never the row or the claim.
+    """
+    if type(value) is dt.datetime:
+        return value.replace(tzinfo=_UTC) if value.tzinfo is None else value.astimezone(_UTC)
+    if isinstance(value, (str, bytes)):
+        try:
+            parsed = dt.datetime.fromisoformat(value.decode("ascii") if isinstance(value, bytes) else value)
+        except (ValueError, UnicodeDecodeError):
+            return None
+        return parsed.replace(tzinfo=_UTC) if parsed.tzinfo is None else parsed.astimezone(_UTC)
+    return None
 
 
 def _kind(value: Any) -> str:

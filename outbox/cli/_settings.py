@@ -31,6 +31,7 @@ __all__ = [
     "add_common_options",
     "add_settings",
     "check_log_level",
+    "choose_broker",
     "load_config_file",
     "parse_kv",
     "resolve",
@@ -124,8 +125,31 @@ def add_common_options(parser: argparse.ArgumentParser, *, x_aliases: Sequence[s
     parser.add_argument("--config", metavar="FILE", default=None,
                         help="TOML file with [relay], [consume], [kafka] and [rabbitmq] tables (env OUTBOX_CONFIG)")
     parser.add_argument("-X", "--broker-option", *x_aliases, dest="broker_options", action="append", default=[],
-                        metavar="KEY=VALUE", help="broker setting: a librdkafka property for Kafka, a publisher "
-                        "option for RabbitMQ (repeatable; overrides the [kafka] / [rabbitmq] table)")
+                        metavar="KEY=VALUE", help="transport setting: a librdkafka property for Kafka, a publisher "
+                        "option for RabbitMQ (repeatable; overrides the [kafka] / [rabbitmq] / [NAME] table)")
+
+
+def choose_broker(values: Any) -> tuple[str, str]:
+    """``(transport name, target)`` from ``--broker NAME --broker-url TARGET`` or a shortcut
+    (``--kafka SERVERS``, ``--rabbitmq URL``); pops the four settings from ``values``."""
+    name, url = values.pop("broker", None), values.pop("broker_url", None)
+    kafka, rabbit = values.pop("kafka", None), values.pop("rabbitmq", None)
+    given = [n for n, v in (("--broker", name), ("--kafka", kafka), ("--rabbitmq", rabbit)) if v]
+    if len(given) > 1:
+        raise ConfigurationError(f"choose one broker: {' or '.join(given)}, not {'both' if len(given) == 2 else 'all'}")
+    if kafka:
+        return "kafka", str(kafka)
+    if rabbit:
+        return "rabbitmq", str(rabbit)
+    if not name:
+        raise ConfigurationError("no broker given: pass --kafka SERVERS, --rabbitmq URL or --broker NAME "
+                                 "--broker-url TARGET")
+    from ..transports import get
+
+    transport = get(str(name))  # an unknown name lists the registered ones
+    if not url and getattr(transport, "needs_target", True):
+        raise ConfigurationError(f"--broker {name} needs --broker-url TARGET (or OUTBOX_BROKER_URL)")
+    return str(name), str(url or "")
 
 
 def parse_kv(pairs: Iterable[str], option: str = "-X") -> dict[str, str]:
@@ -236,9 +260,15 @@ CONNECTION_SETTINGS = (
 )
 
 BROKER_SETTINGS = (
-    Setting("kafka", help="Kafka bootstrap servers",
+    Setting("broker", help="transport name: kafka, rabbitmq, memory or one a package registers "
+            "(entry point group outboxkit.transports)", env=("OUTBOX_BROKER",), toml="broker", flags=("--broker",),
+            metavar="NAME"),
+    Setting("broker_url", help="where --broker connects: Kafka bootstrap servers, an AMQP URL, ...",
+            env=("OUTBOX_BROKER_URL",), toml="broker_url", flags=("--broker-url",), metavar="TARGET"),
+    Setting("kafka", help="Kafka bootstrap servers (shortcut for --broker kafka --broker-url SERVERS)",
             env=("OUTBOX_KAFKA_BOOTSTRAP_SERVERS", "OUTBOX_KAFKA_SERVERS", "KAFKA_BOOTSTRAP_SERVERS"),
             toml="kafka", flags=("--kafka",), metavar="SERVERS"),
-    Setting("rabbitmq", help="RabbitMQ URL, amqp://...", env=("OUTBOX_RABBITMQ_URL",), toml="rabbitmq",
+    Setting("rabbitmq", help="RabbitMQ URL, amqp://... (shortcut for --broker rabbitmq --broker-url URL)",
+            env=("OUTBOX_RABBITMQ_URL",), toml="rabbitmq",
             flags=("--rabbitmq",), metavar="URL"),
 )

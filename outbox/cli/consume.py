@@ -17,16 +17,20 @@ from typing import Any
 from .._redact import mask_secrets
 from ..config import Setting
 from ..errors import ConfigurationError
+from ..transports import get as get_transport
+from ..transports.codecs import get_codec
 from ._common import open_database, tables_from_args
 from ._settings import (
     BROKER_SETTINGS,
     CONNECTION_SETTINGS,
     add_common_options,
     add_settings,
+    choose_broker,
     load_config_file,
     parse_kv,
     resolve,
 )
+from .relay import describe
 
 __all__ = ["CONSUMER_SETTINGS", "load_consumer", "register", "settings"]
 
@@ -54,6 +58,9 @@ CONSUMER_SETTINGS: tuple[Setting, ...] = (
             help="seconds between checks for requeued dead letters", env=("OUTBOX_CONSUMER_REQUEUE_INTERVAL",),
             toml="requeue_interval", flags=("--requeue-interval",)),
 )
+
+
+_NEEDS = {"topics": "--topic (at least one)", "group": "--group", "queue": "--queue"}
 
 
 def settings() -> tuple[Setting, ...]:
@@ -103,18 +110,26 @@ def run(args: argparse.Namespace) -> int:
     label = args.config or "OUTBOX_CONFIG"
     v = resolve(settings(), args, table="consume", file=file, file_label=label)
     args.table_prefix, args.schema = v.get("table_prefix"), v.get("schema")
-    kafka, rabbitmq, topics = v.get("kafka"), v.get("rabbitmq"), list(v.get("topics", ()))
-    if bool(kafka) == bool(rabbitmq):
-        raise ConfigurationError("give exactly one broker: --kafka SERVERS (with --topic and --group) or "
-                                 "--rabbitmq URL (with --queue)")
-    if kafka and (not topics or not v.get("group")):
-        raise ConfigurationError("--kafka needs --topic (at least one) and --group")
-    if rabbitmq and not v.get("queue"):
-        raise ConfigurationError("--rabbitmq needs --queue")
-    options = parse_kv(args.broker_options)
-    if rabbitmq and options:
-        raise ConfigurationError("-X passes librdkafka settings to a Kafka consumer; with --rabbitmq use the "
+    try:
+        name, where = choose_broker(v)
+    except ConfigurationError as exc:
+        if "no broker given" in str(exc) or "choose one broker" in str(exc):
+            raise ConfigurationError("give exactly one broker: --kafka SERVERS (with --topic and --group), "
+                                     "--rabbitmq URL (with --queue) or --broker NAME --broker-url TARGET") from None
+        raise
+    transport = get_transport(name)
+    flag = {"kafka": "--kafka", "rabbitmq": "--rabbitmq"}.get(name, f"--broker {name}")
+    needs = getattr(transport, "consume_requires", ())
+    missing = [s for s in needs if not v.get(s)]
+    if missing:
+        raise ConfigurationError(f"{flag} needs " + " and ".join(_NEEDS.get(s, f"--{s}") for s in needs))
+    takes = getattr(transport, "consume_takes_options", True)
+    table = file.get(name, {}) if takes else {}  # ([rabbitmq] holds the relay's publisher options)
+    options = {**{str(k): val for k, val in table.items()}, **parse_kv(args.broker_options)}
+    if options and not takes:
+        raise ConfigurationError(f"-X passes librdkafka settings to a Kafka consumer; with {flag} use the "
                                  "flags (--prefetch, --batch-size, ...)")
+    args.broker_name, args.broker_url = name, where
     if not v.get("db"):
         raise ConfigurationError("no database given: pass --db URL, set OUTBOX_DB_URL or put db in [consume]")
     args.db = v["db"]
@@ -128,24 +143,19 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace, v: dict[str, Any], consumer: Any, engine: Any, options: dict[str, str],
          file: dict[str, dict[str, Any]]) -> int:
-    kafka, rabbitmq, topics = v.get("kafka"), v.get("rabbitmq"), list(v.get("topics", ()))
+    name, where = args.broker_name, args.broker_url
+    transport = get_transport(name)
     batch = {k: v[k] for k in ("batch_size", "batch_timeout") if k in v}
-    requeue_interval = v.get("requeue_interval", 30.0)
-    runner: Any
-    if kafka:
-        from consumers.kafka import KafkaRunner
-
-        kafka_config = {**{str(k): val for k, val in file.get("kafka", {}).items()}, **options}
-        runner = KafkaRunner(consumer, engine=engine, bootstrap_servers=kafka, topics=topics, group_id=v["group"],
-                             config=kafka_config, dead_letter_topic=v.get("dead_letter_topic"),
-                             requeue_interval=requeue_interval, **batch)
-        where = f"Kafka {kafka} topics {', '.join(topics)} group {v['group']}"
-    else:
-        from consumers.rabbitmq import RabbitMQRunner
-
-        runner = RabbitMQRunner(consumer, engine=engine, url=rabbitmq, queue=v["queue"], prefetch=v.get("prefetch"),
-                                requeue_interval=requeue_interval, **batch)
-        where = f"RabbitMQ {rabbitmq} queue {v['queue']}"
+    opts: dict[str, Any] = {"requeue_interval": v.get("requeue_interval", 30.0), **batch}
+    for setting, param in (("topics", "topics"), ("group", "group_id"), ("queue", "queue"),
+                           ("prefetch", "prefetch"), ("dead_letter_topic", "dead_letter_topic")):
+        if v.get(setting) is not None:
+            opts[param] = list(v[setting]) if setting == "topics" else v[setting]
+    runner: Any = transport.runner(consumer, engine=engine, target=where, settings=options, codec=get_codec(None),
+                                   **opts)
+    facts = [f"{k} {', '.join(opts[k]) if k == 'topics' else opts[k]}" for k in ("topics", "group_id", "queue")
+             if k in opts]
+    where = " ".join([describe(transport, where), *facts]).replace("group_id", "group")
 
     def _stop(signum: int, _frame: Any) -> None:
         log.info("signal %s: finishing the batch in hand, then stopping", signal.Signals(signum).name)

@@ -3,22 +3,22 @@
 from __future__ import annotations
 
 import argparse
-import inspect
 import logging
 import signal
-import typing
-import urllib.parse
 from typing import Any
 
 from .._redact import mask_secrets
 from ..config import RelayConfig, Setting, relay_settings
 from ..errors import ConfigurationError
+from ..transports import get as get_transport
+from ..transports.codecs import get_codec
 from ._common import make_engine, require_schema, tables_from_args
 from ._settings import (
     BROKER_SETTINGS,
     CONNECTION_SETTINGS,
     add_common_options,
     add_settings,
+    choose_broker,
     load_config_file,
     parse_kv,
     resolve,
@@ -50,39 +50,26 @@ def register(sub: Any) -> None:
     p.set_defaults(func=run)
 
 
-def _rabbitmq_options(raw: dict[str, Any], source: str) -> dict[str, Any]:
-    """``-X`` / ``[rabbitmq]`` options, parsed by the types of RabbitMQPublisher's parameters."""
-    from ..brokers.rabbitmq import RabbitMQPublisher
-    from ..config import _kind_of
-
-    hints = typing.get_type_hints(RabbitMQPublisher.__init__)
-    params = [n for n in inspect.signature(RabbitMQPublisher.__init__).parameters if n not in ("self", "url")]
-    out: dict[str, Any] = {}
-    for key, value in raw.items():
-        name = str(key).replace("-", "_")
-        if name not in params:
-            raise ConfigurationError(f"unknown RabbitMQ publisher option {key!r} ({source}); known: "
-                                     f"{', '.join(sorted(params))}")
-        out[name] = Setting(name, kind=_kind_of(hints.get(name, Any))).parse(value, f"{source} {name}")
-    return out
-
-
 def kafka_target(servers: str) -> str:
     """The cluster a relay publishes to, as recorded in the relays table: sorted host:port list."""
-    hosts = sorted({h.strip().rsplit("://", 1)[-1].rsplit("@", 1)[-1] for h in servers.split(",") if h.strip()})
-    return ",".join(hosts)[:255]
+    return get_transport("kafka").identity(servers)  # type: ignore[attr-defined, no-any-return]
 
 
 def rabbitmq_target(url: str) -> str:
     """``host:port/vhost`` of an AMQP URL: never the user or password."""
-    parts = urllib.parse.urlsplit(url)
-    try:
-        port = parts.port
-    except ValueError:
-        port = None
-    port = port or (5671 if parts.scheme == "amqps" else 5672)
-    vhost = parts.path[1:] if parts.path.startswith("/") and len(parts.path) > 1 else "%2F"
-    return f"{parts.hostname or 'localhost'}:{port}/{vhost}"[:255]
+    return get_transport("rabbitmq").identity(url)  # type: ignore[attr-defined, no-any-return]
+
+
+def describe(transport: Any, target: str) -> str:
+    """How the log names where a transport sends (secrets are masked by the caller)."""
+    fn = getattr(transport, "describe", None)
+    return str(fn(target)) if fn is not None else f"{transport.name} {target}"
+
+
+def identity(transport: Any, target: str) -> str:
+    """The broker as recorded in the relays table: never a user or password."""
+    fn = getattr(transport, "identity", None)
+    return str(fn(target))[:255] if fn is not None else mask_secrets(target)[:255]
 
 
 def build(args: argparse.Namespace) -> tuple[Any, Any, RelayConfig]:
@@ -90,37 +77,33 @@ def build(args: argparse.Namespace) -> tuple[Any, Any, RelayConfig]:
     file = load_config_file(args.config)
     label = args.config or "OUTBOX_CONFIG"
     values = resolve(settings(), args, table="relay", file=file, file_label=label)
-    db, kafka, rabbit = values.pop("db", None), values.pop("kafka", None), values.pop("rabbitmq", None)
+    db = values.pop("db", None)
     args.table_prefix, args.schema = values.pop("table_prefix", None), values.pop("schema", None)
     if not db:
         raise ConfigurationError("no database given: pass --db URL, set OUTBOX_DB_URL or put db in [relay]")
-    if kafka and rabbit:
-        raise ConfigurationError("choose one broker: --kafka or --rabbitmq, not both")
-    if not kafka and not rabbit:
-        raise ConfigurationError("no broker given: pass --kafka SERVERS or --rabbitmq URL")
+    name, where = choose_broker(values)
     try:
         config = RelayConfig(**values)  # merged first, validated once
     except ConfigurationError as exc:
         raise values.explain(exc) from None
 
-    options = parse_kv(args.broker_options)
-    if kafka:
-        from ..brokers.kafka import KafkaPublisher
-
-        settings_ = {**{str(k): v for k, v in file.get("kafka", {}).items()}, **options}
-        publisher: Any = KafkaPublisher(bootstrap_servers=str(kafka), config=settings_)
-        target = f"Kafka {kafka}"
-        args.broker_identity = ("kafka", kafka_target(str(kafka)))
-    else:
-        from ..brokers.rabbitmq import RabbitMQPublisher
-
-        rabbit_opts = {**_rabbitmq_options(file.get("rabbitmq", {}), f"[rabbitmq] in {label}"),
-                       **_rabbitmq_options(options, "-X")}
-        if args.declare_exchanges is not None:
-            rabbit_opts["declare_exchanges"] = args.declare_exchanges
-        publisher = RabbitMQPublisher(url=str(rabbit), **rabbit_opts)
-        target = f"RabbitMQ {rabbit}"
-        args.broker_identity = ("rabbitmq", rabbitmq_target(str(rabbit)))
+    transport = get_transport(name)
+    table = file.get(name, {})
+    options = {**{str(k): v for k, v in table.items()}, **parse_kv(args.broker_options)}
+    relay_opts: dict[str, Any] = {}
+    if args.declare_exchanges is not None:
+        if transport.binding != "amqp":
+            raise ConfigurationError("--declare-exchanges is a RabbitMQ option; it does not apply to --broker "
+                                     f"{name}")
+        relay_opts["declare_exchanges"] = args.declare_exchanges
+    try:
+        publisher: Any = transport.publisher(where, options, codec=get_codec(None), **relay_opts)
+    except ConfigurationError as exc:
+        if table and f"[{name}]" not in str(exc):
+            raise ConfigurationError(f"{exc} (from -X or [{name}] in {label})") from None
+        raise
+    target = describe(transport, where)
+    args.broker_identity = (name, identity(transport, where))
     engine = make_engine(str(db))
     log.info("publishing to %s", mask_secrets(target))
     return engine, publisher, config

@@ -24,6 +24,9 @@ class KafkaTransport:
 
     name = "kafka"
     binding = "kafka"
+    consume_requires = ("topics", "group")
+    """Settings ``outbox consume`` needs with this transport."""
+    consume_takes_options = True
     options = KafkaOptions
 
     def publisher(self, target: str, settings: Mapping[str, str], *, codec: Codec, **relay_opts: Any) -> Any:

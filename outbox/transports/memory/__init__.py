@@ -24,6 +24,7 @@ class MemoryTransport:
     name = "memory"
     binding = "kafka"
     options = MemoryOptions
+    needs_target = False
 
     def publisher(self, target: str, settings: Mapping[str, str], *, codec: Codec, **relay_opts: Any) -> Any:
         if settings:

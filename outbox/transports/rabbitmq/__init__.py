@@ -27,6 +27,9 @@ class RabbitMQTransport:
 
     name = "rabbitmq"
     binding = "amqp"
+    consume_requires = ("queue",)
+    """Settings ``outbox consume`` needs with this transport."""
+    consume_takes_options = False
     options = RabbitMQOptions
 
     def publisher(self, target: str, settings: Mapping[str, str], *, codec: Codec, **relay_opts: Any) -> Any:
