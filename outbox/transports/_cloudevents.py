@@ -53,7 +53,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..errors import ConfigurationError
-from ..incoming import IncomingMessage
+from ..incoming import IncomingMessage, id_text
 from ..message import OutboxRecord
 from .base import BINDINGS, CONTENT_TYPE_HEADER, Envelope
 from .codecs import NATIVE
@@ -77,6 +77,8 @@ _AMQP_PREFIX = "cloudEvents_"
 #: binding's ``ce-`` (what the Python SDK's ``cloudevents.core.bindings.rabbitmq`` writes).
 _AMQP_READ_PREFIXES = ("cloudevents_", "cloudevents:", "ce-")
 _TIME_NAMES = frozenset(p + "time" for p in _AMQP_READ_PREFIXES)
+#: where the event id is read from, in order (lower case)
+_ID_NAMES = {"kafka": ("ce_id",), "amqp": tuple(p + "id" for p in _AMQP_READ_PREFIXES)}
 
 _RESERVED = {
     "kafka": frozenset({"ce_*", CONTENT_TYPE_HEADER, _TRACEPARENT, _TRACESTATE}),
@@ -217,12 +219,27 @@ class CloudEventsCodec:
         if not found:
             return msg
         attributes.update(found)
+        if "id" in found:
+            msg.id = _event_id(envelope.headers, _ID_NAMES[binding])
         if msg.content_type is not None:
             attributes.setdefault("datacontenttype", msg.content_type)
         for attr, ext in _EXTENSIONS:
             if ext in found:
                 attributes.setdefault(attr, found[ext])
         return msg
+
+
+def _event_id(headers: Mapping[Any, Any], names: tuple[str, ...]) -> str | None:
+    """The stored form of the CloudEvents id (lossless: ids that differ only in bytes that are not
+    UTF-8 stay two ids), from the first of ``names`` (lower case) present."""
+    by_name = {k.lower(): v for k, v in headers.items() if isinstance(k, str) and v is not None}
+    for name in names:
+        raw = by_name.get(name)
+        if isinstance(raw, (bytes, bytearray, str)):
+            return id_text(raw)
+        if raw is not None and not isinstance(raw, (dict, list, tuple)):
+            return id_text(str(raw))
+    return None
 
 
 def _amqp_time(headers: Mapping[Any, Any], text: str) -> str:

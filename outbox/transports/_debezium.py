@@ -33,7 +33,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..errors import ConfigurationError
-from ..incoming import IncomingMessage
+from ..incoming import IncomingMessage, id_text
 from ..message import OutboxRecord
 from .base import BINDINGS, CONTENT_TYPE_HEADER, Envelope
 from .codecs import NATIVE
@@ -88,7 +88,11 @@ class DebeziumCodec:
         return Envelope(record.topic, record.key, record.payload, headers, record.created_at, props)
 
     def decode(self, envelope: Envelope, binding: str) -> IncomingMessage:
-        return NATIVE.decode(envelope, binding)
+        msg = NATIVE.decode(envelope, binding)
+        raw = envelope.headers.get(EVENT_ID_HEADER)
+        if isinstance(raw, (bytes, bytearray, str)):
+            msg.id = id_text(raw)  # lossless: ids that differ only in bytes that are not UTF-8 stay two ids
+        return msg
 
     def __repr__(self) -> str:
         return "DebeziumCodec()"

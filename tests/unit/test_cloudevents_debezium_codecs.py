@@ -202,7 +202,7 @@ def test_cloudevents_round_trip_on_kafka():
     r = rec(headers={"tenant": "t1"}, attributes={"type": "order.created", "subject": "o-1",
                                                   "correlation_id": "c-1"})
     msg = CE.decode(on_kafka(CE.encode(r, "kafka")), "kafka")
-    assert msg.id is None  # the consumer's id sources decide
+    assert msg.id == str(r.message_id)  # from ce_id (the consumer's id sources may decide otherwise)
     assert msg.topic == "orders" and msg.key == "order-1" and msg.payload == r.payload
     assert msg.partition == 1 and msg.offset == 42
     assert msg.content_type == "application/json" and msg.body == {"total": 12}
@@ -242,7 +242,7 @@ def test_decode_reads_what_the_sdk_writes():
     a = amqp.to_binary_event(event)
     msg = CE.decode(Envelope("x", "", a.application_data, dict(a.application_properties), None,
                              {"content_type": a.properties["content-type"]}), "amqp")
-    assert (msg.attributes["id"], msg.attributes["source"]) == ("ev-1", "/sdk")
+    assert (msg.attributes["id"], msg.attributes["source"], msg.id) == ("ev-1", "/sdk", "ev-1")
     assert msg.attributes["time"] == "2026-12-01T13:05:07.123000Z"
     assert msg.body == {"x": 1}
     # the knative RabbitMQ binding: ce- headers
@@ -263,14 +263,20 @@ def test_decode_accepts_the_colon_prefix_and_prefers_the_amqp_spelling():
 def test_decode_keeps_ids_that_are_not_utf8_apart():
     one = Envelope("t", None, b"{}", {"ce_id": b"\xff\xfe\xfd\xfc"})
     two = Envelope("t", None, b"{}", {"ce_id": b"\x80\x81\x82\x83"})
-    a, b = CE.decode(one, "kafka").attributes["id"], CE.decode(two, "kafka").attributes["id"]
+    m1, m2 = CE.decode(one, "kafka"), CE.decode(two, "kafka")
+    a, b = m1.attributes["id"], m2.attributes["id"]
     assert a != b and "\ufffd" not in a + b
+    assert m1.id is not None and m2.id is not None and m1.id != m2.id
+    d1 = DBZ.decode(Envelope("t", None, b"{}", {"id": b"\xff\xfe\xfd\xfc"}), "kafka")
+    d2 = DBZ.decode(Envelope("t", None, b"{}", {"id": b"\x80\x81\x82\x83"}), "kafka")
+    assert d1.id != d2.id and "\ufffd" not in (d1.id or "") + (d2.id or "")
 
 
 def test_decode_of_a_message_without_cloudevents_headers_is_the_native_reading():
     env = Envelope("t", b"k", b"{}", {"message-id": b"m-1", "content-type": b"application/json"})
     msg = CE.decode(env, "kafka")
     assert msg.attributes == {} and msg.headers == {"message-id": "m-1", "content-type": "application/json"}
+    assert msg.id is None  # the runner reads message-id as for the native codec
     assert msg.content_type == "application/json"
 
 
@@ -300,7 +306,7 @@ def test_debezium_drops_colliding_user_headers_and_decodes_as_received():
     assert "ID" not in env.headers and env.headers["id"] == str(r.message_id)
     msg = DBZ.decode(on_kafka(env), "kafka")
     assert msg.headers["id"] == str(r.message_id) and msg.headers["other"] == "x"
-    assert msg.key == "order-1" and msg.body == {"total": 12} and msg.id is None
+    assert msg.key == "order-1" and msg.body == {"total": 12} and msg.id == str(r.message_id)
 
 
 # ------------------------------------------------------------------ reserved names
