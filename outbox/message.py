@@ -7,9 +7,13 @@ import uuid
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
-__all__ = ["OutboxRecord", "OutgoingMessage", "partition_for"]
+__all__ = ["NO_ATTRIBUTES", "OutboxRecord", "OutgoingMessage", "partition_for"]
+
+#: The attributes of a record that has none: one shared, read-only empty mapping (no allocation per row).
+NO_ATTRIBUTES: Mapping[str, str] = MappingProxyType({})
 
 
 @dataclass(frozen=True)
@@ -40,7 +44,7 @@ class OutboxRecord:
     partition: int = 0
     attempts: int = 0
     created_at: dt.datetime | None = None
-    attributes: Mapping[str, str] = field(default_factory=dict)
+    attributes: Mapping[str, str] = field(default_factory=lambda: NO_ATTRIBUTES)
     """Per-message attributes (``type``, ``source``, ``subject``, ``correlation_id``, ``app_id``,
     ``traceparent``, ``tracestate``) that codecs map onto the wire; empty when none were given."""
 

@@ -20,6 +20,10 @@ CloudEvents attribute     Kafka header (Kafka binding)     AMQP (RabbitMQ)
 ``tracestate``            ``ce_tracestate``, and the       ``cloudEvents_tracestate``, and the
 (distributed tracing)     plain W3C ``traceparent`` /      plain ``traceparent`` / ``tracestate``
                           ``tracestate`` headers           headers
+``correlationid``         ``ce_correlationid``             ``cloudEvents_correlationid``, and the
+(correlation extension)                                    ``correlation_id`` property
+``appid`` (extension)     ``ce_appid``                     ``cloudEvents_appid``, and the
+                                                           ``app_id`` property
 ========================  ===============================  =========================================
 
 Sources: the CloudEvents 1.0 specification, its Kafka protocol binding (binary content mode:
@@ -34,16 +38,19 @@ the message's headers table, as the CloudEvents SDKs map them.
 source=...)``); a row without them gets the codec's default source (``--ce-source``, default
 ``/outboxkit``) and its topic as the type. A row's ``correlation_id`` becomes the ``correlationid``
 attribute (the CloudEvents correlation extension) and its ``app_id`` the ``appid`` extension
-attribute (``ce_correlationid`` / ``ce_appid`` on Kafka); on RabbitMQ they also fill the AMQP
-``correlation_id`` / ``app_id`` properties.
+attribute. The row's own headers travel unchanged beside them; one whose name the codec owns
+(``ce_*``, ``content-type``, ``traceparent``, ... see :meth:`CloudEventsCodec.reserved`) is
+dropped, so a message never carries two values for one attribute (the writer refuses such
+headers in new rows).
 
 Decoding reads ``ce_`` headers on Kafka; ``cloudEvents_``, ``cloudEvents:`` and ``ce-`` (the
 knative RabbitMQ binding, which the Python SDK's ``rabbitmq`` module writes) headers on AMQP, the
 names case-insensitively. The attributes found land in
 :attr:`~outbox.incoming.IncomingMessage.attributes` by their CloudEvents names (``type``,
 ``source``, ``time``, ``subject``, ``id``, ``specversion``, extensions); headers stay as
-received. The message id itself is resolved by the consumer's id sources (CloudEvents ids are
-among the default ones).
+received. The message id is the CloudEvents id (``ce_id``; ``cloudEvents_id``, ``cloudEvents:id``
+or ``ce-id`` on AMQP), in its lossless stored form (:func:`~outbox.incoming.id_text`); the
+consumer's id sources, where configured, have the last word.
 """
 
 from __future__ import annotations
@@ -61,6 +68,7 @@ from .codecs import NATIVE
 __all__ = ["CLOUDEVENTS", "DEFAULT_SOURCE", "SPECVERSION", "CloudEventsCodec", "check_source", "rfc3339"]
 
 SPECVERSION = "1.0"
+_UTC = dt.timezone.utc
 #: The ``source`` of events whose row names none (``--ce-source`` changes it).
 DEFAULT_SOURCE = "/outboxkit"
 _SOURCE_LENGTH = 1024
@@ -90,12 +98,12 @@ _RESERVED_PREFIXES = {b: tuple(n[:-1] for n in names if n.endswith("*")) for b, 
 
 def rfc3339(stamp: dt.datetime) -> str:
     """``stamp`` as an RFC 3339 time in UTC: ``2026-12-01T13:20:29.123456Z`` (a naive value is taken as UTC)."""
-    if stamp.tzinfo is None:
-        stamp = stamp.replace(tzinfo=dt.timezone.utc)
-    elif stamp.utcoffset():
-        stamp = stamp.astimezone(dt.timezone.utc)
-    text = stamp.replace(tzinfo=None).isoformat()
-    return text + "Z"
+    tz = stamp.tzinfo
+    if tz is _UTC:  # what the relay's rows hold: the cheap path
+        return stamp.isoformat()[:-6] + "Z"
+    if tz is not None and stamp.utcoffset():
+        stamp = stamp.astimezone(_UTC)
+    return stamp.replace(tzinfo=None).isoformat() + "Z"
 
 
 def check_source(source: object, what: str = "the CloudEvents source") -> str:
@@ -119,6 +127,16 @@ class CloudEventsCodec:
 
     def __init__(self, *, source: str = DEFAULT_SOURCE) -> None:
         self.source = check_source(source)
+        self._last_time: tuple[dt.datetime | None, str] = (None, "")
+        """The last ``created_at`` formatted, and its text: the rows of one ``add_many`` share it."""
+
+    def _time(self, stamp: dt.datetime) -> str:
+        last, text = self._last_time  # one tuple: safe to read while another thread replaces it
+        if last is not None and stamp == last:
+            return text
+        text = rfc3339(stamp)
+        self._last_time = (stamp, text)
+        return text
 
     def configure(self, *, source: str | None = None, **_ignored: Any) -> CloudEventsCodec:
         """A codec like this one with another default ``source`` (options it does not know are ignored)."""
@@ -152,7 +170,7 @@ class CloudEventsCodec:
             headers["ce_source"] = source
             headers["ce_type"] = ce_type
             if created is not None:
-                headers["ce_time"] = rfc3339(created)
+                headers["ce_time"] = self._time(created)
             if record.content_type:
                 headers[CONTENT_TYPE_HEADER] = record.content_type
             if attrs:
@@ -175,7 +193,7 @@ class CloudEventsCodec:
             headers["cloudEvents_source"] = source
             headers["cloudEvents_type"] = ce_type
             if created is not None:
-                headers["cloudEvents_time"] = rfc3339(created)
+                headers["cloudEvents_time"] = self._time(created)
             props: dict[str, Any] = {"delivery_mode": 2, "message_id": mid, "content_type": record.content_type,
                                      "type": ce_type}
             if attrs:

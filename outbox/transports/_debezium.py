@@ -19,8 +19,11 @@ Debezium's OpenTelemetry tracing propagates), and on RabbitMQ the ``message_id``
 ``timestamp``, ``type``, ``correlation_id`` and ``app_id`` properties.
 
 The topic is the row's topic: name it as Debezium's ``route.topic.replacement`` would
-(``outbox.event.<aggregatetype>`` by default) if consumers expect that. Decoding is the native
-codec's (headers as received; the consumer's default id sources include Debezium's ``id``).
+(``outbox.event.<aggregatetype>`` by default) if consumers expect that. The row's ``type``
+attribute is not put in a header on Kafka (the router emits none by default; Debezium users who
+configure ``table.fields.additional.placement=type:header:eventType`` can add an ``eventType``
+header to the row). Decoding is the native codec's (headers as received) with the id taken from
+the ``id`` header, in its lossless stored form.
 
 Sources: Debezium's ``EventRouterDelegate`` (the ``id`` header, key, timestamp, additional
 fields) and the outbox event router documentation; Debezium Server's
