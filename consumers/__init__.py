@@ -23,10 +23,10 @@ from outbox.errors import (
     MessageIdMissing,
     StaleVersion,
 )
+from outbox.incoming import IncomingMessage, content_hash
 
 from .base import DedupConsumer, Outcome, Status
 from .deadletters import get_dead_letter, list_dead_letters, purge_dead_letters, requeue_dead_letters
-from .message import IncomingMessage, content_hash
 from .retention import purge_processed
 from .staged import StagedConsumer, stage
 from .versioning import StateMachine, versioned_update
@@ -61,7 +61,8 @@ __all__ = [
     "versioned_update",
 ]
 
-_LAZY = {"KafkaRunner": ".kafka", "RabbitMQRunner": ".rabbitmq", "declare_queue": ".rabbitmq"}
+_LAZY = {"KafkaRunner": "outbox.transports.kafka.runner", "RabbitMQRunner": "outbox.transports.rabbitmq.runner",
+         "declare_queue": "outbox.transports.rabbitmq.runner"}
 
 
 def __getattr__(name: str) -> Any:

@@ -14,9 +14,9 @@ import tenacity
 from outbox._dberrors import is_transient
 from outbox._redact import mask_secrets
 from outbox.errors import ConfigurationError
+from outbox.incoming import IncomingMessage
 
 from .base import DedupConsumer, Outcome, backoff
-from .message import IncomingMessage
 
 log = logging.getLogger("consumers.runner")
 

@@ -39,11 +39,11 @@ from outbox._identifiers import consumer_name
 from outbox._redact import mask_secrets
 from outbox.dialects import Dialect, dialect_for
 from outbox.errors import ConfigurationError, DecodeError, MessageIdMissing
+from outbox.incoming import IncomingMessage, content_hash, id_text, storable_id
 from outbox.schema import OutboxTables, default_tables
 from outbox.serializers import Serializer
 
 from . import deadletters
-from .message import IncomingMessage, content_hash, id_text, storable_id
 
 __all__ = ["DedupConsumer", "Outcome", "Status"]
 

@@ -21,9 +21,8 @@ from outbox._dberrors import is_transient
 from outbox._redact import mask_secrets
 from outbox.dialects import dialect_for
 from outbox.errors import ConfigurationError
+from outbox.incoming import IncomingMessage, bounded_text, id_text, storable_id, text_form
 from outbox.schema import KEY_LENGTH, STATUS_DEAD, TOPIC_LENGTH, OutboxTables, default_tables
-
-from .message import IncomingMessage, bounded_text, id_text, storable_id, text_form
 
 __all__ = [
     "STATUS_REQUEUED",
@@ -79,12 +78,12 @@ def describe_error(exc: BaseException) -> tuple[str, str]:
 def fingerprint(message: IncomingMessage) -> str:
     """What identifies one message without an id across its redeliveries (for insert-if-absent).
 
-    Kafka: topic, partition and offset. Otherwise (RabbitMQ redelivers with a new delivery tag):
+    A partitioned log (Kafka): topic, partition and offset. Otherwise (RabbitMQ redelivers with a new delivery tag):
     exchange, routing key, payload and headers.
     """
     h = hashlib.sha256()
-    if message.broker == "kafka" and message.partition is not None and message.offset is not None:
-        parts: list[bytes] = [b"kafka", message.topic.encode("utf-8", "surrogatepass"),
+    if message.ordered_by_partition and message.partition is not None and message.offset is not None:
+        parts: list[bytes] = [str(message.broker).encode(), message.topic.encode("utf-8", "surrogatepass"),
                               str(message.partition).encode(), str(message.offset).encode()]
     else:
         headers = json.dumps(sorted((str(k), str(v)) for k, v in message.headers.items()))

@@ -33,10 +33,10 @@ from sqlalchemy.orm import Session
 
 from outbox._dberrors import is_transient
 from outbox.errors import ConfigurationError, MessageIdMissing
+from outbox.incoming import IncomingMessage
 
 from . import deadletters
 from .base import DedupConsumer, Outcome, Status, _now
-from .message import IncomingMessage
 
 __all__ = ["StagedConsumer", "stage"]
 

@@ -44,13 +44,13 @@ from . import dialects
 from ._dberrors import is_permanent
 from ._redact import mask_secrets
 from ._rows import RowError, claim_columns, decode_row, unclaimable_rows
-from .brokers.base import Outcome, Publisher, PublishResult
 from .config import RelayConfig
 from .dialects.base import Blocker
 from .errors import BrokerUnavailable, ConfigurationError, SchemaMissing
 from .leases import LeaseManager, _ranges, default_relay_id
 from .message import OutboxRecord
 from .schema import DUE_NOW, STATUS_DEAD, STATUS_PENDING, STATUS_PUBLISHED, OutboxTables, default_tables
+from .transports.base import Outcome, Publisher, PublishResult
 
 __all__ = ["Relay", "RelayStats"]
 

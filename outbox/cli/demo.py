@@ -60,10 +60,10 @@ def _run(args: argparse.Namespace, workdir: Path) -> int:
     from consumers import DedupConsumer, IncomingMessage, KafkaRunner
 
     from .. import Outbox, OutgoingMessage, migrations
-    from ..brokers import KafkaPublisher
     from ..config import RelayConfig
     from ..devbroker import DevKafkaBroker
     from ..relay import Relay
+    from ..transports.kafka.publisher import KafkaPublisher
 
     logging.getLogger().setLevel(logging.WARNING)  # the demo prints its own progress
     url = f"sqlite:///{workdir / 'demo.db'}"

@@ -667,10 +667,10 @@ class RabbitMQPublisher:
 
     def _publish_one(self, send: _Send, i: int, rec: OutboxRecord) -> None:
         assert self._chan is not None
-        env = self.codec.encode(rec, "amqp")
-        stamp = env.timestamp
-        key = env.key
         try:
+            env = self.codec.encode(rec, "amqp")  # a codec's ValueError / TypeError fails this message only
+            stamp = env.timestamp
+            key = env.key
             self._chan.basic_publish(
                 exchange=rec.topic,
                 routing_key=(key.decode("utf-8", "surrogateescape") if isinstance(key, bytes) else key) or "",
@@ -693,7 +693,9 @@ class RabbitMQPublisher:
             return
         send.todo.popleft()
         self._next_tag += 1
-        self._unconfirmed[self._next_tag] = _Entry(send.batch, i, str(rec.message_id), len(rec.payload))
+        # a returned message is matched by the message_id property it carries (the codec sets it)
+        wire_id = env.properties.get("message_id") or str(rec.message_id)
+        self._unconfirmed[self._next_tag] = _Entry(send.batch, i, wire_id, len(rec.payload))
         self._unconfirmed_bytes += len(rec.payload)
         send.batch.inflight += 1
         send.since_poll += 1
