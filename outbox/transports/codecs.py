@@ -24,7 +24,7 @@ if TYPE_CHECKING:  # loaded on first use (module __getattr__): their modules imp
     from ._debezium import DebeziumCodec
 
 __all__ = ["NATIVE", "CloudEventsCodec", "DebeziumCodec", "NativeCodec", "codec_names", "get_codec",
-           "register_codec", "reserved_by", "reserved_header_names"]
+           "is_reserved_header", "register_codec", "reserved_by", "reserved_header_names"]
 
 _OWN_KAFKA = frozenset({MESSAGE_ID_HEADER, CONTENT_TYPE_HEADER})
 _OWN_AMQP = frozenset({MESSAGE_ID_HEADER})
@@ -129,7 +129,9 @@ def register_codec(codec: Codec) -> None:
     name = getattr(codec, "name", None)
     if not isinstance(name, str) or not name:
         raise ConfigurationError("a codec needs a non-empty str name")
+    global _reserved
     _codecs[name] = codec
+    _reserved = None
 
 
 def codec_names() -> list[str]:
@@ -159,18 +161,39 @@ def get_codec(name: str | Codec | None, **options: Any) -> Codec:
     return configure(**given) if configure is not None else codec
 
 
+_reserved: tuple[frozenset[str], frozenset[str], tuple[str, ...]] | None = None
+"""(all names, exact names, prefixes) of every registered codec; recomputed after a registration."""
+
+
+def _reserved_sets() -> tuple[frozenset[str], frozenset[str], tuple[str, ...]]:
+    global _reserved
+    cached = _reserved
+    if cached is None:
+        names: set[str] = set()
+        for name in list(_codecs):
+            codec = _load(name)
+            for binding in BINDINGS:
+                names.update(n.lower() for n in codec.reserved(binding))
+        exact = frozenset(n for n in names if not n.endswith("*"))
+        prefixes = tuple(sorted(n[:-1] for n in names if n.endswith("*")))
+        cached = _reserved = (frozenset(names), exact, prefixes)
+    return cached
+
+
 def reserved_header_names() -> frozenset[str]:
     """Lower-case header names some registered codec writes or reads, for every binding.
 
     A name ending in ``*`` stands for every name with that prefix (``ce_*``). The writer refuses a
-    user header whose lower-cased name is one of them (see :func:`reserved_by`).
+    user header whose lower-cased name is one of them (see :func:`is_reserved_header`).
     """
-    names: set[str] = set()
-    for name in list(_codecs):
-        codec = _load(name)
-        for binding in BINDINGS:
-            names.update(n.lower() for n in codec.reserved(binding))
-    return frozenset(names)
+    return _reserved_sets()[0]
+
+
+def is_reserved_header(header: str) -> bool:
+    """Whether some registered codec reserves ``header``, compared case-insensitively (cheap: for ``add()``)."""
+    _, exact, prefixes = _reserved_sets()
+    low = header.lower()
+    return low in exact or low.startswith(prefixes)
 
 
 def reserved_by(header: str) -> str | None:

@@ -19,6 +19,8 @@ from outbox.transports.codecs import (
     DebeziumCodec,
     codec_names,
     get_codec,
+    is_reserved_header,
+    register_codec,
     reserved_by,
     reserved_header_names,
 )
@@ -328,8 +330,29 @@ def test_reserved_names_are_lower_case_with_prefixes_marked():
                                   "cloudevents:source", "ce-id"])
 def test_reserved_by_names_the_codec_case_insensitively(name):
     assert reserved_by(name) in ("native", "cloudevents", "debezium")
+    assert is_reserved_header(name)
 
 
 @pytest.mark.parametrize("name", ["tenant", "x-id", "idempotency-key", "cex", "message_id", "traceparentx"])
 def test_other_headers_are_free(name):
     assert reserved_by(name) is None
+    assert not is_reserved_header(name)
+
+
+def test_a_registered_codec_adds_its_reserved_names():
+    class Mine:
+        name = "test-mine"
+
+        def reserved(self, binding):
+            return frozenset({"x-mine-id"})
+
+    assert not is_reserved_header("X-Mine-Id")
+    register_codec(Mine())
+    try:
+        assert is_reserved_header("X-Mine-Id") and reserved_by("x-mine-id") == "test-mine"
+        assert "test-mine" in codec_names()
+    finally:
+        from outbox.transports import codecs
+
+        del codecs._codecs["test-mine"]
+        codecs._reserved = None
