@@ -78,3 +78,55 @@ def test_relay_refuses_a_config_codec_its_publisher_does_not_use():
     with pytest.raises(ConfigurationError, match="codec 'cloudevents' but the publisher encodes with 'native'"):
         Relay(engine, MemoryPublisher(), config=RelayConfig(codec="cloudevents"))
     Relay(engine, MemoryPublisher(codec="cloudevents"), config=RelayConfig(codec="cloudevents")).close()
+
+
+@pytest.mark.rabbitmq
+def test_outbox_relay_daemon_publishes_cloudevents(tmp_path, rabbitmq_url, amqp_names):
+    """The command as an operator runs it: ``outbox relay --codec cloudevents --ce-source ...``."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import pika
+    import sqlalchemy as sa
+    from sqlalchemy.orm import Session
+
+    from outbox import Outbox
+
+    db = f"sqlite:///{tmp_path / 'relay.db'}"
+    assert main(["db", "upgrade", "--db", db]) == 0
+    engine = sa.create_engine(db)
+    with Session(engine) as s, s.begin():
+        mid = Outbox().add(s, amqp_names["exchange"], {"n": 1}, key="k")
+    engine.dispose()
+    conn = pika.BlockingConnection(pika.URLParameters(rabbitmq_url))
+    ch = conn.channel()
+    ch.exchange_declare(amqp_names["exchange"], "topic", durable=True)
+    ch.queue_declare(amqp_names["queue"])
+    ch.queue_bind(amqp_names["queue"], amqp_names["exchange"], "#")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OUTBOX_")}
+    proc = subprocess.Popen([sys.executable, "-m", "outbox", "relay", "--db", db, "--rabbitmq", rabbitmq_url,
+                             "--codec", "cloudevents", "--ce-source", "/cli-relay", "--poll-interval", "0.2"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    got = None
+    try:
+        deadline = time.monotonic() + 90
+        while got is None and time.monotonic() < deadline and proc.poll() is None:
+            method, props, body = ch.basic_get(amqp_names["queue"], auto_ack=True)
+            if method is not None:
+                got = (props, body)
+            else:
+                time.sleep(0.1)  # basic_get polls
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _out, err = proc.communicate(timeout=60)
+        conn.close()
+    assert got is not None, f"nothing relayed within 90 s; relay log: {err.decode()[-3000:]}"
+    assert proc.returncode == 0, err.decode()
+    props, _body = got
+    headers = {k: v.decode() if isinstance(v, bytes) else v for k, v in props.headers.items()}
+    assert headers["cloudEvents_id"] == str(mid) and headers["cloudEvents_source"] == "/cli-relay"
+    assert headers["cloudEvents_type"] == amqp_names["exchange"]
+    assert "guest:guest" not in err.decode()
