@@ -26,8 +26,16 @@ if TYPE_CHECKING:  # loaded on first use (module __getattr__): their modules imp
 __all__ = ["NATIVE", "CloudEventsCodec", "DebeziumCodec", "NativeCodec", "codec_names", "get_codec",
            "is_reserved_header", "register_codec", "reserved_by", "reserved_header_names"]
 
-_OWN_KAFKA = frozenset({MESSAGE_ID_HEADER, CONTENT_TYPE_HEADER})
-_OWN_AMQP = frozenset({MESSAGE_ID_HEADER})
+#: Row attributes the native codec carries: (attribute, Kafka header, AMQP property or None for a header there too).
+_NATIVE_ATTRS = (
+    ("type", "message-type", "type"),
+    ("correlation_id", "correlation-id", "correlation_id"),
+    ("app_id", "app-id", "app_id"),
+    ("traceparent", "traceparent", None),
+    ("tracestate", "tracestate", None),
+)
+_OWN_KAFKA = frozenset({MESSAGE_ID_HEADER, CONTENT_TYPE_HEADER, *(h for _a, h, _p in _NATIVE_ATTRS)})
+_OWN_AMQP = frozenset({MESSAGE_ID_HEADER, *(h for _a, h, p in _NATIVE_ATTRS if p is None)})
 
 
 def _check_binding(binding: str) -> None:
@@ -43,6 +51,11 @@ class NativeCodec:
     AMQP: body = payload, routing key = key (``""`` for none), headers table = the record's headers
     plus ``message-id``; properties ``message_id``, ``content_type``, ``delivery_mode=2``;
     ``timestamp`` = ``created_at`` (whole seconds).
+
+    A row's attributes, when it has them: ``type``, ``correlation_id`` and ``app_id`` go to the AMQP
+    properties of those names, and on Kafka to the headers ``message-type``, ``correlation-id`` and
+    ``app-id``; the W3C trace context to ``traceparent`` / ``tracestate`` headers on both. Decoding
+    reads them back into :attr:`~outbox.incoming.IncomingMessage.attributes`.
     """
 
     name = "native"
@@ -60,10 +73,25 @@ class NativeCodec:
             headers[MESSAGE_ID_HEADER] = mid  # replaces a user's own message-id
             if record.content_type:
                 headers[CONTENT_TYPE_HEADER] = record.content_type
+            attrs = record.attributes
+            if attrs:
+                for attr, header, _prop in _NATIVE_ATTRS:
+                    value = attrs.get(attr)
+                    if value:
+                        headers[header] = value
             return Envelope(record.topic, record.key, record.payload, headers, record.created_at, {})
         if binding == "amqp":
             headers[MESSAGE_ID_HEADER] = mid
             props: dict[str, Any] = {"delivery_mode": 2, "message_id": mid, "content_type": record.content_type}
+            attrs = record.attributes
+            if attrs:
+                for attr, header, prop in _NATIVE_ATTRS:
+                    value = attrs.get(attr)
+                    if value:
+                        if prop is None:
+                            headers[header] = value
+                        else:
+                            props[prop] = value
             return Envelope(record.topic, record.key, record.payload, headers, record.created_at, props)
         _check_binding(binding)
         raise AssertionError  # unreachable
@@ -77,7 +105,11 @@ class NativeCodec:
         else:
             ctype = props.get("content_type")
             content_type = header_text(ctype) if isinstance(ctype, (bytes, str)) else None
-        attributes = {n: str(props[n]) for n in ("correlation_id", "type", "app_id") if props.get(n) is not None}
+        if binding == "kafka":
+            attributes = {a: headers[h] for a, h, _p in _NATIVE_ATTRS if h in headers}
+        else:
+            attributes = {a: header_text(props[p]) if p is not None else headers[h] for a, h, p in _NATIVE_ATTRS
+                          if (props.get(p) is not None if p is not None else h in headers)}
         return IncomingMessage(
             id=None,
             topic=header_text(envelope.topic),

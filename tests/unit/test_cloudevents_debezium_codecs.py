@@ -356,3 +356,29 @@ def test_a_registered_codec_adds_its_reserved_names():
 
         del codecs._codecs["test-mine"]
         codecs._reserved = None
+
+
+# ------------------------------------------------------------------ native: row attributes
+
+
+def test_native_carries_row_attributes_as_amqp_properties_and_kafka_headers():
+    native = get_codec("native")
+    attrs = {"type": "OrderCreated", "correlation_id": "c-1", "app_id": "shop", "traceparent": TRACEPARENT,
+             "tracestate": "v=1", "source": "/not-native", "subject": "s"}
+    r = rec(attributes=attrs)
+    k = native.encode(r, "kafka").headers
+    assert {h: k[h] for h in ("message-type", "correlation-id", "app-id", "traceparent", "tracestate")} == {
+        "message-type": "OrderCreated", "correlation-id": "c-1", "app-id": "shop", "traceparent": TRACEPARENT,
+        "tracestate": "v=1"}
+    assert "source" not in k and "subject" not in k
+    a = native.encode(r, "amqp")
+    assert (a.properties["type"], a.properties["correlation_id"], a.properties["app_id"]) == ("OrderCreated", "c-1",
+                                                                                           "shop")
+    assert a.headers["traceparent"] == TRACEPARENT and "correlation-id" not in a.headers
+    want = {"type": "OrderCreated", "correlation_id": "c-1", "app_id": "shop", "traceparent": TRACEPARENT,
+            "tracestate": "v=1"}
+    assert native.decode(on_kafka(native.encode(r, "kafka")), "kafka").attributes == want
+    assert native.decode(on_amqp(a), "amqp").attributes == want
+    # a row without attributes: the wire format as before
+    plain = native.encode(rec(), "kafka").headers
+    assert set(plain) == {"message-id", "content-type"}
