@@ -140,6 +140,8 @@ def test_kafka_record_read_by_other_clients(codec, attributes, engine, kafka_boo
     if codec == "native":
         assert headers["message-id"] == str(mid)
         assert headers["content-type"] == "application/json"
+        if attributes:
+            assert headers["message-type"] == attributes["type"]
     elif codec == "debezium":
         assert headers["id"] == str(mid)
         assert "message-id" not in headers
@@ -225,6 +227,8 @@ def test_rabbitmq_message_read_by_other_clients(codec, attributes, engine, rabbi
     ce_type, ce_source = expected(exchange, attributes)
     if codec == "native":
         assert headers["message-id"] == str(mid)
+        if attributes:
+            assert props.type == attributes["type"]
     elif codec == "debezium":
         assert headers["id"] == str(mid)
     else:
