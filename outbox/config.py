@@ -79,6 +79,14 @@ class RelayConfig:
     topics: tuple[str, ...] = (ALL_TOPICS,)
     """Topics this relay's group publishes: exact names, or prefixes ending in ``*`` (``orders.*``);
     ``*`` (the default) is every topic. A comma-separated string is accepted too."""
+    codec: str = "native"
+    """Wire format of the published messages: ``native`` (outboxkit's headers), ``cloudevents``
+    (CloudEvents 1.0 binary mode), ``debezium`` (Debezium's outbox event router layout), or another
+    registered codec. ``outbox relay`` builds its publisher with it; a publisher made in code takes
+    ``codec=`` itself (the relay refuses a config whose codec differs from its publisher's)."""
+    ce_source: str | None = None
+    """CloudEvents ``source`` of rows that name none (``cloudevents`` codec): a URI-reference such
+    as ``/orders-service``; default ``/outboxkit``."""
     extra: Mapping[str, Any] = field(default_factory=dict, metadata={"flags": (), "env": ()})
     """Free-form table kept on the config for the application that embeds the relay; the relay itself
     does not read it."""
@@ -114,6 +122,7 @@ class RelayConfig:
                 f"digit), got {self.group!r}"
             )
         object.__setattr__(self, "topics", parse_topic_patterns(self.topics))
+        _codec_settings(self.codec, self.ce_source)
 
     @property
     def renew_interval(self) -> float:
@@ -200,6 +209,18 @@ def parse_topic_patterns(value: object) -> tuple[str, ...]:
     if len(",".join(patterns)) > TOPIC_PATTERNS_LENGTH:
         raise ConfigurationError(f"topics are longer than {TOPIC_PATTERNS_LENGTH} characters in all; use prefixes")
     return tuple(patterns)
+
+
+def _codec_settings(codec: object, ce_source: object) -> None:
+    """``codec`` names a registered codec; ``ce_source`` is a usable CloudEvents source."""
+    from .transports.codecs import codec_names
+
+    if not isinstance(codec, str) or codec not in codec_names():
+        raise ConfigurationError(f"codec must be one of {', '.join(codec_names())}, got {_short(codec)}")
+    if ce_source is not None:
+        from .transports._cloudevents import check_source
+
+        check_source(ce_source, "ce_source")
 
 
 def _positive_int(name: str, v: object, lo: int, hi: int) -> None:

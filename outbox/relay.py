@@ -48,7 +48,7 @@ from ._rows import RowError, claim_columns, decode_row, unclaimable_rows
 from ._sqlerrors import ADDED_COLUMNS, missing_column_error
 from .config import RelayConfig
 from .dialects.base import Blocker
-from .errors import BrokerUnavailable, SchemaMissing
+from .errors import BrokerUnavailable, ConfigurationError, SchemaMissing
 from .leases import LeaseManager, _ranges, default_relay_id
 from .message import OutboxRecord
 from .schema import DUE_NOW, STATUS_DEAD, STATUS_PENDING, STATUS_PUBLISHED, OutboxTables, default_tables
@@ -108,6 +108,7 @@ class Relay:
         The kind defaults to the publisher's class name (``KafkaPublisher`` -> ``kafka``)."""
         self.publisher = publisher
         self.config = config or RelayConfig()
+        _check_codec(publisher, self.config)
         self.tables = tables or default_tables()
         self.dialect = dialects.dialect_for(engine)
         # the relay's own pool, whose sessions the server ends when idle in a transaction for longer
@@ -803,6 +804,15 @@ class _Step:
     what: str
     done: Callable[[int], None] = lambda n: None
     delivered: bool = False
+
+
+def _check_codec(publisher: Publisher, config: RelayConfig) -> None:
+    """A config that names a codec must match the publisher's (the publisher owns the wire format)."""
+    codec = getattr(publisher, "codec", None)
+    name = getattr(codec, "name", None)
+    if config.codec != "native" and name is not None and name != config.codec:
+        raise ConfigurationError(f"the relay config says codec {config.codec!r} but the publisher encodes with "
+                                 f"{name!r}: build the publisher with codec={config.codec!r}")
 
 
 def _publisher_kind(publisher: Publisher) -> str:

@@ -64,6 +64,8 @@ CONSUMER_SETTINGS: tuple[Setting, ...] = (
     Setting("progress_interval", kind="float", minimum=0, default=10.0,
             help="seconds between progress lines while messages arrive (0: none)",
             env=("OUTBOX_CONSUMER_PROGRESS_INTERVAL",), toml="progress_interval", flags=("--progress-interval",)),
+    Setting("codec", default="native", help="wire format to read: native, cloudevents, debezium (or a registered "
+            "codec)", env=("OUTBOX_CONSUMER_CODEC",), toml="codec", flags=("--codec",)),
 )
 
 
@@ -117,6 +119,7 @@ def run(args: argparse.Namespace) -> int:
     label = args.config or "OUTBOX_CONFIG"
     v = resolve(settings(), args, table="consume", file=file, file_label=label)
     args.table_prefix, args.schema = v.get("table_prefix"), v.get("schema")
+    get_codec(v.get("codec"))  # an unknown --codec fails here, naming the known ones
     try:
         name, where = choose_broker(v)
     except ConfigurationError as exc:
@@ -162,8 +165,8 @@ def _run(args: argparse.Namespace, v: dict[str, Any], consumer: Any, engine: Any
                            ("prefetch", "prefetch"), ("dead_letter_topic", "dead_letter_topic")):
         if v.get(setting) is not None:
             opts[param] = list(v[setting]) if setting == "topics" else v[setting]
-    runner: Any = transport.runner(consumer, engine=engine, target=where, settings=options, codec=get_codec(None),
-                                   **opts)
+    runner: Any = transport.runner(consumer, engine=engine, target=where, settings=options,
+                                   codec=get_codec(v.get("codec")), **opts)
     facts = [f"{k} {', '.join(opts[k]) if k == 'topics' else opts[k]}" for k in ("topics", "group_id", "queue")
              if k in opts]
     where = " ".join([describe(transport, where), *facts]).replace("group_id", "group")

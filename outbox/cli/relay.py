@@ -104,7 +104,8 @@ def build(args: argparse.Namespace) -> tuple[Any, Any, RelayConfig]:
                                      f"{name}")
         relay_opts["declare_exchanges"] = args.declare_exchanges
     try:
-        publisher: Any = transport.publisher(where, options, codec=get_codec(None), **relay_opts)
+        publisher: Any = transport.publisher(where, options, codec=get_codec(config.codec, source=config.ce_source),
+                                             **relay_opts)
     except ConfigurationError as exc:
         if table and f"[{name}]" not in str(exc):
             raise ConfigurationError(f"{exc} (from -X or [{name}] in {label})") from None

@@ -136,6 +136,7 @@ def metrics_comparison(args) -> None:
 
 def main() -> None:
     p = b.parser(__doc__ or "", n=200_000, keys=1000)
+    p.add_argument("--codec", default="native", help="the relay's codec: native, cloudevents, debezium")
     p.add_argument("--profile", metavar="PREFIX",
                    help="sample both drains with py-spy: PREFIX-claim-delete.txt, PREFIX-relay-kafka.txt")
     p.add_argument("--metrics", action="store_true",
@@ -154,7 +155,8 @@ def main() -> None:
         n_a, t_a = drain(engine, b.NullPublisher(), args.batch_size, prof("claim-delete"))
         # the relay to Kafka
         b.fill_backlog(engine, args.n, keys=args.keys, topic=topic)
-        n_k, t_k = drain(engine, KafkaPublisher(bootstrap_servers=bootstrap), args.batch_size, prof("relay-kafka"))
+        n_k, t_k = drain(engine, KafkaPublisher(bootstrap_servers=bootstrap, codec=args.codec),
+                     args.batch_size, prof("relay-kafka"))
         if n_a != args.n or n_k != args.n or b.pending_count(engine):
             raise SystemExit(f"drained {n_a} / {n_k} of {args.n}, {b.pending_count(engine)} left")
         # (b) raw produce
@@ -163,6 +165,7 @@ def main() -> None:
 
     relay_rate, a_rate, b_rate = n_k / t_k, n_a / t_a, args.n / t_b
     b.emit("relay_kafka_db", args.db)
+    b.emit("relay_kafka_codec", args.codec)
     b.emit("relay_kafka_backlog_write_s", fill)
     b.emit("relay_kafka_msgs_per_s", relay_rate)
     b.emit("baseline_claim_delete_msgs_per_s", a_rate)

@@ -170,9 +170,10 @@ class RabbitMQRunner(RunnerCore):
                        properties=properties, delivery_tag=method.delivery_tag,
                        redelivered=bool(method.redelivered), raw=(method, props, body))
         msg = self.codec.decode(env, "amqp")
-        msg.id = msg_id
+        if msg.id is None:  # a codec that read its own id header (cloudEvents_id, Debezium's id) wins over message_id
+            msg.id = msg_id
         msg.broker = "rabbitmq"
-        failed = self._failures.get(msg_id) if msg_id else None
+        failed = self._failures.get(msg.id) if msg.id else None
         if failed is not None:
             msg.attempt, msg.first_failed_at = failed
         self._buffer.append(msg)
