@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from .._redact import mask_secrets
 from ..errors import BrokerUnavailable
+from ..incoming import text_form
 from ..message import OutboxRecord
 from ..transports.base import Outcome, Publisher, PublishResult
 from .health import Health
@@ -50,6 +51,12 @@ INSTALL_HINT = "metrics need prometheus-client: pip install 'outboxkit[metrics]'
 
 #: row states of ``outbox_relay_rows``
 ROW_STATES = ("pending", "due", "delayed", "blocked", "dead")
+#: at most this many blocking rows get their own ``outbox_relay_blocking_rows`` series (the largest
+#: first): enough to see what is stuck at 3 a.m., bounded so that a poison flood cannot blow up the
+#: scrape; ``outbox status`` lists them all
+MAX_BLOCKER_SERIES = 20
+#: a key label is cut to this many characters (a key can be up to 255 bytes of anything)
+_KEY_LABEL = 64
 #: seconds between broker link probes while the relay is idle (Publisher.healthy, when an adapter has it)
 PROBE_INTERVAL = 5.0
 #: seconds between checks that the database schema is at the head revision
@@ -152,6 +159,10 @@ class RelayMetrics:
         self.blocked_keys = pc.Gauge("outbox_relay_blocked_keys",
                                      "keys held back by strict ordering behind a dead or retrying row", ("topic",),
                                      registry=r)
+        self.blocking = pc.Gauge("outbox_relay_blocking_rows",
+                                 "rows held back behind one dead or retrying row (its row id in blocking_id, "
+                                 f"for `outbox dead`), the {MAX_BLOCKER_SERIES} largest; refreshed every metrics "
+                                 "interval", ("topic", "key", "blocking_id"), registry=r)
         self.last_loop = pc.Gauge("outbox_relay_last_loop_timestamp_seconds",
                                   "unix time of the relay loop's last turn", registry=r)
         self.max_attempts: int | None = None
@@ -382,7 +393,9 @@ class StatusPoller:
                     c["pending"] += int(n)
                     c["due"] += int(due or 0)
                     c["delayed"] += int(n) - int(due or 0)
-            for topic, _key, _bid, n, due, _since in conn.execute(_blocked_select(self.tables, now)):
+            blockers: list[tuple[int, str, str, str]] = []
+            for topic, key, bid, n, due, _since in conn.execute(_blocked_select(self.tables, now)):
+                blockers.append((int(n), str(topic), "" if key is None else text_form(key)[:_KEY_LABEL], str(bid)))
                 c = counts.setdefault(str(topic), dict.fromkeys(ROW_STATES, 0))
                 c["blocked"] += int(n)
                 c["due"] -= int(due or 0)
@@ -400,6 +413,9 @@ class StatusPoller:
                 m.rows.labels(topic=topic, state=state).set(max(0, n))
             m.blocked_keys.labels(topic=topic).set(blocked_keys.get(topic, 0))
         self._topics |= set(counts)
+        m.blocking.clear()  # a blocker requeued or purged since the last poll goes away
+        for n, topic, key, bid in sorted(blockers, reverse=True)[:MAX_BLOCKER_SERIES]:
+            m.blocking.labels(topic=topic, key=key, blocking_id=bid).set(n)
         m.oldest_age.set(max(0.0, (now - _aware(oldest)).total_seconds()) if oldest is not None else 0.0)
 
     def database_check(self) -> str | None:

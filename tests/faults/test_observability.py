@@ -209,7 +209,8 @@ def value_of_version(text: str) -> str:
 
 
 def test_metrics_show_rows_blocked_behind_a_dead_message(pg_engine: tuple[sa.Engine, str]) -> None:
-    """One dead message blocks its key (strict ordering): the row gauges show the blocked rows."""
+    """One dead message blocks its key (strict ordering): the row gauges show the blocked rows, and
+    outbox_relay_blocking_rows names the blocking row (topic, key, row id); requeued, it goes away."""
     from outbox.observability.health import Health
     from outbox.observability.http import MetricsServer
     from outbox.observability.metrics import RelayMetrics, StatusPoller
@@ -239,6 +240,19 @@ def test_metrics_show_rows_blocked_behind_a_dead_message(pg_engine: tuple[sa.Eng
     assert value(text, "outbox_relay_rows", topic=topic, state="pending") == 4
     assert value(text, "outbox_relay_blocked_keys", topic=topic) == 1
     assert value(text, "outbox_relay_oldest_pending_age_seconds") > 0
+    assert value(text, "outbox_relay_blocking_rows", topic=topic, key="poison", blocking_id=str(first)) == 2
+    with engine.begin() as c:  # requeued: nothing blocks any more, and its series is gone
+        c.execute(o.update().where(o.c.id == first).values(status="pending", attempts=0))
+    poller.poll_once()
+    text = metrics_text(metrics)
+    assert not [k for k in samples(text) if k[0] == "outbox_relay_blocking_rows" and ("topic", topic) in k[1]], text
+    assert value(text, "outbox_relay_rows", topic=topic, state="blocked") == 0
+
+
+def metrics_text(metrics) -> str:
+    from prometheus_client import generate_latest
+
+    return generate_latest(metrics.registry).decode()
 
 
 def test_error_codes_are_bounded() -> None:
