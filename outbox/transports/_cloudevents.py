@@ -165,52 +165,43 @@ class CloudEventsCodec:
         created = record.created_at
         trace = attrs.get(_TRACEPARENT)
         if binding == "kafka":
-            headers["ce_specversion"] = SPECVERSION
-            headers["ce_id"] = mid
-            headers["ce_source"] = source
-            headers["ce_type"] = ce_type
-            if created is not None:
-                headers["ce_time"] = self._time(created)
+            self._attributes(headers, "ce_", mid, source, ce_type, created, attrs, trace, None)
             if record.content_type:
                 headers[CONTENT_TYPE_HEADER] = record.content_type
-            if attrs:
-                subject = attrs.get("subject")
-                if subject:
-                    headers["ce_subject"] = subject
-                if trace:
-                    headers[_TRACEPARENT] = headers["ce_traceparent"] = trace
-                    state = attrs.get(_TRACESTATE)
-                    if state:
-                        headers[_TRACESTATE] = headers["ce_tracestate"] = state
-                for attr, ext in _EXTENSIONS:
-                    value = attrs.get(attr)
-                    if value:
-                        headers["ce_" + ext] = value
             return Envelope(record.topic, record.key, record.payload, headers, created)
         if binding == "amqp":
-            headers["cloudEvents_specversion"] = SPECVERSION
-            headers["cloudEvents_id"] = mid
-            headers["cloudEvents_source"] = source
-            headers["cloudEvents_type"] = ce_type
-            if created is not None:
-                headers["cloudEvents_time"] = self._time(created)
             props: dict[str, Any] = {"delivery_mode": 2, "message_id": mid, "content_type": record.content_type,
                                      "type": ce_type}
-            if attrs:
-                subject = attrs.get("subject")
-                if subject:
-                    headers["cloudEvents_subject"] = subject
-                if trace:
-                    headers[_TRACEPARENT] = headers["cloudEvents_traceparent"] = trace
-                    state = attrs.get(_TRACESTATE)
-                    if state:
-                        headers[_TRACESTATE] = headers["cloudEvents_tracestate"] = state
-                for attr, ext in _EXTENSIONS:
-                    value = attrs.get(attr)
-                    if value:
-                        headers["cloudEvents_" + ext] = props[attr] = value
+            self._attributes(headers, "cloudEvents_", mid, source, ce_type, created, attrs, trace, props)
             return Envelope(record.topic, record.key, record.payload, headers, created, props)
         raise ConfigurationError(f"unknown codec binding {binding!r}; known: {', '.join(BINDINGS)}")
+
+    def _attributes(self, headers: dict[str, str | bytes], prefix: str, mid: str, source: str, ce_type: str,
+                    created: Any, attrs: Mapping[str, str], trace: str | None, props: dict[str, Any] | None) -> None:
+        """The CloudEvents attributes as ``prefix``-named headers (``ce_`` on Kafka, ``cloudEvents_`` on AMQP);
+        on AMQP (``props`` given) the extensions also go to their AMQP properties."""
+        headers[prefix + "specversion"] = SPECVERSION
+        headers[prefix + "id"] = mid
+        headers[prefix + "source"] = source
+        headers[prefix + "type"] = ce_type
+        if created is not None:
+            headers[prefix + "time"] = self._time(created)
+        if not attrs:
+            return
+        subject = attrs.get("subject")
+        if subject:
+            headers[prefix + "subject"] = subject
+        if trace:  # the distributed-tracing extension, and the plain W3C headers beside it
+            headers[_TRACEPARENT] = headers[prefix + "traceparent"] = trace
+            state = attrs.get(_TRACESTATE)
+            if state:
+                headers[_TRACESTATE] = headers[prefix + "tracestate"] = state
+        for attr, ext in _EXTENSIONS:
+            value = attrs.get(attr)
+            if value:
+                headers[prefix + ext] = value
+                if props is not None:
+                    props[attr] = value
 
     # ------------------------------------------------------------------ decode
 
