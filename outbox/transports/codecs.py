@@ -6,17 +6,19 @@
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Mapping
 from typing import Any
 
 from ..errors import ConfigurationError
 from ..incoming import IncomingMessage, header_text
 from ..message import OutboxRecord
-from .base import BINDINGS, CONTENT_TYPE_HEADER, MESSAGE_ID_HEADER, Codec, Envelope
+from .base import BINDINGS, CONTENT_TYPE_HEADER, MESSAGE_ID_HEADER, TRACEPARENT, TRACESTATE, Codec, Envelope
 
-__all__ = ["NATIVE", "NativeCodec", "codec_names", "get_codec", "register_codec"]
+__all__ = ["NATIVE", "TRACEPARENT", "TRACESTATE", "NativeCodec", "codec_names", "get_codec", "get_trace_headers",
+           "put_trace_headers", "register_codec"]
 
-_OWN_KAFKA = frozenset({MESSAGE_ID_HEADER, CONTENT_TYPE_HEADER})
-_OWN_AMQP = frozenset({MESSAGE_ID_HEADER})
+_OWN_KAFKA = frozenset({MESSAGE_ID_HEADER, CONTENT_TYPE_HEADER, TRACEPARENT, TRACESTATE})
+_OWN_AMQP = frozenset({MESSAGE_ID_HEADER, TRACEPARENT, TRACESTATE})
 
 
 def _check_binding(binding: str) -> None:
@@ -29,6 +31,8 @@ class NativeCodec:
 
     Kafka: value = payload, key = the record's key (UTF-8), headers = the record's headers plus
     ``message-id`` (the outbox message id) and ``content-type`` (when set); timestamp = ``created_at``.
+    Both: ``traceparent`` / ``tracestate`` headers when the writer captured a trace context (W3C Trace
+    Context names; decoded into ``IncomingMessage.attributes`` under the same names).
     AMQP: body = payload, routing key = key (``""`` for none), headers table = the record's headers
     plus ``message-id``; properties ``message_id``, ``content_type``, ``delivery_mode=2``;
     ``timestamp`` = ``created_at`` (whole seconds).
@@ -44,6 +48,8 @@ class NativeCodec:
         mid = str(record.message_id)
         # (the relay's per-message path: one dict copy, no comprehension, for the usual row without our names)
         headers: dict[str, str | bytes] = dict(record.headers) if record.headers else {}
+        if record.attributes:  # most rows have none: one falsy check on the hot path
+            put_trace_headers(headers, record.attributes)
         if binding == "kafka":
             headers.pop(CONTENT_TYPE_HEADER, None)
             headers[MESSAGE_ID_HEADER] = mid  # replaces a user's own message-id
@@ -67,6 +73,7 @@ class NativeCodec:
             ctype = props.get("content_type")
             content_type = header_text(ctype) if isinstance(ctype, (bytes, str)) else None
         attributes = {n: str(props[n]) for n in ("correlation_id", "type", "app_id") if props.get(n) is not None}
+        get_trace_headers(headers, attributes)
         return IncomingMessage(
             id=None,
             topic=header_text(envelope.topic),
@@ -81,6 +88,32 @@ class NativeCodec:
             raw=envelope.raw,
             attributes=attributes,
         )
+
+
+def put_trace_headers(headers: dict[str, str | bytes], attributes: Mapping[str, str]) -> None:
+    """Copy the record's W3C trace context (``traceparent``, ``tracestate``) to ``headers``.
+
+    The header names are W3C Trace Context's own, as its HTTP and (draft) AMQP bindings carry them, and
+    as OpenTelemetry's Kafka and RabbitMQ instrumentations read them. A ``tracestate`` goes only
+    with a ``traceparent`` (W3C: without one it is meaningless). For any codec that keeps these names.
+    """
+    parent = attributes.get(TRACEPARENT)
+    if parent:
+        headers[TRACEPARENT] = parent
+        state = attributes.get(TRACESTATE)
+        if state:
+            headers[TRACESTATE] = state
+
+
+def get_trace_headers(headers: Mapping[str, str], attributes: dict[str, str]) -> None:
+    """Copy ``traceparent`` / ``tracestate`` from decoded ``headers`` into ``attributes`` (the consumer's
+    span reads them there); header names are matched as written, lower case, as W3C requires."""
+    parent = headers.get(TRACEPARENT)
+    if parent:
+        attributes[TRACEPARENT] = parent
+        state = headers.get(TRACESTATE)
+        if state:
+            attributes[TRACESTATE] = state
 
 
 NATIVE = NativeCodec()
