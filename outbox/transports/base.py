@@ -19,19 +19,8 @@ from ..message import OutboxRecord
 if TYPE_CHECKING:
     from ..incoming import IncomingMessage
 
-__all__ = [
-    "BINDINGS",
-    "CONTENT_TYPE_HEADER",
-    "MESSAGE_ID_HEADER",
-    "TRACEPARENT",
-    "TRACESTATE",
-    "Codec",
-    "Envelope",
-    "Outcome",
-    "PublishResult",
-    "Publisher",
-    "Transport",
-]
+__all__ = ["BINDINGS", "CONTENT_TYPE_HEADER", "MESSAGE_ID_HEADER", "TRACEPARENT", "TRACESTATE", "Codec", "Envelope",
+           "Outcome", "PublishResult", "Publisher", "Transport"]
 
 #: Header carrying the outbox message id on Kafka (RabbitMQ also sets the AMQP ``message_id``).
 MESSAGE_ID_HEADER = "message-id"
