@@ -178,3 +178,42 @@ def test_without_opentelemetry_nothing_is_imported_and_handle_still_runs(tmp_pat
     proc = subprocess.run([sys.executable, str(script), str(tmp_path / "db.sqlite")], capture_output=True, text=True,
                           timeout=120, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
+
+
+API_ONLY = textwrap.dedent('''
+    import sys
+    import sqlalchemy as sa
+    from opentelemetry import trace
+    from outbox import _tracing, migrations
+    from consumers import DedupConsumer, IncomingMessage
+
+    engine = sa.create_engine("sqlite:///" + sys.argv[1])
+    migrations.upgrade(engine)
+    inside = []
+
+    class C(DedupConsumer):
+        name = "test.api-only"
+        def handle(self, session, message):
+            inside.append(trace.get_current_span().get_span_context().is_valid)
+
+    def run(mid):
+        msg = IncomingMessage(id=mid, topic="orders", key=None, payload=b"{}", broker="kafka",
+                              attributes={"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"})
+        assert C().process_batch(engine, [msg])[0].status.value == "processed"
+
+    run("before")  # the API alone, no provider: no span is started
+    assert _tracing.process_spans() is None and inside == [False], inside
+    from opentelemetry.sdk.trace import TracerProvider
+    trace.set_tracer_provider(TracerProvider())  # set after the consumer began: the next batch is traced
+    run("after")
+    assert inside == [False, True], inside
+    print("ok")
+''')
+
+
+def test_with_the_api_but_no_tracer_provider_no_span_is_started_until_one_is_set(tmp_path: Path) -> None:
+    script = tmp_path / "api_only.py"
+    script.write_text(API_ONLY)
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path / "db.sqlite")], capture_output=True, text=True,
+                          timeout=120, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
