@@ -1,4 +1,4 @@
-"""OpenTelemetry on the consumer side, optional: the "process" span around ``handle()``.
+"""OpenTelemetry, optional: the consumer's "process" span around ``handle()``, the relay's "send" span.
 
 Nothing here imports ``opentelemetry`` until :func:`process_spans` is first called, and then once:
 without ``opentelemetry-api`` installed it returns ``None`` for good and the caller runs ``handle()``
@@ -23,17 +23,20 @@ The span follows OpenTelemetry's messaging semantic conventions (v1.26+, "proces
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from ._redact import mask_secrets
 from .incoming import IncomingMessage
+from .message import OutboxRecord
 from .transports.base import TRACEPARENT, TRACESTATE
 
 __all__ = ["ProcessSpans", "process_spans", "traced"]
 
 _TRACER_NAME = "outboxkit.consumers"
 _SYSTEMS = {"kafka": "kafka", "rabbitmq": "rabbitmq"}
+#: links on one relay "send" span at most (the SDK's default span limit)
+MAX_LINKS = 128
 
 #: None = not looked for yet, False = OpenTelemetry not installed, else the ProcessSpans
 _SPANS: Any = None
@@ -52,6 +55,7 @@ class ProcessSpans:
         self._propagator = TraceContextTextMapPropagator()
         self._link = Link
         self._kind = SpanKind.CONSUMER
+        self._client = SpanKind.CLIENT
         self._status = Status
         self._code = StatusCode.ERROR
         self._no_provider = (ProxyTracerProvider, NoOpTracerProvider)
@@ -121,6 +125,47 @@ class ProcessSpans:
                 raise
 
 
+    @contextlib.contextmanager
+    def send_span(self, records: Sequence[OutboxRecord], system: str | None) -> Iterator[Any]:
+        """The relay's "send" span around one batch: kind CLIENT (the message's creation context is the
+        writer's span, not this one, so it is not injected), linked to each record's creation context
+        (at most :data:`MAX_LINKS`), current context as parent (none in a plain relay: a root span)."""
+        topics = {r.topic for r in records}
+        topic = next(iter(topics)) if len(topics) == 1 else None
+        links = []
+        for r in records:
+            attrs = r.attributes
+            parent = attrs.get(TRACEPARENT) if attrs else None
+            if parent:
+                carrier = {TRACEPARENT: parent}
+                state = attrs.get(TRACESTATE)
+                if state:
+                    carrier[TRACESTATE] = state
+                ctx = self._trace.get_current_span(self._propagator.extract(carrier)).get_span_context()
+                if ctx.is_valid:
+                    links.append(self._link(ctx))
+                    if len(links) >= MAX_LINKS:
+                        break
+        attributes: dict[str, Any] = {"messaging.operation.name": "send", "messaging.operation.type": "send",
+                                      "messaging.batch.message_count": len(records)}
+        if system:
+            attributes["messaging.system"] = system
+        if topic is not None:
+            attributes["messaging.destination.name"] = topic
+        with self._tracer.start_as_current_span(
+            f"send {topic}" if topic is not None else "send", kind=self._client, links=links, attributes=attributes,
+            record_exception=False, set_status_on_exception=False,
+        ) as span:
+            try:
+                yield span
+            except BaseException as exc:
+                if span.is_recording():
+                    text = mask_secrets(f"{type(exc).__name__}: {exc}")[:500]
+                    span.set_attribute("error.type", type(exc).__qualname__)
+                    span.set_status(self._status(self._code, text))
+                raise
+
+
 def _load() -> ProcessSpans | bool:
     try:
         return ProcessSpans()
@@ -145,3 +190,18 @@ def traced(spans: ProcessSpans | None, handle: Callable[[Any, IncomingMessage], 
         return handle(session, message)
     with spans.span(message, consumer_name):
         return handle(session, message)
+
+
+def note_results(span: Any, results: Sequence[Any]) -> None:
+    """Count a batch's outcomes on the relay's "send" span; any message not delivered marks it failed."""
+    if not span.is_recording():
+        return
+    counts: dict[str, int] = {}
+    for r in results:
+        counts[r.outcome.value] = counts.get(r.outcome.value, 0) + 1
+    for outcome, n in counts.items():
+        span.set_attribute(f"outboxkit.{outcome}", n)
+    if counts.get("failed") or counts.get("retry"):
+        from opentelemetry.trace import Status, StatusCode
+
+        span.set_status(Status(StatusCode.ERROR, f"{len(results) - counts.get('delivered', 0)} not delivered"))

@@ -3,6 +3,7 @@
 A span is active around ``Outbox.add()``; the relay (in-process) publishes the row; a plain client
 (confluent-kafka / pika) sees the W3C ``traceparent`` header on the wire; the consumer runner's
 "process" span around ``handle()`` is in the writer's trace, child of and linked to the writer's span.
+The relay's "send" span links to the writer's span.
 The OpenTelemetry SDK's in-memory exporter records the spans; PostgreSQL is the database.
 """
 
@@ -91,6 +92,17 @@ def check_continued(span, writer, system: str) -> None:
     assert span.attributes["messaging.operation.type"] == "process"
 
 
+def check_sent(exporter, topic: str, writer, system: str) -> None:
+    """The relay's "send" span: CLIENT, linked to the writer's span (not its parent), outcome counted."""
+    from opentelemetry.trace import SpanKind
+
+    (send,) = [s for s in exporter.get_finished_spans() if s.name == f"send {topic}"]
+    assert send.kind is SpanKind.CLIENT and send.parent is None
+    assert [link.context.span_id for link in send.links] == [writer.span_id]
+    assert (send.attributes["messaging.system"], send.attributes["messaging.operation.type"]) == (system, "send")
+    assert send.attributes["outboxkit.delivered"] == 1 and send.attributes["messaging.batch.message_count"] == 1
+
+
 def count(engine: sa.Engine, mid: str) -> int:
     with engine.connect() as c:
         return int(c.execute(sa.select(sa.func.count()).select_from(EFFECTS).where(EFFECTS.c.message_id == mid))
@@ -106,6 +118,7 @@ def test_kafka_writer_span_continues_in_handle(exporter, engine, effects, helper
 
     mid, writer = write_in_a_span(engine, kafka_topic, "order-1")
     relay_drain(engine, KafkaPublisher(bootstrap_servers=kafka_bootstrap))
+    check_sent(exporter, kafka_topic, writer, "kafka")
 
     # on the wire, read by a plain client
     plain = Consumer({"bootstrap.servers": kafka_bootstrap, "group.id": f"plain-{uuid.uuid4().hex[:8]}",
@@ -149,6 +162,7 @@ def test_rabbitmq_writer_span_continues_in_handle(exporter, engine, effects, hel
 
     mid, writer = write_in_a_span(engine, exchange, "orders.created")
     relay_drain(engine, RabbitMQPublisher(url=rabbitmq_url))
+    check_sent(exporter, exchange, writer, "rabbitmq")
 
     conn = pika.BlockingConnection(pika.URLParameters(rabbitmq_url))
     try:
