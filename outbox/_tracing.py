@@ -31,9 +31,9 @@ from .incoming import IncomingMessage
 from .message import OutboxRecord
 from .transports.base import TRACEPARENT, TRACESTATE
 
-__all__ = ["ProcessSpans", "process_spans", "traced"]
+__all__ = ["MAX_LINKS", "ProcessSpans", "note_results", "process_spans", "traced"]
 
-_TRACER_NAME = "outboxkit.consumers"
+_TRACER_NAME = "outboxkit"
 _SYSTEMS = {"kafka": "kafka", "rabbitmq": "rabbitmq"}
 #: links on one relay "send" span at most (the SDK's default span limit)
 MAX_LINKS = 128
