@@ -34,6 +34,7 @@ import tenacity
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
+from outbox import _tracing
 from outbox._dberrors import is_data_error, is_transient
 from outbox._identifiers import consumer_name
 from outbox._redact import mask_secrets
@@ -296,12 +297,14 @@ class DedupConsumer:
                     raise _FastPathFailed("dedup insert") from exc  # isolate the message it is about
                 results: list[dict[str, Any]] = []
                 dups: list[int] = []
+                spans = _tracing.process_spans()  # None without OpenTelemetry: looked up once per batch
                 for i in work:
                     m = messages[i]
                     if m.id in new:
                         new.discard(m.id)  # a second copy in the same batch is a duplicate
                         try:
-                            result = self.handle(session, m)
+                            result = (self.handle(session, m) if spans is None
+                                      else _tracing.traced(spans, self.handle, session, m, self.name))
                         except Exception as exc:
                             raise _FastPathFailed(m.id) from exc
                         outcomes[i] = Outcome(m, Status.PROCESSED, result)
@@ -364,7 +367,7 @@ class DedupConsumer:
             conn = session.connection()  # emits the SAVEPOINT (the session begins it lazily)
             new = dialect.insert_new_keys(conn, self.tables.processed, self._dedup_rows([m.id], now), "message_id")  # type: ignore[list-item]
             if new:
-                result = self.handle(session, m)
+                result = _tracing.traced(_tracing.process_spans(), self.handle, session, m, self.name)
                 session.flush()
                 if result is not None:
                     self._store_results(conn, [{"b_consumer": self.name, "b_message_id": m.id, "b_result": result}])

@@ -136,6 +136,8 @@ class IncomingMessage:
     attributes: dict[str, str] = field(default_factory=dict)
     """Codec-level attributes: CloudEvents ``type`` / ``source`` / ``time``, AMQP ``correlation_id``,
     ``type``, ``app_id``... (whatever the codec that decoded the message knows)."""
+    consumer_group: str | None = None
+    """The broker-side consumer group it was read by (the Kafka ``group.id``), for tracing."""
     ordered_by_partition: bool = False
     """Set by a transport with partitions (Kafka): ``(topic, partition)`` is then the ordering lane."""
     stage_results: dict[str, Any] = field(default_factory=dict, repr=False)

@@ -40,7 +40,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 from tenacity import wait_exponential, wait_random
 
-from . import dialects
+from . import _tracing, dialects
 from ._dberrors import is_permanent
 from ._logging import log_context
 from ._redact import mask_secrets
@@ -459,7 +459,13 @@ class Relay:
         return self.dialect.blockers(conn, self.tables.outbox, held, DUE_NOW)
 
     def _publish(self, records: list[OutboxRecord]) -> list[PublishResult]:
-        results = self.publisher.publish(records, timeout=self.config.publish_timeout)
+        spans = _tracing.process_spans()  # None without OpenTelemetry or a tracer provider: once per batch
+        if spans is None:
+            results = self.publisher.publish(records, timeout=self.config.publish_timeout)
+        else:
+            with spans.send_span(records, self.leases.broker_kind) as span:
+                results = self.publisher.publish(records, timeout=self.config.publish_timeout)
+                _tracing.note_results(span, results)
         if len(results) != len(records):  # a broken adapter must not lose or double-mark rows
             log.error("publisher returned %d results for %d messages; retrying the batch", len(results), len(records))
             return [PublishResult(r.id, Outcome.RETRY, "publisher returned no verdict") for r in records]

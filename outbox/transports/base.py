@@ -19,13 +19,17 @@ from ..message import OutboxRecord
 if TYPE_CHECKING:
     from ..incoming import IncomingMessage
 
-__all__ = ["BINDINGS", "CONTENT_TYPE_HEADER", "MESSAGE_ID_HEADER", "Codec", "Envelope", "Outcome",
-           "PublishResult", "Publisher", "Transport"]
+__all__ = ["BINDINGS", "CONTENT_TYPE_HEADER", "MESSAGE_ID_HEADER", "TRACEPARENT", "TRACESTATE", "Codec", "Envelope",
+           "Outcome", "PublishResult", "Publisher", "Transport"]
 
 #: Header carrying the outbox message id on Kafka (RabbitMQ also sets the AMQP ``message_id``).
 MESSAGE_ID_HEADER = "message-id"
 #: Header carrying the payload's content type where the broker has no property for it (Kafka).
 CONTENT_TYPE_HEADER = "content-type"
+#: W3C Trace Context header names (the writer stores the trace context in ``OutboxRecord.attributes``
+#: under the same names; codecs decode it into ``IncomingMessage.attributes`` under them too).
+TRACEPARENT = "traceparent"
+TRACESTATE = "tracestate"
 #: The wire bindings a codec knows: Kafka records and AMQP 0-9-1 messages.
 BINDINGS = ("kafka", "amqp")
 

@@ -179,6 +179,7 @@ class KafkaRunner(RunnerCore):
         if raw_id is not None:
             msg.id = id_text(raw_id)  # lossless: b"\xff-x" and b"\xfe-x" stay two ids
         msg.broker = "kafka"
+        msg.consumer_group = self.group_id
         msg.ordered_by_partition = True
         retry = self._retry.get(tp)
         if retry is not None and retry.offset == offset:
