@@ -195,7 +195,7 @@ KAFKA_RUNNER_CONFIG = {"session.timeout.ms": 6000, "heartbeat.interval.ms": 500,
 
 @pytest.fixture
 def kafka_consumer_harness(kafka_bootstrap: str, kafka_topic: str) -> ConsumerHarness:
-    from confluent_kafka import Consumer, TopicPartition
+    from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
     from outbox.transports import get
     from outbox.transports.codecs import get_codec
@@ -208,15 +208,22 @@ def kafka_consumer_harness(kafka_bootstrap: str, kafka_topic: str) -> ConsumerHa
                                 codec=get_codec("native"), topics=[kafka_topic], group_id=group, batch_size=50,
                                 batch_timeout=0.2)
 
-    def backlog() -> int:
+    def backlog(published: int) -> int:
+        # tansu's end offsets are not the log's end: read every record back with a fresh reader
+        # and count those at or past the group's committed offset of their partition.
         c = Consumer({"bootstrap.servers": kafka_bootstrap, "group.id": group, "enable.auto.commit": False})
         try:
             parts = [TopicPartition(kafka_topic, p) for p in range(3)]
-            left = 0
-            for tp in c.committed(parts, timeout=20):
-                low, high = c.get_watermark_offsets(tp, timeout=20)
-                left += high - (tp.offset if tp.offset >= 0 else low)
-            return left
+            committed = {tp.partition: tp.offset for tp in c.committed(parts, timeout=20)}
+            c.assign([TopicPartition(kafka_topic, p, OFFSET_BEGINNING) for p in range(3)])
+            offsets: set[tuple[int, int]] = set()
+            deadline = time.monotonic() + 30
+            while len(offsets) < published and time.monotonic() < deadline:
+                for m in c.consume(num_messages=500, timeout=0.2):
+                    if m.error() is None:
+                        offsets.add((m.partition() or 0, m.offset() or 0))
+            assert len(offsets) >= published, f"read back {len(offsets)} of the {published} records published"
+            return sum(1 for p, off in offsets if off >= max(committed.get(p, -1), 0))
         finally:
             c.close()
 
@@ -240,7 +247,7 @@ def rabbitmq_consumer_harness(rabbitmq_url: str, amqp_names: dict[str, str]) -> 
     declare_queue(rabbitmq_url, queue, exchange=exchange)
     transport = get("rabbitmq")
 
-    def backlog() -> int:
+    def backlog(published: int) -> int:
         conn = pika.BlockingConnection(pika.URLParameters(rabbitmq_url))
         try:
             return int(conn.channel().queue_declare(queue, passive=True).method.message_count)
