@@ -28,6 +28,12 @@ not claim is reported as skipped with the flag's name. See docs/transports.md.
 
 from __future__ import annotations
 
+try:
+    import pytest  # noqa: F401 - the suites are pytest classes
+except ImportError:  # pragma: no cover - exercised by tests/unit/test_testing_module.py
+    raise ImportError("outbox.testing holds pytest contract suites: install pytest (pip install pytest) "
+                      "in the environment that runs your transport's tests") from None
+
 from ._features import Features
 from ._records import record
 from .consumer import ConsumerHarness, ConsumerRunnerContract, Runner, SimulatedCrash, wait_for
