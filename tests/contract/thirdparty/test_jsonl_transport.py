@@ -1,5 +1,5 @@
 """A third-party transport, installed only by its entry point, found by `outbox relay --broker` and
-held to the publisher contract of outbox.testing, exactly as an external package would run it.
+held to both contract suites of outbox.testing, exactly as an external package would run them.
 
 The transport (``outboxkit_jsonl/``) and its distribution metadata (``pyproject.toml``) live in this
 folder; nothing in outboxkit names it. The ``installed`` fixture makes the ``.dist-info`` folder pip
@@ -22,7 +22,15 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from outbox import Outbox, default_tables, migrations
-from outbox.testing import ConsumerRunnerContract, Features, PublisherContract, PublisherHarness, Received, wait_for
+from outbox.testing import (
+    ConsumerHarness,
+    ConsumerRunnerContract,
+    Features,
+    PublisherContract,
+    PublisherHarness,
+    Received,
+    wait_for,
+)
 from outbox.transports import ENTRY_POINT_GROUP, get, names
 from outbox.transports.base import MESSAGE_ID_HEADER, Outcome
 from outbox.transports.codecs import get_codec
@@ -35,8 +43,7 @@ except ModuleNotFoundError:  # Python 3.10
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[2]
 
-FEATURES = Features(missing_topic=Outcome.FAILED, missing_topic_reason="UNKNOWN_TOPIC", broker_timestamps=True,
-                    consumer_runner=False)
+FEATURES = Features(missing_topic=Outcome.FAILED, missing_topic_reason="UNKNOWN_TOPIC", broker_timestamps=True)
 
 
 def _install(site: Path) -> None:
@@ -148,6 +155,26 @@ class TestJsonlPublisher(PublisherContract):
 
 
 class TestJsonlRunner(ConsumerRunnerContract):
-    """No runner: the whole suite reports as skipped, by Features.consumer_runner."""
-
     features = FEATURES
+
+    @pytest.fixture
+    def harness(self, installed: Path, tmp_path: Path) -> ConsumerHarness:
+        from outboxkit_jsonl.publisher import read_lines
+
+        broker = tmp_path / "broker"
+        topic = f"t-{uuid.uuid4().hex[:8]}"
+        (broker / topic).mkdir(parents=True)
+        transport = get("jsonl")
+
+        def backlog(published: int) -> int:
+            offset_file = broker / topic / "contract.offset"
+            return len(read_lines(broker, topic)) - (int(offset_file.read_text()) if offset_file.exists() else 0)
+
+        return ConsumerHarness(
+            topic=topic,
+            publisher=lambda: transport.publisher(str(broker), {}, codec=get_codec("native")),
+            runner=lambda consumer, engine: transport.runner(consumer, engine=engine, target=str(broker), settings={},
+                                                             codec=get_codec("native"), topics=[topic],
+                                                             group_id="contract"),
+            backlog=backlog,
+        )

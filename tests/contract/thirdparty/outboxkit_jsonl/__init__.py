@@ -3,7 +3,8 @@
 The example third-party transport of docs/transports.md: everything it needs is in this folder,
 and one entry point line (``pyproject.toml`` next to it) registers it. The target is a directory;
 a topic is a subdirectory of it that must exist (as a Kafka topic or an AMQP exchange must), and
-each message is a line of ``<topic>/messages.jsonl``.
+each message is a line of ``<topic>/messages.jsonl``. Its consumer runner reads a topic's file as a
+group, whose committed position is ``<topic>/<group>.offset``.
 """
 
 from __future__ import annotations
@@ -56,13 +57,23 @@ class JsonlTransport:
     name = "jsonl"
     binding = "kafka"  # headers-only: the codec puts the message id and content type in headers
     options = JsonlOptions
+    consume_requires = ("topics", "group")
 
     def publisher(self, target: str, settings: Mapping[str, str], *, codec: Codec, **relay_opts: Any) -> JsonlPublisher:
         return JsonlPublisher(target, parse_options(settings), codec)
 
     def runner(self, consumer: Any, *, engine: Any, target: str, settings: Mapping[str, str], codec: Codec,
+               topics: Any = None, group_id: str | None = None, batch_size: int = 100, batch_timeout: float = 0.2,
                **opts: Any) -> Any:
-        raise ConfigurationError("the jsonl transport has no consumer runner")
+        from .runner import JsonlRunner
+
+        if settings:
+            raise ConfigurationError(f"the jsonl consumer takes no -X options (got {', '.join(sorted(settings))})")
+        topic_list = [topics] if isinstance(topics, str) else list(topics or [])
+        if len(topic_list) != 1 or not group_id:
+            raise ConfigurationError("the jsonl consumer reads one topic as one group: give --topic and --group")
+        return JsonlRunner(consumer, engine=engine, directory=target, topic=topic_list[0], group=group_id,
+                           codec=codec, batch_size=batch_size, batch_timeout=batch_timeout)
 
     def identity(self, target: str) -> str:
         return f"jsonl:{target}"[:255]
