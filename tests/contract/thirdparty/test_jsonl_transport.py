@@ -82,7 +82,34 @@ def test_outboxkit_itself_never_names_the_transport() -> None:
     assert mentions == []
 
 
-def test_outbox_relay_finds_it_by_name_and_publishes(installed: Path, tmp_path: Path) -> None:
+CONSUMER = """
+import sqlalchemy as sa
+from consumers import DedupConsumer
+
+
+class Counter(DedupConsumer):
+    name = "jsonl.counter"
+
+    def handle(self, session, message):
+        session.execute(sa.text("INSERT INTO jsonl_effects (message_id) VALUES (:m)"), {"m": message.id})
+"""
+
+
+def _run_until(cmd: list[str], env: dict[str, str], cwd: Path, done, what: str) -> tuple[str, str]:
+    """Run an `outbox` command until ``done()``, then SIGTERM it; it must exit 0."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd)
+    try:
+        wait_for(lambda: done() or proc.poll() is not None, 60, what)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    return out, err
+
+
+def test_outbox_relay_and_outbox_consume_find_it_by_name(installed: Path, tmp_path: Path) -> None:
+    from outboxkit_jsonl.publisher import FILE_NAME, read_lines
+
     db = f"sqlite:///{tmp_path / 'outbox.db'}"
     migrations.upgrade(db)
     engine = sa.create_engine(db)
@@ -90,25 +117,34 @@ def test_outbox_relay_finds_it_by_name_and_publishes(installed: Path, tmp_path: 
         ids = [Outbox().add(s, "orders", {"n": i}, key=f"k{i % 2}") for i in range(3)]
     broker = tmp_path / "broker"
     (broker / "orders").mkdir(parents=True)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(installed), str(HERE), str(ROOT)])}
-    proc = subprocess.Popen(
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(installed), str(HERE), str(tmp_path), str(ROOT)])}
+    out, err = _run_until(
         [sys.executable, "-m", "outbox", "relay", "--db", db, "--broker", "jsonl", "--broker-url", str(broker),
          "-X", "fsync=true", "-X", "token=tok-s3cret", "--poll-interval", "0.05"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
-    from outboxkit_jsonl.publisher import read_lines
-
-    try:
-        wait_for(lambda: len(read_lines(broker, "orders")) >= 3 or proc.poll() is not None, 60, "3 lines written")
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 0, err
+        env, tmp_path, lambda: len(read_lines(broker, "orders")) >= 3, "3 lines written")
     lines = read_lines(broker, "orders")
     assert [line["headers"][MESSAGE_ID_HEADER] for line in lines] == [str(i) for i in ids]
     assert "tok-s3cret" not in out + err
     t = default_tables().outbox
     with engine.connect() as c:
         assert c.execute(sa.select(sa.func.count()).select_from(t)).scalar_one() == 0  # published rows deleted
+
+    # every message delivered twice (the relay's at least once), consumed by `outbox consume --broker jsonl`
+    path = broker / "orders" / FILE_NAME
+    path.write_text(path.read_text() * 2)
+    (tmp_path / "app_jsonl.py").write_text(CONSUMER)
+    with engine.begin() as c:
+        c.execute(sa.text("CREATE TABLE jsonl_effects (message_id VARCHAR(64) NOT NULL)"))
+
+    def effects() -> list[str]:
+        with engine.connect() as c:
+            return sorted(c.execute(sa.text("SELECT message_id FROM jsonl_effects")).scalars())
+
+    offset = broker / "orders" / "billing.offset"
+    _run_until([sys.executable, "-m", "outbox", "consume", "app_jsonl:Counter", "--db", db, "--broker", "jsonl",
+                "--broker-url", str(broker), "--topic", "orders", "--group", "billing", "--batch-timeout", "0.1"],
+               env, tmp_path, lambda: offset.exists() and offset.read_text() == "6", "all 6 lines settled")
+    assert effects() == sorted(str(i) for i in ids)  # each once
     engine.dispose()
 
 
