@@ -21,7 +21,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import pytest
 import sqlalchemy as sa
@@ -47,8 +47,8 @@ class SimulatedCrash(BaseException):
     retry loop or error handler catches it."""
 
 
-class Runner:
-    """What a transport's runner offers: ``run()`` until ``stop()``, and ``stats``."""
+class Runner(Protocol):
+    """What a transport's runner offers: ``run()`` until ``stop()``, and ``stats`` (``duplicates``...)."""
 
     stats: Any
 
