@@ -1,71 +1,34 @@
-"""One harness per broker adapter, so the same contract tests run against memory, Kafka and RabbitMQ.
+"""The in-repo transports' harnesses for the contract suites in :mod:`outbox.testing`.
 
-A harness owns a fresh topic (Kafka topic with 3 partitions / RabbitMQ topic exchange bound with
-``#`` to a queue), makes publishers (closed after the test) and reads back what reached the broker.
+A publisher harness owns a fresh topic (Kafka topic with 3 partitions / RabbitMQ topic exchange bound
+with ``#`` to a queue), makes publishers (closed after the test) and reads back what reached the
+broker with an independent client. A consumer harness adds the transport's runner and the broker's
+count of unsettled messages.
 """
 
 from __future__ import annotations
 
-import itertools
+import datetime as dt
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
 
-from outbox.brokers import MESSAGE_ID_HEADER, KafkaPublisher, MemoryPublisher, Outcome, Publisher, RabbitMQPublisher
+from outbox.brokers import MESSAGE_ID_HEADER, KafkaPublisher, MemoryPublisher, Publisher, RabbitMQPublisher
 from outbox.message import OutboxRecord
-
-_ids = itertools.count(1)
+from outbox.testing import ConsumerHarness, PublisherHarness, Received
+from outbox.testing import record as make
 
 #: The writer's default limit: every harness delivers payloads up to this size, and none takes
 #: 1,200,000 bytes (the Kafka adapter's message.max.bytes is this plus 32,768 for headers and framing).
 SIZE_LIMIT = 1_000_000
 
 
-@dataclass
-class Received:
-    """A message as read back from the broker."""
-
-    topic: str
-    key: str | None
-    payload: bytes
-    headers: dict[str, str]
-    content_type: str | None
-    message_id: str | None
-
-
-@dataclass
-class Harness:
-    kind: str
-    topic: str
-    missing_topic: str
-    unknown_topic_marker: str
-    """Text the FAILED reason of a message for a missing topic contains."""
-    make: Callable[..., Publisher]
-    reader: Callable[[int, float], list[Received]]
-    unreachable: Callable[[], tuple[Publisher, str]]
-    """A publisher aimed at a closed port, and the secret its settings carry."""
-    created: list[Publisher] = field(default_factory=list)
-    unknown_topic_outcome: Outcome = Outcome.FAILED
-    """RETRY on Kafka (a deploy may create the topic later), FAILED where a missing target is a mistake."""
-
-    def publisher(self, **overrides: Any) -> Publisher:
-        pub = self.make(**overrides)
-        self.created.append(pub)
-        return pub
-
-    def read(self, n: int, timeout: float = 30.0) -> list[Received]:
-        """Wait until ``n`` messages (in total, since the start) have been read; return them all."""
-        return self.reader(n, timeout)
-
-
 def record(topic: str, payload: bytes = b"{}", *, key: str | None = None, headers: dict[str, str] | None = None,
            content_type: str | None = None) -> OutboxRecord:
-    return OutboxRecord(id=next(_ids), message_id=uuid.uuid4(), topic=topic, key=key, payload=payload,
-                        headers=dict(headers or {}), content_type=content_type)
+    return make(topic, payload, key=key, headers=headers, content_type=content_type)
 
 
 @pytest.fixture
@@ -77,7 +40,8 @@ def make_record() -> Callable[..., OutboxRecord]:
 # ------------------------------------------------------------------ memory
 
 
-def _memory_harness() -> Harness:
+@pytest.fixture
+def memory_harness() -> PublisherHarness:
     topic = f"mem-{uuid.uuid4().hex[:8]}"
     publishers: list[MemoryPublisher] = []
 
@@ -104,14 +68,14 @@ def _memory_harness() -> Harness:
         pub.unavailable = True
         return pub, "no-secret-in-memory"
 
-    return Harness("memory", topic, f"missing-{uuid.uuid4().hex[:8]}", "UNKNOWN_TOPIC", make, reader, unreachable)
+    return PublisherHarness(topic, f"missing-{uuid.uuid4().hex[:8]}", make, reader, unreachable)
 
 
 # ------------------------------------------------------------------ kafka
 
 
 @pytest.fixture
-def _kafka_harness(kafka_bootstrap: str, kafka_topic: str) -> Iterator[Harness]:
+def kafka_harness(kafka_bootstrap: str, kafka_topic: str) -> Iterator[PublisherHarness]:
     from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
     from outbox.devbroker import free_port
@@ -135,9 +99,11 @@ def _kafka_harness(kafka_bootstrap: str, kafka_topic: str) -> Iterator[Harness]:
                     continue
                 headers = {k: (v or b"").decode("utf-8") for k, v in (msg.headers() or [])}
                 key = msg.key()
+                _kind, millis = msg.timestamp()
                 got.append(Received(
                     msg.topic(), None if key is None else key.decode("utf-8"), msg.value() or b"", headers,
                     headers.get("content-type"), headers.get(MESSAGE_ID_HEADER),
+                    timestamp=dt.datetime.fromtimestamp(millis / 1000, dt.timezone.utc) if millis > 0 else None,
                 ))
         return list(got)
 
@@ -156,11 +122,7 @@ def _kafka_harness(kafka_bootstrap: str, kafka_topic: str) -> Iterator[Harness]:
         )
         return pub, secret
 
-    harness = Harness("kafka", kafka_topic, f"missing-{uuid.uuid4().hex[:8]}", "UNKNOWN_TOPIC", make, reader,
-                      unreachable, unknown_topic_outcome=Outcome.RETRY)
-    yield harness
-    for pub in harness.created:
-        pub.close(timeout=5)
+    yield PublisherHarness(kafka_topic, f"missing-{uuid.uuid4().hex[:8]}", make, reader, unreachable)
     consumer.close()
 
 
@@ -180,7 +142,7 @@ def rabbit_admin(rabbitmq_url: str) -> Iterator[Any]:
 
 
 @pytest.fixture
-def _rabbitmq_harness(rabbitmq_url: str, amqp_names: dict[str, str], rabbit_admin: Any) -> Iterator[Harness]:
+def rabbitmq_harness(rabbitmq_url: str, amqp_names: dict[str, str], rabbit_admin: Any) -> Iterator[PublisherHarness]:
     import pika
 
     from outbox.devbroker import free_port
@@ -202,8 +164,11 @@ def _rabbitmq_harness(rabbitmq_url: str, amqp_names: dict[str, str], rabbit_admi
                 continue
             headers = {str(k): v.decode() if isinstance(v, bytes) else str(v) for k, v in (props.headers or {}).items()}
             # A keyless record is published with routing key "": read it back as no key.
+            stamp = None if props.timestamp is None else dt.datetime.fromtimestamp(props.timestamp, dt.timezone.utc)
             got.append(Received(method.exchange, method.routing_key or None, body, headers, props.content_type,
-                                props.message_id))
+                                props.message_id, timestamp=stamp,
+                                properties={"message_id": props.message_id, "content_type": props.content_type,
+                                            "delivery_mode": props.delivery_mode}))
         return list(got)
 
     def make(**kw: Any) -> RabbitMQPublisher:
@@ -216,28 +181,84 @@ def _rabbitmq_harness(rabbitmq_url: str, amqp_names: dict[str, str], rabbit_admi
                                  connect_timeout=2), secret
 
     missing = f"missing-{uuid.uuid4().hex[:8]}"
-    harness = Harness("rabbitmq", exchange, missing, "404", make, reader, unreachable)
-    yield harness
-    for pub in harness.created:
-        pub.close(timeout=5)
+    yield PublisherHarness(exchange, missing, make, reader, unreachable)
     ch.cancel()
     conn.close()
 
 
-# ------------------------------------------------------------------ the parametrised fixture
+# ------------------------------------------------------------------ consumer-runner harnesses
+
+#: tansu: a short session timeout so that a crashed runner's group membership ends quickly
+KAFKA_RUNNER_CONFIG = {"session.timeout.ms": 6000, "heartbeat.interval.ms": 500,
+                       "topic.metadata.refresh.interval.ms": 1000}
 
 
-@pytest.fixture(params=[
-    "memory",
-    pytest.param("kafka", marks=pytest.mark.kafka),
-    pytest.param("rabbitmq", marks=pytest.mark.rabbitmq),
-])
-def broker(request: pytest.FixtureRequest) -> Iterator[Harness]:
-    """The harness of one adapter: memory, kafka (tansu) or rabbitmq."""
-    if request.param == "memory":
-        harness = _memory_harness()
-        yield harness
-        for pub in harness.created:
-            pub.close()
-        return
-    yield request.getfixturevalue(f"_{request.param}_harness")
+@pytest.fixture
+def kafka_consumer_harness(kafka_bootstrap: str, kafka_topic: str) -> ConsumerHarness:
+    from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+
+    from outbox.transports import get
+    from outbox.transports.codecs import get_codec
+
+    group = f"contract-{uuid.uuid4().hex[:8]}"
+    transport = get("kafka")
+
+    def runner(consumer: Any, engine: Any) -> Any:
+        return transport.runner(consumer, engine=engine, target=kafka_bootstrap, settings=dict(KAFKA_RUNNER_CONFIG),
+                                codec=get_codec("native"), topics=[kafka_topic], group_id=group, batch_size=50,
+                                batch_timeout=0.2)
+
+    def backlog(published: int) -> int:
+        # tansu's end offsets are not the log's end: read every record back with a fresh reader
+        # and count those at or past the group's committed offset of their partition.
+        c = Consumer({"bootstrap.servers": kafka_bootstrap, "group.id": group, "enable.auto.commit": False})
+        try:
+            parts = [TopicPartition(kafka_topic, p) for p in range(3)]
+            committed = {tp.partition: tp.offset for tp in c.committed(parts, timeout=20)}
+            c.assign([TopicPartition(kafka_topic, p, OFFSET_BEGINNING) for p in range(3)])
+            offsets: set[tuple[int, int]] = set()
+            deadline = time.monotonic() + 30
+            while len(offsets) < published and time.monotonic() < deadline:
+                for m in c.consume(num_messages=500, timeout=0.2):
+                    if m.error() is None:
+                        offsets.add((m.partition() or 0, m.offset() or 0))
+            assert len(offsets) >= published, f"read back {len(offsets)} of the {published} records published"
+            return sum(1 for p, off in offsets if off >= max(committed.get(p, -1), 0))
+        finally:
+            c.close()
+
+    return ConsumerHarness(
+        topic=kafka_topic,
+        publisher=lambda: transport.publisher(kafka_bootstrap, {}, codec=get_codec("native")),
+        runner=runner,
+        backlog=backlog,
+    )
+
+
+@pytest.fixture
+def rabbitmq_consumer_harness(rabbitmq_url: str, amqp_names: dict[str, str]) -> ConsumerHarness:
+    import pika
+
+    from outbox.transports import get
+    from outbox.transports.codecs import get_codec
+    from outbox.transports.rabbitmq import declare_queue
+
+    exchange, queue = amqp_names["exchange"], amqp_names["queue"]
+    declare_queue(rabbitmq_url, queue, exchange=exchange)
+    transport = get("rabbitmq")
+
+    def backlog(published: int) -> int:
+        conn = pika.BlockingConnection(pika.URLParameters(rabbitmq_url))
+        try:
+            return int(conn.channel().queue_declare(queue, passive=True).method.message_count)
+        finally:
+            conn.close()
+
+    return ConsumerHarness(
+        topic=exchange,
+        publisher=lambda: transport.publisher(rabbitmq_url, {}, codec=get_codec("native")),
+        runner=lambda consumer, engine: transport.runner(consumer, engine=engine, target=rabbitmq_url, settings={},
+                                                         codec=get_codec("native"), queue=queue, batch_size=50,
+                                                         batch_timeout=0.2),
+        backlog=backlog,
+    )
