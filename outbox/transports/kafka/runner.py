@@ -29,7 +29,7 @@ from consumers._runner import RunnerCore, check_str, check_topics
 from consumers.base import DedupConsumer, Outcome, Status
 from outbox._redact import mask_secrets
 from outbox.errors import BrokerUnavailable, ConfigurationError
-from outbox.incoming import IncomingMessage, id_text
+from outbox.incoming import IncomingMessage
 from outbox.transports.base import MESSAGE_ID_HEADER, Codec, Envelope
 from outbox.transports.codecs import get_codec
 
@@ -174,10 +174,7 @@ class KafkaRunner(RunnerCore):
                 raw_headers[k] = v
         offset = km.offset() or 0
         env = Envelope(tp[0], km.key(), bytes(km.value() or b""), raw_headers, partition=tp[1], offset=offset, raw=km)
-        msg = self.codec.decode(env, "kafka")
-        raw_id = raw_headers.get(MESSAGE_ID_HEADER)
-        if raw_id is not None:
-            msg.id = id_text(raw_id)  # lossless: b"\xff-x" and b"\xfe-x" stay two ids
+        msg = self.codec.decode(env, "kafka")  # the id is the consumer's to find (its id sources)
         msg.broker = "kafka"
         msg.ordered_by_partition = True
         retry = self._retry.get(tp)
