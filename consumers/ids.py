@@ -10,8 +10,9 @@ A source is spelled as text (class attribute ``id_from``, ``outbox consume --id-
     the AMQP ``message_id`` property (``message.attributes["message_id"]``; Kafka has none).
 ``cloudevents``
     the CloudEvents ``id``: the ``ce_id`` header (Kafka binary mode), ``cloudEvents_id`` or
-    ``cloudEvents:id`` (AMQP binary mode, both conventions), or the ``id`` member of a structured
-    mode body (content type ``application/cloudevents+json``).
+    ``cloudEvents:id`` (AMQP binary mode, both conventions), ``ce-id`` (the ``ce-`` prefix of HTTP
+    and of the SDK's RabbitMQ binding), or the ``id`` member of a structured mode body (content
+    type ``application/cloudevents+json``).
 ``hash``
     SHA-256 of topic, key and payload (:func:`outbox.incoming.content_hash`): identical content
     is processed once. It always yields an id, so it can only be the last source.
@@ -48,8 +49,9 @@ DEFAULT_ID_FROM: tuple[str, ...] = ("header:message-id", "cloudevents", "header:
 
 _KINDS = ("header", "message_id", "cloudevents", "hash")
 _SPELLINGS = "header:NAME, message_id, cloudevents, hash or default"
-#: the CloudEvents id on Kafka (binary mode) and on AMQP (the SDKs' ``cloudEvents_`` and older ``cloudEvents:``)
-CLOUDEVENTS_ID_HEADERS = ("ce_id", "cloudEvents_id", "cloudEvents:id")
+#: the CloudEvents id headers: Kafka binary mode; AMQP (the SDKs' ``cloudEvents_``, the older ``cloudEvents:``);
+#: ``ce-`` (HTTP, and the Python SDK's RabbitMQ binding after knative eventing-rabbitmq)
+CLOUDEVENTS_ID_HEADERS = ("ce_id", "cloudEvents_id", "cloudEvents:id", "ce-id")
 _STRUCTURED = "application/cloudevents+json"
 
 
