@@ -118,7 +118,7 @@ def test_no_id_names_the_sources_tried() -> None:
 def test_bad_specs_are_refused_with_a_clear_error(spec: object, error: str) -> None:
     with pytest.raises(ConfigurationError, match=error):
         parse_id_sources(spec)  # type: ignore[arg-type]
-    with pytest.raises(ConfigurationError, match="C.id_from"):
+    with pytest.raises(ConfigurationError, match=r"C\.id_from"):
         C(id_from=spec)  # type: ignore[arg-type]
 
 
