@@ -262,3 +262,35 @@ def test_bad_id_from_is_a_clear_cli_error(tmp_path: Path) -> None:
                               env={**os.environ, "PYTHONPATH": str(REPO)})
         assert proc.returncode == 2, proc.stderr
         assert f"--id-from: {says}" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_id_from_from_environment_and_toml(tmp_path: Path) -> None:
+    from consumers.ids import IdSource, parse_id_sources
+    from outbox.cli import build_parser, consume
+    from outbox.cli._settings import load_config_file, resolve
+
+    toml = tmp_path / "consume.toml"
+    toml.write_text('[consume]\nid_from = ["header:NServiceBus.MessageId", "default"]\n')
+    args = build_parser().parse_args(["consume", "x:C", "--config", str(toml)])
+    v = resolve(consume.settings(), args, table="consume", file=load_config_file(str(toml)), file_label=str(toml),
+                environ={})
+    assert parse_id_sources(v["id_from"])[:2] == (IdSource("header", "NServiceBus.MessageId"),
+                                                  IdSource("header", "message-id"))
+    v = resolve(consume.settings(), args, table="consume", file=load_config_file(str(toml)), file_label=str(toml),
+                environ={"OUTBOX_CONSUMER_ID_FROM": "message_id,hash"})
+    assert parse_id_sources(v["id_from"]) == (IdSource("message_id"), IdSource("hash"))  # env wins over the file
+
+    base = [sys.executable, "-m", "outbox", "consume", "x:C", "--db", "sqlite://", "--kafka", "127.0.0.1:1",
+            "--topic", "t", "--group", "g"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("OUTBOX_CONSUMER_ID_FROM", None)
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[consume]\nid_from = ["hash", "header:id"]\n')
+    proc = subprocess.run([*base, "--config", str(bad)], capture_output=True, text=True, cwd=tmp_path, timeout=60,
+                          env=env)
+    assert proc.returncode == 2 and f"[consume] id_from in {bad}: header:id comes after hash" in proc.stderr, \
+        proc.stderr
+    proc = subprocess.run(base, capture_output=True, text=True, cwd=tmp_path, timeout=60,
+                          env={**env, "OUTBOX_CONSUMER_ID_FROM": "amqp_message_id"})
+    assert proc.returncode == 2 and "environment variable OUTBOX_CONSUMER_ID_FROM: unknown id source" in proc.stderr, \
+        proc.stderr
