@@ -174,7 +174,8 @@ class KafkaRunner(RunnerCore):
                 raw_headers[k] = v
         offset = km.offset() or 0
         env = Envelope(tp[0], km.key(), bytes(km.value() or b""), raw_headers, partition=tp[1], offset=offset, raw=km)
-        msg = self.codec.decode(env, "kafka")  # the id is the consumer's to find (its id sources)
+        msg = self.codec.decode(env, "kafka")
+        msg.id = None  # the consumer's id sources own the id (consumers.ids), whatever the codec
         msg.broker = "kafka"
         msg.ordered_by_partition = True
         retry = self._retry.get(tp)

@@ -162,6 +162,7 @@ class RabbitMQRunner(RunnerCore):
                        properties=properties, delivery_tag=method.delivery_tag,
                        redelivered=bool(method.redelivered), raw=(method, props, body))
         msg = self.codec.decode(env, "amqp")
+        msg.id = None  # the consumer's id sources own the id (consumers.ids), whatever the codec
         if props.message_id and "message_id" not in msg.attributes:  # the `message_id` id source reads it here
             msg.attributes["message_id"] = header_text(props.message_id)  # a shortstr: bytes when not UTF-8
         msg.broker = "rabbitmq"
