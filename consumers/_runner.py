@@ -7,6 +7,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import sqlalchemy as sa
 import tenacity
@@ -75,6 +76,9 @@ class RunnerCore:
         self._stop = threading.Event()
         self._next_requeue_check = 0.0
         self._db_wait = backoff(0.2, 10.0, 0.2)
+        self.observer: Any = None
+        """optional: ``batch_done(size, outcomes)`` and ``loop_turned(runner)`` are called on the runner's
+        thread (see :class:`outbox.observability.ConsumerMetrics`)"""
 
     # ------------------------------------------------------------------ lifecycle
     def stop(self) -> None:
@@ -114,6 +118,8 @@ class RunnerCore:
                 if self._stop.wait(delay):
                     return None
         self._count(outcomes)
+        if self.observer is not None:
+            self.observer.batch_done(len(batch), outcomes)
         self._progress()
         return outcomes
 
@@ -146,7 +152,12 @@ class RunnerCore:
                 s.retries += 1
 
     def maybe_process_requeued(self) -> None:
-        """Every ``requeue_interval`` seconds, try this consumer's requeued dead letters."""
+        """Every ``requeue_interval`` seconds, try this consumer's requeued dead letters.
+
+        Both runners call it once per loop turn, so the observer hears of every turn here too.
+        """
+        if self.observer is not None:
+            self.observer.loop_turned(self)
         if self.requeue_interval is None:
             return
         now = time.monotonic()

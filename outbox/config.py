@@ -79,6 +79,14 @@ class RelayConfig:
     topics: tuple[str, ...] = (ALL_TOPICS,)
     """Topics this relay's group publishes: exact names, or prefixes ending in ``*`` (``orders.*``);
     ``*`` (the default) is every topic. A comma-separated string is accepted too."""
+    codec: str = "native"
+    """Wire format of the published messages: ``native`` (outboxkit's headers), ``cloudevents``
+    (CloudEvents 1.0 binary mode), ``debezium`` (Debezium's outbox event router layout), or another
+    registered codec. ``outbox relay`` builds its publisher with it; a publisher made in code takes
+    ``codec=`` itself (the relay refuses a config whose codec differs from its publisher's)."""
+    ce_source: str | None = None
+    """CloudEvents ``source`` of rows that name none (``cloudevents`` codec): a URI-reference such
+    as ``/orders-service``; default ``/outboxkit``."""
     extra: Mapping[str, Any] = field(default_factory=dict, metadata={"flags": (), "env": ()})
     """Free-form table kept on the config for the application that embeds the relay; the relay itself
     does not read it."""
@@ -114,10 +122,35 @@ class RelayConfig:
                 f"digit), got {self.group!r}"
             )
         object.__setattr__(self, "topics", parse_topic_patterns(self.topics))
+        _codec_settings(self.codec, self.ce_source)
 
     @property
     def renew_interval(self) -> float:
         return self.lease_ttl / 3.0
+
+    @property
+    def idle_transaction_timeout(self) -> float:
+        """Seconds a relay transaction may sit idle on the database server before the server ends it.
+
+        ``publish_timeout + lease_ttl``: the longest legitimate idle inside a batch transaction is
+        the wait for the broker's verdict (``publish_timeout``); ``lease_ttl`` is the margin. Set on
+        the relay's own connections (see :meth:`outbox.dialects.Dialect.relay_session_setup`), so a
+        relay frozen inside its claim transaction (SIGSTOP, VM pause, a host gone without a TCP
+        reset) cannot keep its lease rows locked, and its partitions from every other relay, for
+        longer than this.
+        """
+        return self.publish_timeout + self.lease_ttl
+
+    @property
+    def stale_claim_age(self) -> float:
+        """Seconds after its claim statement returned that a batch may still be handed to the publisher.
+
+        Older (the relay was frozen or starved in between), the server may already have ended the
+        transaction and another relay may own the partitions: the batch is rolled back unpublished.
+        Half the margin of :attr:`idle_transaction_timeout`, so that a publish started in time
+        (at most ``publish_timeout`` long) ends before the server can end the transaction.
+        """
+        return self.lease_ttl / 2.0
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any], *, source: str = "relay setting") -> RelayConfig:
@@ -176,6 +209,18 @@ def parse_topic_patterns(value: object) -> tuple[str, ...]:
     if len(",".join(patterns)) > TOPIC_PATTERNS_LENGTH:
         raise ConfigurationError(f"topics are longer than {TOPIC_PATTERNS_LENGTH} characters in all; use prefixes")
     return tuple(patterns)
+
+
+def _codec_settings(codec: object, ce_source: object) -> None:
+    """``codec`` names a registered codec; ``ce_source`` is a usable CloudEvents source."""
+    from .transports.codecs import codec_names
+
+    if not isinstance(codec, str) or codec not in codec_names():
+        raise ConfigurationError(f"codec must be one of {', '.join(codec_names())}, got {_short(codec)}")
+    if ce_source is not None:
+        from .transports._cloudevents import check_source
+
+        check_source(ce_source, "ce_source")
 
 
 def _positive_int(name: str, v: object, lo: int, hi: int) -> None:

@@ -9,6 +9,10 @@ after a publish re-checks the generation in the same transaction (see :meth:`Lea
 so a relay whose lease lapsed can never touch rows that another relay now owns. And a claim locks
 its lease rows for the whole claim-publish-mark transaction (:meth:`LeaseManager.lock_for_claim`),
 which a takeover must wait out, so a relay paused mid-batch is never overtaken by a new owner.
+That wait is bounded: the relay's own sessions end when idle in a transaction for longer than
+``RelayConfig.idle_transaction_timeout`` (``publish_timeout + lease_ttl``; set per dialect by
+:meth:`~outbox.dialects.Dialect.relay_engine`), which releases a frozen relay's locks, and a relay
+that wakes with a batch claimed too long ago drops it unpublished (``Relay.run_once``).
 
 Membership (:meth:`LeaseManager.join`, :meth:`LeaseManager.register`):
 
@@ -165,6 +169,11 @@ class LeaseManager:
             except sa.exc.IntegrityError:  # another process inserted this relay id at the same moment
                 continue
             same_id = blocker.relay_id == self.relay_id
+            if same_id and self.joined:
+                # we were running (this is a re-join after a database error, e.g. the server ended
+                # the session of this frozen process) and another process took our row meanwhile
+                self._leave_local()
+                raise DuplicateRelay(self._taken_over(blocker))
             who = f"relay {blocker.relay_id} (pid {blocker.pid} on {blocker.hostname})"
             if self._is_dead(blocker) and self._evict(blocker):
                 log.warning("%s is gone (no such process on this host): taking over at once", who)
@@ -209,11 +218,7 @@ class LeaseManager:
             row = conn.execute(sa.select(r).where(r.c.relay_id == self.relay_id)).first()
             if row is not None and row.instance != self.instance:
                 self._leave_local()
-                msg = (f"relay id {self.relay_id!r} was taken over by another process (pid {row.pid} on "
-                       f"{row.hostname}) while this relay was running: two relays share this id. Stopping this "
-                       "one; give each relay its own --relay-id")
-                log.error("%s", msg)
-                raise DuplicateRelay(msg)
+                raise DuplicateRelay(self._taken_over(row))
             lapsed = row is None or row.expires_at <= now
             if not self.dialect.supports_concurrent_relays:
                 other = conn.execute(
@@ -229,6 +234,14 @@ class LeaseManager:
                     raise SingleRelayOnly(msg)
             self._write_row(conn, now, renew=row is not None)
             self._check_conflicts(conn, now, running=True)
+
+    def _taken_over(self, row: Any) -> str:
+        """Log and return why this running relay stops: ``row`` (its id's row) is another process's now."""
+        msg = (f"relay id {self.relay_id!r} was taken over by another process (pid {row.pid} on "
+               f"{row.hostname}) while this relay was running: two relays share this id. Stopping this "
+               "one; give each relay its own --relay-id")
+        log.error("%s", msg)
+        return msg
 
     def unregister(self) -> None:
         r = self.tables.relays
@@ -482,8 +495,10 @@ class LeaseManager:
         The claim, the publish and the mark of a batch run in one transaction, so these lease row
         locks last until the batch is done. A takeover has to lock the lease row too (the
         ``FOR UPDATE SKIP LOCKED`` in :meth:`rebalance`), so no relay can take a partition over
-        while its owner is in the middle of a batch of it, however long the owner is frozen
-        (GC pause, SIGSTOP, VM pause). And a relay that wakes up after losing a lease finds
+        while its owner is in the middle of a batch of it, for as long as the owner is frozen (GC
+        pause, SIGSTOP, VM pause) up to the session's idle-in-transaction bound
+        (``RelayConfig.idle_transaction_timeout``), after which the database ends the frozen
+        transaction and the locks go. And a relay that wakes up after losing a lease finds
         another owner (or generation) here and claims nothing of that partition. Together: rows
         of a partition are only ever claimed, published and marked by its one current owner.
 

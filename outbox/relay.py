@@ -48,7 +48,7 @@ from ._rows import RowError, claim_columns, decode_row, unclaimable_rows
 from ._sqlerrors import ADDED_COLUMNS, missing_column_error
 from .config import RelayConfig
 from .dialects.base import Blocker
-from .errors import BrokerUnavailable, SchemaMissing
+from .errors import BrokerUnavailable, ConfigurationError, SchemaMissing
 from .leases import LeaseManager, _ranges, default_relay_id
 from .message import OutboxRecord
 from .schema import DUE_NOW, STATUS_DEAD, STATUS_PENDING, STATUS_PUBLISHED, OutboxTables, default_tables
@@ -106,16 +106,20 @@ class Relay:
         """``broker_kind``/``broker_target`` (e.g. ``"kafka"``, ``"host:9092"``; never credentials) are
         recorded in the relays table: the relays of one group must publish to the same broker.
         The kind defaults to the publisher's class name (``KafkaPublisher`` -> ``kafka``)."""
-        self.engine = engine
         self.publisher = publisher
         self.config = config or RelayConfig()
+        _check_codec(publisher, self.config)
         self.tables = tables or default_tables()
         self.dialect = dialects.dialect_for(engine)
+        # the relay's own pool, whose sessions the server ends when idle in a transaction for longer
+        # than config.idle_transaction_timeout (a frozen relay cannot hold its lease locks forever)
+        self.engine = self.dialect.relay_engine(engine, self.config.idle_transaction_timeout)
+        self._own_engine = self.engine is not engine
         self.relay_id = self.config.relay_id or default_relay_id()
         self.stats = RelayStats()
         self.on_published = on_published
         self.leases = LeaseManager(
-            engine=engine, tables=self.tables, dialect=self.dialect, relay_id=self.relay_id,
+            engine=self.engine, tables=self.tables, dialect=self.dialect, relay_id=self.relay_id,
             ttl=self.config.lease_ttl, min_partitions=self.config.partitions,
             group=self.config.group, topics=self.config.topics,
             broker_kind=broker_kind or _publisher_kind(publisher), broker_target=broker_target,
@@ -144,6 +148,7 @@ class Relay:
         # row id -> whether it was delivered: rows no statement could update (see _give_up_row)
         self._unmarkable: dict[int, bool] = {}
         self._last_sweep = 0.0
+        self._claimed_at = 0.0  # monotonic time the last claim statement returned
         self.db_label = mask_secrets(engine.url.render_as_string(hide_password=True))
 
     # ------------------------------------------------------------------ lifecycle
@@ -207,6 +212,8 @@ class Relay:
             log.warning("could not release leases (they expire in %.0f s): %s", self.config.lease_ttl,
                         mask_secrets(exc))
         self._started = False
+        if self._own_engine:
+            self._dispose_quietly()
 
     # ------------------------------------------------------------------ loops
     def run(self) -> RelayStats:
@@ -282,14 +289,41 @@ class Relay:
         if not held:
             return 0
         now = _now()
-        with self.engine.begin() as conn:
-            records = self._claim(conn, held, now)
-            if not records:
-                return 0
-            results = self._publish(records)
-            self._mark(conn, records, results)
+        try:
+            with self.engine.begin() as conn:
+                records = self._claim(conn, held, now)
+                if not records:
+                    return 0
+                age = time.monotonic() - self._claimed_at
+                if age > self.config.stale_claim_age:
+                    raise _StaleBatch(age, len(records))
+                results = self._publish(records)
+                self._mark(conn, records, results)
+        except (_StaleBatch, sa.exc.DBAPIError) as exc:
+            stale = _stale_in(exc)
+            if stale is None:
+                raise
+            self._drop_stale(stale, exc)
+            return 0
         self.stats.rounds += 1
         return len(records)
+
+    def _drop_stale(self, stale: _StaleBatch, exc: BaseException) -> None:
+        """A batch claimed too long ago (the relay was frozen) was rolled back unpublished.
+
+        The database may have ended the claim's transaction meanwhile (see
+        :attr:`RelayConfig.idle_transaction_timeout`) and another relay may own those partitions
+        now and have published past the batch: publishing it would send its rows out of order.
+        The rows stay pending for whoever owns their partitions; the next round reconnects.
+        """
+        gone = exc is not stale  # the rollback itself failed: the server had ended the session
+        log.warning("dropped a stale batch of %d claimed row(s) unpublished: %.1f s passed since the claim "
+                    "(more than %.1f s: this relay was frozen or starved), so its transaction may have been "
+                    "ended by the database and its partitions taken over%s", stale.rows, stale.age,
+                    self.config.stale_claim_age, " (it was: the session is gone)" if gone else "")
+        self._refresh_due = True
+        if gone:
+            self._dispose_quietly()  # other pooled connections of the frozen process may be dead too
 
     # ------------------------------------------------------------------ steps
     def _promote(self, conn: Connection, held: list[int], now: dt.datetime) -> set[int]:
@@ -351,6 +385,7 @@ class Relay:
         ids = self.dialect.due_ids(o, held, per_partition, DUE_NOW, blocked, self._after, topics=self.config.topics)
         stmt = sa.select(*cols).join_from(o, ids, o.c.id == ids.c.id).order_by(o.c.id).limit(self.config.batch_size)
         rows = conn.execute(self.dialect.lock_claim(stmt, o)).all()
+        self._claimed_at = time.monotonic()
         if rows and self.dialect.supports_skip_locked and self._may_have_gaps(rows):
             rows = self._without_gaps(conn, rows, sa.select(ids.c.id, ids.c.partition))
         self._active_partitions = {r.partition for r in rows}
@@ -730,6 +765,27 @@ class Relay:
             pass
 
 
+class _StaleBatch(Exception):
+    """Raised inside a claim's transaction to roll it back: the batch is too old to publish."""
+
+    def __init__(self, age: float, rows: int) -> None:
+        super().__init__(f"claimed {age:.1f} s ago")
+        self.age = age
+        self.rows = rows
+
+
+def _stale_in(exc: BaseException) -> _StaleBatch | None:
+    """The :class:`_StaleBatch` that ``exc`` is, or that was being handled when ``exc`` was raised."""
+    seen = 0
+    cur: BaseException | None = exc
+    while cur is not None and seen < 10:
+        if isinstance(cur, _StaleBatch):
+            return cur
+        cur = cur.__context__
+        seen += 1
+    return None
+
+
 @dataclass
 class _MarkPlan:
     """One batch's verdicts, sorted for marking."""
@@ -750,7 +806,17 @@ class _Step:
     delivered: bool = False
 
 
+def _check_codec(publisher: Publisher, config: RelayConfig) -> None:
+    """A config that names a codec must match the publisher's (the publisher owns the wire format)."""
+    codec = getattr(publisher, "codec", None)
+    name = getattr(codec, "name", None)
+    if config.codec != "native" and name is not None and name != config.codec:
+        raise ConfigurationError(f"the relay config says codec {config.codec!r} but the publisher encodes with "
+                                 f"{name!r}: build the publisher with codec={config.codec!r}")
+
+
 def _publisher_kind(publisher: Publisher) -> str:
+    publisher = getattr(publisher, "inner", publisher)  # a decorator (outbox.observability.MetricsPublisher)
     name = type(publisher).__name__
     return (name[: -len("Publisher")] if name.endswith("Publisher") and name != "Publisher" else name).lower()
 

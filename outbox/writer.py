@@ -35,6 +35,7 @@ from .ids import uuid7
 from .message import OutgoingMessage, partition_for
 from .schema import DUE_NOW, KEY_LENGTH, STATUS_PENDING, TOPIC_LENGTH, OutboxTables, default_tables
 from .serializers import JSONSerializer, Serializer
+from .transports.codecs import is_reserved_header, reserved_by
 
 __all__ = ["DEFAULT_MAX_PAYLOAD_BYTES", "DEFAULT_PARTITIONS", "DEFAULT_TOPIC_PATTERN", "Outbox"]
 
@@ -53,13 +54,6 @@ _MAX_HEADER_NAME_BYTES = 255
 _CONTENT_TYPE_LENGTH = 127  # the content_type column is VARCHAR(127)
 #: The latest time Python's datetime, MySQL/MariaDB DATETIME and PostgreSQL can all hold.
 _LATEST = dt.datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=dt.timezone.utc)
-#: Header names some codec writes itself, lower-case: a user header by that name (in any case) would be
-#: dropped, or contradict the codec's, on one broker or another, so add() refuses it. Kept here until the
-#: codecs module's ``outbox.transports.codecs.reserved_header_names()`` is in this branch's base: the
-#: integrator switches to that (native: message-id, content-type; trace context: traceparent,
-#: tracestate; debezium: id; cloudevents: ce_*, cloudEvents_*, cloudEvents:*).
-_RESERVED_HEADERS = frozenset({"message-id", "content-type", "traceparent", "tracestate", "id"})
-_RESERVED_PREFIXES = ("ce_", "cloudevents_", "cloudevents:")
 #: The message attributes add() takes, and the longest value of each. ``type``, ``correlation_id`` and
 #: ``app_id`` are AMQP short strings on RabbitMQ (at most 255 UTF-8 bytes); ``source`` (a URI-reference)
 #: and ``subject`` are CloudEvents attributes, bounded so a row stays small.
@@ -391,7 +385,9 @@ class Outbox:
             if not isinstance(k, str) or not k:
                 raise InvalidHeaders(f"header names must be non-empty str, got {type(k).__name__} {k!r}")
             lower = k.lower()
-            if lower in _RESERVED_HEADERS or lower.startswith(_RESERVED_PREFIXES):
+            # a name some registered codec writes itself (any case) would be dropped, or contradict the
+            # codec's, on one broker or another: the codecs registry is the one list of them
+            if is_reserved_header(k):
                 raise ReservedHeader(_reserved_reason(k, lower))
             if lower in seen:
                 raise ReservedHeader(
@@ -464,8 +460,13 @@ def _reserved_reason(name: str, lower: str) -> str:
                "add(); start a span around add() instead")
     elif lower == "id":
         why = "the debezium codec writes the message id there; pass message_id=... instead"
+    elif lower in ("message-type", "correlation-id", "app-id"):
+        why = (f"the native codec writes the {lower.replace('-', '_').replace('message_', '')} attribute there on "
+               f"Kafka; pass {lower.replace('-', '_').replace('message_', '')}=... instead")
+    elif not lower.startswith(("ce_", "ce-", "cloudevents_", "cloudevents:")):
+        why = f"the {reserved_by(name) or 'a registered'} codec writes a header by that name"
     else:
-        why = ("the cloudevents codec writes CloudEvents attributes under the ce_ / cloudEvents_ / cloudEvents: "
+        why = ("the cloudevents codec writes CloudEvents attributes under the ce_ / ce- / cloudEvents_ / cloudEvents: "
                "prefixes; pass type=, source=, subject= instead, or rename the header")
     return f"header {name!r} is reserved (names are compared case-insensitively): {why}"
 

@@ -13,7 +13,9 @@ SQLite files, so runs never see each other's rows. Tables are emptied between te
 
 from __future__ import annotations
 
+import fcntl
 import os
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -39,6 +41,40 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                      help="rewrite the fault matrix in docs/guarantees.md from this run of tests/faults")
     parser.addoption("--write-catalogue", action="store_true",
                      help="rewrite the bad-input table in docs/guarantees.md from this run of tests/badinput")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # the doc tables are built from every case's outcome in one process (xdist workers each see only theirs):
+    # the write options turn the parallel run (addopts -n) off; this runs before xdist's trylast configure
+    if config.getoption("--write-guarantees") or config.getoption("--write-catalogue"):
+        if getattr(config.option, "numprocesses", None):
+            config.option.numprocesses, config.option.dist, config.option.tx = 0, "no", []
+
+
+@pytest.fixture(autouse=True)
+def _shared_services_turn(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Under pytest-xdist, a test marked ``stops_shared_service`` runs while no other test of the run does.
+
+    Every other test holds a shared lock for its duration; the marked one takes it exclusively (a
+    turnstile lock first, so that tests starting meanwhile queue behind it instead of starving it).
+    Without xdist tests run one at a time anyway and this does nothing.
+    """
+    uid = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+    if uid is None:
+        yield
+        return
+    base = Path(tempfile.gettempdir()) / f"outboxkit-tests-{uid}"
+    exclusive = request.node.get_closest_marker("stops_shared_service") is not None
+    with open(f"{base}.turnstile", "a+") as turnstile, open(f"{base}.lock", "a+") as lock:
+        fcntl.flock(turnstile, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        finally:
+            fcntl.flock(turnstile, fcntl.LOCK_UN)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _create_database(admin_url: str, name: str) -> str:

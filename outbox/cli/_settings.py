@@ -28,6 +28,7 @@ __all__ = [
     "FILE_TABLES",
     "GLOBAL_SETTINGS",
     "LOG_LEVELS",
+    "OBSERVABILITY_SETTINGS",
     "MaskingArgumentParser",
     "Resolved",
     "add_common_options",
@@ -291,4 +292,14 @@ COMMON_SETTINGS = (
     Setting("broker_options", kind="list", help="transport setting: a librdkafka property for Kafka, a publisher "
             "option for RabbitMQ (repeatable; overrides the [kafka] / [rabbitmq] / [NAME] table)",
             flags=("-X", "--broker-option"), metavar="KEY=VALUE"),
+)
+
+OBSERVABILITY_SETTINGS = (
+    Setting("http", help="serve /metrics, /healthz and /readyz on HOST:PORT (off by default; a bare PORT binds "
+            "127.0.0.1; needs pip install 'outboxkit[metrics]')", env=("OUTBOX_HTTP",), toml="http",
+            flags=("--http",), metavar="HOST:PORT"),
+    Setting("metrics_interval", kind="float", positive=True, default=5.0,
+            help="seconds between the database queries behind the row gauges and readiness",
+            env=("OUTBOX_METRICS_INTERVAL",), toml="metrics_interval", flags=("--metrics-interval",),
+            metavar="SECONDS"),
 )

@@ -24,6 +24,7 @@ from ._common import open_database, tables_from_args
 from ._settings import (
     BROKER_SETTINGS,
     CONNECTION_SETTINGS,
+    OBSERVABILITY_SETTINGS,
     add_common_options,
     add_settings,
     choose_broker,
@@ -68,6 +69,8 @@ CONSUMER_SETTINGS: tuple[Setting, ...] = (
     Setting("progress_interval", kind="float", minimum=0, default=10.0,
             help="seconds between progress lines while messages arrive (0: none)",
             env=("OUTBOX_CONSUMER_PROGRESS_INTERVAL",), toml="progress_interval", flags=("--progress-interval",)),
+    Setting("codec", default="native", help="wire format to read: native, cloudevents, debezium (or a registered "
+            "codec)", env=("OUTBOX_CONSUMER_CODEC",), toml="codec", flags=("--codec",)),
 )
 
 
@@ -75,7 +78,7 @@ _NEEDS = {"topics": "--topic (at least one)", "group": "--group", "queue": "--qu
 
 
 def settings() -> tuple[Setting, ...]:
-    return (*CONNECTION_SETTINGS, *BROKER_SETTINGS, *CONSUMER_SETTINGS)
+    return (*CONNECTION_SETTINGS, *BROKER_SETTINGS, *CONSUMER_SETTINGS, *OBSERVABILITY_SETTINGS)
 
 
 def register(sub: Any) -> None:
@@ -125,6 +128,7 @@ def run(args: argparse.Namespace) -> int:
     label = args.config or "OUTBOX_CONFIG"
     v = resolve(settings(), args, table="consume", file=file, file_label=label)
     args.table_prefix, args.schema = v.get("table_prefix"), v.get("schema")
+    get_codec(v.get("codec"))  # an unknown --codec fails here, naming the known ones
     id_from = None
     if v.get("id_from") is not None:  # checked before anything connects: the error names the flag/variable/key
         from consumers.ids import parse_id_sources
@@ -137,6 +141,10 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigurationError("give exactly one broker: --kafka SERVERS (with --topic and --group), "
                                      "--rabbitmq URL (with --queue) or --broker NAME --broker-url TARGET") from None
         raise
+    if v.get("http"):
+        from ..observability.serve import check_endpoint
+
+        check_endpoint(v["http"])
     transport = get_transport(name)
     flag = {"kafka": "--kafka", "rabbitmq": "--rabbitmq"}.get(name, f"--broker {name}")
     needs = getattr(transport, "consume_requires", ())
@@ -172,8 +180,8 @@ def _run(args: argparse.Namespace, v: dict[str, Any], consumer: Any, engine: Any
                            ("prefetch", "prefetch"), ("dead_letter_topic", "dead_letter_topic")):
         if v.get(setting) is not None:
             opts[param] = list(v[setting]) if setting == "topics" else v[setting]
-    runner: Any = transport.runner(consumer, engine=engine, target=where, settings=options, codec=get_codec(None),
-                                   **opts)
+    runner: Any = transport.runner(consumer, engine=engine, target=where, settings=options,
+                                   codec=get_codec(v.get("codec")), **opts)
     facts = [f"{k} {', '.join(opts[k]) if k == 'topics' else opts[k]}" for k in ("topics", "group_id", "queue")
              if k in opts]
     where = " ".join([describe(transport, where), *facts]).replace("group_id", "group")
@@ -187,6 +195,7 @@ def _run(args: argparse.Namespace, v: dict[str, Any], consumer: Any, engine: Any
     runner.progress_interval = float(v.get("progress_interval", 10.0))
     set_process_context(consumer=consumer.name)
     log.info("consumer %s on %s, database %s", consumer.name, mask_secrets(where), mask_secrets(engine.url))
+    stop_http = _serve(runner, engine, args, v)
     try:
         runner.run()
     except Exception as exc:  # librdkafka checks its settings when the consumer is created
@@ -194,4 +203,16 @@ def _run(args: argparse.Namespace, v: dict[str, Any], consumer: Any, engine: Any
         if type(exc).__name__ == "KafkaException" and getattr(err, "code", lambda: None)() == -186:
             raise ConfigurationError(f"invalid Kafka consumer setting: {mask_secrets(err.str())}") from None
         raise
+    finally:
+        stop_http()
     return 0
+
+
+def _serve(runner: Any, engine: Any, args: argparse.Namespace, v: dict[str, Any]) -> Any:
+    """``--http``: metrics and probes around the runner (a no-op stopper when off)."""
+    if not v.get("http"):
+        return lambda: None
+    from ..observability.serve import serve_consumer
+
+    return serve_consumer(runner, engine, v["http"], interval=v.get("metrics_interval", 5.0),
+                          tables=tables_from_args(args))

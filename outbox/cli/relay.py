@@ -17,6 +17,7 @@ from ._common import make_engine, require_schema, tables_from_args
 from ._settings import (
     BROKER_SETTINGS,
     CONNECTION_SETTINGS,
+    OBSERVABILITY_SETTINGS,
     add_common_options,
     add_settings,
     choose_broker,
@@ -28,7 +29,7 @@ from ._settings import (
 log = logging.getLogger("outbox.relay")
 
 #: settings of the relay command besides RelayConfig's fields
-COMMAND_SETTINGS: tuple[Setting, ...] = (*CONNECTION_SETTINGS, *BROKER_SETTINGS)
+COMMAND_SETTINGS: tuple[Setting, ...] = (*CONNECTION_SETTINGS, *BROKER_SETTINGS, *OBSERVABILITY_SETTINGS)
 
 
 def settings() -> tuple[Setting, ...]:
@@ -80,6 +81,11 @@ def build(args: argparse.Namespace) -> tuple[Any, Any, RelayConfig]:
     values = resolve(settings(), args, table="relay", file=file, file_label=label)
     db = values.pop("db", None)
     args.table_prefix, args.schema = values.pop("table_prefix", None), values.pop("schema", None)
+    args.http, args.metrics_interval = values.pop("http", None), values.pop("metrics_interval", 5.0)
+    if args.http:
+        from ..observability.serve import check_endpoint
+
+        check_endpoint(args.http)
     if not db:
         raise ConfigurationError("no database given: pass --db URL, set OUTBOX_DB_URL or put db in [relay]")
     name, where = choose_broker(values)
@@ -98,7 +104,8 @@ def build(args: argparse.Namespace) -> tuple[Any, Any, RelayConfig]:
                                      f"{name}")
         relay_opts["declare_exchanges"] = args.declare_exchanges
     try:
-        publisher: Any = transport.publisher(where, options, codec=get_codec(None), **relay_opts)
+        publisher: Any = transport.publisher(where, options, codec=get_codec(config.codec, source=config.ce_source),
+                                             **relay_opts)
     except ConfigurationError as exc:
         if table and f"[{name}]" not in str(exc):
             raise ConfigurationError(f"{exc} (from -X or [{name}] in {label})") from None
@@ -126,6 +133,19 @@ def run(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
-    relay.run()
+    stop_http = _serve(relay, args)
+    try:
+        relay.run()
+    finally:
+        stop_http()
     engine.dispose()
     return 0
+
+
+def _serve(relay: Any, args: argparse.Namespace) -> Any:
+    """``--http``: metrics and probes around the relay (a no-op stopper when off)."""
+    if not getattr(args, "http", None):
+        return lambda: None
+    from ..observability.serve import serve_relay
+
+    return serve_relay(relay, args.http, interval=args.metrics_interval)

@@ -207,6 +207,42 @@ class Dialect:
         """Update rows by primary key ``id``, touching (and locking) no other row."""
         connection.execute(table.update().where(table.c.id.in_(ids)).values(**values))
 
+    def idle_transaction_statements(self, seconds: float, dialect: sa.engine.Dialect) -> list[str]:
+        """Statements that make the server end a transaction of this session idle for ``seconds``.
+
+        Run once per new connection of the relay's own engine (:meth:`relay_engine`), never on the
+        application's connections. Empty where the database has no such bound (SQLite: no server).
+        """
+        return []
+
+    def relay_engine(self, engine: Engine, idle_transaction_timeout: float) -> Engine:
+        """The relay's own engine: ``engine``'s URL, driver arguments and pool listeners, on a pool of
+        its own whose new connections run :meth:`idle_transaction_statements` (and are pre-pinged).
+
+        A relay frozen inside its claim transaction (SIGSTOP, VM pause, a host gone without a TCP
+        reset) would otherwise keep its lease rows locked, and so its partitions from every other
+        relay, for as long as the freeze lasts. ``engine`` itself (the application's) is untouched.
+        """
+        statements = self.idle_transaction_statements(idle_transaction_timeout, engine.dialect)
+        if not statements:
+            return engine
+        # same creator (URL, connect_args) and listeners; the pool's own settings, pre-ping on
+        pool = engine.pool.recreate()
+        pool._pre_ping = True
+        own = sa.create_engine(engine.url, pool=pool)
+
+        def set_bound(dbapi_connection: Any, _record: Any) -> None:
+            cursor = dbapi_connection.cursor()
+            try:
+                for statement in statements:
+                    cursor.execute(statement)
+            finally:
+                cursor.close()
+            dbapi_connection.commit()  # PostgreSQL's SET is transactional: keep it past a first rollback
+
+        sa.event.listen(pool, "connect", set_bound)
+        return own
+
     def prepare_relay_engine(self, engine: Engine) -> Engine:
         """The engine the relay should use (e.g. READ COMMITTED on MySQL, WAL mode on SQLite)."""
         return engine

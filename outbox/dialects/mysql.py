@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
@@ -73,6 +74,19 @@ class MySQLDialect(Dialect):
 
     def insert_ignore(self, table: sa.Table) -> Insert:
         return sa.insert(table).prefix_with("IGNORE")
+
+    def idle_transaction_statements(self, seconds: float, dialect: sa.engine.Dialect) -> list[str]:
+        """MariaDB (>= 10.3): ``idle_transaction_timeout`` closes a connection idle in a transaction.
+
+        MySQL 8 has no such bound; the fallback is ``wait_timeout``, which closes a connection idle
+        for that long whether or not it is in a transaction: the relay's pooled connections then get
+        closed too when unused that long, which the relay's pre-ping reconnects (whole seconds, at
+        least 1).
+        """
+        whole = max(1, math.ceil(seconds))
+        if getattr(dialect, "is_mariadb", False):
+            return [f"SET SESSION idle_transaction_timeout = {whole}"]
+        return [f"SET SESSION wait_timeout = {whole}"]
 
     def lock_rows(self, select: sa.Select[Any]) -> sa.Select[Any]:
         return select.with_for_update(skip_locked=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
@@ -21,8 +22,9 @@ log = logging.getLogger("outbox.relay")
 
 #: SQLSTATE classes / codes a retry can fix: connection exceptions, transaction rollbacks
 #: (serialization failure, deadlock), insufficient resources, lock not available, operator
-#: intervention (shutdown, statement timeout), system errors.
-_TRANSIENT_STATES = ("08", "40", "53", "55P03", "55006", "57", "58")
+#: intervention (shutdown, statement timeout), system errors, and 25P03: the server ended a
+#: session idle in a transaction for longer than ``idle_in_transaction_session_timeout``.
+_TRANSIENT_STATES = ("08", "25P03", "40", "53", "55P03", "55006", "57", "58")
 #: data exceptions (value too long, numeric out of range, invalid text), integrity constraint
 #: violations, and PL/pgSQL raise_exception (a trigger refusing the row).
 _PERMANENT_STATES = ("22", "23", "P0")
@@ -56,6 +58,10 @@ class PostgreSQLDialect(Dialect):
 
     def insert_ignore(self, table: sa.Table) -> Insert:
         return pg.insert(table).on_conflict_do_nothing()
+
+    def idle_transaction_statements(self, seconds: float, dialect: sa.engine.Dialect) -> list[str]:
+        # milliseconds; ends the session (FATAL 25P03), which releases its row locks
+        return [f"SET idle_in_transaction_session_timeout = {max(1, math.ceil(seconds * 1000))}"]
 
     def lock_rows(self, select: sa.Select[Any]) -> sa.Select[Any]:
         return select.with_for_update(skip_locked=True)

@@ -22,6 +22,10 @@ class SQLiteDialect(Dialect):
     def type_variants() -> dict[str, sa.types.TypeEngine[Any]]:
         return {"payload": sqlite.BLOB(), "json": sqlite.JSON(none_as_null=True)}
 
+    # No idle_transaction_statements: there is no server to end a frozen relay's transaction. One
+    # relay runs at a time (a standby waits for its row to expire); a relay frozen after its batch's
+    # first write keeps SQLite's write lock until it wakes or dies, before that only a WAL snapshot.
+
     def insert_ignore(self, table: sa.Table) -> Insert:
         return sqlite.insert(table).on_conflict_do_nothing()
 

@@ -162,5 +162,8 @@ class Publisher(Protocol):
         Optional: the relay calls it between batches (every second at least) when the adapter has it.
         """
 
+    # Optional too: ``healthy() -> str | None``, None while the broker link works, else why not.
+    # The metrics decorator calls it every few seconds while idle, for ``/readyz``.
+
     def close(self, timeout: float = 10.0) -> None:
         """Flush (bounded by ``timeout``) and release connections. Safe to call twice."""

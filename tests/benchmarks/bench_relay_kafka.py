@@ -60,11 +60,92 @@ def raw_produce(bootstrap: str, topic: str, n: int, keys: int) -> float:
     return took
 
 
+def _timed_drain(relay: Relay) -> tuple[int, float, float]:
+    """(messages, wall seconds, process CPU seconds: every thread, librdkafka's and the endpoint's too)."""
+    relay.start()  # connect, take leases: not timed
+    c0, t0 = time.process_time(), time.perf_counter()
+    n = relay.drain()
+    took, cpu = time.perf_counter() - t0, time.process_time() - c0
+    relay.close()
+    return n, took, cpu
+
+
+def drain_measured(engine, bootstrap: str, batch_size: int, measured: bool) -> tuple[int, float, float]:
+    """The relay to Kafka; ``measured``: with everything ``--http`` turns on: the metrics decorator,
+    the row-gauge poller (default 5 s interval), the endpoint, and a scraper reading /metrics every second."""
+    import threading
+    import urllib.request
+
+    relay = Relay(engine, KafkaPublisher(bootstrap_servers=bootstrap),
+                  config=RelayConfig(batch_size=batch_size, progress_interval=0))
+    if not measured:
+        return _timed_drain(relay)
+    from outbox.observability.serve import serve_relay
+
+    stop_http = serve_relay(relay, "127.0.0.1:0")
+    url = f"http://127.0.0.1:{relay.metrics_server.port}/metrics"
+    done = threading.Event()
+
+    def scrape() -> None:
+        while not done.wait(1.0):
+            with urllib.request.urlopen(url, timeout=5) as resp:
+                resp.read()
+
+    scraper = threading.Thread(target=scrape, daemon=True)
+    scraper.start()
+    try:
+        return _timed_drain(relay)
+    finally:
+        done.set()
+        stop_http()
+
+
+def metrics_comparison(args) -> None:
+    """``--metrics``: the relay to Kafka with metrics off and on, alternately, ``--rounds`` times each.
+
+    Wall-clock throughput on a shared machine is noisy; messages per CPU second of the relay process
+    (all its threads) is printed too, as the steadier figure of the overhead."""
+    import statistics
+
+    wall: dict[bool, list[float]] = {False: [], True: []}
+    cpu: dict[bool, list[float]] = {False: [], True: []}
+    with b.bench_database(args.db) as engine, b.kafka_broker(args.kafka) as bootstrap:
+        topic = b.create_topic(bootstrap)
+        for _ in range(args.rounds):
+            for measured in (False, True):
+                b.fill_backlog(engine, args.n, keys=args.keys, topic=topic)
+                n, took, used = drain_measured(engine, bootstrap, args.batch_size, measured)
+                if n != args.n:
+                    raise SystemExit(f"drained {n} of {args.n}")
+                wall[measured].append(n / took)
+                cpu[measured].append(n / used)
+    ratios = [a / c for a, c in zip(wall[True], wall[False], strict=True)]
+    cpu_ratios = [a / c for a, c in zip(cpu[True], cpu[False], strict=True)]
+    b.emit("relay_kafka_db", args.db)
+    b.emit("relay_kafka_metrics_rounds", args.rounds)
+    b.emit("relay_kafka_metrics_messages", args.n)
+    b.emit("relay_kafka_metrics_off_msgs_per_s", statistics.median(wall[False]))
+    b.emit("relay_kafka_metrics_on_msgs_per_s", statistics.median(wall[True]))
+    b.emit("relay_kafka_metrics_on_vs_off_ratios", " ".join(f"{r:.3f}" for r in ratios))
+    b.emit("relay_kafka_metrics_on_vs_off_ratio_median", b.ratio(statistics.median(ratios), 1.0))
+    b.emit("relay_kafka_metrics_off_msgs_per_cpu_s", statistics.median(cpu[False]))
+    b.emit("relay_kafka_metrics_on_msgs_per_cpu_s", statistics.median(cpu[True]))
+    b.emit("relay_kafka_metrics_on_vs_off_cpu_ratios", " ".join(f"{r:.3f}" for r in cpu_ratios))
+    b.emit("relay_kafka_metrics_on_vs_off_cpu_ratio_median", b.ratio(statistics.median(cpu_ratios), 1.0))
+
+
 def main() -> None:
     p = b.parser(__doc__ or "", n=200_000, keys=1000)
+    p.add_argument("--codec", default="native", help="the relay's codec: native, cloudevents, debezium")
     p.add_argument("--profile", metavar="PREFIX",
                    help="sample both drains with py-spy: PREFIX-claim-delete.txt, PREFIX-relay-kafka.txt")
+    p.add_argument("--metrics", action="store_true",
+                   help="instead: relay throughput with metrics (--http) off and on, same run, median of --rounds")
+    p.add_argument("--rounds", type=int, default=3, help="with --metrics: drains of each kind (default 3)")
     args = b.parse(p)
+    if args.metrics:
+        metrics_comparison(args)
+        return
     prof = (lambda what: f"{args.profile}-{what}.txt") if args.profile else (lambda what: None)
     with b.bench_database(args.db) as engine, b.kafka_broker(args.kafka) as bootstrap:
         topic = b.create_topic(bootstrap)
@@ -74,7 +155,8 @@ def main() -> None:
         n_a, t_a = drain(engine, b.NullPublisher(), args.batch_size, prof("claim-delete"))
         # the relay to Kafka
         b.fill_backlog(engine, args.n, keys=args.keys, topic=topic)
-        n_k, t_k = drain(engine, KafkaPublisher(bootstrap_servers=bootstrap), args.batch_size, prof("relay-kafka"))
+        n_k, t_k = drain(engine, KafkaPublisher(bootstrap_servers=bootstrap, codec=args.codec),
+                     args.batch_size, prof("relay-kafka"))
         if n_a != args.n or n_k != args.n or b.pending_count(engine):
             raise SystemExit(f"drained {n_a} / {n_k} of {args.n}, {b.pending_count(engine)} left")
         # (b) raw produce
@@ -83,6 +165,7 @@ def main() -> None:
 
     relay_rate, a_rate, b_rate = n_k / t_k, n_a / t_a, args.n / t_b
     b.emit("relay_kafka_db", args.db)
+    b.emit("relay_kafka_codec", args.codec)
     b.emit("relay_kafka_backlog_write_s", fill)
     b.emit("relay_kafka_msgs_per_s", relay_rate)
     b.emit("baseline_claim_delete_msgs_per_s", a_rate)

@@ -19,7 +19,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _bench as b
 
-SCENARIOS = ["relay_kafka", "relay_rabbitmq", "latency", "writer", "consumer", "backlog_scale", "relays"]
+SCENARIOS = ["relay_kafka", "relay_kafka_metrics", "relay_rabbitmq", "latency", "writer", "consumer", "backlog_scale",
+             "relays"]
+
+#: scenarios that are another script's mode: name -> (script, its flags)
+EXTRA = {"relay_kafka_metrics": ("relay_kafka", ["--metrics"])}
 
 
 def main() -> int:
@@ -37,7 +41,8 @@ def main() -> int:
         b.emit(name, value)
     failed = []
     for name in chosen:
-        cmd = [sys.executable, str(b.HERE / f"bench_{name}.py"), "--db", args.db]
+        script, extra = EXTRA.get(name, (name, []))
+        cmd = [sys.executable, str(b.HERE / f"bench_{script}.py"), "--db", args.db, *extra]
         if args.quick:
             cmd.append("--quick")
         if args.kafka:

@@ -114,7 +114,7 @@ def test_the_image_extras_exist() -> None:
     extras = set(load_toml(REPO / "pyproject.toml")["project"]["optional-dependencies"])
     m = re.search(r"ARG EXTRAS=(\S+)", DOCKERFILE.read_text())
     assert m
-    assert set(m[1].split(",")) <= extras | {"metrics"}
+    assert set(m[1].split(",")) <= extras
 
 
 def test_the_docker_context_holds_what_the_dockerfile_copies() -> None:

@@ -52,7 +52,9 @@ def lock_waiters(engine: sa.Engine) -> int:
         if engine.dialect.name == "postgresql":
             q = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
         else:
-            q = "SELECT count(*) FROM information_schema.innodb_trx WHERE trx_state = 'LOCK WAIT'"
+            # innodb_trx is server-wide: count only this database's sessions (other runs share the server)
+            q = ("SELECT count(*) FROM information_schema.innodb_trx t JOIN information_schema.processlist p "
+                 "ON p.id = t.trx_mysql_thread_id WHERE t.trx_state = 'LOCK WAIT' AND p.db = DATABASE()")
         return int(c.execute(sa.text(q)).scalar_one())
 
 

@@ -319,6 +319,12 @@ class KafkaPublisher:
 
     # ------------------------------------------------------------------ serving while idle
 
+    def healthy(self) -> str | None:
+        """``None`` when the cluster answers a metadata request within 1 s, else why not (for readiness)."""
+        if self._producer is None:
+            return "Kafka producer not started"
+        return self._unreachable(1.0)
+
     def idle(self, timeout: float) -> None:
         """Serve the producer for up to ``timeout`` s: delivery reports, error callbacks, fatal errors."""
         producer = self._producer

@@ -275,6 +275,25 @@ class KafkaRunner(RunnerCore):
             log.error("consumer %s: %d dead letter(s) not confirmed by %s (they are in the dead-letter table)",
                       self.consumer.name, left, self.dead_letter_topic)
 
+    def lag(self, timeout: float = 2.0) -> dict[tuple[str, int], int] | None:
+        """Per assigned partition: high watermark minus committed offset (call on the runner's thread).
+
+        ``None`` when not consuming; a partition with no committed offset counts from its low watermark.
+        """
+        kc = self._kc
+        if kc is None:
+            return None
+        tps = [TopicPartition(t, p) for t, p in sorted(self._assigned)]
+        if not tps:
+            return {}
+        out: dict[tuple[str, int], int] = {}
+        for tp in kc.committed(tps, timeout=timeout):
+            low, high = kc.get_watermark_offsets(TopicPartition(tp.topic, tp.partition), timeout=timeout,
+                                                 cached=False)
+            offset = tp.offset if tp.offset >= 0 else low
+            out[(tp.topic, tp.partition)] = max(0, int(high) - int(offset))
+        return out
+
 
 def _tps(partitions: Sequence[TopicPartition]) -> str:
     return ", ".join(f"{p.topic}[{p.partition}]" for p in partitions) or "nothing"

@@ -705,6 +705,19 @@ class RabbitMQPublisher:
 
     # ------------------------------------------------------------------ idle, flush, close
 
+    def healthy(self) -> str | None:
+        """``None`` while the connection is open, else why not (for readiness). A connection that an
+        idle reconnect could not reopen gets one more attempt here, so an idle relay heals too."""
+        if self._conn is None:
+            try:
+                self._connect_once()
+            except BrokerUnavailable as exc:
+                return str(exc)
+            return None
+        if self._conn_lost is not None:
+            return f"RabbitMQ connection lost: {_describe(self._conn_lost)}"
+        return None
+
     def idle(self, timeout: float) -> None:
         """Serve the connection for up to ``timeout`` s: heartbeats, late confirms, a close by the broker.
 

@@ -196,6 +196,14 @@ class RabbitMQRunner(RunnerCore):
         self._settle(outcomes)
         self.maybe_process_requeued()
 
+    def queue_depth(self) -> int | None:
+        """Messages ready in the queue (a passive declare on the runner's own channel; call on its
+        thread), or ``None`` when not connected."""
+        chan = self._chan
+        if chan is None or not chan.is_open:
+            return None
+        return int(chan.queue_declare(self.queue, passive=True).method.message_count)
+
     def _settle(self, outcomes: Sequence[Outcome]) -> None:
         chan = self._chan
         assert chan is not None

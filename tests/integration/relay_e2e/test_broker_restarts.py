@@ -30,6 +30,7 @@ def _rabbit_depth(url: str, queue: str) -> int | None:
 
 
 @pytest.mark.slow
+@pytest.mark.stops_shared_service  # under xdist: no other test runs meanwhile (their queues and connections would go)
 def test_rabbitmq_stop_app_then_start_app(db, rabbitmq_url, amqp_names, rabbit_reader, start_relay):
     d = db("postgresql")
     exchange, queue = amqp_names["exchange"], amqp_names["queue"]

@@ -76,7 +76,10 @@ def test_frozen_predecessor_with_the_same_id_is_waited_out_and_stops_when_it_wak
     for, takes over when the row expires; the old one, woken, finds its row taken and exits non-zero."""
     d = db(dialect)
     broker, exchange, reader = rabbit
-    args = relay_args(d.url, *broker, relay_id="same", lease_ttl=TTL)
+    # slack for a loaded machine: r2 must start before r1's row expires to find something to wait for
+    # (with 3 s, r2's start-up alone sometimes outlasted it); if r1 froze inside its claim transaction,
+    # r2 also waits for the database to end it (RelayConfig.idle_transaction_timeout, 36 s here)
+    args = relay_args(d.url, *broker, relay_id="same", lease_ttl=TTL * 2)
     write(d.engine, exchange, range(50))
     r1 = start_relay(*args, name="r1")
     reader.wait_seqs(set(range(50)), 60)
