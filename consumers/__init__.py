@@ -27,6 +27,7 @@ from outbox.incoming import IncomingMessage, content_hash
 
 from .base import DedupConsumer, Outcome, Status
 from .deadletters import get_dead_letter, list_dead_letters, purge_dead_letters, requeue_dead_letters
+from .ids import DEFAULT_ID_FROM, IdSource, parse_id_sources, resolve_id
 from .retention import purge_processed
 from .staged import StagedConsumer, stage
 from .versioning import StateMachine, versioned_update
@@ -36,10 +37,12 @@ if TYPE_CHECKING:
     from .rabbitmq import RabbitMQRunner, declare_queue
 
 __all__ = [
+    "DEFAULT_ID_FROM",
     "ConfigurationError",
     "ConsumerError",
     "DecodeError",
     "DedupConsumer",
+    "IdSource",
     "IllegalTransition",
     "IncomingMessage",
     "KafkaRunner",
@@ -54,9 +57,11 @@ __all__ = [
     "declare_queue",
     "get_dead_letter",
     "list_dead_letters",
+    "parse_id_sources",
     "purge_dead_letters",
     "purge_processed",
     "requeue_dead_letters",
+    "resolve_id",
     "stage",
     "versioned_update",
 ]

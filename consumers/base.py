@@ -45,6 +45,7 @@ from outbox.schema import OutboxTables, default_tables
 from outbox.serializers import Serializer
 
 from . import deadletters
+from .ids import DEFAULT_ID_SOURCES, IdSource, describe_id_sources, parse_id_sources, resolve_id
 
 __all__ = ["DedupConsumer", "Outcome", "Status"]
 
@@ -111,8 +112,13 @@ class DedupConsumer:
     retry_initial: float = 0.5
     retry_max: float = 30.0
     retry_jitter: float = 0.5
-    #: ``"message-id"`` (the relay's id: Kafka header ``message-id``, AMQP ``message_id``) or
-    #: ``"content-hash"`` (SHA-256 of topic, key and payload: identical content is processed once)
+    #: where the message id comes from: an ordered list of id sources (see :mod:`consumers.ids`), e.g.
+    #: ``"header:NServiceBus.MessageId,message_id"``; ``None``: the default, ``header:message-id,
+    #: cloudevents, header:id, message_id`` (outboxkit, CloudEvents, Debezium, AMQP property)
+    id_from: str | Sequence[str] | None = None
+    #: ``"message-id"`` (the id sources of ``id_from``) or ``"content-hash"`` (SHA-256 of topic, key and
+    #: payload, whatever the message's own id: identical content is processed once; the same as
+    #: ``id_from="hash"``, except that it also overrides an id already set on the message)
     id_strategy: str = "message-id"
     #: optional id extractor for other producers: ``staticmethod(func(message) -> str | None)``
     #: (or a regular method); it gets the :class:`IncomingMessage` (``.raw`` is the broker's object)
@@ -133,6 +139,7 @@ class DedupConsumer:
         retry_max: float | None = None,
         retry_jitter: float | None = None,
         id_strategy: str | None = None,
+        id_from: str | Sequence[str] | None = None,
         message_id: Callable[[IncomingMessage], str | None] | None = None,
         serializer: Serializer | None = None,
         savepoints: str | None = None,
@@ -151,6 +158,12 @@ class DedupConsumer:
         self.id_strategy = id_strategy if id_strategy is not None else cls.id_strategy
         if self.id_strategy not in ID_STRATEGIES:
             raise ConfigurationError(f"id_strategy must be one of {ID_STRATEGIES}, got {self.id_strategy!r}")
+        if id_from is not None and self.id_strategy == "content-hash":
+            raise ConfigurationError("give id_from or id_strategy='content-hash', not both (id_from='hash' is the "
+                                     "content hash)")
+        spec = id_from if id_from is not None else cls.id_from
+        self.id_sources: tuple[IdSource, ...] = (
+            DEFAULT_ID_SOURCES if spec is None else parse_id_sources(spec, f"{cls.__qualname__}.id_from"))
         if message_id is not None:
             if not callable(message_id):
                 raise ConfigurationError(f"message_id must be a callable(message) -> str | None, got {message_id!r}")
@@ -184,12 +197,18 @@ class DedupConsumer:
     def identify(self, message: IncomingMessage) -> str:
         """The dedup id of ``message``; raises :class:`MessageIdMissing` if there is no usable one.
 
-        Ids are stored losslessly (see :func:`consumers.message.id_text`): a ``bytes`` or ``str``
+        In order: the id stored with a requeued dead letter; the ``message_id`` extractor if set;
+        the content hash with ``id_strategy="content-hash"``; ``message.id`` if already set (a
+        message built by your own code); else the first of ``id_sources`` (``id_from``) that
+        yields a value (:func:`consumers.ids.resolve_id`).
+
+        Ids are stored losslessly (see :func:`outbox.incoming.id_text`): a ``bytes`` or ``str``
         id that is not plain UTF-8 text, holds NUL or is longer than 255 characters gets a
-        distinct, stable text form. ``message.id`` set by a runner is already in that form.
+        distinct, stable text form.
         """
         if message.dead_letter_id is not None and message.id:
             return message.id  # as stored with the dead letter
+        value: object = None
         if self.message_id is not None:
             value: object = self.message_id(message)
             if isinstance(value, (bytes, bytearray, memoryview)) and bytes(value).strip():
@@ -202,9 +221,21 @@ class DedupConsumer:
             value = message.id
             if isinstance(value, str) and value.strip():
                 return value if storable_id(value) else id_text(value)
+            found = resolve_id(message, self.id_sources)
+            if found is not None:
+                return found
+            raise MessageIdMissing(f"no message id (tried {describe_id_sources(self.id_sources)}); set the "
+                                   "consumer's id_from (--id-from) to where this producer puts its id")
         if value is None or isinstance(value, (str, bytes, bytearray, memoryview)):  # empty or blank
-            raise MessageIdMissing("no message id")
+            raise MessageIdMissing("no message id: the message_id extractor returned none")
         raise MessageIdMissing(f"no message id: the extractor returned a {type(value).__name__}, not a str")
+
+    def find_id(self, message: IncomingMessage) -> str | None:
+        """:meth:`identify`, but ``None`` instead of raising (for a runner's own bookkeeping)."""
+        try:
+            return self.identify(message)
+        except Exception:
+            return None
 
     def retry_delay(self, attempt: int) -> float:
         """Seconds to wait after failed try number ``attempt`` (exponential, with jitter)."""

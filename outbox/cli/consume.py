@@ -61,6 +61,11 @@ CONSUMER_SETTINGS: tuple[Setting, ...] = (
     Setting("requeue_interval", kind="float", positive=True, default=30.0,
             help="seconds between checks for requeued dead letters", env=("OUTBOX_CONSUMER_REQUEUE_INTERVAL",),
             toml="requeue_interval", flags=("--requeue-interval",)),
+    Setting("id_from", kind="list",
+            help="where message ids come from, in order: header:NAME, message_id (AMQP property), cloudevents, "
+            "hash (content hash), default (default: the consumer's id_from, else header:message-id, cloudevents, "
+            "header:id, message_id)",
+            env=("OUTBOX_CONSUMER_ID_FROM",), toml="id_from", flags=("--id-from",), metavar="SOURCE"),
     Setting("progress_interval", kind="float", minimum=0, default=10.0,
             help="seconds between progress lines while messages arrive (0: none)",
             env=("OUTBOX_CONSUMER_PROGRESS_INTERVAL",), toml="progress_interval", flags=("--progress-interval",)),
@@ -110,6 +115,10 @@ def load_consumer(target: str, **overrides: Any) -> Any:
     if isinstance(obj, type) and issubclass(obj, DedupConsumer):
         return obj(**{k: v for k, v in overrides.items() if v is not None})
     if isinstance(obj, DedupConsumer):
+        if overrides.get("id_from") is not None:  # --id-from applies to an instance too
+            from consumers.ids import parse_id_sources
+
+            obj.id_sources = parse_id_sources(overrides["id_from"], "--id-from")
         return obj
     raise ConfigurationError(f"{target} is not a DedupConsumer subclass or instance")
 
@@ -120,6 +129,11 @@ def run(args: argparse.Namespace) -> int:
     v = resolve(settings(), args, table="consume", file=file, file_label=label)
     args.table_prefix, args.schema = v.get("table_prefix"), v.get("schema")
     get_codec(v.get("codec"))  # an unknown --codec fails here, naming the known ones
+    id_from = None
+    if v.get("id_from") is not None:  # checked before anything connects: the error names the flag/variable/key
+        from consumers.ids import parse_id_sources
+
+        id_from = parse_id_sources(v["id_from"], v.sources.get("id_from", "--id-from"))
     try:
         name, where = choose_broker(v)
     except ConfigurationError as exc:
@@ -147,7 +161,8 @@ def run(args: argparse.Namespace) -> int:
     if not v.get("db"):
         raise ConfigurationError("no database given: pass --db URL, set OUTBOX_DB_URL or put db in [consume]")
     args.db = v["db"]
-    consumer = load_consumer(args.target, max_attempts=v.get("max_attempts"), tables=tables_from_args(args))
+    consumer = load_consumer(args.target, max_attempts=v.get("max_attempts"), tables=tables_from_args(args),
+                             id_from=id_from)
     engine = open_database(args, daemon=True)
     try:
         return _run(args, v, consumer, engine, options, file)

@@ -29,7 +29,7 @@ from consumers._runner import RunnerCore, check_str, check_topics
 from consumers.base import DedupConsumer, Outcome, Status
 from outbox._redact import mask_secrets
 from outbox.errors import BrokerUnavailable, ConfigurationError
-from outbox.incoming import IncomingMessage, id_text
+from outbox.incoming import IncomingMessage
 from outbox.transports.base import MESSAGE_ID_HEADER, Codec, Envelope
 from outbox.transports.codecs import get_codec
 
@@ -175,9 +175,7 @@ class KafkaRunner(RunnerCore):
         offset = km.offset() or 0
         env = Envelope(tp[0], km.key(), bytes(km.value() or b""), raw_headers, partition=tp[1], offset=offset, raw=km)
         msg = self.codec.decode(env, "kafka")
-        raw_id = raw_headers.get(MESSAGE_ID_HEADER)
-        if raw_id is not None:
-            msg.id = id_text(raw_id)  # lossless: b"\xff-x" and b"\xfe-x" stay two ids
+        msg.id = None  # the consumer's id sources own the id (consumers.ids), whatever the codec
         msg.broker = "kafka"
         msg.consumer_group = self.group_id
         msg.ordered_by_partition = True

@@ -27,8 +27,8 @@ from consumers._runner import RunnerCore, check_str
 from consumers.base import DedupConsumer, Outcome, Status, backoff
 from outbox._redact import mask_secrets
 from outbox.errors import BrokerUnavailable, ConfigurationError
-from outbox.incoming import IncomingMessage, id_text
-from outbox.transports.base import MESSAGE_ID_HEADER, Codec, Envelope
+from outbox.incoming import IncomingMessage, header_text
+from outbox.transports.base import Codec, Envelope
 from outbox.transports.codecs import get_codec
 
 #: The AMQP basic properties handed to the codec.
@@ -157,23 +157,17 @@ class RabbitMQRunner(RunnerCore):
 
     def _on_message(self, ch: BlockingChannel, method: Any, props: pika.BasicProperties, body: bytes) -> None:
         headers = props.headers or {}
-        raw_id: object = headers.get(MESSAGE_ID_HEADER)
-        if props.message_id:  # a shortstr: str, or bytes when it is not valid UTF-8
-            raw_id = props.message_id
-        msg_id: str | None = None
-        if isinstance(raw_id, (bytes, bytearray, str)):
-            msg_id = id_text(raw_id)
-        elif raw_id is not None and not isinstance(raw_id, (dict, list, tuple)):
-            msg_id = id_text(str(raw_id))  # an int or a decimal header: its text
         properties = {n: getattr(props, n) for n in _PROPERTIES}
         env = Envelope(method.exchange or self.queue, method.routing_key, bytes(body), headers,
                        properties=properties, delivery_tag=method.delivery_tag,
                        redelivered=bool(method.redelivered), raw=(method, props, body))
         msg = self.codec.decode(env, "amqp")
-        if msg.id is None:  # a codec that read its own id header (cloudEvents_id, Debezium's id) wins over message_id
-            msg.id = msg_id
+        msg.id = None  # the consumer's id sources own the id (consumers.ids), whatever the codec
+        if props.message_id and "message_id" not in msg.attributes:  # the `message_id` id source reads it here
+            msg.attributes["message_id"] = header_text(props.message_id)  # a shortstr: bytes when not UTF-8
         msg.broker = "rabbitmq"
-        failed = self._failures.get(msg.id) if msg.id else None
+        msg_id = self.consumer.find_id(msg)  # the consumer's id sources; process_batch resolves it again
+        failed = self._failures.get(msg_id) if msg_id else None
         if failed is not None:
             msg.attempt, msg.first_failed_at = failed
         self._buffer.append(msg)
