@@ -36,7 +36,7 @@ from ._harness import (
     via,
     wait_until,
 )
-from .proxy import FaultProxy
+from tests._proxy import FaultProxy
 
 N = 2000
 KEYS = 50

@@ -26,7 +26,7 @@ from outbox import Outbox, OutgoingMessage, default_tables
 from outbox.devbroker import free_port
 
 from ._harness import REPO, KafkaTarget, OwnTansu, RabbitTarget, _env, port_of, via, wait_until
-from .proxy import FaultProxy
+from tests._proxy import FaultProxy
 
 pytest.importorskip("prometheus_client")
 from prometheus_client.parser import text_string_to_metric_families
