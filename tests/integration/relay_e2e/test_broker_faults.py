@@ -9,11 +9,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
-import socket
-import subprocess
 import time
 import uuid
 from collections.abc import Iterator
@@ -25,8 +21,9 @@ import pytest
 import sqlalchemy as sa
 
 from outbox.brokers import KafkaPublisher, RabbitMQPublisher
-from outbox.devbroker import find_tansu, free_port
+from outbox.devbroker import free_port
 from tests._proxy import FaultProxy
+from tests.faults._harness import OwnTansu
 
 from .conftest import (
     TABLES,
@@ -47,41 +44,19 @@ class ProxiedTansu:
     """A tansu of its own that advertises the proxy's port, so every byte a client sends passes the proxy."""
 
     def __init__(self, log_path: Path) -> None:
-        self.direct_port = free_port()
-        self.proxy = FaultProxy("127.0.0.1", self.direct_port, refusing=True)  # pause() / resume()
-        direct = f"tcp://127.0.0.1:{self.direct_port}"
-        advertised = f"tcp://127.0.0.1:{self.proxy.port}"
-        self._log = open(log_path, "ab")
-        self.proc = subprocess.Popen(
-            [find_tansu(), "broker", "--listener-url", direct, "--advertised-listener-url", advertised],
-            stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env={**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "warn")},
-        )
-
-        def listening() -> bool:
-            assert self.proc.poll() is None, f"tansu exited with {self.proc.returncode}"
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.direct_port), 0.2):
-                return True
-            return False
-
-        wait_until(listening, 30, "tansu to listen")
+        direct_port = free_port()
+        self.proxy = FaultProxy("127.0.0.1", direct_port, refusing=True)  # pause() / resume()
+        self.tansu = OwnTansu(log_path, port=direct_port, advertised_port=self.proxy.port).start()
         self.proxy.accept()
 
     @property
     def bootstrap(self) -> str:
         """Through the proxy (the advertised address)."""
-        return f"127.0.0.1:{self.proxy.port}"
+        return self.tansu.bootstrap
 
     def close(self) -> None:
         self.proxy.close()
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        self._log.close()
+        self.tansu.stop()
 
 
 @pytest.fixture
