@@ -17,7 +17,7 @@ import fcntl
 import os
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -26,6 +26,7 @@ from sqlalchemy.engine import make_url
 
 from outbox import migrations
 from outbox.schema import OutboxTables, default_tables
+from tests._proxy import FaultProxy
 
 PG_URL = os.environ.get("OUTBOX_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 MYSQL_URL = os.environ.get("OUTBOX_TEST_MYSQL_URL", "mysql+pymysql://root@127.0.0.1:3306/test")
@@ -269,3 +270,18 @@ def amqp_names(rabbitmq_url: str) -> Iterator[dict[str, str]]:
         conn.close()
     except Exception:
         pass
+
+
+@pytest.fixture
+def fault_proxy() -> Iterator[Callable[..., FaultProxy]]:
+    """``fault_proxy(host, port, **kw)``: a :class:`tests._proxy.FaultProxy` in front of ``host:port``
+    (keywords as the class's: ``refusing=True`` starts it refused); each one is closed after the test."""
+    made: list[FaultProxy] = []
+
+    def make(host: str, port: int, **kw: object) -> FaultProxy:
+        made.append(FaultProxy(host, port, **kw))  # type: ignore[arg-type]
+        return made[-1]
+
+    yield make
+    for p in made:
+        p.close()

@@ -25,6 +25,8 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
+from tests._proxy import FaultProxy
+
 from ._harness import (
     TABLES,
     Case,
@@ -36,7 +38,6 @@ from ._harness import (
     via,
     wait_until,
 )
-from .proxy import FaultProxy
 
 N = 2000
 KEYS = 50

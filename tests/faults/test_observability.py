@@ -24,9 +24,9 @@ from sqlalchemy.orm import Session
 
 from outbox import Outbox, OutgoingMessage, default_tables
 from outbox.devbroker import free_port
+from tests._proxy import FaultProxy
 
 from ._harness import REPO, KafkaTarget, OwnTansu, RabbitTarget, _env, port_of, via, wait_until
-from .proxy import FaultProxy
 
 pytest.importorskip("prometheus_client")
 from prometheus_client.parser import text_string_to_metric_families

@@ -9,6 +9,7 @@ import pytest
 import sqlalchemy as sa
 
 from consumers import DedupConsumer, IncomingMessage
+from tests._proxy import FaultProxy
 
 biz = sa.MetaData()
 EFFECTS = sa.Table(
@@ -187,133 +188,14 @@ def kafka_config() -> dict[str, object]:
     return dict(KAFKA_TEST_CONFIG)
 
 
-# ------------------------------------------------------------------ a TCP proxy that can be cut
-
-
-class TcpProxy:
-    """Forward 127.0.0.1:``port`` to ``target``; ``cut()`` drops the live connections (new ones still pass),
-    ``down()`` / ``up()`` make an outage (live ones dropped, new ones closed at once).
-
-    Faults are injected on our own proxy, never on the shared RabbitMQ.
-    """
-
-    def __init__(self, target_host: str, target_port: int) -> None:
-        import socket
-        import threading
-
-        from outbox.devbroker import free_port
-
-        self.target = (target_host, target_port)
-        self.port = free_port()
-        self._lock = threading.Lock()
-        self._live: set[socket.socket] = set()
-        self.connections = 0
-        self.refused = 0
-        self.refusing = False
-        self._srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._srv.bind(("127.0.0.1", self.port))
-        self._srv.listen(64)
-        threading.Thread(target=self._accept, daemon=True, name="tcp-proxy").start()
-
-    def url(self, url: str) -> str:
-        """``url`` (scheme://user:pw@host:port/...) pointed at this proxy."""
-        from urllib.parse import urlsplit, urlunsplit
-
-        parts = urlsplit(url)
-        auth = parts.netloc.rsplit("@", 1)[0] + "@" if "@" in parts.netloc else ""
-        return urlunsplit(parts._replace(netloc=f"{auth}127.0.0.1:{self.port}"))
-
-    def cut(self) -> None:
-        import contextlib
-        import socket
-
-        with self._lock:
-            live, self._live = self._live, set()
-        for s in live:
-            with contextlib.suppress(OSError):
-                s.shutdown(socket.SHUT_RDWR)
-            s.close()
-
-    def down(self) -> None:
-        """An outage: live connections dropped, new ones closed at once, until ``up()``."""
-        self.refusing = True
-        self.cut()
-
-    def up(self) -> None:
-        self.refusing = False
-
-    def close(self) -> None:
-        import contextlib
-
-        with contextlib.suppress(OSError):
-            self._srv.close()
-        self.cut()
-
-    def _accept(self) -> None:
-        import socket
-        import threading
-
-        while True:
-            try:
-                client, _ = self._srv.accept()
-            except OSError:
-                return
-            if self.refusing:
-                self.refused += 1
-                client.close()
-                continue
-            try:
-                upstream = socket.create_connection(self.target, timeout=5)
-                upstream.settimeout(None)
-            except OSError:
-                client.close()
-                continue
-            with self._lock:
-                self._live |= {client, upstream}
-                self.connections += 1
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
-
-    def _pump(self, src, dst) -> None:
-        import contextlib
-        import socket
-
-        try:
-            while True:
-                data = src.recv(65536)
-                if not data:
-                    break
-                dst.sendall(data)
-        except OSError:
-            pass
-        for s in (src, dst):
-            with contextlib.suppress(OSError):
-                s.shutdown(socket.SHUT_RDWR)
-        with self._lock:
-            self._live.discard(src)
-            self._live.discard(dst)
+# ------------------------------------------------------------------ a link that can be cut
 
 
 @pytest.fixture
-def rabbitmq_proxy(rabbitmq_url: str) -> Iterator[TcpProxy]:
-    """A cuttable TCP proxy in front of the shared RabbitMQ."""
+def rabbitmq_proxy(rabbitmq_url: str, fault_proxy: Callable[..., FaultProxy]) -> FaultProxy:
+    """The suite's fault proxy (tests/_proxy.py) in front of the shared RabbitMQ: faults go on our own
+    proxy, never on the shared service. ``rabbitmq_proxy.url(rabbitmq_url)`` is the URL through it."""
     from urllib.parse import urlsplit
 
     parts = urlsplit(rabbitmq_url)
-    proxy = TcpProxy(parts.hostname or "127.0.0.1", parts.port or 5672)
-    yield proxy
-    proxy.close()
-
-
-@pytest.fixture
-def tcp_proxy() -> Iterator[Callable[[str, int], TcpProxy]]:
-    made: list[TcpProxy] = []
-
-    def make(host: str, port: int) -> TcpProxy:
-        made.append(TcpProxy(host, port))
-        return made[-1]
-
-    yield make
-    for p in made:
-        p.close()
+    return fault_proxy(parts.hostname or "127.0.0.1", parts.port or 5672)

@@ -73,9 +73,9 @@ def test_lock_timeout_in_a_handler_is_retried_not_dead_lettered(engine, effects,
 
 
 def test_database_outage_mid_batch_is_retried(dialect_name, db_url, engine, effects, count_effects, recorder_cls,
-                                              make_message, helpers, tcp_proxy):
+                                              make_message, helpers, fault_proxy):
     url = sa.engine.make_url(db_url)
-    proxy = tcp_proxy(url.host or "127.0.0.1", url.port or 5432)
+    proxy = fault_proxy(url.host or "127.0.0.1", url.port or 5432)
     proxied = sa.create_engine(url.set(host="127.0.0.1", port=proxy.port), pool_pre_ping=True)
     cut: list[int] = []
 
@@ -83,7 +83,7 @@ def test_database_outage_mid_batch_is_retried(dialect_name, db_url, engine, effe
         def handle(self, session, message):
             if message.offset == 3 and not cut:
                 cut.append(1)
-                proxy.down()  # the database goes away in the middle of the batch
+                proxy.outage(hangup=True)  # the database goes away in the middle of the batch
             return super().handle(session, message)
 
     consumer = Outage(max_attempts=1)  # a miscounted outage would dead-letter at the first failure
@@ -94,9 +94,9 @@ def test_database_outage_mid_batch_is_retried(dialect_name, db_url, engine, effe
     t = threading.Thread(target=lambda: result.append(runner.process(batch)), daemon=True)
     t.start()
     try:
-        helpers.wait(lambda: proxy.refused >= 3, 60, "the runner to retry against the outage")
+        helpers.wait(lambda: proxy.stats().refused >= 3, 60, "the runner to retry against the outage")
     finally:
-        proxy.up()
+        proxy.accept()
     t.join(60)
     proxied.dispose()
     assert [o.status for o in result[0]] == [Status.PROCESSED] * 6  # type: ignore[union-attr]

@@ -60,7 +60,7 @@ def test_end_to_end_poison_and_reconnect(engine, effects, count_effects, recorde
                      "15 effects and 2 dead letters")
         assert runner.connections == 1
         # cut the connection (our own proxy, never the shared RabbitMQ); the runner reconnects and carries on
-        rabbitmq_proxy.cut()
+        rabbitmq_proxy.cut_after(0)
         helpers.wait(lambda: runner.connections >= 2, 60, "a reconnect")
         publish(rabbitmq_url, queue["exchange"], good[15:])
         helpers.wait(lambda: count_effects() == 30, 60, "30 effects")
@@ -142,7 +142,7 @@ def test_connection_lost_mid_batch_writes_each_dead_letter_once(engine, effects,
             outcomes = super().process_batch(engine, messages, before_commit=before_commit)
             if not cuts and any(o.status.value == "dead" for o in outcomes):
                 cuts.append(len(outcomes))
-                rabbitmq_proxy.cut()  # committed, not yet acked/rejected
+                rabbitmq_proxy.cut_after(0)  # committed, not yet acked/rejected
             return outcomes
 
     consumer = CutAfterCommit(max_attempts=1)

@@ -6,7 +6,7 @@
   and ``RabbitReader`` (a queue bound with ``#``): what reached the broker, as :class:`Got`;
 - ``start_relay``: ``outbox relay`` subprocesses (stderr in a file), killed at teardown if left;
 - ``run_cli``: any other ``outbox`` sub-command, returning the completed process;
-- ``TcpProxy``: a 127.0.0.1 proxy that can be switched off (refusing and dropping connections) and on;
+- link faults: the suite's ``fault_proxy`` fixture (tests/conftest.py, tests/_proxy.py);
 - ``wait_until``: poll a condition with a deadline.
 """
 
@@ -17,7 +17,6 @@ import itertools
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -33,7 +32,6 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from outbox import Outbox, OutgoingMessage, default_tables
-from outbox.devbroker import free_port
 
 TABLES = default_tables()
 ROLLED_BACK = "ROLLED-BACK-MARKER"
@@ -391,105 +389,6 @@ def relay_args(db_url: str, *broker: str, relay_id: str | None = None, lease_ttl
     if relay_id:
         args += ["--relay-id", relay_id]
     return [*args, *extra]
-
-
-# ------------------------------------------------------------------ a TCP proxy that can be cut
-
-
-class TcpProxy:
-    """Forward 127.0.0.1:``port`` to ``target``. ``down()`` refuses new connections and drops live ones."""
-
-    def __init__(self, target_host: str, target_port: int) -> None:
-        self.target = (target_host, target_port)
-        self.port = free_port()
-        self._lock = threading.Lock()
-        self._live: set[socket.socket] = set()
-        self._listener: socket.socket | None = None
-        self._thread: threading.Thread | None = None
-        self.connections = 0
-
-    @property
-    def is_up(self) -> bool:
-        return self._listener is not None
-
-    def up(self) -> None:
-        if self._listener is not None:
-            return
-        srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        srv.bind(("127.0.0.1", self.port))
-        srv.listen(64)
-        self._listener = srv
-        self._thread = threading.Thread(target=self._accept, args=(srv,), daemon=True, name="tcp-proxy")
-        self._thread.start()
-
-    def down(self) -> None:
-        srv, self._listener = self._listener, None
-        if srv is not None:
-            with contextlib.suppress(OSError):
-                srv.shutdown(socket.SHUT_RDWR)
-            srv.close()
-        if self._thread is not None:
-            self._thread.join(5)
-            self._thread = None
-        with self._lock:
-            live, self._live = self._live, set()
-        for s in live:
-            with contextlib.suppress(OSError):
-                s.shutdown(socket.SHUT_RDWR)
-            s.close()
-
-    def _accept(self, srv: socket.socket) -> None:
-        while True:
-            try:
-                client, _ = srv.accept()
-            except OSError:
-                return
-            try:
-                upstream = socket.create_connection(self.target, timeout=5)
-                upstream.settimeout(None)
-            except OSError:
-                client.close()
-                continue
-            with self._lock:
-                if self._listener is not srv:  # switched off meanwhile
-                    client.close()
-                    upstream.close()
-                    return
-                self._live |= {client, upstream}
-                self.connections += 1
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
-
-    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while True:
-                data = src.recv(65536)
-                if not data:
-                    break
-                dst.sendall(data)
-        except OSError:
-            pass
-        for s in (src, dst):
-            with contextlib.suppress(OSError):
-                s.shutdown(socket.SHUT_RDWR)
-        with self._lock:
-            self._live.discard(src)
-            self._live.discard(dst)
-
-
-@pytest.fixture
-def tcp_proxy() -> Iterator[Callable[[str, int], TcpProxy]]:
-    made: list[TcpProxy] = []
-
-    def make(host: str, port: int) -> TcpProxy:
-        p = TcpProxy(host, port)
-        made.append(p)
-        return p
-
-    yield make
-    for p in made:
-        p.down()
 
 
 # ------------------------------------------------------------------ Kafka topics

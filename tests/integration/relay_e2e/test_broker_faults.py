@@ -9,30 +9,26 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
-import socket
-import subprocess
-import threading
 import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import pytest
 import sqlalchemy as sa
 
 from outbox.brokers import KafkaPublisher, RabbitMQPublisher
-from outbox.devbroker import find_tansu, free_port
+from outbox.devbroker import free_port
+from tests._proxy import FaultProxy
+from tests.faults._harness import OwnTansu
 
 from .conftest import (
     TABLES,
     Db,
     KafkaReader,
-    TcpProxy,
     create_topic,
     declare_queue,
     first_occurrences_in_order,
@@ -44,85 +40,23 @@ from .conftest import (
 # ------------------------------------------------------------------ a link that can be paused
 
 
-class PausableProxy(TcpProxy):
-    """A :class:`TcpProxy` whose ``pause()`` stops forwarding bytes without closing anything.
-
-    Bytes read while paused are held (like a stalled network path) and forwarded on ``resume()``.
-    """
-
-    def __init__(self, target_host: str, target_port: int, port: int | None = None) -> None:
-        super().__init__(target_host, target_port)
-        if port is not None:
-            self.port = port
-        self._flowing = threading.Event()
-        self._flowing.set()
-
-    def pause(self) -> None:
-        self._flowing.clear()
-
-    def resume(self) -> None:
-        self._flowing.set()
-
-    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while True:
-                data = src.recv(65536)
-                if not data:
-                    break
-                while not self._flowing.wait(0.5):
-                    if not self.is_up:
-                        return
-                dst.sendall(data)
-        except OSError:
-            pass
-        for s in (src, dst):
-            with contextlib.suppress(OSError):
-                s.shutdown(socket.SHUT_RDWR)
-        with self._lock:
-            self._live.discard(src)
-            self._live.discard(dst)
-
-
 class ProxiedTansu:
     """A tansu of its own that advertises the proxy's port, so every byte a client sends passes the proxy."""
 
     def __init__(self, log_path: Path) -> None:
-        self.direct_port = free_port()
-        self.proxy = PausableProxy("127.0.0.1", self.direct_port)
-        direct = f"tcp://127.0.0.1:{self.direct_port}"
-        advertised = f"tcp://127.0.0.1:{self.proxy.port}"
-        self._log = open(log_path, "ab")
-        self.proc = subprocess.Popen(
-            [find_tansu(), "broker", "--listener-url", direct, "--advertised-listener-url", advertised],
-            stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env={**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "warn")},
-        )
-
-        def listening() -> bool:
-            assert self.proc.poll() is None, f"tansu exited with {self.proc.returncode}"
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.direct_port), 0.2):
-                return True
-            return False
-
-        wait_until(listening, 30, "tansu to listen")
-        self.proxy.up()
+        direct_port = free_port()
+        self.proxy = FaultProxy("127.0.0.1", direct_port, refusing=True)  # pause() / resume()
+        self.tansu = OwnTansu(log_path, port=direct_port, advertised_port=self.proxy.port).start()
+        self.proxy.accept()
 
     @property
     def bootstrap(self) -> str:
         """Through the proxy (the advertised address)."""
-        return f"127.0.0.1:{self.proxy.port}"
+        return self.tansu.bootstrap
 
     def close(self) -> None:
-        self.proxy.resume()
-        self.proxy.down()
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        self._log.close()
+        self.proxy.close()
+        self.tansu.stop()
 
 
 @pytest.fixture
@@ -326,23 +260,20 @@ def test_rabbitmq_relay_idle_for_several_heartbeats_then_publishes_quietly(db, r
 
 @pytest.mark.rabbitmq
 def test_rabbitmq_link_cut_mid_run_recovers_without_tracebacks(db, rabbitmq_url, amqp_names, rabbit_reader,
-                                                              start_relay, tcp_proxy):
+                                                              start_relay, fault_proxy):
     d = db("mariadb")
     exchange, queue = amqp_names["exchange"], amqp_names["queue"]
     declare_queue(rabbitmq_url, exchange, queue)
     real = urlsplit(rabbitmq_url)
-    proxy = tcp_proxy(real.hostname or "127.0.0.1", real.port or 5672)
-    proxy.up()
-    creds, _, _ = real.netloc.rpartition("@")
-    netloc = f"127.0.0.1:{proxy.port}"
-    proxied = urlunsplit(real._replace(netloc=f"{creds}@{netloc}" if creds else netloc))
+    proxy = fault_proxy(real.hostname or "127.0.0.1", real.port or 5672)
+    proxied = proxy.url(rabbitmq_url)
     n = 3000
     write(d.engine, exchange, range(n), keys=20)
     relay = start_relay(*relay_args(d.url, "--rabbitmq", proxied, batch=100,
                                     extra=("-X", "heartbeat=2", "-X", "connect_timeout=2")), name="rabbit-cut")
     wait_until(lambda: d.rows() < n - 300, 60, "the first messages to be delivered")
 
-    proxy.down()  # drops the live connection and refuses new ones
+    proxy.outage()  # drops the live connection and refuses new ones
     # down until a reconnect has failed and the relay backs off as a whole
     wait_until(lambda: "broker unavailable" in relay.log(), 60, "the relay to notice the cut and back off")
     assert d.rows() > 0, "the backlog was done before the cut"
@@ -352,7 +283,7 @@ def test_rabbitmq_link_cut_mid_run_recovers_without_tracebacks(db, rabbitmq_url,
     # the batch in flight when the link went may be charged one attempt (some of it got through, so
     # it is not yet "the broker is unreachable"); from then on the relay backs off as a whole
     assert charged == 0, f"an outage of the whole broker counted more than one attempt against {charged} rows"
-    proxy.up()
+    proxy.accept()
 
     reader = rabbit_reader(rabbitmq_url, queue)
     got = reader.wait_seqs(set(range(n)), timeout=120)

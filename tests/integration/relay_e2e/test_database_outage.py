@@ -19,10 +19,10 @@ def _retries(log: str) -> list[tuple[dt.datetime, float]]:
 
 
 def test_database_down_at_start_and_cut_mid_run(db, kafka_bootstrap, kafka_topic, kafka_reader, start_relay,
-                                                tcp_proxy):
+                                                fault_proxy):
     d = db("postgresql")
     real = make_url(d.url)
-    proxy = tcp_proxy(real.host or "127.0.0.1", real.port or 5432)  # created switched off
+    proxy = fault_proxy(real.host or "127.0.0.1", real.port or 5432, refusing=True)  # a closed port at first
     relay_url = real.set(password=SECRET, host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
     reader = kafka_reader(kafka_bootstrap, kafka_topic)
     relay = start_relay(*relay_args(relay_url, "--kafka", kafka_bootstrap, batch=200), name="proxied")
@@ -36,17 +36,17 @@ def test_database_down_at_start_and_cut_mid_run(db, kafka_bootstrap, kafka_topic
     for (t0, delay), (t1, _) in itertools.pairwise(retries):  # "retrying in X s" is kept, no hot loop
         assert (t1 - t0).total_seconds() >= 0.8 * delay, f"retried after {t1 - t0} although it announced {delay} s"
     write(d.engine, kafka_topic, range(100), keys=10)
-    proxy.up()
+    proxy.accept()
     reader.wait_seqs(set(range(100)), timeout=60)
 
     n = 20_100
     write(d.engine, kafka_topic, range(100, n), keys=10)
     reader.wait_count(1000, 60)
     before = errors()
-    proxy.down()  # drops the relay's connections in the middle of the backlog
+    proxy.outage()  # drops the relay's connections in the middle of the backlog
     wait_until(lambda: errors() > before, 30, "the relay to notice the cut")
     assert d.pending() > 0, "the backlog was done before the cut"
-    proxy.up()
+    proxy.accept()
 
     got = reader.wait_seqs(set(range(n)), timeout=120)
     first_occurrences_in_order(got)

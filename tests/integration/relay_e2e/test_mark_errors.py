@@ -252,16 +252,15 @@ def test_lock_wait_timeout_is_transient(db, dialect: str) -> None:
 
 
 @pytest.mark.parametrize("dialect", ["postgresql", "mariadb"])
-def test_connection_cut_is_transient(db, dialect: str, tcp_proxy) -> None:
+def test_connection_cut_is_transient(db, dialect: str, fault_proxy) -> None:
     d = db(dialect)
     url = sa.engine.make_url(d.url)
-    proxy = tcp_proxy(url.host or "127.0.0.1", url.port or (5432 if dialect == "postgresql" else 3306))
-    proxy.up()
+    proxy = fault_proxy(url.host or "127.0.0.1", url.port or (5432 if dialect == "postgresql" else 3306))
     engine = sa.create_engine(url.set(host="127.0.0.1", port=proxy.port), poolclass=sa.pool.NullPool)
     try:
         with engine.connect() as c:
             c.execute(sa.select(1))
-            proxy.down()
+            proxy.outage()
             with pytest.raises(sa.exc.DBAPIError) as cut:
                 c.execute(sa.select(1))
     finally:
@@ -308,18 +307,17 @@ class CutAfterFirstPublish(MemoryPublisher):
         results = super().publish(records, timeout=timeout)
         if not self.cut:
             self.cut = True
-            self.proxy.down()  # the marking statements now hit a dead connection
-            self.proxy.up()
+            self.proxy.outage()  # the marking statements now hit a dead connection
+            self.proxy.accept()
         return results
 
 
 @pytest.mark.parametrize("dialect", ["postgresql", "mariadb"])
-def test_connection_cut_while_marking_is_retried_not_dead(db, dialect: str, tcp_proxy) -> None:
+def test_connection_cut_while_marking_is_retried_not_dead(db, dialect: str, fault_proxy) -> None:
     d = db(dialect)
     write(d.engine, "orders", range(50), keys=5)
     url = sa.engine.make_url(d.url)
-    proxy = tcp_proxy(url.host or "127.0.0.1", url.port or (5432 if dialect == "postgresql" else 3306))
-    proxy.up()
+    proxy = fault_proxy(url.host or "127.0.0.1", url.port or (5432 if dialect == "postgresql" else 3306))
     engine = sa.create_engine(url.set(host="127.0.0.1", port=proxy.port), pool_pre_ping=True)
     pub = CutAfterFirstPublish(proxy)
     relay = Relay(engine, pub, config=RelayConfig(**FAST))

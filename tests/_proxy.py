@@ -1,4 +1,7 @@
-"""A TCP fault proxy of our own, on 127.0.0.1, controlled from the test.
+"""The suite's one TCP fault proxy, on 127.0.0.1, controlled from the test.
+
+Every test that breaks a database or broker link does it here, never on the shared service. The
+``fault_proxy`` fixture (tests/conftest.py) makes them and closes them at teardown.
 
 ``FaultProxy(target_host, target_port)`` listens on a free loopback port and forwards every
 connection to the target, one thread per direction. The test can then, at any moment:
@@ -11,8 +14,11 @@ connection to the target, one thread per direction. The test can then, at any mo
   through it (either direction, counted per connection); ``n=0`` cuts at once.
 - ``refuse()`` / ``accept()``: refuse new connections or take them again; live ones are untouched.
   ``refuse()`` closes the listening socket, so a client gets ``ECONNREFUSED`` as from a stopped
-  server; ``refuse(reset=True)`` accepts and resets at once, as a TCP load balancer with no
-  healthy backend does.
+  server (the port stays this proxy's: ``accept()`` listens on it again); ``refuse(reset=True)``
+  accepts and resets at once, as a TCP load balancer with no healthy backend does;
+  ``refuse(hangup=True)`` accepts and closes at once (a FIN), as a server that is shutting down.
+  ``FaultProxy(..., refusing=True)`` starts refused (the port is known, nothing listens yet).
+- ``outage()``: ``refuse()`` (same keywords) and ``cut_after(0)``: a link that goes away.
 - ``reset()``: abort every live connection with a TCP RST (``SO_LINGER`` 0), as a crashed or
   restarted peer would.
 
@@ -29,6 +35,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit, urlunsplit
 
 __all__ = ["FaultProxy", "ProxyStats"]
 
@@ -76,7 +83,7 @@ def _close(sock: socket.socket) -> None:
 class FaultProxy:
     """Forward ``127.0.0.1:port`` to ``(target_host, target_port)``, with faults on demand."""
 
-    def __init__(self, target_host: str, target_port: int, *, port: int = 0) -> None:
+    def __init__(self, target_host: str, target_port: int, *, port: int = 0, refusing: bool = False) -> None:
         self.target = (target_host, target_port)
         self._lock = threading.Condition()
         self._conns: set[_Conn] = set()
@@ -86,8 +93,11 @@ class FaultProxy:
         self._stats = ProxyStats()
         self._closed = False
         self._srv: socket.socket | None = None
+        self._hangup = False
         self.port = port
         self._listen()
+        if refusing:
+            self.refuse()
 
     def _listen(self) -> None:
         srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -118,10 +128,20 @@ class FaultProxy:
     def paused(self) -> bool:
         return self._paused
 
-    def refuse(self, *, reset: bool = False) -> None:
+    def url(self, url: str) -> str:
+        """``url`` (``scheme://user:pw@host:port/...``) with its host and port pointed at this proxy."""
+        parts = urlsplit(url)
+        auth = parts.netloc.rsplit("@", 1)[0] + "@" if "@" in parts.netloc else ""
+        return urlunsplit(parts._replace(netloc=f"{auth}{self.address}"))
+
+    def refuse(self, *, reset: bool = False, hangup: bool = False) -> None:
+        """Refuse new connections: a closed port, or (``reset`` / ``hangup``) accept then RST / FIN."""
+        if reset and hangup:
+            raise ValueError("refuse(): reset=True or hangup=True, not both")
         with self._lock:
             self._refusing = True
-            srv = None if reset else self._srv
+            self._hangup = hangup
+            srv = None if reset or hangup else self._srv
             if srv is not None:
                 self._srv = None
         if srv is not None:
@@ -136,6 +156,11 @@ class FaultProxy:
             if self._srv is not None or self._closed:
                 return
         self._listen()
+
+    def outage(self, *, reset: bool = False, hangup: bool = False) -> None:
+        """The link goes away: new connections refused (as :meth:`refuse`), live ones closed (FIN)."""
+        self.refuse(reset=reset, hangup=hangup)
+        self.cut_after(0)
 
     def cut_after(self, nbytes: int) -> None:
         """Cut each live connection after ``nbytes`` more bytes; new connections are not affected."""
@@ -159,6 +184,7 @@ class FaultProxy:
             self._refusing = False
             for c in self._conns:
                 c.budget = None
+        self.accept()
         self.resume()
 
     def reset(self) -> int:
@@ -217,12 +243,7 @@ class FaultProxy:
                 client, _ = srv.accept()
             except OSError:
                 return
-            with self._lock:
-                refusing = self._refusing
-            if refusing:
-                with self._lock:
-                    self._stats.refused += 1
-                _abort(client)
+            if self._turn_away(client):
                 continue
             try:
                 upstream = socket.create_connection(self.target, timeout=5)
@@ -235,14 +256,33 @@ class FaultProxy:
                     s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             conn = _Conn(client, upstream)
             with self._lock:
-                conn.budget = self._cut_budget
-                self._conns.add(conn)
-                self._stats.accepted += 1
-                self._stats.live = len(self._conns)
+                late = self._refusing  # refused while this one was connecting upstream
+                if late:
+                    self._stats.refused += 1
+                    hangup = self._hangup
+                else:
+                    conn.budget = self._cut_budget
+                    self._conns.add(conn)
+                    self._stats.accepted += 1
+                    self._stats.live = len(self._conns)
+            if late:
+                _close(upstream)
+                (_close if hangup else _abort)(client)
+                continue
             for src, dst, up in ((client, upstream, True), (upstream, client, False)):
                 t = threading.Thread(target=self._pump, args=(conn, src, dst, up), daemon=True)
                 conn.threads.append(t)
                 t.start()
+
+    def _turn_away(self, client: socket.socket) -> bool:
+        """Refuse ``client`` if refusing (RST, or FIN for a hangup); say whether it was."""
+        with self._lock:
+            if not self._refusing:
+                return False
+            self._stats.refused += 1
+            hangup = self._hangup
+        (_close if hangup else _abort)(client)
+        return True
 
     def _pump(self, conn: _Conn, src: socket.socket, dst: socket.socket, up: bool) -> None:
         try:

@@ -1,4 +1,5 @@
-"""The fault proxy itself: forwards, pauses (silence, then the held bytes), cuts, refuses, resets."""
+"""The suite's fault proxy (tests/_proxy.py) itself: forwards, pauses (silence, then the held bytes), cuts,
+refuses (closed port, RST or FIN), resets, outages."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from .proxy import FaultProxy
+from tests._proxy import FaultProxy
 
 
 @pytest.fixture
@@ -119,3 +120,62 @@ def test_reset_aborts_live_connections_with_rst(proxy: FaultProxy) -> None:
         assert proxy.reset() == 1
         with pytest.raises(ConnectionResetError):
             c.recv(10)
+
+
+def test_refuse_with_hangup_accepts_then_closes_with_a_fin(proxy: FaultProxy) -> None:
+    with _client(proxy) as live:
+        proxy.refuse(hangup=True)
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as c:
+            assert c.recv(1) == b""  # an orderly close, not a reset
+        live.sendall(b"live")  # a live connection is untouched
+        assert _recv_exactly(live, 4) == b"live"
+    assert proxy.stats().refused == 1
+    with pytest.raises(ValueError, match="not both"):
+        proxy.refuse(reset=True, hangup=True)
+
+
+def test_outage_closes_the_live_ones_and_refuses_new_ones_until_accept(proxy: FaultProxy) -> None:
+    port = proxy.port
+    with _client(proxy) as live:
+        proxy.outage()
+        assert live.recv(1) == b""  # FIN
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port), timeout=5)
+    proxy.accept()
+    assert proxy.port == port  # the same port again
+    with _client(proxy) as c:
+        c.sendall(b"back")
+        assert _recv_exactly(c, 4) == b"back"
+    assert proxy.stats().cuts == 1
+
+
+def test_outage_with_hangup_counts_the_refused_connections(proxy: FaultProxy) -> None:
+    proxy.outage(hangup=True)
+    for _ in range(3):
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as c:
+            assert c.recv(1) == b""
+    assert proxy.wait_for(lambda s: s.refused == 3, 5, "three refusals").accepted == 0
+
+
+def test_starts_refusing_on_a_known_port_then_heal_listens(echo_port: int) -> None:
+    with FaultProxy("127.0.0.1", echo_port, refusing=True) as p:
+        assert p.port > 0
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", p.port), timeout=5)
+        p.heal()
+        with _client(p) as c:
+            c.sendall(b"up")
+            assert _recv_exactly(c, 2) == b"up"
+
+
+def test_url_points_at_the_proxy_and_keeps_the_credentials(proxy: FaultProxy) -> None:
+    assert proxy.url("amqp://guest:pw@10.0.0.1:5672/%2F?heartbeat=5") == (
+        f"amqp://guest:pw@127.0.0.1:{proxy.port}/%2F?heartbeat=5")
+    assert proxy.url("postgresql+psycopg://db.example/test") == f"postgresql+psycopg://127.0.0.1:{proxy.port}/test"
+
+
+def test_fixture_makes_a_forwarding_proxy(fault_proxy, echo_port: int) -> None:
+    p = fault_proxy("127.0.0.1", echo_port)
+    with _client(p) as c:
+        c.sendall(b"f")
+        assert _recv_exactly(c, 1) == b"f"
