@@ -53,8 +53,10 @@ def setup_logging(level: str = "INFO", fmt: str = "text") -> None:
     handler.setFormatter(JsonFormatter() if fmt == "json" else MaskingFormatter(_TEXT_FORMAT))
     handler.addFilter(ContextFilter())
     global _repeats
-    _repeats = RateLimitFilter(REPEAT_WINDOW)
-    handler.addFilter(_repeats)
+    # at DEBUG every line is shown (someone is debugging: the retry rhythm is what they look at)
+    _repeats = RateLimitFilter(REPEAT_WINDOW) if logging.getLevelName(level.upper()) > logging.DEBUG else None
+    if _repeats is not None:
+        handler.addFilter(_repeats)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -25,7 +25,10 @@ def test_database_down_at_start_and_cut_mid_run(db, kafka_bootstrap, kafka_topic
     proxy = fault_proxy(real.host or "127.0.0.1", real.port or 5432, refusing=True)  # a closed port at first
     relay_url = real.set(password=SECRET, host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
     reader = kafka_reader(kafka_bootstrap, kafka_topic)
-    relay = start_relay(*relay_args(relay_url, "--kafka", kafka_bootstrap, batch=200), name="proxied")
+    # DEBUG: every retry line is logged (at INFO repeats are folded into "repeated N times"), so the
+    # retry rhythm can be read off the log
+    relay = start_relay(*relay_args(relay_url, "--kafka", kafka_bootstrap, batch=200), name="proxied",
+                        log_level="DEBUG")
 
     def errors() -> int:
         return relay.log().count("database unavailable")
