@@ -154,13 +154,19 @@ class RelayConfig:
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any], *, source: str = "relay setting") -> RelayConfig:
-        """Build from a mapping (TOML ``[relay]`` table, env vars); unknown keys are an error."""
+        """Build from a mapping (TOML ``[relay]`` table, env vars); unknown keys are an error.
+
+        A ``None`` value means "not set": the field keeps its default (``dataclasses.asdict`` of a
+        config round-trips, optional fields included).
+        """
         known = {s.name: s for s in relay_settings()}
         kwargs: dict[str, Any] = {}
         for key, raw in values.items():
             name = str(key).replace("-", "_")
             if name not in known:
                 raise ConfigurationError(f"unknown relay setting {key!r}; known: {', '.join(sorted(known))}")
+            if raw is None:
+                continue
             kwargs[name] = known[name].parse(raw, f"{source} {name}")
         return cls(**kwargs)
 

@@ -143,3 +143,15 @@ def test_unknown_dialect_is_refused_with_the_supported_list() -> None:
 
     with pytest.raises(UnsupportedDatabase, match=re.escape("PostgreSQL, MySQL 8 / MariaDB >= 10.6 or SQLite")):
         dialect_for("oracle")
+
+
+def test_relay_config_round_trips_through_a_mapping_with_its_optional_fields_unset() -> None:
+    """The fault harness (and anyone) rebuilds a config from its own fields: None-valued optional
+    fields (relay_id, ce_source, ...) mean "not set", not "an invalid string"."""
+    import dataclasses
+
+    cfg = RelayConfig(batch_size=7)
+    values = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+    assert [k for k, v in values.items() if v is None], "no optional field is None: the test tests nothing"
+    assert RelayConfig.from_mapping(values) == cfg
+    assert RelayConfig.from_mapping({**values, "lease_ttl": "9"}).lease_ttl == 9.0
