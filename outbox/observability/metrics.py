@@ -14,9 +14,11 @@
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import datetime as dt
 import logging
+import math
 import re
 import threading
 import time
@@ -260,17 +262,18 @@ class MetricsPublisher:
     def _count(self, records: Sequence[OutboxRecord], results: list[PublishResult]) -> None:
         m = self.metrics
         now = time.time()
-        by_id = {r.id: r for r in records}
+        # one result per record, in the order given (the Publisher protocol): no lookup by id
+        paired = zip(records, results, strict=True) if len(records) == len(results) else _by_id(records, results)
         delivered: dict[str, int] = {}
+        latencies: list[float] = []
         link_errors: list[str] = []
-        for res in results:
-            rec = by_id.get(res.id)
-            if rec is None:
-                continue
+        for rec, res in paired:
             if res.outcome is Outcome.DELIVERED:
-                delivered[rec.topic] = delivered.get(rec.topic, 0) + 1
-                if rec.created_at is not None:
-                    m.latency.observe(max(0.0, now - _aware(rec.created_at).timestamp()))
+                topic = rec.topic
+                delivered[topic] = delivered.get(topic, 0) + 1
+                created = rec.created_at
+                if created is not None:
+                    latencies.append(max(0.0, now - created.timestamp()))
                 continue
             if res.held:  # not sent: no attempt, nothing to count
                 continue
@@ -281,6 +284,8 @@ class MetricsPublisher:
                 m.dead.labels(topic=rec.topic, reason=code).inc()
             else:
                 m.retried.labels(topic=rec.topic, reason=code).inc()
+        if latencies:
+            observe_many(m.latency, latencies)
         for topic, n in delivered.items():
             m.published.labels(topic=topic).inc(n)
         if delivered:
@@ -573,3 +578,37 @@ def _catalogue() -> tuple[Any, ...]:
 
 #: every exported instrument (see :func:`_catalogue`)
 CATALOGUE: tuple[Any, ...] = _catalogue()
+
+
+def _by_id(records: Sequence[OutboxRecord], results: Sequence[PublishResult]) -> Iterator[tuple[OutboxRecord,
+                                                                                                 PublishResult]]:
+    """(record, result) pairs matched by row id, for a publisher that broke the one-result-per-record rule."""
+    by_id = {r.id: r for r in records}
+    for res in results:
+        rec = by_id.get(res.id)
+        if rec is not None:
+            yield rec, res
+
+
+def observe_many(histogram: Any, values: Sequence[float]) -> None:
+    """``histogram.observe(v)`` for every value, at a fraction of the cost (the relay's per-message path).
+
+    A batch's values are counted into buckets here (one bisect each) and added to the histogram
+    once per bucket, instead of one locked update per value. Falls back to ``observe`` where the
+    installed prometheus_client keeps its buckets differently.
+    """
+    bounds = getattr(histogram, "_upper_bounds", None)
+    buckets = getattr(histogram, "_buckets", None)
+    total = getattr(histogram, "_sum", None)
+    if bounds is None or buckets is None or total is None or len(bounds) != len(buckets):
+        for v in values:
+            histogram.observe(v)
+        return
+    counts = [0] * len(bounds)
+    where = bisect.bisect_left
+    for v in values:
+        counts[where(bounds, v)] += 1  # the first bound >= v: Prometheus buckets are "le"
+    for i, n in enumerate(counts):
+        if n:
+            buckets[i].inc(n)
+    total.inc(math.fsum(values))

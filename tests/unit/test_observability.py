@@ -115,3 +115,26 @@ def test_the_catalogue_holds_exactly_the_agreed_metric_names() -> None:
         "outbox_consumer_lag_messages": "gauge", "outbox_consumer_queue_depth_messages": "gauge",
         "outbox_consumer_last_loop_timestamp_seconds": "gauge", "outbox_info": "gauge",
     }
+
+
+def test_observe_many_counts_exactly_what_observe_would() -> None:
+    """The relay counts a batch's latencies into the histogram at once: same buckets, count and sum
+    as one observe() per value (values on a bucket bound included: buckets are "less or equal")."""
+    import prometheus_client as pc
+
+    from outbox.observability.metrics import observe_many
+
+    values = [0.0, 0.004, 0.005, 0.0051, 0.3, 1.0, 2.5, 7.0, 99.0, 1e6] * 3
+    one, many = pc.CollectorRegistry(), pc.CollectorRegistry()
+    a = pc.Histogram("lat_seconds", "x", registry=one)
+    b = pc.Histogram("lat_seconds", "x", registry=many)
+    for v in values:
+        a.observe(v)
+    observe_many(b, values)
+
+    def samples(reg):
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for fam in reg.collect() for s in fam.samples if not s.name.endswith("_created")}
+
+    assert samples(one) == pytest.approx(samples(many))
+    assert samples(many)[("lat_seconds_count", ())] == len(values)
