@@ -48,9 +48,9 @@ knative RabbitMQ binding, which the Python SDK's ``rabbitmq`` module writes) hea
 names case-insensitively. The attributes found land in
 :attr:`~outbox.incoming.IncomingMessage.attributes` by their CloudEvents names (``type``,
 ``source``, ``time``, ``subject``, ``id``, ``specversion``, extensions); headers stay as
-received. The message id is the CloudEvents id (``ce_id``; ``cloudEvents_id``, ``cloudEvents:id``
-or ``ce-id`` on AMQP), in its lossless stored form (:func:`~outbox.incoming.id_text`); the
-consumer's id sources, where configured, have the last word.
+received. Decode leaves ``IncomingMessage.id`` unset, as every codec does: the consumer's id
+sources (:mod:`consumers.ids`; ``cloudevents`` is in the default list) read the CloudEvents id
+(``ce_id``; ``cloudEvents_id``, ``cloudEvents:id`` or ``ce-id`` on AMQP) in its lossless stored form.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..errors import ConfigurationError
-from ..incoming import IncomingMessage, id_text
+from ..incoming import IncomingMessage
 from ..message import OutboxRecord
 from .base import BINDINGS, CONTENT_TYPE_HEADER, Envelope
 from .codecs import NATIVE
@@ -86,7 +86,6 @@ _AMQP_PREFIX = "cloudEvents_"
 _AMQP_READ_PREFIXES = ("cloudevents_", "cloudevents:", "ce-")
 _TIME_NAMES = frozenset(p + "time" for p in _AMQP_READ_PREFIXES)
 #: where the event id is read from, in order (lower case)
-_ID_NAMES = {"kafka": ("ce_id",), "amqp": tuple(p + "id" for p in _AMQP_READ_PREFIXES)}
 
 _RESERVED = {
     "kafka": frozenset({"ce_*", CONTENT_TYPE_HEADER, _TRACEPARENT, _TRACESTATE}),
@@ -228,27 +227,12 @@ class CloudEventsCodec:
         if not found:
             return msg
         attributes.update(found)
-        if "id" in found:
-            msg.id = _event_id(envelope.headers, _ID_NAMES[binding])
         if msg.content_type is not None:
             attributes.setdefault("datacontenttype", msg.content_type)
         for attr, ext in _EXTENSIONS:
             if ext in found:
                 attributes.setdefault(attr, found[ext])
         return msg
-
-
-def _event_id(headers: Mapping[Any, Any], names: tuple[str, ...]) -> str | None:
-    """The stored form of the CloudEvents id (lossless: ids that differ only in bytes that are not
-    UTF-8 stay two ids), from the first of ``names`` (lower case) present."""
-    by_name = {k.lower(): v for k, v in headers.items() if isinstance(k, str) and v is not None}
-    for name in names:
-        raw = by_name.get(name)
-        if isinstance(raw, (bytes, bytearray, str)):
-            return id_text(raw)
-        if raw is not None and not isinstance(raw, (dict, list, tuple)):
-            return id_text(str(raw))
-    return None
 
 
 def _amqp_time(headers: Mapping[Any, Any], text: str) -> str:

@@ -36,7 +36,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..errors import ConfigurationError
-from ..incoming import IncomingMessage, id_text
+from ..incoming import IncomingMessage
 from ..message import OutboxRecord
 from .base import BINDINGS, CONTENT_TYPE_HEADER, Envelope
 from .codecs import NATIVE
@@ -91,11 +91,9 @@ class DebeziumCodec:
         return Envelope(record.topic, record.key, record.payload, headers, record.created_at, props)
 
     def decode(self, envelope: Envelope, binding: str) -> IncomingMessage:
-        msg = NATIVE.decode(envelope, binding)
-        raw = envelope.headers.get(EVENT_ID_HEADER)
-        if isinstance(raw, (bytes, bytearray, str)):
-            msg.id = id_text(raw)  # lossless: ids that differ only in bytes that are not UTF-8 stay two ids
-        return msg
+        # the event id stays in the ``id`` header: the consumer's id sources read it (``header:id``
+        # is in the default list), losslessly
+        return NATIVE.decode(envelope, binding)
 
     def __repr__(self) -> str:
         return "DebeziumCodec()"
