@@ -68,17 +68,30 @@ class ProcessSpans:
     def creation_context(self, message: IncomingMessage) -> Any:
         """The producer's span context carried by ``message`` (an OpenTelemetry ``Context``), or ``None``."""
         attrs = message.attributes
-        parent = attrs.get(TRACEPARENT) or message.headers.get(TRACEPARENT)
+        return self._context(attrs.get(TRACEPARENT) or message.headers.get(TRACEPARENT),
+                             attrs.get(TRACESTATE) or message.headers.get(TRACESTATE))
+
+    def _context(self, parent: str | None, state: str | None) -> Any:
+        """The ``Context`` of a W3C ``traceparent`` (and ``tracestate``); ``None`` if absent or invalid."""
         if not parent:
             return None
         carrier = {TRACEPARENT: parent}
-        state = attrs.get(TRACESTATE) or message.headers.get(TRACESTATE)
         if state:
             carrier[TRACESTATE] = state
         ctx = self._propagator.extract(carrier)  # a malformed traceparent gives an empty context
         if not self._trace.get_current_span(ctx).get_span_context().is_valid:
             return None
         return ctx
+
+    def _failed(self, span: Any, exc: BaseException, *, event: bool) -> None:
+        """Mark ``span`` failed by ``exc``, masked (never a credential in a span); ``event``: an exception event too."""
+        if not span.is_recording():
+            return
+        text = mask_secrets(f"{type(exc).__name__}: {exc}")[:500]
+        if event:
+            span.add_event("exception", {"exception.type": type(exc).__qualname__, "exception.message": text})
+        span.set_attribute("error.type", type(exc).__qualname__)
+        span.set_status(self._status(self._code, text))
 
     @contextlib.contextmanager
     def span(self, message: IncomingMessage, consumer_name: str) -> Iterator[Any]:
@@ -116,12 +129,7 @@ class ProcessSpans:
             try:
                 yield span
             except BaseException as exc:
-                if span.is_recording():
-                    text = mask_secrets(f"{type(exc).__name__}: {exc}")[:500]  # never a credential in a span
-                    span.add_event("exception", {"exception.type": type(exc).__qualname__,
-                                                 "exception.message": text})
-                    span.set_attribute("error.type", type(exc).__qualname__)
-                    span.set_status(self._status(self._code, text))
+                self._failed(span, exc, event=True)
                 raise
 
 
@@ -135,17 +143,11 @@ class ProcessSpans:
         links = []
         for r in records:
             attrs = r.attributes
-            parent = attrs.get(TRACEPARENT) if attrs else None
-            if parent:
-                carrier = {TRACEPARENT: parent}
-                state = attrs.get(TRACESTATE)
-                if state:
-                    carrier[TRACESTATE] = state
-                ctx = self._trace.get_current_span(self._propagator.extract(carrier)).get_span_context()
-                if ctx.is_valid:
-                    links.append(self._link(ctx))
-                    if len(links) >= MAX_LINKS:
-                        break
+            ctx = self._context(attrs.get(TRACEPARENT), attrs.get(TRACESTATE)) if attrs else None
+            if ctx is not None:
+                links.append(self._link(self._trace.get_current_span(ctx).get_span_context()))
+                if len(links) >= MAX_LINKS:
+                    break
         attributes: dict[str, Any] = {"messaging.operation.name": "send", "messaging.operation.type": "send",
                                       "messaging.batch.message_count": len(records)}
         if system:
@@ -159,10 +161,7 @@ class ProcessSpans:
             try:
                 yield span
             except BaseException as exc:
-                if span.is_recording():
-                    text = mask_secrets(f"{type(exc).__name__}: {exc}")[:500]
-                    span.set_attribute("error.type", type(exc).__qualname__)
-                    span.set_status(self._status(self._code, text))
+                self._failed(span, exc, event=False)
                 raise
 
 
