@@ -62,8 +62,8 @@ from typing import Any
 from ..errors import ConfigurationError
 from ..incoming import IncomingMessage
 from ..message import OutboxRecord
-from .base import BINDINGS, CONTENT_TYPE_HEADER, Envelope
-from .codecs import NATIVE
+from .base import CONTENT_TYPE_HEADER, Envelope
+from .codecs import NATIVE, check_binding
 
 __all__ = ["CLOUDEVENTS", "DEFAULT_SOURCE", "SPECVERSION", "CloudEventsCodec", "check_source", "rfc3339"]
 
@@ -148,10 +148,8 @@ class CloudEventsCodec:
 
     def reserved(self, binding: str) -> frozenset[str]:
         """Lower-case header names this codec writes or reads; a name ending in ``*`` is a prefix."""
-        try:
-            return _RESERVED[binding]
-        except KeyError:
-            raise ConfigurationError(f"unknown codec binding {binding!r}; known: {', '.join(BINDINGS)}") from None
+        check_binding(binding)
+        return _RESERVED[binding]
 
     # ------------------------------------------------------------------ encode
 
@@ -173,7 +171,8 @@ class CloudEventsCodec:
                                      "type": ce_type}
             self._attributes(headers, "cloudEvents_", mid, source, ce_type, created, attrs, trace, props)
             return Envelope(record.topic, record.key, record.payload, headers, created, props)
-        raise ConfigurationError(f"unknown codec binding {binding!r}; known: {', '.join(BINDINGS)}")
+        check_binding(binding)
+        raise AssertionError  # unreachable
 
     def _attributes(self, headers: dict[str, str | bytes], prefix: str, mid: str, source: str, ce_type: str,
                     created: Any, attrs: Mapping[str, str], trace: str | None, props: dict[str, Any] | None) -> None:

@@ -35,11 +35,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from ..errors import ConfigurationError
 from ..incoming import IncomingMessage
 from ..message import OutboxRecord
-from .base import BINDINGS, CONTENT_TYPE_HEADER, Envelope
-from .codecs import NATIVE
+from .base import CONTENT_TYPE_HEADER, Envelope
+from .codecs import NATIVE, check_binding
 
 __all__ = ["DEBEZIUM", "EVENT_ID_HEADER", "DebeziumCodec"]
 
@@ -60,10 +59,8 @@ class DebeziumCodec:
     name = "debezium"
 
     def reserved(self, binding: str) -> frozenset[str]:
-        try:
-            return _RESERVED[binding]
-        except KeyError:
-            raise ConfigurationError(f"unknown codec binding {binding!r}; known: {', '.join(BINDINGS)}") from None
+        check_binding(binding)
+        return _RESERVED[binding]
 
     def encode(self, record: OutboxRecord, binding: str) -> Envelope:
         mid = str(record.message_id)

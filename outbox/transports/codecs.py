@@ -38,7 +38,8 @@ _OWN_KAFKA = frozenset({MESSAGE_ID_HEADER, CONTENT_TYPE_HEADER, *(h for _a, h, _
 _OWN_AMQP = frozenset({MESSAGE_ID_HEADER, *(h for _a, h, p in _NATIVE_ATTRS if p is None)})
 
 
-def _check_binding(binding: str) -> None:
+def check_binding(binding: str) -> None:
+    """Raise :class:`~outbox.errors.ConfigurationError` unless ``binding`` is one of :data:`BINDINGS` (every codec)."""
     if binding not in BINDINGS:
         raise ConfigurationError(f"unknown codec binding {binding!r}; known: {', '.join(BINDINGS)}")
 
@@ -61,7 +62,7 @@ class NativeCodec:
     name = "native"
 
     def reserved(self, binding: str) -> frozenset[str]:
-        _check_binding(binding)
+        check_binding(binding)
         return _OWN_KAFKA if binding == "kafka" else _OWN_AMQP
 
     def encode(self, record: OutboxRecord, binding: str) -> Envelope:
@@ -93,7 +94,7 @@ class NativeCodec:
                         else:
                             props[prop] = value
             return Envelope(record.topic, record.key, record.payload, headers, record.created_at, props)
-        _check_binding(binding)
+        check_binding(binding)
         raise AssertionError  # unreachable
 
     def decode(self, envelope: Envelope, binding: str) -> IncomingMessage:
