@@ -191,42 +191,38 @@ def _payload(value: Any) -> bytes:
 
 
 def _headers(value: Any, json_as_text: bool) -> dict[str, str]:
-    if json_as_text and isinstance(value, (str, bytes, bytearray)):
-        try:
-            value = json.loads(value)
-        except ValueError as exc:
-            raise RowError(f"headers must be a JSON object of strings, got invalid JSON ({exc})") from None
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise RowError(f"headers must be a JSON object of strings, got {_json_kind(value)}")
-    for k, v in value.items():
-        if not isinstance(v, str):
-            raise RowError(f"headers must be a JSON object of strings, got {_json_kind(v)} for header "
-                           f"{_short_repr(k)}")
-        if not k:
-            raise RowError("headers must be a JSON object of strings, got an empty header name")
-    return value
+    value = _string_object(value, json_as_text, "headers", "header ", "header name")
+    return {} if value is None else value
 
 
 def _attributes(value: Any, json_as_text: bool) -> Mapping[str, str]:
+    value = _string_object(value, json_as_text, "attributes", "", "name")
+    if not value:
+        return NO_ATTRIBUTES
+    for k, v in value.items():
+        if len(v) > ATTRIBUTE_LENGTH or "\x00" in v:
+            raise RowError(f"attribute {_short_repr(k)} must be at most {ATTRIBUTE_LENGTH} characters without NUL")
+    return value
+
+
+def _string_object(value: Any, json_as_text: bool, what: str, item: str, name: str) -> dict[str, str] | None:
+    """A column holding a JSON object of strings (``headers``, ``attributes``), ``None`` for SQL NULL / JSON null;
+    anything else raises :class:`RowError` naming ``what``, and the ``item`` (prefix) or ``name`` at fault."""
     if json_as_text and isinstance(value, (str, bytes, bytearray)):
         try:
             value = json.loads(value)
         except ValueError as exc:
-            raise RowError(f"attributes must be a JSON object of strings, got invalid JSON ({exc})") from None
-    if value is None or value == {}:
-        return NO_ATTRIBUTES
+            raise RowError(f"{what} must be a JSON object of strings, got invalid JSON ({exc})") from None
+    if value is None:
+        return None
     if not isinstance(value, dict):
-        raise RowError(f"attributes must be a JSON object of strings, got {_json_kind(value)}")
+        raise RowError(f"{what} must be a JSON object of strings, got {_json_kind(value)}")
     for k, v in value.items():
         if not isinstance(v, str):
-            raise RowError(f"attributes must be a JSON object of strings, got {_json_kind(v)} for "
+            raise RowError(f"{what} must be a JSON object of strings, got {_json_kind(v)} for {item}"
                            f"{_short_repr(k)}")
         if not k:
-            raise RowError("attributes must be a JSON object of strings, got an empty name")
-        if len(v) > ATTRIBUTE_LENGTH or "\x00" in v:
-            raise RowError(f"attribute {_short_repr(k)} must be at most {ATTRIBUTE_LENGTH} characters without NUL")
+            raise RowError(f"{what} must be a JSON object of strings, got an empty {name}")
     return value
 
 
