@@ -13,6 +13,7 @@ SQLite files, so runs never see each other's rows. Tables are emptied between te
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import tempfile
@@ -230,21 +231,30 @@ def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield broker.bootstrap_servers
 
 
+@contextlib.contextmanager
+def new_kafka_topic(bootstrap: str, prefix: str, partitions: int = 1) -> Iterator[str]:
+    """A new topic named ``prefix-<random>`` with ``partitions``, deleted afterwards where the broker allows."""
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    name = f"{prefix}-{uuid.uuid4().hex[:10]}"
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    for fut in admin.create_topics([NewTopic(name, num_partitions=partitions, replication_factor=1)]).values():
+        fut.result(30)
+    try:
+        yield name
+    finally:
+        try:
+            for fut in admin.delete_topics([name]).values():
+                fut.result(10)
+        except Exception:
+            pass
+
+
 @pytest.fixture
 def kafka_topic(kafka_bootstrap: str) -> Iterator[str]:
     """A new topic (3 partitions) with a unique name, deleted after the test where possible."""
-    from confluent_kafka.admin import AdminClient, NewTopic
-
-    name = f"t-{RUN_ID}-{uuid.uuid4().hex[:8]}"
-    admin = AdminClient({"bootstrap.servers": kafka_bootstrap})
-    for fut in admin.create_topics([NewTopic(name, num_partitions=3, replication_factor=1)]).values():
-        fut.result(30)
-    yield name
-    try:
-        for fut in admin.delete_topics([name]).values():
-            fut.result(10)
-    except Exception:
-        pass
+    with new_kafka_topic(kafka_bootstrap, f"t-{RUN_ID}", partitions=3) as name:
+        yield name
 
 
 @pytest.fixture(scope="session")

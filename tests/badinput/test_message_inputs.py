@@ -24,6 +24,7 @@ import sqlalchemy as sa
 
 from consumers import DedupConsumer, KafkaRunner, RabbitMQRunner, declare_queue, list_dead_letters
 from consumers.message import id_text
+from tests.conftest import new_kafka_topic
 
 KAFKA_CONFIG = {"session.timeout.ms": 6000, "heartbeat.interval.ms": 500, "topic.metadata.refresh.interval.ms": 1000}
 
@@ -314,18 +315,8 @@ def thread_run(runner: Any) -> Any:
 
 @pytest.fixture
 def one_partition_topic(kafka_bootstrap: str) -> Iterator[str]:
-    from confluent_kafka.admin import AdminClient, NewTopic
-
-    name = f"badmsg-{uuid.uuid4().hex[:10]}"
-    admin = AdminClient({"bootstrap.servers": kafka_bootstrap})
-    for fut in admin.create_topics([NewTopic(name, num_partitions=1, replication_factor=1)]).values():
-        fut.result(30)
-    yield name
-    try:
-        for fut in admin.delete_topics([name]).values():
-            fut.result(10)
-    except Exception:
-        pass
+    with new_kafka_topic(kafka_bootstrap, "badmsg") as name:
+        yield name
 
 
 @pytest.mark.kafka

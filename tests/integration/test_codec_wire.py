@@ -26,6 +26,7 @@ from outbox import Outbox, default_tables
 from outbox.config import RelayConfig
 from outbox.relay import Relay
 from outbox.transports.codecs import get_codec
+from tests.conftest import new_kafka_topic
 
 T = default_tables().outbox
 FAST = {"min_poll_interval": 0.01, "poll_interval": 0.05, "backoff_initial": 0.05, "backoff_max": 0.2,
@@ -72,21 +73,12 @@ def expected(topic: str, attributes: dict[str, str] | None) -> tuple[str, str]:
 def one_partition_topic(kafka_bootstrap):
     """A one-partition topic primed with a record of its own: tansu can drop a partition's first record."""
     from confluent_kafka import Producer
-    from confluent_kafka.admin import AdminClient, NewTopic
 
-    name = f"codec-{uuid.uuid4().hex[:10]}"
-    admin = AdminClient({"bootstrap.servers": kafka_bootstrap})
-    for fut in admin.create_topics([NewTopic(name, num_partitions=1, replication_factor=1)]).values():
-        fut.result(30)
-    p = Producer({"bootstrap.servers": kafka_bootstrap})
-    p.produce(name, value=b"primer", headers={"primer": b"1"})
-    assert p.flush(30) == 0
-    yield name
-    try:
-        for fut in admin.delete_topics([name]).values():
-            fut.result(10)
-    except Exception:
-        pass
+    with new_kafka_topic(kafka_bootstrap, "codec") as name:
+        p = Producer({"bootstrap.servers": kafka_bootstrap})
+        p.produce(name, value=b"primer", headers={"primer": b"1"})
+        assert p.flush(30) == 0
+        yield name
 
 
 def read_kafka(bootstrap: str, topic: str, timeout: float = 30.0):
