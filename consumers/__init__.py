@@ -33,11 +33,16 @@ from .staged import StagedConsumer, stage
 from .versioning import StateMachine, versioned_update
 
 if TYPE_CHECKING:
+    from outbox.transports.kafka.aiorunner import AsyncKafkaRunner
+    from outbox.transports.rabbitmq.aiorunner import AsyncRabbitMQRunner
+
     from .kafka import KafkaRunner
     from .rabbitmq import RabbitMQRunner, declare_queue
 
 __all__ = [
     "DEFAULT_ID_FROM",
+    "AsyncKafkaRunner",
+    "AsyncRabbitMQRunner",
     "ConfigurationError",
     "ConsumerError",
     "DecodeError",
@@ -67,7 +72,9 @@ __all__ = [
 ]
 
 _LAZY = {"KafkaRunner": "outbox.transports.kafka.runner", "RabbitMQRunner": "outbox.transports.rabbitmq.runner",
-         "declare_queue": "outbox.transports.rabbitmq.runner"}
+         "declare_queue": "outbox.transports.rabbitmq.runner",
+         "AsyncKafkaRunner": "outbox.transports.kafka.aiorunner",
+         "AsyncRabbitMQRunner": "outbox.transports.rabbitmq.aiorunner"}
 
 
 def __getattr__(name: str) -> Any:
