@@ -131,7 +131,8 @@ async def test_kafka_offsets_wait_for_the_database_commit(db_url, engine, effect
                                                          kafka_bootstrap, kafka_topic, kafka_config, fault_proxy):
     """The database is unreachable: batches fail to commit, are retried, and no offset is committed meanwhile."""
     url = sa.engine.make_url(db_url)
-    proxy = fault_proxy(url.host or "127.0.0.1", url.port or 5432, refusing=True)
+    proxy = fault_proxy(url.host or "127.0.0.1", url.port or 5432)
+    proxy.refuse(hangup=True)  # accepts, then hangs up: each try of the runner is counted
     proxied = create_async_engine(url.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False))
     group = f"g-{uuid.uuid4().hex[:8]}"
     sent = kitems(12)
@@ -248,7 +249,8 @@ async def test_rabbitmq_processed_duplicate_poison_and_reconnect(aengine, engine
 async def test_rabbitmq_nothing_acked_before_the_database_commit(db_url, effects, count_effects, rabbitmq_url, queue,
                                                                  fault_proxy):
     url = sa.engine.make_url(db_url)
-    proxy = fault_proxy(url.host or "127.0.0.1", url.port or 5432, refusing=True)
+    proxy = fault_proxy(url.host or "127.0.0.1", url.port or 5432)
+    proxy.refuse(hangup=True)  # accepts, then hangs up: each try of the runner is counted
     proxied = create_async_engine(url.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False))
     sent = ritems(8)
     publish(rabbitmq_url, queue["exchange"], sent)
