@@ -12,38 +12,16 @@ import time
 import uuid
 from collections.abc import Callable
 
-import pika
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from consumers import AsyncDedupConsumer, AsyncKafkaRunner, AsyncRabbitMQRunner, declare_queue, list_dead_letters
+from consumers import AsyncKafkaRunner, AsyncRabbitMQRunner, list_dead_letters
+from tests._amqp import amqp_publish, queue_depth
 
-from .conftest import EFFECTS
+from .conftest import AsyncRecorder
 
 pytestmark = [pytest.mark.parametrize("dialect_name", ["postgresql"], indirect=True)]
-
-
-class AsyncRecorder(AsyncDedupConsumer):
-    """Writes one effect row per handled message; fails for ids in ``failing``."""
-
-    name = "test.async-recorder"
-    retry_initial = 0.001
-    retry_max = 0.01
-    retry_jitter = 0.001
-    max_attempts = 3
-
-    def __init__(self, **kw: object) -> None:
-        super().__init__(**kw)  # type: ignore[arg-type]
-        self.failing: set[str] = set()
-        self.calls: list[str] = []
-
-    async def handle(self, session, message):
-        self.calls.append(message.id)
-        await session.execute(EFFECTS.insert().values(message_id=message.id, value=str(message.body)))
-        if message.id in self.failing:
-            raise RuntimeError(f"handler failed for {message.id}")
-        return {"seen": message.id}
 
 
 async def until(condition: Callable[[], object], timeout: float = 60.0, what: str = "condition") -> None:
@@ -189,29 +167,7 @@ async def test_kafka_rebalance_between_two_async_runners(aengine, effects, count
 # ------------------------------------------------------------------ RabbitMQ
 
 
-@pytest.fixture
-def queue(rabbitmq_url, amqp_names):
-    declare_queue(rabbitmq_url, amqp_names["queue"], exchange=amqp_names["exchange"],
-                  dead_letter_exchange=amqp_names["dlx"], dead_letter_queue=amqp_names["dlq"])
-    return amqp_names
-
-
-def publish(url: str, exchange: str, items: list[tuple[str | None, bytes]]) -> None:
-    conn = pika.BlockingConnection(pika.URLParameters(url))
-    ch = conn.channel()
-    ch.confirm_delivery()
-    for msg_id, body in items:
-        ch.basic_publish(exchange, "orders.created", body,
-                         pika.BasicProperties(message_id=msg_id, content_type="application/json", delivery_mode=2))
-    conn.close()
-
-
-def queue_depth(url: str, queue: str) -> int:
-    conn = pika.BlockingConnection(pika.URLParameters(url))
-    try:
-        return int(conn.channel().queue_declare(queue, passive=True).method.message_count)
-    finally:
-        conn.close()
+publish = amqp_publish
 
 
 def ritems(n: int) -> list[tuple[str | None, bytes]]:
