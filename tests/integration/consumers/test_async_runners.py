@@ -1,4 +1,5 @@
-"""AsyncKafkaRunner and AsyncRabbitMQRunner end to end on the real brokers (PostgreSQL, async psycopg)."""
+"""AsyncKafkaRunner and AsyncRabbitMQRunner end to end on the real brokers (PostgreSQL through async psycopg;
+SQLite through aiosqlite for ``outbox consume``)."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from tests._amqp import amqp_publish, queue_depth
 
 from .conftest import AsyncRecorder
 
-pytestmark = [pytest.mark.parametrize("dialect_name", ["postgresql"], indirect=True)]
+PG = pytest.mark.parametrize("dialect_name", ["postgresql"], indirect=True)
 
 
 async def until(condition: Callable[[], object], timeout: float = 60.0, what: str = "condition") -> None:
@@ -69,6 +70,7 @@ def kitems(n: int, prefix: str = "") -> list[tuple[str | None, str, bytes]]:
 # ------------------------------------------------------------------ Kafka
 
 
+@PG
 @pytest.mark.kafka
 async def test_kafka_processed_duplicate_poison_and_restart(aengine, engine, effects, count_effects, produce, committed,
                                                            kafka_bootstrap, kafka_topic, kafka_config):
@@ -104,6 +106,7 @@ async def test_kafka_processed_duplicate_poison_and_restart(aengine, engine, eff
     assert sorted(again.calls) == sorted(m[0] for m in more) and r2.runner.stats.duplicates == 0
 
 
+@PG
 @pytest.mark.kafka
 async def test_kafka_offsets_wait_for_the_database_commit(db_url, engine, effects, count_effects, produce, committed,
                                                          kafka_bootstrap, kafka_topic, kafka_config, fault_proxy):
@@ -131,6 +134,7 @@ async def test_kafka_offsets_wait_for_the_database_commit(db_url, engine, effect
         await proxied.dispose()
 
 
+@PG
 @pytest.mark.kafka
 async def test_kafka_rebalance_between_two_async_runners(aengine, effects, count_effects, produce, kafka_bootstrap,
                                                          kafka_topic, kafka_config):
@@ -174,6 +178,7 @@ def ritems(n: int) -> list[tuple[str | None, bytes]]:
     return [(str(uuid.uuid4()), json.dumps({"n": i}).encode()) for i in range(n)]
 
 
+@PG
 @pytest.mark.rabbitmq
 async def test_rabbitmq_processed_duplicate_poison_and_reconnect(aengine, engine, effects, count_effects, rabbitmq_url,
                                                                  queue, rabbitmq_proxy):
@@ -201,6 +206,7 @@ async def test_rabbitmq_processed_duplicate_poison_and_reconnect(aengine, engine
     await until(lambda: queue_depth(rabbitmq_url, queue["dlq"]) == 2, 30, "both dead letters in the DLQ")
 
 
+@PG
 @pytest.mark.rabbitmq
 async def test_rabbitmq_nothing_acked_before_the_database_commit(db_url, effects, count_effects, rabbitmq_url, queue,
                                                                  fault_proxy):
@@ -224,6 +230,7 @@ async def test_rabbitmq_nothing_acked_before_the_database_commit(db_url, effects
         await proxied.dispose()
 
 
+@PG
 @pytest.mark.rabbitmq
 async def test_metrics_observer_counts_the_async_runner(aengine, effects, count_effects, rabbitmq_url, queue):
     pytest.importorskip("prometheus_client")
@@ -284,6 +291,7 @@ def _cli(tmp_path, target: str, args: list[str]) -> subprocess.CompletedProcess:
                           capture_output=True, timeout=120, cwd=tmp_path)
 
 
+@PG
 @pytest.mark.kafka
 def test_outbox_consume_async_class_sigterm_finishes_the_batch_kafka(db_url, effects, count_effects, produce,
                                                                     committed, kafka_bootstrap, kafka_topic,
@@ -304,6 +312,7 @@ def test_outbox_consume_async_class_sigterm_finishes_the_batch_kafka(db_url, eff
     assert sum(max(0, o) for o in committed(group, kafka_topic).values()) == done  # ... and its offsets committed
 
 
+@pytest.mark.parametrize("dialect_name", ["postgresql", "sqlite"], indirect=True)
 @pytest.mark.rabbitmq
 def test_outbox_consume_async_class_sigterm_finishes_the_batch_rabbitmq(db_url, effects, count_effects, rabbitmq_url,
                                                                        queue, tmp_path):
