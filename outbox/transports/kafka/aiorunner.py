@@ -11,8 +11,10 @@ Why confluent-kafka's asyncio client and not aiokafka: it ships with the conflue
 require (no new dependency), it is librdkafka underneath (the same protocol support, settings and
 security options as the relay and the threaded runner), and on the tansu broker its rebalance
 callbacks (``on_assign``/``on_revoke``/``on_lost``, run as coroutines on the loop), exact-offset
-commits and ``pause``/``seek``/``resume`` behave as the threaded client's. Each call runs in a small
-thread pool, so the event loop never blocks on the broker.
+commits and ``pause``/``seek``/``resume`` behave as the threaded client's. aiokafka (0.14) passed the
+same probe, but its group coordinator runs as a background task, so a revoke can arrive in the
+middle of a batch; here the callbacks fire only inside ``consume()``, between batches, as in the
+threaded runner. Each call runs in a small thread pool, so the event loop never blocks on the broker.
 """
 
 from __future__ import annotations
