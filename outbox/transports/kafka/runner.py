@@ -30,8 +30,9 @@ from consumers.base import DedupConsumer, Outcome, Status
 from outbox._redact import mask_secrets
 from outbox.errors import BrokerUnavailable, ConfigurationError
 from outbox.incoming import IncomingMessage
-from outbox.transports.base import MESSAGE_ID_HEADER, Codec, Envelope
+from outbox.transports.base import MESSAGE_ID_HEADER, Codec
 from outbox.transports.codecs import get_codec
+from outbox.transports.received import kafka_message
 
 __all__ = ["KafkaRunner"]
 
@@ -168,17 +169,9 @@ class KafkaRunner(RunnerCore):
         return batch
 
     def _message(self, km: Message, tp: tuple[str, int]) -> IncomingMessage:
-        raw_headers: dict[str, str | bytes] = {}
-        for k, v in km.headers() or []:
-            if v is not None:
-                raw_headers[k] = v
         offset = km.offset() or 0
-        env = Envelope(tp[0], km.key(), bytes(km.value() or b""), raw_headers, partition=tp[1], offset=offset, raw=km)
-        msg = self.codec.decode(env, "kafka")
-        msg.id = None  # the consumer's id sources own the id (consumers.ids), whatever the codec
-        msg.broker = "kafka"
-        msg.consumer_group = self.group_id
-        msg.ordered_by_partition = True
+        msg = kafka_message(self.codec, tp[0], tp[1], offset, km.key(), km.value(), km.headers(),
+                            group_id=self.group_id, raw=km)
         retry = self._retry.get(tp)
         if retry is not None and retry.offset == offset:
             msg.attempt = retry.next_attempt

@@ -27,13 +27,10 @@ from consumers._runner import RunnerCore, check_str
 from consumers.base import DedupConsumer, Outcome, Status, backoff
 from outbox._redact import mask_secrets
 from outbox.errors import BrokerUnavailable, ConfigurationError
-from outbox.incoming import IncomingMessage, header_text
-from outbox.transports.base import Codec, Envelope
+from outbox.incoming import IncomingMessage
+from outbox.transports.base import Codec
 from outbox.transports.codecs import get_codec
-
-#: The AMQP basic properties handed to the codec.
-_PROPERTIES = ("message_id", "content_type", "content_encoding", "correlation_id", "type", "app_id",
-               "timestamp", "reply_to", "expiration", "priority", "user_id", "delivery_mode")
+from outbox.transports.received import message_from_amqp
 
 __all__ = ["RabbitMQRunner", "declare_queue"]
 
@@ -156,16 +153,7 @@ class RabbitMQRunner(RunnerCore):
             log.info("consumer %s: stopped (%s)", self.consumer.name, self.stats)
 
     def _on_message(self, ch: BlockingChannel, method: Any, props: pika.BasicProperties, body: bytes) -> None:
-        headers = props.headers or {}
-        properties = {n: getattr(props, n) for n in _PROPERTIES}
-        env = Envelope(method.exchange or self.queue, method.routing_key, bytes(body), headers,
-                       properties=properties, delivery_tag=method.delivery_tag,
-                       redelivered=bool(method.redelivered), raw=(method, props, body))
-        msg = self.codec.decode(env, "amqp")
-        msg.id = None  # the consumer's id sources own the id (consumers.ids), whatever the codec
-        if props.message_id and "message_id" not in msg.attributes:  # the `message_id` id source reads it here
-            msg.attributes["message_id"] = header_text(props.message_id)  # a shortstr: bytes when not UTF-8
-        msg.broker = "rabbitmq"
+        msg = message_from_amqp((method, props, body), codec=self.codec, queue=self.queue)
         msg_id = self.consumer.find_id(msg)  # the consumer's id sources; process_batch resolves it again
         failed = self._failures.get(msg_id) if msg_id else None
         if failed is not None:
