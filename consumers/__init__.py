@@ -36,6 +36,7 @@ from .versioning import StateMachine, versioned_update
 if TYPE_CHECKING:
     from outbox.transports.kafka.aiorunner import AsyncKafkaRunner
     from outbox.transports.rabbitmq.aiorunner import AsyncRabbitMQRunner
+    from outbox.transports.received import message_from_amqp, message_from_kafka
 
     from .aio import AsyncDedupConsumer, AsyncStagedConsumer
     from .kafka import KafkaRunner
@@ -66,6 +67,8 @@ __all__ = [
     "declare_queue",
     "get_dead_letter",
     "list_dead_letters",
+    "message_from_amqp",
+    "message_from_kafka",
     "parse_id_sources",
     "purge_dead_letters",
     "purge_processed",
@@ -76,6 +79,7 @@ __all__ = [
 ]
 
 _LAZY = {"AsyncDedupConsumer": "consumers.aio", "AsyncStagedConsumer": "consumers.aio",
+         "message_from_amqp": "outbox.transports.received", "message_from_kafka": "outbox.transports.received",
          "KafkaRunner": "outbox.transports.kafka.runner", "RabbitMQRunner": "outbox.transports.rabbitmq.runner",
          "declare_queue": "outbox.transports.rabbitmq.runner",
          "AsyncKafkaRunner": "outbox.transports.kafka.aiorunner",

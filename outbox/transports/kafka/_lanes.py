@@ -21,8 +21,9 @@ from consumers.base import Outcome, Status
 from outbox._redact import mask_secrets
 from outbox.errors import BrokerUnavailable, ConfigurationError
 from outbox.incoming import IncomingMessage
-from outbox.transports.base import MESSAGE_ID_HEADER, Codec, Envelope
+from outbox.transports.base import MESSAGE_ID_HEADER, Codec
 from outbox.transports.codecs import get_codec
+from outbox.transports.received import kafka_message
 
 log = logging.getLogger("consumers.kafka")
 
@@ -122,17 +123,8 @@ class Lanes:
 
     def message(self, km: Any, tp: TP, codec: Codec, group_id: str) -> IncomingMessage:
         """A confluent-kafka ``Message`` (the sync and the asyncio client hand back the same type), decoded."""
-        raw_headers: dict[str, str | bytes] = {}
-        for k, v in km.headers() or []:
-            if v is not None:
-                raw_headers[k] = v
         offset = km.offset() or 0
-        env = Envelope(tp[0], km.key(), bytes(km.value() or b""), raw_headers, partition=tp[1], offset=offset, raw=km)
-        msg = codec.decode(env, "kafka")
-        msg.id = None  # the consumer's id sources own the id (consumers.ids), whatever the codec
-        msg.broker = "kafka"
-        msg.consumer_group = group_id
-        msg.ordered_by_partition = True
+        msg = kafka_message(codec, tp[0], tp[1], offset, km.key(), km.value(), km.headers(), group_id=group_id, raw=km)
         retry = self.retry.get(tp)
         if retry is not None and retry.offset == offset:
             msg.attempt = retry.next_attempt

@@ -1,8 +1,8 @@
 """The RabbitMQ runners' bookkeeping, without I/O: one copy for the pika and the aio-pika runner.
 
 Deliveries in hand (received, waiting for a batch), held retries (unacked, due later), tries so far
-per message id, how a delivery becomes an :class:`IncomingMessage`, and what to ack or reject
-given a batch's outcomes. The runners only do the channel calls these decisions name.
+per message id, and what to ack or reject given a batch's outcomes (the decoding is
+:mod:`outbox.transports.received`'s). The runners only do the channel calls these decisions name.
 """
 
 from __future__ import annotations
@@ -15,13 +15,10 @@ from typing import Any
 from consumers._runner import check_str
 from consumers.base import Outcome, Status
 from outbox.errors import ConfigurationError
-from outbox.incoming import IncomingMessage, header_text
-from outbox.transports.base import Codec, Envelope
+from outbox.incoming import IncomingMessage
+from outbox.transports.base import Codec
 from outbox.transports.codecs import get_codec
-
-#: The AMQP basic properties handed to the codec.
-PROPERTIES = ("message_id", "content_type", "content_encoding", "correlation_id", "type", "app_id",
-              "timestamp", "reply_to", "expiration", "priority", "user_id", "delivery_mode")
+from outbox.transports.received import message_from_amqp
 
 _MAX_TRACKED_FAILURES = 10_000
 
@@ -62,13 +59,10 @@ class Deliveries:
         self.held: list[tuple[float, IncomingMessage]] = []
         self._failures: dict[str, tuple[int, Any]] = {}
 
-    def received(self, env: Envelope, message_id: Any) -> None:
-        """Decode a delivery (``message_id``: its AMQP property) and put it in hand."""
-        msg = self.codec.decode(env, "amqp")
-        msg.id = None  # the consumer's id sources own the id (consumers.ids), whatever the codec
-        if message_id and "message_id" not in msg.attributes:  # the `message_id` id source reads it here
-            msg.attributes["message_id"] = header_text(message_id)  # a shortstr: bytes when not UTF-8
-        msg.broker = "rabbitmq"
+    def received(self, delivery: Any) -> None:
+        """Decode a delivery (pika's triple or aio-pika's message, :func:`~outbox.transports.received.
+        message_from_amqp`), with its tries so far, and put it in hand."""
+        msg = message_from_amqp(delivery, codec=self.codec, queue=self.queue)
         msg_id = self.consumer.find_id(msg)  # the consumer's id sources; process_batch resolves it again
         failed = self._failures.get(msg_id) if msg_id else None
         if failed is not None:

@@ -16,7 +16,6 @@ so they are no-ops); an ack that meets a closed channel is logged, not retried o
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import logging
 import time
 from collections.abc import Sequence
@@ -28,9 +27,9 @@ from consumers._runner import AsyncRunnerCore, check_str
 from consumers.base import Outcome, backoff
 from outbox._redact import mask_secrets
 from outbox.errors import BrokerUnavailable, ConfigurationError
-from outbox.transports.base import Codec, Envelope
+from outbox.transports.base import Codec
 
-from ._book import PROPERTIES, Deliveries, check_settings
+from ._book import Deliveries, check_settings
 
 __all__ = ["AsyncRabbitMQRunner"]
 
@@ -151,15 +150,7 @@ class AsyncRabbitMQRunner(AsyncRunnerCore):
             log.info("consumer %s: stopped (%s)", self.consumer.name, self.stats)
 
     async def _on_message(self, message: Any) -> None:
-        properties = {n: getattr(message, n, None) for n in PROPERTIES}
-        if isinstance(properties["timestamp"], dt.datetime):  # as pika hands it: whole seconds
-            properties["timestamp"] = int(properties["timestamp"].timestamp())
-        if properties["delivery_mode"] is not None:
-            properties["delivery_mode"] = int(properties["delivery_mode"])
-        env = Envelope(message.exchange or self.queue, message.routing_key, bytes(message.body),
-                       dict(message.headers or {}), properties=properties, delivery_tag=message.delivery_tag,
-                       redelivered=bool(message.redelivered), raw=message)
-        self.deliveries.received(env, message.message_id)
+        self.deliveries.received(message)
         if len(self.deliveries.buffer) >= self.batch_size and self._arrived is not None:
             self._arrived.set()
 

@@ -28,9 +28,9 @@ from consumers.base import DedupConsumer, Outcome, backoff
 from outbox._redact import mask_secrets
 from outbox.errors import BrokerUnavailable, ConfigurationError
 from outbox.incoming import IncomingMessage
-from outbox.transports.base import Codec, Envelope
+from outbox.transports.base import Codec
 
-from ._book import PROPERTIES, Deliveries, check_settings
+from ._book import Deliveries, check_settings
 
 __all__ = ["RabbitMQRunner", "declare_queue"]
 
@@ -141,12 +141,7 @@ class RabbitMQRunner(RunnerCore):
             log.info("consumer %s: stopped (%s)", self.consumer.name, self.stats)
 
     def _on_message(self, ch: BlockingChannel, method: Any, props: pika.BasicProperties, body: bytes) -> None:
-        headers = props.headers or {}
-        properties = {n: getattr(props, n) for n in PROPERTIES}
-        env = Envelope(method.exchange or self.queue, method.routing_key, bytes(body), headers,
-                       properties=properties, delivery_tag=method.delivery_tag,
-                       redelivered=bool(method.redelivered), raw=(method, props, body))
-        self.deliveries.received(env, props.message_id)
+        self.deliveries.received((method, props, body))
 
     def _step(self) -> None:
         conn = self._conn

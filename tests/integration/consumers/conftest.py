@@ -103,6 +103,23 @@ class AsyncRecorder(_Recording, AsyncDedupConsumer):
         return {"seen": message.id}
 
 
+def _pg_tuple_stats(nullpool: sa.Engine, table: str) -> tuple[int, int]:
+    with nullpool.connect() as c:
+        c.execute(sa.text("SELECT pg_stat_force_next_flush()"))
+        c.commit()
+    with nullpool.connect() as c:  # a new transaction sees fresh statistics
+        row = c.execute(sa.text("SELECT n_dead_tup, n_tup_ins FROM pg_stat_user_tables WHERE relname = :t"),
+                        {"t": table}).one()
+    return int(row[0]), int(row[1])
+
+
+@pytest.fixture
+def pg_tuple_stats() -> Callable[[sa.Engine, str], tuple[int, int]]:
+    """``pg_tuple_stats(nullpool_engine, table)`` -> ``(n_dead_tup, n_tup_ins)``, statistics flushed first (use a
+    NullPool engine, so that each backend that wrote has exited and reported)."""
+    return _pg_tuple_stats
+
+
 # ------------------------------------------------------------------ broker helpers
 
 

@@ -55,7 +55,7 @@ def test_purge_cli(engine, db_url, capsys):
 
 
 @pytest.mark.parametrize("dialect_name", ["postgresql"], indirect=True)
-def test_duplicates_leave_no_dead_tuples(engine, db_url, effects, recorder_cls):
+def test_duplicates_leave_no_dead_tuples(engine, db_url, effects, recorder_cls, pg_tuple_stats):
     nullpool = sa.create_engine(db_url, poolclass=sa.pool.NullPool)  # a backend per batch: stats flushed on exit
     table = T.processed.name
     with engine.begin() as c:
@@ -72,19 +72,10 @@ def test_duplicates_leave_no_dead_tuples(engine, db_url, effects, recorder_cls):
                 statuses += [o.status for o in consumer.process_batch(nullpool, batch)]
             return statuses
 
-        def stats() -> tuple[int, int]:
-            with nullpool.connect() as c:
-                c.execute(sa.text("SELECT pg_stat_force_next_flush()"))
-                c.commit()
-            with nullpool.connect() as c:  # a new transaction sees fresh statistics
-                row = c.execute(sa.text("SELECT n_dead_tup, n_tup_ins FROM pg_stat_user_tables WHERE relname = :t"),
-                                {"t": table}).one()
-            return int(row[0]), int(row[1])
-
         assert set(deliver()) == {Status.PROCESSED}
-        before = stats()
+        before = pg_tuple_stats(nullpool, table)
         assert set(deliver()) == {Status.DUPLICATE}  # 10,000 duplicate deliveries
-        after = stats()
+        after = pg_tuple_stats(nullpool, table)
         assert after[1] == before[1], "a duplicate inserted a tuple"
         # (page pruning during the conflict checks may even remove some of the earlier dead tuples)
         assert after[0] <= before[0], f"duplicates left {after[0] - before[0]} dead tuples"
