@@ -129,7 +129,8 @@ class AsyncRabbitMQRunner(AsyncRunnerCore):
         self.deliveries.clear()  # unacked: RabbitMQ redelivers them
 
     def _on_reconnect(self, _sender: Any, *args: Any) -> None:
-        self.deliveries.clear()
+        # Not a place to drop deliveries: aio-pika calls this after the channel and its consumer are
+        # restored, so the new channel's deliveries may be in hand already (the lost one's went in _on_lost).
         self.connections += 1
         log.info("consumer %s: reconnected to RabbitMQ", self.consumer.name)
 

@@ -208,6 +208,39 @@ async def test_rabbitmq_processed_duplicate_poison_and_reconnect(aengine, engine
 
 @PG
 @pytest.mark.rabbitmq
+async def test_rabbitmq_connection_lost_after_the_commit_redelivers_as_no_ops(aengine, engine, effects, count_effects,
+                                                                              rabbitmq_url, queue, rabbitmq_proxy):
+    """The batch committed (a dead letter included), then the connection died before the acks/rejects: the acks on
+    the lost channel fail (logged), aio-pika reconnects, RabbitMQ redelivers the batch, and it is all no-ops."""
+    good = ritems(10)
+    poison = (str(uuid.uuid4()), b'{"n": -1}')
+    cuts: list[int] = []
+
+    class CutAfterCommit(AsyncRecorder):
+        async def process_batch(self, engine, messages, *, before_commit=None):
+            outcomes = await super().process_batch(engine, messages, before_commit=before_commit)
+            if not cuts and any(o.status.value == "dead" for o in outcomes):
+                cuts.append(len(outcomes))
+                rabbitmq_proxy.cut_after(0)  # committed, not yet acked/rejected
+            return outcomes
+
+    consumer = CutAfterCommit(max_attempts=1)
+    consumer.failing = {poison[0]}
+    publish(rabbitmq_url, queue["exchange"], [*good[:5], poison, *good[5:]])
+    runner = AsyncRabbitMQRunner(consumer, engine=aengine, url=rabbitmq_proxy.url(rabbitmq_url), queue=queue["queue"],
+                                 batch_size=20, batch_timeout=0.5)
+    async with Running(runner):
+        await until(lambda: cuts and runner.connections >= 2, 60, "the cut and a reconnect")
+        await until(lambda: queue_depth(rabbitmq_url, queue["queue"]) == 0 and runner.stats.duplicates >= 10, 60,
+                    "the redelivered batch settled as duplicates")
+        await until(lambda: queue_depth(rabbitmq_url, queue["dlq"]) == 1, 60, "the dead message rejected")
+    assert count_effects() == 10 and runner.stats.processed == 10
+    dead = list_dead_letters(engine)
+    assert [d["message_id"] for d in dead] == [poison[0]] and dead[0]["attempts"] == 2  # written once
+
+
+@PG
+@pytest.mark.rabbitmq
 async def test_rabbitmq_nothing_acked_before_the_database_commit(db_url, effects, count_effects, rabbitmq_url, queue,
                                                                  fault_proxy):
     url = sa.engine.make_url(db_url)
