@@ -30,8 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _bench as b
 import sqlalchemy as sa
+from bench_consumer import Base, handler
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+from sqlalchemy.orm import Session
 
 from consumers import DedupConsumer, IncomingMessage
 
@@ -39,21 +40,9 @@ SIDES = ("async_plain", "async_dedup", "sync_plain", "sync_dedup")
 ASYNC_DRIVERS = {"postgresql": "postgresql+psycopg", "mariadb": "mysql+asyncmy"}
 
 
-class Base(DeclarativeBase):
-    pass
-
-
-class Event(Base):
-    __tablename__ = "bench_async_events"
-    id: Mapped[int] = mapped_column(sa.BigInteger, primary_key=True, autoincrement=True)
-    message_id: Mapped[str] = mapped_column(sa.String(64))
-    key: Mapped[str | None] = mapped_column(sa.String(64), nullable=True)
-    payload: Mapped[bytes] = mapped_column(sa.LargeBinary)
-
-
 def effect(session: Session | AsyncSession, message: IncomingMessage) -> None:
-    """The business effect, shared by every side: one row per message."""
-    session.add(Event(message_id=message.id or "", key=message.key, payload=message.payload))
+    """The business effect of every side: one row per message (the consumer scenario's)."""
+    handler(session, message.id, message.key, message.payload)  # type: ignore[arg-type]
 
 
 class SyncSink(DedupConsumer):
