@@ -192,6 +192,8 @@ async def test_rabbitmq_processed_duplicate_poison_and_reconnect(aengine, engine
     async with Running(runner):
         await until(lambda: count_effects() == 15 and len(list_dead_letters(engine)) == 2, 60,
                     "15 effects and 2 dead letters")
+        # the rejects reached the broker too (else the cut below can redeliver the poison for more tries)
+        await until(lambda: queue_depth(rabbitmq_url, queue["dlq"]) == 2, 30, "both dead letters in the DLQ")
         assert runner.connections == 1
         rabbitmq_proxy.cut_after(0)  # our own proxy, never the shared RabbitMQ: aio-pika reconnects
         await until(lambda: runner.connections >= 2, 60, "a reconnect")
@@ -203,7 +205,6 @@ async def test_rabbitmq_processed_duplicate_poison_and_reconnect(aengine, engine
     assert runner.stats.duplicates >= 1 and runner.stats.retries == 3
     dead = {d["message_id"]: d for d in list_dead_letters(engine)}
     assert dead[poison[0]]["attempts"] == 4 and "no message id" in dead[None]["error"]
-    await until(lambda: queue_depth(rabbitmq_url, queue["dlq"]) == 2, 30, "both dead letters in the DLQ")
 
 
 @PG
