@@ -47,7 +47,7 @@ from outbox.serializers import Serializer
 from . import deadletters
 from .ids import DEFAULT_ID_SOURCES, IdSource, describe_id_sources, parse_id_sources, resolve_id
 
-__all__ = ["DedupConsumer", "Outcome", "Status"]
+__all__ = ["DedupConsumer", "DedupCore", "Outcome", "Status"]
 
 log = logging.getLogger("consumers")
 
@@ -90,18 +90,16 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
 
 
-class DedupConsumer:
-    """Base class of a dedup consumer: the algorithm lives here, you write ``handle``.
+class DedupCore:
+    """Settings, ids, retry decisions and the dedup algorithm, shared by the sync and the asyncio consumer.
 
-    Settings are class attributes; each can be overridden per instance with a keyword argument::
-
-        class ChargeOrder(DedupConsumer):
-            name = "billing.charge-order"
-            max_attempts = 5
-
-            def handle(self, session, message):
-                ...
-                return {"charge_id": charge.id}
+    The algorithm is written once, against a sync :class:`~sqlalchemy.orm.Session` /
+    :class:`~sqlalchemy.engine.Connection`. :class:`DedupConsumer` runs it directly;
+    :class:`consumers.AsyncDedupConsumer` runs the very same code inside SQLAlchemy's greenlet bridge
+    (``greenlet_spawn``), which is how SQLAlchemy's asyncio extension drives an async driver, and
+    awaits the ``async def handle`` from there. What differs between the two lives in the driver
+    hooks only: :meth:`_session_for`, :meth:`_sync_engine` and :meth:`_bound`, each called once per
+    batch (or per savepoint / stage), never per statement.
     """
 
     #: the consumer's name: part of the dedup key, so never rename a running consumer
@@ -129,6 +127,8 @@ class DedupConsumer:
     savepoints: str = "on-failure"
     #: exceptions that go to the dead letters at once, without retries
     non_retriable: tuple[type[BaseException], ...] = (DecodeError, MessageIdMissing)
+    #: what users write (a driver defines it: ``def`` for the sync one, ``async def`` for asyncio)
+    handle: Callable[..., Any]
 
     def __init__(
         self,
@@ -184,14 +184,10 @@ class DedupConsumer:
         self._wait = backoff(self.retry_initial, self.retry_max, self.retry_jitter)
         self._dialects: dict[str, Dialect] = {}
 
-    # ------------------------------------------------------------------ what users write
-    def handle(self, session: Session, message: IncomingMessage) -> Any:
-        """Apply the message. Runs at most once per message id, inside the batch's transaction.
+        self._check_handlers()
 
-        Use ``session`` for every database effect (do not commit it). Return ``None`` or a
-        JSON-serialisable result: it is stored with the message id and handed back for duplicates.
-        """
-        raise NotImplementedError(f"{type(self).__qualname__} must implement handle(session, message)")
+    def _check_handlers(self) -> None:
+        """Refuse, at construction, handlers of the wrong kind (the async driver wants coroutines)."""
 
     # ------------------------------------------------------------------ ids and retries
     def identify(self, message: IncomingMessage) -> str:
@@ -248,12 +244,20 @@ class DedupConsumer:
         when the database refused the message's own values (:func:`outbox._dberrors.is_data_error`)."""
         return not isinstance(exc, self.non_retriable) and not is_data_error(exc)
 
-    # ------------------------------------------------------------------ the algorithm
-    def session(self, engine: sa.Engine) -> Session:
-        if self._session_factory is not None:
-            return self._session_factory(engine)
-        return Session(bind=engine, expire_on_commit=False, autoflush=True)
+    # ------------------------------------------------------------------ driver hooks
+    def _session_for(self, engine: Any) -> Session:
+        """A new sync Session on ``engine`` (the driver's own engine) for one transaction."""
+        raise NotImplementedError
 
+    def _sync_engine(self, engine: Any) -> sa.Engine:
+        """The sync Engine behind the driver's ``engine``, for plain connections."""
+        raise NotImplementedError
+
+    def _bound(self, fn: Callable[..., Any], session: Session) -> Callable[[Session, IncomingMessage], Any]:
+        """``fn`` (``handle``, a stage, ``finish``) as a plain ``(session, message) -> result`` callable."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ the algorithm
     def dialect(self, bind: Any) -> Dialect:
         name = bind.dialect.name
         d = self._dialects.get(name)
@@ -261,22 +265,13 @@ class DedupConsumer:
             d = self._dialects[name] = dialect_for(bind)
         return d
 
-    def process_batch(
+    def _batch(
         self,
-        engine: sa.Engine,
+        engine: Any,
         messages: Sequence[IncomingMessage],
-        *,
-        before_commit: Callable[[], None] | None = None,
+        before_commit: Callable[[], None] | None,
     ) -> list[Outcome]:
-        """Process ``messages`` in one transaction; one :class:`Outcome` per message, in order.
-
-        Each message is tried once (``message.attempt`` says which try it is). A failure gives
-        ``RETRY`` (with ``retry_in``) or, after ``max_attempts`` tries or for a non-retriable
-        error, ``DEAD`` (the dead-letter row commits with the batch). Later messages of the same
-        lane as a ``RETRY`` are ``SKIPPED``. Raises only for database trouble (nothing committed):
-        errors caused by one message's data, in the dead-letter path too, make that message
-        ``DEAD``; transient errors (:func:`outbox._dberrors.is_transient`) propagate.
-        """
+        """The algorithm of ``process_batch`` (see :meth:`DedupConsumer.process_batch`)."""
         outcomes: list[Outcome | None] = [None] * len(messages)
         now = _now()
         work: list[int] = []
@@ -306,7 +301,7 @@ class DedupConsumer:
 
     def _fast(
         self,
-        engine: sa.Engine,
+        engine: Any,
         messages: Sequence[IncomingMessage],
         work: list[int],
         no_id: list[tuple[int, MessageIdMissing]],
@@ -314,10 +309,11 @@ class DedupConsumer:
         now: dt.datetime,
         before_commit: Callable[[], None] | None,
     ) -> None:
-        with self.session(engine) as session:
+        with self._session_for(engine) as session:
             with session.begin():
                 conn = session.connection()
                 dialect = self.dialect(conn)
+                handle = self._bound(self.handle, session)
                 ids = list(dict.fromkeys(messages[i].id for i in work))  # type: ignore[misc]
                 try:
                     new = dialect.insert_new_keys(conn, self.tables.processed, self._dedup_rows(ids, now),
@@ -334,8 +330,8 @@ class DedupConsumer:
                     if m.id in new:
                         new.discard(m.id)  # a second copy in the same batch is a duplicate
                         try:
-                            result = (self.handle(session, m) if spans is None
-                                      else _tracing.traced(spans, self.handle, session, m, self.name))
+                            result = (handle(session, m) if spans is None
+                                      else _tracing.traced(spans, handle, session, m, self.name))
                         except Exception as exc:
                             raise _FastPathFailed(m.id) from exc
                         outcomes[i] = Outcome(m, Status.PROCESSED, result)
@@ -361,7 +357,7 @@ class DedupConsumer:
 
     def _slow(
         self,
-        engine: sa.Engine,
+        engine: Any,
         messages: Sequence[IncomingMessage],
         work: list[int],
         no_id: list[tuple[int, MessageIdMissing]],
@@ -371,7 +367,7 @@ class DedupConsumer:
     ) -> None:
         for i in work:
             outcomes[i] = None
-        with self.session(engine) as session:
+        with self._session_for(engine) as session:
             with session.begin():
                 conn = session.connection()
                 dialect = self.dialect(conn)
@@ -398,7 +394,8 @@ class DedupConsumer:
             conn = session.connection()  # emits the SAVEPOINT (the session begins it lazily)
             new = dialect.insert_new_keys(conn, self.tables.processed, self._dedup_rows([m.id], now), "message_id")  # type: ignore[list-item]
             if new:
-                result = _tracing.traced(_tracing.process_spans(), self.handle, session, m, self.name)
+                result = _tracing.traced(_tracing.process_spans(), self._bound(self.handle, session), session, m,
+                                         self.name)
                 session.flush()
                 if result is not None:
                     self._store_results(conn, [{"b_consumer": self.name, "b_message_id": m.id, "b_result": result}])
@@ -467,6 +464,71 @@ class DedupConsumer:
         )
         return {r[0]: r[1] for r in rows}
 
+    def _requeued(self, engine: Any, limit: int) -> list[Outcome]:
+        """The algorithm of ``process_requeued``."""
+        with self._sync_engine(engine).connect() as conn:
+            msgs = deadletters.requeued_messages(conn, self.tables, self.name, limit)
+        if not msgs:
+            return []
+        return self._batch(engine, msgs, None)
+
+
+class DedupConsumer(DedupCore):
+    """Base class of a dedup consumer: the algorithm lives here, you write ``handle``.
+
+    Settings are class attributes; each can be overridden per instance with a keyword argument::
+
+        class ChargeOrder(DedupConsumer):
+            name = "billing.charge-order"
+            max_attempts = 5
+
+            def handle(self, session, message):
+                ...
+                return {"charge_id": charge.id}
+    """
+
+    # ------------------------------------------------------------------ what users write
+    def handle(self, session: Session, message: IncomingMessage) -> Any:
+        """Apply the message. Runs at most once per message id, inside the batch's transaction.
+
+        Use ``session`` for every database effect (do not commit it). Return ``None`` or a
+        JSON-serialisable result: it is stored with the message id and handed back for duplicates.
+        """
+        raise NotImplementedError(f"{type(self).__qualname__} must implement handle(session, message)")
+
+    # ------------------------------------------------------------------ the sync driver
+    def session(self, engine: sa.Engine) -> Session:
+        if self._session_factory is not None:
+            return self._session_factory(engine)
+        return Session(bind=engine, expire_on_commit=False, autoflush=True)
+
+    def _session_for(self, engine: sa.Engine) -> Session:
+        return self.session(engine)
+
+    def _sync_engine(self, engine: sa.Engine) -> sa.Engine:
+        return engine
+
+    def _bound(self, fn: Callable[..., Any], session: Session) -> Callable[[Session, IncomingMessage], Any]:
+        return fn
+
+    def process_batch(
+        self,
+        engine: sa.Engine,
+        messages: Sequence[IncomingMessage],
+        *,
+        before_commit: Callable[[], None] | None = None,
+    ) -> list[Outcome]:
+        """Process ``messages`` in one transaction; one :class:`Outcome` per message, in order.
+
+        Each message is tried once (``message.attempt`` says which try it is). A failure gives
+        ``RETRY`` (with ``retry_in``) or, after ``max_attempts`` tries or for a non-retriable
+        error, ``DEAD`` (the dead-letter row commits with the batch). Later messages of the same
+        lane as a ``RETRY`` are ``SKIPPED``. Raises only for database trouble (nothing committed):
+        errors caused by one message's data, in the dead-letter path too, make that message
+        ``DEAD``; transient errors (:func:`outbox._dberrors.is_transient`) propagate.
+        """
+        return self._batch(engine, messages, before_commit)
+
     # ------------------------------------------------------------------ convenience
     def process(
         self,
@@ -480,24 +542,13 @@ class DedupConsumer:
         Database trouble (a lost connection, a deadlock) raises, as from :meth:`process_batch`:
         nothing of the failed batch committed.
         """
-        batch = [messages] if isinstance(messages, IncomingMessage) else list(messages)
+        batch = as_batch(messages)
         final: dict[int, Outcome] = {}
         pending = batch
         while pending:
-            outs = self.process_batch(engine, pending)
-            again = []
-            delay = 0.0
-            for o in outs:
-                if o.done:
-                    final[id(o.message)] = o
-                else:
-                    again.append(o.message)
-                    if o.status is Status.RETRY:
-                        o.message.attempt += 1
-                        delay = max(delay, o.retry_in or 0.0)
-            if again and delay:
+            pending, delay = settle(self.process_batch(engine, pending), final)
+            if pending and delay:
                 sleep(delay)
-            pending = again
         return [final[id(m)] for m in batch]
 
     def process_requeued(self, engine: sa.Engine, *, limit: int = 100) -> list[Outcome]:
@@ -506,11 +557,28 @@ class DedupConsumer:
         Each row ends ``resolved`` (processed now, or found already processed) or back at
         ``dead`` with the new error.
         """
-        with engine.connect() as conn:
-            msgs = deadletters.requeued_messages(conn, self.tables, self.name, limit)
-        if not msgs:
-            return []
-        return self.process_batch(engine, msgs)
+        return self._requeued(engine, limit)
+
+
+def as_batch(messages: IncomingMessage | Sequence[IncomingMessage]) -> list[IncomingMessage]:
+    """One message or a sequence of them, as a list."""
+    return [messages] if isinstance(messages, IncomingMessage) else list(messages)
+
+
+def settle(outcomes: Sequence[Outcome], final: dict[int, Outcome]) -> tuple[list[IncomingMessage], float]:
+    """Record the final outcomes in ``final`` (by message identity); return the messages to try again
+    (each RETRY's ``attempt`` counted up) and how long to wait before that."""
+    again: list[IncomingMessage] = []
+    delay = 0.0
+    for o in outcomes:
+        if o.done:
+            final[id(o.message)] = o
+        else:
+            again.append(o.message)
+            if o.status is Status.RETRY:
+                o.message.attempt += 1
+                delay = max(delay, o.retry_in or 0.0)
+    return again, delay
 
 
 def backoff(initial: float, maximum: float, jitter: float) -> tenacity.wait.wait_base:

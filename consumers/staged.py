@@ -36,9 +36,9 @@ from outbox.errors import ConfigurationError, MessageIdMissing
 from outbox.incoming import IncomingMessage
 
 from . import deadletters
-from .base import DedupConsumer, Outcome, Status, _now
+from .base import DedupConsumer, DedupCore, Outcome, Status, _now
 
-__all__ = ["StagedConsumer", "stage"]
+__all__ = ["StagedConsumer", "StagedCore", "stage"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 _STAGE_ATTR = "_outbox_stage"
@@ -58,11 +58,9 @@ def stage(name: str) -> Callable[[F], F]:
     return mark
 
 
-class StagedConsumer(DedupConsumer):
-    """A dedup consumer whose work is a sequence of stages, each committed as it finishes.
-
-    Declare stages with :func:`stage` on methods, or list method names in ``stages``.
-    """
+class StagedCore(DedupCore):
+    """The staged algorithm, shared by :class:`StagedConsumer` and :class:`consumers.AsyncStagedConsumer`
+    (the driver, listed after it in the bases, supplies the I/O hooks)."""
 
     #: method names, in order (optional: the default is the ``@stage`` methods in definition order)
     stages: ClassVar[Sequence[str]] = ()
@@ -107,19 +105,15 @@ class StagedConsumer(DedupConsumer):
     def handle(self, session: Session, message: IncomingMessage) -> Any:  # pragma: no cover - not used
         raise NotImplementedError("a StagedConsumer runs its stages, not handle()")
 
-    def finish(self, session: Session, message: IncomingMessage) -> Any:
-        """Runs in the final transaction, with the processed row. Its result is stored (default:
-        the stage results, or ``None`` when every stage returned ``None``)."""
-        results = {k: v for k, v in message.stage_results.items() if v is not None}
-        return results or None
+    #: runs in the final transaction (a driver defines it)
+    finish: Callable[..., Any]
 
     # ------------------------------------------------------------------ algorithm
-    def process_batch(
+    def _batch(
         self,
-        engine: sa.Engine,
+        engine: Any,
         messages: Sequence[IncomingMessage],
-        *,
-        before_commit: Callable[[], None] | None = None,
+        before_commit: Callable[[], None] | None,
     ) -> list[Outcome]:
         """Like :meth:`DedupConsumer.process_batch`, one message at a time (each stage its own transaction)."""
         outcomes: list[Outcome] = []
@@ -134,7 +128,7 @@ class StagedConsumer(DedupConsumer):
             try:
                 m.id = self.identify(m)
             except MessageIdMissing as exc:
-                with engine.begin() as conn:
+                with self._sync_engine(engine).begin() as conn:
                     deadletters.record_dead_letter(conn, self.tables, self.name, m, exc, attempts=m.attempt, now=now)
                 outcomes.append(Outcome(m, Status.DEAD, error=exc))
                 continue
@@ -143,17 +137,18 @@ class StagedConsumer(DedupConsumer):
             except Exception as exc:
                 if is_transient(exc):
                     raise  # the database's trouble: the runner retries the batch
-                with engine.begin() as conn:
+                with self._sync_engine(engine).begin() as conn:
                     outcome = self._failed(conn, m, exc, now)
                 if outcome.status is Status.RETRY and m.lane is not None:
                     blocked.add(m.lane)
             outcomes.append(outcome)
         return outcomes
 
-    def _run(self, engine: sa.Engine, m: IncomingMessage, before_commit: Callable[[], None] | None) -> Outcome:
+    def _run(self, engine: Any, m: IncomingMessage, before_commit: Callable[[], None] | None) -> Outcome:
         processed, stages = self.tables.processed, self.tables.stages
         key = (stages.c.consumer == self.name, stages.c.message_id == m.id)
-        with engine.connect() as conn:
+        sync_engine = self._sync_engine(engine)
+        with sync_engine.connect() as conn:
             row = conn.execute(
                 sa.select(processed.c.result).where(processed.c.consumer == self.name, processed.c.message_id == m.id)
             ).first()
@@ -161,14 +156,14 @@ class StagedConsumer(DedupConsumer):
                 done = {r[0]: r[1] for r in conn.execute(sa.select(stages.c.stage, stages.c.result).where(*key))}
         if row is not None:
             if m.dead_letter_id is not None:
-                with engine.begin() as conn:
+                with sync_engine.begin() as conn:
                     deadletters.mark_resolved(conn, self.tables, m.dead_letter_id)
             return Outcome(m, Status.DUPLICATE, row[0])
         m.stage_results = dict(done)
         for sname, method in self._plan:
             if sname in m.stage_results:
                 continue
-            with self.session(engine) as session, session.begin():
+            with self._session_for(engine) as session, session.begin():
                 conn = session.connection()
                 stage_row = {"consumer": self.name, "message_id": m.id, "stage": sname, "completed_at": _now()}
                 if not self.dialect(conn).insert_new_keys(conn, stages, [stage_row], "stage"):
@@ -177,17 +172,17 @@ class StagedConsumer(DedupConsumer):
                         sa.select(stages.c.result).where(*key, stages.c.stage == sname)
                     ).scalar()
                     continue
-                result = method(session, m)
+                result = self._bound(method, session)(session, m)
                 session.flush()
                 if result is not None:
                     conn.execute(stages.update().where(*key, stages.c.stage == sname).values(result=result))
             m.stage_results[sname] = result
-        with self.session(engine) as session, session.begin():
+        with self._session_for(engine) as session, session.begin():
             conn = session.connection()
             now = _now()
             new = self.dialect(conn).insert_new_keys(conn, processed, self._dedup_rows([m.id], now), "message_id")  # type: ignore[list-item]
             if new:
-                result = self.finish(session, m)
+                result = self._bound(self.finish, session)(session, m)
                 session.flush()
                 self._store_results(conn, [{"b_consumer": self.name, "b_message_id": m.id, "b_result": result}]
                                     if result is not None else [])
@@ -201,3 +196,21 @@ class StagedConsumer(DedupConsumer):
                 before_commit()
         return outcome
 
+
+
+def stage_results(message: IncomingMessage) -> Any:
+    """The default ``finish`` result: the stage results, or ``None`` when every stage returned ``None``."""
+    results = {k: v for k, v in message.stage_results.items() if v is not None}
+    return results or None
+
+
+class StagedConsumer(StagedCore, DedupConsumer):
+    """A dedup consumer whose work is a sequence of stages, each committed as it finishes.
+
+    Declare stages with :func:`stage` on methods, or list method names in ``stages``.
+    """
+
+    def finish(self, session: Session, message: IncomingMessage) -> Any:
+        """Runs in the final transaction, with the processed row. Its result is stored (default:
+        the stage results, or ``None`` when every stage returned ``None``)."""
+        return stage_results(message)

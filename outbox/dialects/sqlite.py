@@ -47,6 +47,12 @@ class SQLiteDialect(Dialect):
     def ensure_transaction(self, connection: Connection) -> None:
         # pysqlite (legacy transaction control) only sends BEGIN before INSERT/UPDATE/DELETE, so a
         # SAVEPOINT issued first would open the transaction and its RELEASE would commit it.
+        # aiosqlite behaves the same; SQLAlchemy's adapter keeps the aiosqlite connection in ``_connection``.
         dbapi_connection = connection.connection.dbapi_connection
-        if dbapi_connection is not None and not getattr(dbapi_connection, "in_transaction", True):
+        if dbapi_connection is None:
+            return
+        began = getattr(dbapi_connection, "in_transaction", None)
+        if began is None:
+            began = getattr(getattr(dbapi_connection, "_connection", None), "in_transaction", True)
+        if not began:
             connection.exec_driver_sql("BEGIN")

@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator
 import pytest
 import sqlalchemy as sa
 
-from consumers import DedupConsumer, IncomingMessage
+from consumers import AsyncDedupConsumer, DedupConsumer, IncomingMessage
 from tests._proxy import FaultProxy
 
 biz = sa.MetaData()
@@ -58,8 +58,8 @@ def make_message() -> Callable[..., IncomingMessage]:
     return make
 
 
-class Recorder(DedupConsumer):
-    """Writes one effect row per handled message; fails for ids in ``failing``."""
+class RecorderSettings:
+    """Fast retries and a record of calls; ``failing``: ids whose handler raises (sync and async recorders)."""
 
     name = "test.recorder"
     retry_initial = 0.001
@@ -68,9 +68,13 @@ class Recorder(DedupConsumer):
     max_attempts = 3
 
     def __init__(self, **kw: object) -> None:
-        super().__init__(**kw)  # type: ignore[arg-type]
+        super().__init__(**kw)  # type: ignore[call-arg]
         self.failing: set[str] = set()
         self.calls: list[str] = []
+
+
+class Recorder(RecorderSettings, DedupConsumer):
+    """Writes one effect row per handled message; fails for ids in ``failing``."""
 
     def handle(self, session, message):
         self.calls.append(message.id)
@@ -83,6 +87,66 @@ class Recorder(DedupConsumer):
 @pytest.fixture
 def recorder_cls() -> type[Recorder]:
     return Recorder
+
+
+class AsyncRecorder(RecorderSettings, AsyncDedupConsumer):
+    """:class:`Recorder` for asyncio: ``async def handle`` on an ``AsyncSession``."""
+
+    name = "test.async-recorder"
+
+    async def handle(self, session, message):
+        self.calls.append(message.id)
+        await session.execute(EFFECTS.insert().values(message_id=message.id, value=str(message.body)))
+        if message.id in self.failing:
+            raise RuntimeError(f"handler failed for {message.id}")
+        return {"seen": message.id}
+
+
+class DeadTupleCheck:
+    """Counts a PostgreSQL table's inserted and dead tuples around a run of duplicate deliveries."""
+
+    def __init__(self, db_url: str, table: str) -> None:
+        self.table = table
+        #: a backend per connection, so that each one that wrote has exited and reported its statistics
+        self.nullpool = sa.create_engine(db_url, poolclass=sa.pool.NullPool)
+        self.before: tuple[int, int] | None = None
+
+    def stats(self) -> tuple[int, int]:
+        """``(n_dead_tup, n_tup_ins)``, statistics flushed first."""
+        with self.nullpool.connect() as c:
+            c.execute(sa.text("SELECT pg_stat_force_next_flush()"))
+            c.commit()
+        with self.nullpool.connect() as c:  # a new transaction sees fresh statistics
+            row = c.execute(sa.text("SELECT n_dead_tup, n_tup_ins FROM pg_stat_user_tables WHERE relname = :t"),
+                            {"t": self.table}).one()
+        return int(row[0]), int(row[1])
+
+    def start(self) -> None:
+        self.before = self.stats()
+
+    def assert_no_new_tuples(self) -> None:
+        assert self.before is not None, "start() first"
+        after = self.stats()
+        assert after[1] == self.before[1], "a duplicate inserted a tuple"
+        # (page pruning during the conflict checks may even remove some of the earlier dead tuples)
+        assert after[0] <= self.before[0], f"duplicates left {after[0] - self.before[0]} dead tuples"
+
+
+@pytest.fixture
+def dead_tuple_check(engine: sa.Engine, db_url: str) -> Iterator[DeadTupleCheck]:
+    """A :class:`DeadTupleCheck` of the processed-messages table, autovacuum off on it meanwhile."""
+    from outbox.schema import default_tables
+
+    table = default_tables().processed.name
+    with engine.begin() as c:
+        c.execute(sa.text(f"ALTER TABLE {table} SET (autovacuum_enabled = false)"))
+    check = DeadTupleCheck(db_url, table)
+    try:
+        yield check
+    finally:
+        with engine.begin() as c:
+            c.execute(sa.text(f"ALTER TABLE {table} RESET (autovacuum_enabled)"))
+        check.nullpool.dispose()
 
 
 # ------------------------------------------------------------------ broker helpers
@@ -199,3 +263,16 @@ def rabbitmq_proxy(rabbitmq_url: str, fault_proxy: Callable[..., FaultProxy]) ->
 
     parts = urlsplit(rabbitmq_url)
     return fault_proxy(parts.hostname or "127.0.0.1", parts.port or 5672)
+
+
+# ------------------------------------------------------------------ RabbitMQ helpers (publish, depth: tests/_amqp.py)
+
+
+@pytest.fixture
+def queue(rabbitmq_url: str, amqp_names: dict[str, str]) -> dict[str, str]:
+    """A durable queue bound to its exchange, with a dead-letter exchange and queue (names in ``amqp_names``)."""
+    from consumers import declare_queue
+
+    declare_queue(rabbitmq_url, amqp_names["queue"], exchange=amqp_names["exchange"],
+                  dead_letter_exchange=amqp_names["dlx"], dead_letter_queue=amqp_names["dlq"])
+    return amqp_names

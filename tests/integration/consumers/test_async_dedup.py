@@ -1,0 +1,276 @@
+"""AsyncDedupConsumer / AsyncStagedConsumer on every async driver: psycopg and asyncpg (PostgreSQL),
+aiosqlite (SQLite), asyncmy (MariaDB). The algorithm is the sync consumer's; these tests check that the
+asyncio driver runs all of it, on real databases."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
+
+from consumers import (
+    AsyncDedupConsumer,
+    AsyncStagedConsumer,
+    ConfigurationError,
+    IncomingMessage,
+    Status,
+    list_dead_letters,
+    requeue_dead_letters,
+    stage,
+)
+from outbox.errors import DecodeError
+from outbox.schema import default_tables
+from tests.integration.consumers.conftest import EFFECTS, RecorderSettings
+
+T = default_tables()
+
+#: (the conftest's dialect, the async driver's URL scheme)
+DRIVERS = [("sqlite", "sqlite+aiosqlite"), ("postgresql", "postgresql+psycopg"),
+           ("postgresql", "postgresql+asyncpg"), ("mariadb", "mysql+asyncmy")]
+
+
+@pytest.fixture(params=DRIVERS, ids=[d[1] for d in DRIVERS])
+def driver(request: pytest.FixtureRequest) -> tuple[str, str]:
+    return request.param  # type: ignore[no-any-return]
+
+
+@pytest.fixture
+def dialect_name(driver: tuple[str, str]) -> str:
+    """Overrides the conftest's parametrised dialect: the migrated sync ``engine`` of the driver's database."""
+    return driver[0]
+
+
+@pytest.fixture
+async def aengine(driver: tuple[str, str], db_url: str, engine: sa.Engine, effects: sa.Table
+                  ) -> AsyncIterator[AsyncEngine]:
+    url = make_url(db_url).set(drivername=driver[1])
+    eng = create_async_engine(url, connect_args={"timeout": 30} if driver[0] == "sqlite" else {})
+    yield eng
+    await eng.dispose()
+
+
+class AsyncRecorder(RecorderSettings, AsyncDedupConsumer):
+    """Writes one effect row per handled message; fails for ids in ``failing``."""
+
+    name = "test.async-recorder"
+
+    async def handle(self, session: AsyncSession, message: IncomingMessage) -> object:
+        self.calls.append(message.id)  # type: ignore[arg-type]
+        await session.execute(EFFECTS.insert().values(message_id=message.id, value=str(message.body)))
+        await asyncio.sleep(0)  # let other tasks run while this transaction is open
+        if message.id in self.failing:
+            raise RuntimeError(f"handler failed for {message.id}")
+        return {"seen": message.id, "n": message.body.get("n")}
+
+
+def msg(msg_id: str | None = None, payload: bytes = b'{"n": 1}', headers: dict[str, str] | None = None
+        ) -> IncomingMessage:
+    """A message with ``msg_id`` (a new uuid by default; ``""``: none at all)."""
+    return IncomingMessage(id=str(uuid.uuid4()) if msg_id is None else msg_id or None, topic="orders", key="k",
+                           payload=payload, headers={"h": "v"} if headers is None else headers,
+                           content_type="application/json")
+
+
+async def test_processed_then_duplicate_returns_the_stored_result(aengine, count_effects):
+    c = AsyncRecorder()
+    m = msg(payload=b'{"n": 7}')
+    first = await c.process(aengine, m)
+    assert first.status is Status.PROCESSED and first.done
+    assert first.result == {"seen": m.id, "n": 7}
+    again = await c.process(aengine, msg(m.id, b'{"n": 7}'))
+    assert again.status is Status.DUPLICATE
+    assert again.result == {"seen": m.id, "n": 7}  # the stored result, read back from the database
+    assert count_effects(m.id) == 1 and c.calls == [m.id]
+
+
+async def test_same_id_twice_in_a_batch_and_a_list_through_process(aengine, count_effects):
+    c = AsyncRecorder()
+    a, b = msg(), msg()
+    outs = await c.process(aengine, [a, msg(a.id), b])
+    assert [o.status for o in outs] == [Status.PROCESSED, Status.DUPLICATE, Status.PROCESSED]
+    assert count_effects() == 2
+
+
+async def test_failing_handler_is_redone_with_savepoints_and_isolated(aengine, count_effects):
+    c = AsyncRecorder()
+    good1, bad, good2 = msg(), msg(), msg()
+    c.failing.add(bad.id)  # type: ignore[arg-type]
+    committed: list[bool] = []
+
+    async def before_commit() -> None:  # an async hook is awaited just before the commit
+        committed.append(True)
+
+    outs = await c.process_batch(aengine, [good1, bad, good2], before_commit=before_commit)
+    assert [o.status for o in outs] == [Status.PROCESSED, Status.RETRY, Status.PROCESSED]
+    assert outs[1].retry_in is not None and isinstance(outs[1].error, RuntimeError)
+    assert committed == [True]
+    assert count_effects(good1.id) == 1 and count_effects(good2.id) == 1
+    assert count_effects(bad.id) == 0  # its effect rolled back with its savepoint
+    async with aengine.connect() as conn:
+        ids = set((await conn.execute(sa.select(T.processed.c.message_id))).scalars())
+    assert ids == {good1.id, good2.id}  # and its dedup row too
+
+
+async def test_a_failed_hook_rolls_back_the_whole_redone_batch(aengine, count_effects):
+    """The redo's first SAVEPOINT must not begin (and its RELEASE commit) the transaction (aiosqlite too)."""
+    c = AsyncRecorder()
+    good, bad = msg(), msg()
+    c.failing.add(bad.id)  # type: ignore[arg-type]
+
+    def hook() -> None:
+        raise OSError("broker gone before the commit")
+
+    with pytest.raises(OSError):
+        await c.process_batch(aengine, [good, bad], before_commit=hook)
+    assert count_effects() == 0
+
+
+async def test_poison_goes_dead_after_max_attempts_while_others_pass(aengine, engine, count_effects):
+    c = AsyncRecorder()
+    poison, ok = msg(), msg()
+    c.failing.add(poison.id)  # type: ignore[arg-type]
+    once = await c.process(aengine, poison)
+    assert once.status is Status.RETRY and not once.done and poison.attempt == 2  # next try counted
+    outs = await c.process_until_done(aengine, [poison, ok])
+    assert [o.status for o in outs] == [Status.DEAD, Status.PROCESSED]
+    dead = list_dead_letters(engine, consumer=c.name)
+    assert [(d["message_id"], d["attempts"]) for d in dead] == [(poison.id, c.max_attempts)]
+    assert count_effects(poison.id) == 0 and count_effects(ok.id) == 1
+
+
+async def test_non_retriable_and_no_id_are_dead_at_once(aengine, engine, count_effects):
+    class Strict(AsyncRecorder):
+        async def handle(self, session: AsyncSession, message: IncomingMessage) -> object:
+            raise DecodeError("not the schema we read")
+
+    c = Strict(id_from="header:X-Id")
+    undecodable = msg(payload=b"x", headers={"X-Id": "a"})
+    no_id = msg("", headers={})
+    outs = await c.process(aengine, [undecodable, no_id])
+    assert [o.status for o in outs] == [Status.DEAD, Status.DEAD]
+    assert undecodable.attempt == 1
+    assert sorted(d["error"].split(":")[0] for d in list_dead_letters(engine, consumer=c.name)) == \
+        ["DecodeError", "MessageIdMissing"]
+    again = await c.process(aengine, msg("", headers={}))  # redelivered: the same dead letter, no second row
+    assert again.status is Status.DEAD and len(list_dead_letters(engine, consumer=c.name)) == 2
+    assert count_effects() == 0
+
+
+async def test_requeued_dead_letters_are_processed_again(aengine, engine, count_effects):
+    c = AsyncRecorder()
+    m = msg()
+    c.failing.add(m.id)  # type: ignore[arg-type]
+    assert (await c.process_until_done(aengine, m))[0].status is Status.DEAD
+    c.failing.clear()
+    assert requeue_dead_letters(engine, consumer=c.name) == 1
+    outs = await c.process_requeued(aengine)
+    assert [o.status for o in outs] == [Status.PROCESSED]
+    assert [d["status"] for d in list_dead_letters(engine, consumer=c.name)] == ["resolved"]
+    assert count_effects(m.id) == 1
+    assert await c.process_requeued(aengine) == []
+
+
+async def test_content_hash_ids(aengine, count_effects):
+    c = AsyncRecorder(id_strategy="content-hash")
+    outs = await c.process(aengine, [msg("one"), msg("two")])  # same content, different ids: one effect
+    assert [o.status for o in outs] == [Status.PROCESSED, Status.DUPLICATE]
+    assert count_effects() == 1
+
+
+async def test_two_tasks_with_the_same_id_at_once_give_one_effect(aengine, count_effects):
+    c = AsyncRecorder()
+    ids = [str(uuid.uuid4()) for _ in range(10)]
+    for i in ids:
+        outs = await asyncio.gather(c.process(aengine, msg(i)), c.process(aengine, msg(i)))
+        assert sorted(o.status.value for o in outs) == ["duplicate", "processed"], outs
+        assert outs[0].result == outs[1].result == {"seen": i, "n": 1}
+    assert count_effects() == len(ids)
+    assert all(count_effects(i) == 1 for i in ids)
+
+
+class AsyncSteps(AsyncStagedConsumer):
+    name = "test.async-staged"
+    retry_initial = 0.001
+    retry_max = 0.01
+    retry_jitter = 0.001
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fail_label = True
+        self.ran: list[str] = []
+
+    @stage("reserve")
+    async def reserve(self, session: AsyncSession, message: IncomingMessage) -> object:
+        self.ran.append("reserve")
+        await session.execute(EFFECTS.insert().values(message_id=message.id, value="reserve"))
+        return {"slot": 3}
+
+    @stage("label")
+    async def label(self, session: AsyncSession, message: IncomingMessage) -> object:
+        self.ran.append("label")
+        if self.fail_label:
+            raise RuntimeError("label printer offline")
+        return {"label": message.stage_results["reserve"]["slot"]}
+
+
+async def test_staged_resumes_at_the_unfinished_stage(aengine, count_effects):
+    c = AsyncSteps()
+    m = msg()
+    first = await c.process(aengine, m)
+    assert first.status is Status.RETRY
+    c.fail_label = False
+    second = await c.process(aengine, m)
+    assert second.status is Status.PROCESSED
+    assert second.result == {"reserve": {"slot": 3}, "label": {"label": 3}}
+    assert c.ran == ["reserve", "label", "label"]  # reserve is not repeated
+    dup = await c.process(aengine, msg(m.id))
+    assert dup.status is Status.DUPLICATE and dup.result == second.result
+    assert count_effects(m.id) == 1
+
+
+@pytest.mark.parametrize("driver", [("postgresql", "postgresql+psycopg"), ("postgresql", "postgresql+asyncpg")],
+                         ids=["psycopg", "asyncpg"], indirect=True)
+async def test_duplicates_leave_no_dead_tuples(aengine, dead_tuple_check):
+    c = AsyncRecorder()
+    ids = [str(uuid.uuid4()) for _ in range(10_000)]
+
+    async def deliver() -> set[Status]:
+        statuses: set[Status] = set()
+        for i in range(0, len(ids), 1000):
+            statuses |= {o.status for o in await c.process_batch(aengine, [msg(x) for x in ids[i:i + 1000]])}
+        await aengine.dispose()  # the backends exit and report their statistics
+        return statuses
+
+    assert await deliver() == {Status.PROCESSED}
+    dead_tuple_check.start()
+    assert await deliver() == {Status.DUPLICATE}  # 10,000 duplicate deliveries
+    dead_tuple_check.assert_no_new_tuples()
+
+
+@pytest.mark.parametrize("driver", [("sqlite", "sqlite+aiosqlite")], ids=["aiosqlite"], indirect=True)
+async def test_mistakes_are_refused_with_what_to_do(aengine, engine):
+    class SyncHandle(AsyncDedupConsumer):
+        name = "test.sync-handle"
+
+        def handle(self, session, message):  # type: ignore[override]
+            return None
+
+    with pytest.raises(ConfigurationError, match="async def"):
+        SyncHandle()
+
+    class SyncStage(AsyncStagedConsumer):
+        name = "test.sync-stage"
+
+        @stage("one")
+        def one(self, session, message):
+            return None
+
+    with pytest.raises(ConfigurationError, match=r"stage 'one'.*async def"):
+        SyncStage()
+    with pytest.raises(ConfigurationError, match="AsyncEngine"):
+        await AsyncRecorder().process(engine, msg())  # a sync Engine
