@@ -69,6 +69,8 @@ SWEEP_INTERVAL = 5.0
 WATERMARK_RESET = 5.0
 #: longest wait between two calls of the publisher's ``idle()`` while the relay sleeps
 IDLE_SERVICE = 1.0
+#: fewest rows a claim may take from one partition (its share of the batch is never smaller)
+MIN_PER_PARTITION = 16
 
 
 @dataclass
@@ -249,9 +251,13 @@ class Relay:
                     self._sleep(delay)
                     continue
                 self._progress()
-                if n > 0:  # busy: claim again at once, and start idling from the shortest wait
+                if n > 0:  # busy: start idling from the shortest wait
                     idle = self.config.min_poll_interval
-                    continue
+                    if n >= min(MIN_PER_PARTITION, self.config.batch_size) or self._listener is None:
+                        continue  # claim again at once
+                    # so few rows that no partition's share was full: the claim took all that was
+                    # due, and NOTIFY wakes the loop for what commits next, with no empty claim
+                    # round in between to delay it
                 self._sleep(idle)
                 idle = min(idle * 2, self.config.poll_interval)
         finally:
@@ -380,7 +386,7 @@ class Relay:
         # share the batch among the partitions that had rows last time, so a few busy keys still
         # fill a batch, while each partition is read through the claim index in id order
         active = len(self._active_partitions & set(held)) or len(held)
-        per_partition = max(16, -(-self.config.batch_size // active))
+        per_partition = max(MIN_PER_PARTITION, -(-self.config.batch_size // active))
         cols = claim_columns(o)
         ids = self.dialect.due_ids(o, held, per_partition, DUE_NOW, blocked, self._after, topics=self.config.topics)
         stmt = sa.select(*cols).join_from(o, ids, o.c.id == ids.c.id).order_by(o.c.id).limit(self.config.batch_size)
