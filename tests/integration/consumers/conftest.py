@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator
 import pytest
 import sqlalchemy as sa
 
-from consumers import DedupConsumer, IncomingMessage
+from consumers import AsyncDedupConsumer, DedupConsumer, IncomingMessage
 from tests._proxy import FaultProxy
 
 biz = sa.MetaData()
@@ -87,6 +87,19 @@ class Recorder(RecorderSettings, DedupConsumer):
 @pytest.fixture
 def recorder_cls() -> type[Recorder]:
     return Recorder
+
+
+class AsyncRecorder(RecorderSettings, AsyncDedupConsumer):
+    """:class:`Recorder` for asyncio: ``async def handle`` on an ``AsyncSession``."""
+
+    name = "test.async-recorder"
+
+    async def handle(self, session, message):
+        self.calls.append(message.id)
+        await session.execute(EFFECTS.insert().values(message_id=message.id, value=str(message.body)))
+        if message.id in self.failing:
+            raise RuntimeError(f"handler failed for {message.id}")
+        return {"seen": message.id}
 
 
 class DeadTupleCheck:
@@ -250,3 +263,16 @@ def rabbitmq_proxy(rabbitmq_url: str, fault_proxy: Callable[..., FaultProxy]) ->
 
     parts = urlsplit(rabbitmq_url)
     return fault_proxy(parts.hostname or "127.0.0.1", parts.port or 5672)
+
+
+# ------------------------------------------------------------------ RabbitMQ helpers (publish, depth: tests/_amqp.py)
+
+
+@pytest.fixture
+def queue(rabbitmq_url: str, amqp_names: dict[str, str]) -> dict[str, str]:
+    """A durable queue bound to its exchange, with a dead-letter exchange and queue (names in ``amqp_names``)."""
+    from consumers import declare_queue
+
+    declare_queue(rabbitmq_url, amqp_names["queue"], exchange=amqp_names["exchange"],
+                  dead_letter_exchange=amqp_names["dlx"], dead_letter_queue=amqp_names["dlq"])
+    return amqp_names

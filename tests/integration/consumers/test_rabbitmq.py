@@ -9,37 +9,15 @@ import sys
 import textwrap
 import uuid
 
-import pika
 import pytest
 
-from consumers import RabbitMQRunner, declare_queue, list_dead_letters
+from consumers import RabbitMQRunner, list_dead_letters
+from tests._amqp import amqp_publish, queue_depth
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.parametrize("dialect_name", ["postgresql"], indirect=True)]
 
 
-@pytest.fixture
-def queue(rabbitmq_url, amqp_names):
-    declare_queue(rabbitmq_url, amqp_names["queue"], exchange=amqp_names["exchange"],
-                  dead_letter_exchange=amqp_names["dlx"], dead_letter_queue=amqp_names["dlq"])
-    return amqp_names
-
-
-def publish(url: str, exchange: str, items: list[tuple[str | None, bytes]]) -> None:
-    conn = pika.BlockingConnection(pika.URLParameters(url))
-    ch = conn.channel()
-    ch.confirm_delivery()
-    for msg_id, body in items:
-        ch.basic_publish(exchange, "orders.created", body,
-                         pika.BasicProperties(message_id=msg_id, content_type="application/json", delivery_mode=2))
-    conn.close()
-
-
-def queue_depth(url: str, queue: str) -> int:
-    conn = pika.BlockingConnection(pika.URLParameters(url))
-    try:
-        return int(conn.channel().queue_declare(queue, passive=True).method.message_count)
-    finally:
-        conn.close()
+publish = amqp_publish
 
 
 def items(n: int) -> list[tuple[str | None, bytes]]:
@@ -58,6 +36,8 @@ def test_end_to_end_poison_and_reconnect(engine, effects, count_effects, recorde
     with helpers.threaded(runner):
         helpers.wait(lambda: count_effects() == 15 and len(list_dead_letters(engine)) == 2, 60,
                      "15 effects and 2 dead letters")
+        # the rejects reached the broker too (else the cut below can redeliver the poison for 4 more tries)
+        helpers.wait(lambda: queue_depth(rabbitmq_url, queue["dlq"]) == 2, 30, "both dead letters in the DLQ")
         assert runner.connections == 1
         # cut the connection (our own proxy, never the shared RabbitMQ); the runner reconnects and carries on
         rabbitmq_proxy.cut_after(0)
