@@ -339,30 +339,30 @@ def _maintain(engine: Engine, tables: OutboxTables, ahead: int, now: dt.datetime
     n = PartitionNames.of(tables.names)
     today = _today(now)
     out: dict[str, Any] = {"layout": "partitioned", "created": [], "skipped": []}
-    with engine.begin() as conn:
+    with engine.connect() as conn:
         if not is_partitioned(conn, tables.names, cached=False):
             return {"layout": "plain"}
-        _ddl(conn, f"SET LOCAL lock_timeout = {_LOCK_TIMEOUT_MS}")
-        try:
+    try:
+        with engine.begin() as conn:
+            _ddl(conn, f"SET LOCAL lock_timeout = {_LOCK_TIMEOUT_MS}")
             out["created"] = _create_ahead(conn, n, today, ahead)
-        except sa.exc.OperationalError:
-            conn.rollback()
-            out["skipped"].append("create")
-    with engine.begin() as conn:
+    except sa.exc.OperationalError:  # lock timeout: a long transaction holds the table; next time
+        out["skipped"].append("create")
+    with engine.connect() as conn:
         current = conn.execute(sa.text(f"SELECT bucket FROM {n.q(n.bucket)}")).scalar_one()  # noqa: S608 - validated, quoted names
         have = set(_children(conn, n, n.processed).values())
-        if current < today and today in have:
-            _ddl(conn, f"SET LOCAL lock_timeout = {_LOCK_TIMEOUT_MS}")
-            try:
+    if current < today and today in have:
+        try:
+            with engine.begin() as conn:
+                _ddl(conn, f"SET LOCAL lock_timeout = {_LOCK_TIMEOUT_MS}")
                 # exclusive: waits for every dedup transaction still writing into the old bucket
                 conn.execute(sa.text("SELECT pg_advisory_xact_lock(:c, hashtext(:n))"),
                              {"c": _LOCK_CLASS, "n": n.lock_name()})
                 conn.execute(sa.text(f"UPDATE {n.q(n.bucket)} SET bucket = :d WHERE bucket < :d"), {"d": today})  # noqa: S608 - validated, quoted names
-                current = today
-            except sa.exc.OperationalError:
-                conn.rollback()
-                out["skipped"].append("bucket")
-        out["bucket"] = current.isoformat()
+            current = today
+        except sa.exc.OperationalError:
+            out["skipped"].append("bucket")
+    out["bucket"] = current.isoformat()
     return out
 
 
