@@ -250,6 +250,15 @@ def rows_dropped_by_downgrade(
                 n = int(conn.execute(sa.select(sa.func.count()).select_from(table)).scalar_one())
                 if n:
                     out[table.name] = n
+        if conn.dialect.name == "postgresql":  # the partitioned layout's archive of published rows
+            from .dialects.pg_partitions import PartitionNames
+
+            archive = PartitionNames.of(t.names).archive
+            if inspector.has_table(archive, schema=t.names.schema):
+                n = int(conn.execute(sa.select(sa.func.count()).select_from(
+                    sa.table(archive, schema=t.names.schema))).scalar_one())
+                if n:
+                    out[archive] = n
         return out
 
 
