@@ -366,12 +366,23 @@ def _maintain(engine: Engine, tables: OutboxTables, ahead: int, now: dt.datetime
     return out
 
 
+def _row_count(conn: Connection, qualified: str) -> int:
+    """Rows of a partition about to be dropped: the statistics' count (``pg_class.reltuples``, as the
+    last (auto)vacuum or analyze left it) once it has one, so a purge never reads a whole partition just to
+    count it (0.5 s per million rows); ``count(*)`` for a partition never vacuumed nor analysed."""
+    estimate = conn.execute(sa.text("SELECT reltuples FROM pg_class WHERE oid = to_regclass(:t)"),
+                            {"t": qualified}).scalar()
+    if estimate is not None and estimate >= 0:
+        return int(estimate)
+    return int(conn.execute(sa.text(f"SELECT count(*) FROM {qualified}")).scalar_one())  # noqa: S608 - validated, quoted names
+
+
 def drop_expired(engine: Engine, tables: OutboxTables, what: str, cutoff: dt.datetime) -> dict[str, Any]:
     """Drop the partitions of ``what`` (``"published"`` or ``"processed"``) whose every row is older than ``cutoff``.
 
     Never a live partition: an archive day whose end is after the cutoff stays; a dedup bucket stays
     while it is the current one or holds a row processed at or after the cutoff. Returns the dropped
-    partitions and how many rows they held.
+    partitions and how many rows they held (see :func:`_row_count`).
     """
     n = PartitionNames.of(tables.names)
     parent = n.archive if what == "published" else n.processed
@@ -396,7 +407,7 @@ def drop_expired(engine: Engine, tables: OutboxTables, what: str, cutoff: dt.dat
                 if newest is not None and newest >= cutoff:
                     continue
             _ddl(conn, f"SET LOCAL lock_timeout = {_LOCK_TIMEOUT_MS}")
-            rows += int(conn.execute(sa.text(f"SELECT count(*) FROM {n.q(name)}")).scalar_one())  # noqa: S608 - validated, quoted names
+            rows += _row_count(conn, n.q(name))
             _ddl(conn, f"ALTER TABLE {n.q(parent)} DETACH PARTITION {n.q(name)}")
             _ddl(conn, f"DROP TABLE {n.q(name)}")
             dropped.append(name)
