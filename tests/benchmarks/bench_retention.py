@@ -13,6 +13,9 @@ Then the batched DELETE by primary-key range on SQLite (``--db postgresql``; the
 Rows are written server-side (``generate_series``, MariaDB's ``seq_1_to_N``, SQLite's recursive
 CTE), 200-byte payloads, published / processed 30 days ago; the fill is not timed.
 
+Last, on PostgreSQL, what the partitioned layout's archive trigger costs the relay in audit mode:
+a drain of ``--audit-rows`` (100,000) to the no-op publisher on both layouts, ratio reported.
+
 Targets (PostgreSQL): drop >= 50 x faster than DELETE, 0 dead tuples, size back to near zero.
 """
 
@@ -219,14 +222,45 @@ def mariadb(args) -> None:
         _batched_elsewhere(engine, "mariadb", args.other_rows, args.purge_batch, fill, size)
 
 
+def audit_relay(args) -> None:
+    """What the archive trigger costs the relay in audit mode: drain ``--audit-rows`` to the no-op
+    publisher with ``delete_published=False`` on both layouts, alternating, medians of ``--runs``."""
+    from outbox.config import RelayConfig
+    from outbox.relay import Relay
+
+    rates: dict[bool, list[float]] = {False: [], True: []}
+    for i in range(args.runs):
+        for partitioned in ((False, True) if i % 2 == 0 else (True, False)):
+            with b.bench_database("postgresql", migrate=False) as engine:
+                migrations.upgrade(engine, layout="partitioned" if partitioned else "plain")
+                b.fill_backlog(engine, args.audit_rows, method="server")
+                relay = Relay(engine, b.NullPublisher(), config=RelayConfig(
+                    delete_published=False, batch_size=args.batch_size, progress_interval=0))
+                t0 = time.perf_counter()
+                done = relay.drain()
+                rates[partitioned].append(done / (time.perf_counter() - t0))
+                relay.close()
+                if done != args.audit_rows:
+                    raise SystemExit(f"audit drain published {done} of {args.audit_rows}")
+    plain, parted = (statistics.median(rates[p]) for p in (False, True))
+    b.emit("retention_pg_audit_relay_rows", args.audit_rows)
+    b.emit("retention_pg_audit_relay_plain_msgs_per_s", plain)
+    b.emit("retention_pg_audit_relay_partitioned_msgs_per_s", parted)
+    b.emit("retention_pg_audit_relay_partitioned_vs_plain_ratio", b.ratio(parted, plain))
+
+
 def main() -> None:
-    p = b.parser(__doc__ or "", rows=1_000_000, other_rows=200_000)
+    p = b.parser(__doc__ or "", rows=1_000_000, other_rows=200_000, audit_rows=100_000)
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--purge-batch", type=int, default=5000, help="rows per purge transaction (the CLI's default)")
+    p.add_argument("--only", choices=("purge", "audit"), help="only the purge figures, or only the audit relay's")
     args = b.parse(p)
     if args.db == "postgresql":
-        postgresql(args)
-        sqlite(args)
+        if args.only != "audit":
+            postgresql(args)
+            sqlite(args)
+        if args.only != "purge":
+            audit_relay(args)
     else:
         mariadb(args)
 
