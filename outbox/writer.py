@@ -83,8 +83,9 @@ _lock = threading.Lock()
 def _row_class(tables: OutboxTables) -> type[_OutboxRow]:
     """The mapped class of ``tables.outbox``, made once per table.
 
-    It is mapped on ``message_id`` (made by the writer, unique), not on the server-made ``id``: the
-    ORM then has every row's identity before the INSERT, needs no ``RETURNING id``, and writes
+    It is mapped on ``message_id`` (made by the writer, unique), and the server-made ``id`` is left
+    out of the mapping: the ORM then has every row's identity before the INSERT, asks for no
+    ``RETURNING id``, and writes
     ``add_many``'s rows with the driver's ``executemany`` (psycopg pipelines it; PyMySQL makes it
     one multi-row INSERT) instead of rendering 1,000-row INSERT ... RETURNING statements.
     """
@@ -94,7 +95,8 @@ def _row_class(tables: OutboxTables) -> type[_OutboxRow]:
             cls = _MAPPED.get(id(tables.outbox))
             if cls is None:
                 cls = type(f"OutboxRow_{tables.names.outbox}", (_OutboxRow,), {})
-                _registry.map_imperatively(cls, tables.outbox, primary_key=[tables.outbox.c.message_id])
+                _registry.map_imperatively(cls, tables.outbox, primary_key=[tables.outbox.c.message_id],
+                                          exclude_properties=["id"], eager_defaults=False)
                 _MAPPED[id(tables.outbox)] = cls
     return cls
 

@@ -324,22 +324,27 @@ def run_db(db: str, args: Any, prefix: str) -> None:
     payload = b.payload_bytes(0)
     with database(db) as engine:
         Base.metadata.create_all(engine)
-        b.note(f"{db}: one-row transactions")
-        single_row(engine, outbox, payload, args, prefix)
-        if db != "sqlite":
+        parts = args.parts.split(",")
+        if "single" in parts:
+            b.note(f"{db}: one-row transactions")
+            single_row(engine, outbox, payload, args, prefix)
+        if "peer" in parts and db != "sqlite":
             b.note(f"{db}: txoutbox")
             peer_txoutbox(engine, payload, args, prefix)
+        if "async" in parts and db != "sqlite":
             b.note(f"{db}: async")
             async_rows(engine, outbox, payload, args, prefix)
-        b.note(f"{db}: add_many")
-        many_rows(engine, outbox, payload, args, prefix, 1000, args.many_txs)
-        many_rows(engine, outbox, payload, args, prefix, 10_000, max(2, args.many_txs // 10))
+        if "many" in parts:
+            b.note(f"{db}: add_many")
+            many_rows(engine, outbox, payload, args, prefix, 1000, args.many_txs)
+            many_rows(engine, outbox, payload, args, prefix, 10_000, max(2, args.many_txs // 10))
 
 
 def main() -> None:
     p = b.parser(__doc__ or "", n=2000, many_txs=20)
     p.add_argument("--block", type=int, default=50, help="transactions per alternating block")
     p.add_argument("--rounds", type=int, default=3, help="rounds; figures are medians over them")
+    p.add_argument("--parts", default="single,peer,async,many", help="which measures: single,peer,async,many")
     p.add_argument("--dbs", default="sqlite", help="more databases to run after --db: sqlite,mariadb,postgresql")
     args = b.parse(p)
     b.emit("writer_db", args.db)
