@@ -104,46 +104,45 @@ def raw_rows(base: int, n: int, payload: bytes) -> list[dict[str, Any]]:
 
 
 # ------------------------------------------------------------------ timing
+def _rotation(names: list[str], blocks: int) -> Iterator[str]:
+    """The variants in the order they run: every block starts one further along the list."""
+    for blk in range(blocks):
+        yield from names[blk % len(names):] + names[:blk % len(names)]
+
+
 def alternate(variants: dict[str, Callable[[int], None]], *, n: int, block: int, rounds: int,
               per: int = 1) -> dict[str, list[float]]:
     """Microseconds per call of each variant, one figure per round; blocks rotate the variants' order."""
-    names = list(variants)
-    out: dict[str, list[float]] = {k: [] for k in names}
-    i = 0
+    out: dict[str, list[float]] = {k: [] for k in variants}
+    i, blocks = 0, max(1, n // block)
     for _ in range(rounds):
-        took = dict.fromkeys(names, 0.0)
-        blocks = max(1, n // block)
-        for blk in range(blocks):
-            for name in names[blk % len(names):] + names[:blk % len(names)]:
-                fn = variants[name]
-                t0 = time.perf_counter()
-                for _ in range(block):
-                    fn(i)
-                    i += per
-                took[name] += time.perf_counter() - t0
-        for k in names:
-            out[k].append(took[k] / (blocks * block) * 1e6)
+        took = dict.fromkeys(variants, 0.0)
+        for name in _rotation(list(variants), blocks):
+            t0 = time.perf_counter()
+            for _ in range(block):
+                variants[name](i)
+                i += per
+            took[name] += time.perf_counter() - t0
+        for k, v in took.items():
+            out[k].append(v / (blocks * block) * 1e6)
     return out
 
 
 async def alternate_async(variants: dict[str, Callable[[int], Awaitable[None]]], *, n: int, block: int,
                           rounds: int) -> dict[str, list[float]]:
-    names = list(variants)
-    out: dict[str, list[float]] = {k: [] for k in names}
-    i = 0
+    """:func:`alternate` for coroutines."""
+    out: dict[str, list[float]] = {k: [] for k in variants}
+    i, blocks = 0, max(1, n // block)
     for _ in range(rounds):
-        took = dict.fromkeys(names, 0.0)
-        blocks = max(1, n // block)
-        for blk in range(blocks):
-            for name in names[blk % len(names):] + names[:blk % len(names)]:
-                fn = variants[name]
-                t0 = time.perf_counter()
-                for _ in range(block):
-                    await fn(i)
-                    i += 1
-                took[name] += time.perf_counter() - t0
-        for k in names:
-            out[k].append(took[k] / (blocks * block) * 1e6)
+        took = dict.fromkeys(variants, 0.0)
+        for name in _rotation(list(variants), blocks):
+            t0 = time.perf_counter()
+            for _ in range(block):
+                await variants[name](i)
+                i += 1
+            took[name] += time.perf_counter() - t0
+        for k, v in took.items():
+            out[k].append(v / (blocks * block) * 1e6)
     return out
 
 
