@@ -3,11 +3,12 @@
 The subscriber's handler turns FastStream's message into ours (``message_from_kafka``, the same
 codec decode as ``outbox consume``), awaits ``consumer.process(engine, message)`` and commits the
 offset (``msg.ack()``) only after a final outcome; for a RETRY it waits ``outcome.retry_in`` and
-nacks (FastStream seeks back, Kafka redelivers the record). The example publishes five records the
+nacks (FastStream seeks back, Kafka redelivers the record). The example publishes six records the
 way the relay does (a ``message-id`` header): an order, the same order again (a duplicate: the
 stored result comes back), an order whose charge fails once (retry, then processed), a record that
-is not JSON (dead-lettered at once, the others go on) and a last order; it waits until each has a
-final outcome, prints them, checks the charges table and exits 0 (1 on failure or after
+is not JSON (dead-lettered at once), an order whose charge always fails (retried ``max_attempts``
+times, then dead-lettered) and a last order, charged after the failures before it; it waits until each has
+a final outcome, prints them, checks the charges and dead-letter tables and exits 0 (1 on failure or after
 ``OUTBOX_EXAMPLE_DEADLINE`` seconds, default 60)::
 
     pip install 'outboxkit[examples]'            # fastapi, uvicorn, httpx, faststream[kafka], aiosqlite, tansu
@@ -72,13 +73,14 @@ class ChargeOrder(AsyncDedupConsumer):
     max_attempts = 3
     retry_initial = 0.2  # the example's backoff; the default starts at 0.5 s
 
-    def __init__(self, flaky: set[str]) -> None:
+    def __init__(self, flaky: set[str], down: set[str]) -> None:
         super().__init__()
         self.flaky = flaky  # orders whose first try fails (the gateway is busy)
+        self.down = down  # orders whose every try fails: dead-lettered after max_attempts
 
     async def handle(self, session: AsyncSession, message: IncomingMessage) -> Any:
         order = message.body  # JSON by content type; not-JSON raises DecodeError, dead-lettered without retries
-        if order["order_id"] in self.flaky and message.attempt == 1:
+        if order["order_id"] in self.down or (order["order_id"] in self.flaky and message.attempt == 1):
             raise PaymentGatewayBusy("the payment gateway is busy, try again")
         await session.execute(charges.insert().values(order_id=order["order_id"], amount=order["total"]))
         return {"charge_id": f"ch_{order['order_id']}"}  # stored with the message id; duplicates get it back
@@ -93,24 +95,24 @@ async def undecoded(msg: KafkaMessage) -> bytes:
 def subscribe(broker: KafkaBroker, topic: str, engine: AsyncEngine, consumer: ChargeOrder,
               outcomes: asyncio.Queue[Outcome]) -> None:
     """The FastStream subscriber: process, then ack (commit) on a final outcome, nack on a RETRY."""
-    tries: dict[tuple[int, int], int] = {}  # (partition, offset) -> tries so far, across redeliveries
+    next_try: dict[tuple[int, int], int] = {}  # (partition, offset) -> number of its next try, across redeliveries
 
     @broker.subscriber(topic, group_id=GROUP, ack_policy=AckPolicy.MANUAL, auto_offset_reset="earliest",
                        decoder=undecoded, session_timeout_ms=6000, heartbeat_interval_ms=1000)
     async def on_charge(msg: KafkaMessage) -> None:
         message = message_from_kafka(msg, group_id=GROUP)
         where = (message.partition or 0, message.offset or 0)
-        message.attempt = tries.get(where, 0) + 1  # a redelivered record continues its count to max_attempts
+        message.attempt = next_try.get(where, 1)  # a redelivered record goes on counting up to max_attempts
         try:
             outcome = await consumer.process(engine, message)
         except Exception:  # database trouble: nothing committed, so the record must come again
             await msg.nack()
             raise
         if outcome.done:
-            tries.pop(where, None)
+            next_try.pop(where, None)
             await msg.ack()  # only now: the transaction has committed
         else:  # RETRY: nothing of the handler committed; wait, then have Kafka redeliver it
-            tries[where] = message.attempt
+            next_try[where] = message.attempt  # process() counted it up for the next try
             await asyncio.sleep(outcome.retry_in or 0)
             await msg.nack()
         await outcomes.put(outcome)
@@ -141,20 +143,24 @@ async def run(servers: str) -> int:
 
     run_id = uuid.uuid4().hex[:8]
     topic = os.environ.get("OUTBOX_EXAMPLE_TOPIC") or f"example-charges-{run_id}"
-    first, flaky, last = f"{run_id}-1", f"{run_id}-2", f"{run_id}-3"
-    ids = {name: str(uuid.uuid4()) for name in ("first", "flaky", "poison", "last")}
+    first, flaky, down, last = (f"{run_id}-{n}" for n in range(1, 5))
+    ids = {name: str(uuid.uuid4()) for name in ("first", "flaky", "poison", "down", "last")}
     records = [
         (ids["first"], json.dumps({"order_id": first, "total": 42}).encode()),
         (ids["first"], json.dumps({"order_id": first, "total": 42}).encode()),  # redelivered: a duplicate
         (ids["flaky"], json.dumps({"order_id": flaky, "total": 7}).encode()),
         (ids["poison"], b"{not json"),
+        (ids["down"], json.dumps({"order_id": down, "total": 9}).encode()),
         (ids["last"], json.dumps({"order_id": last, "total": 5}).encode()),
     ]
-    labels = ["order 1", "order 1 again", "order 2 (gateway busy once)", "not JSON", "order 3"]
+    labels = ["order 1", "order 1 again", "order 2 (gateway busy once)", "not JSON", "order 3 (gateway always busy)",
+              "order 4"]
 
-    consumer = ChargeOrder(flaky={flaky})
+    consumer = ChargeOrder(flaky={flaky}, down={down})
     outcomes: asyncio.Queue[Outcome] = asyncio.Queue()
-    broker = KafkaBroker(servers, client_id=f"example-{run_id}", log_level=logging.DEBUG)  # quiet
+    quiet = logging.getLogger("example.faststream")
+    quiet.setLevel(logging.WARNING)  # FastStream's per-message lines off; its warnings and errors still show
+    broker = KafkaBroker(servers, client_id=f"example-{run_id}", logger=quiet)
     subscribe(broker, topic, engine, consumer, outcomes)
     seen: list[Outcome] = []
     async with broker:
@@ -177,15 +183,22 @@ async def run(servers: str) -> int:
     histories += [[]] * (len(labels) - len(histories))  # records that got no outcome before the deadline
     for label, tries in zip(labels, histories, strict=False):
         print(f"{label}: " + (" -> ".join(describe(o) for o in tries) or "no outcome"))
+    dead = consumer.tables.dead_letters
     async with engine.connect() as conn:
         mine = (await conn.execute(sa.select(charges.c.order_id).where(charges.c.order_id.like(f"{run_id}-%"))
                                    )).scalars().all()
+        letters = (await conn.execute(sa.select(dead.c.message_id, dead.c.attempts, dead.c.error).where(
+            dead.c.consumer == consumer.name, dead.c.message_id.in_(ids.values())).order_by(dead.c.id))).all()
     await engine.dispose()
     print(f"charges of this run: {len(mine)} ({', '.join(sorted(mine))})")
+    for letter in letters:  # what `outbox dead list` shows; `outbox dead requeue` sends one through again
+        print(f"dead letter: {letter.attempts} tries, {letter.error.split(':')[0]}")
 
     statuses = [[o.status.value for o in tries] for tries in histories]
-    expected = [["processed"], ["duplicate"], ["retry", "processed"], ["dead"], ["processed"]]
+    expected = [["processed"], ["duplicate"], ["retry", "processed"], ["dead"], ["retry", "retry", "dead"],
+                ["processed"]]
     ok = statuses == expected and sorted(mine) == [first, flaky, last] \
+        and [(r.message_id, r.attempts) for r in letters] == [(ids["poison"], 1), (ids["down"], 3)] \
         and histories[1][0].result == {"charge_id": f"ch_{first}"}  # the duplicate got the stored result
     print("all records settled as expected" if ok else f"UNEXPECTED outcomes: {statuses}")
     return 0 if ok else 1

@@ -249,8 +249,11 @@ def _check_07(out: str) -> None:
     assert re.search(r"^order 2 \(gateway busy once\): retry \(PaymentGatewayBusy\) -> processed, result "
                      r"\{'charge_id': 'ch_\w+-2'\}$", out, re.M), out
     assert "not JSON: dead (DecodeError)" in out, out
-    assert re.search(r"^order 3: processed, result \{'charge_id': 'ch_\w+-3'\}$", out, re.M), out
-    assert re.search(r"^charges of this run: 3 \(\w+-1, \w+-2, \w+-3\)$", out, re.M), out
+    assert ("order 3 (gateway always busy): retry (PaymentGatewayBusy) -> retry (PaymentGatewayBusy) -> "
+            "dead (PaymentGatewayBusy)") in out, out  # max_attempts = 3 tries, counted across redeliveries
+    assert re.search(r"^order 4: processed, result \{'charge_id': 'ch_\w+-4'\}$", out, re.M), out
+    assert re.search(r"^charges of this run: 3 \(\w+-1, \w+-2, \w+-4\)$", out, re.M), out
+    assert "dead letter: 1 tries, DecodeError\ndead letter: 3 tries, PaymentGatewayBusy\n" in out, out
     assert "all records settled as expected" in out, out
 
 
