@@ -49,6 +49,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from outbox import MessageError, Outbox, migrations
 from outbox.brokers import KafkaPublisher
 from outbox.config import RelayConfig
+from outbox.devbroker import kafka_or_dev_broker
 from outbox.message import OutboxRecord
 from outbox.relay import Relay
 
@@ -195,12 +196,9 @@ async def run(servers: str) -> int:
 
 
 def main() -> int:
-    servers = os.environ.get("OUTBOX_KAFKA_BOOTSTRAP_SERVERS")
-    with contextlib.ExitStack() as stack:
-        if not servers:
-            from outbox.devbroker import DevKafkaBroker
-
-            servers = stack.enter_context(DevKafkaBroker()).bootstrap_servers
+    given = os.environ.get("OUTBOX_KAFKA_BOOTSTRAP_SERVERS")
+    with kafka_or_dev_broker(given) as servers:
+        if not given:
             print(f"started the bundled Kafka-protocol broker on {servers}")
         return asyncio.run(run(servers))
 

@@ -52,6 +52,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engin
 
 from consumers import AsyncDedupConsumer, IncomingMessage, Outcome, message_from_kafka
 from outbox import migrations
+from outbox.devbroker import kafka_or_dev_broker
 
 DEADLINE = float(os.environ.get("OUTBOX_EXAMPLE_DEADLINE", "60"))
 GROUP = os.environ.get("OUTBOX_EXAMPLE_GROUP", "billing-async")
@@ -205,12 +206,9 @@ async def run(servers: str) -> int:
 
 
 def main() -> int:
-    servers = os.environ.get("OUTBOX_KAFKA_BOOTSTRAP_SERVERS")
-    with contextlib.ExitStack() as stack:
-        if not servers:
-            from outbox.devbroker import DevKafkaBroker
-
-            servers = stack.enter_context(DevKafkaBroker()).bootstrap_servers
+    given = os.environ.get("OUTBOX_KAFKA_BOOTSTRAP_SERVERS")
+    with kafka_or_dev_broker(given) as servers:
+        if not given:
             print(f"started the bundled Kafka-protocol broker on {servers}")
         return asyncio.run(run(servers))
 
