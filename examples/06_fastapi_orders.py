@@ -1,9 +1,7 @@
 """06 - A FastAPI service writes each order and its outbox message in one AsyncSession transaction.
 
-A relay publishes the messages to Kafka.
-
-``POST /orders`` inserts the order row and adds its ``orders.created`` message (``Outbox.add`` on the
-request's ``AsyncSession``) in one transaction: both commit or neither does. A relay (the in-process
+``POST /orders`` inserts the order row and adds its message (``Outbox.add`` on the request's
+``AsyncSession``, topic ``example.orders``) in one transaction: both commit or neither does. A relay (the in-process
 ``Relay``; in production the ``outbox relay`` daemon) publishes the committed messages to Kafka,
 keyed by customer, so each customer's orders stay in order. The example starts the service with
 uvicorn on a free port, sends it orders with httpx (valid ones, one that the outbox refuses and one
@@ -19,12 +17,13 @@ default 60)::
     OUTBOX_KAFKA_BOOTSTRAP_SERVERS=127.0.0.1:9092 python examples/06_fastapi_orders.py
 
 ``OUTBOX_ASYNC_DB_URL`` takes an async SQLAlchemy URL (``postgresql+psycopg``, ``postgresql+asyncpg``,
-``sqlite+aiosqlite``, ``mysql+asyncmy``); the relay, which is not asyncio, gets the same database
-through the matching sync driver. Without ``OUTBOX_KAFKA_BOOTSTRAP_SERVERS`` the example starts the
-bundled Kafka-protocol broker (tansu). The topic is ``OUTBOX_EXAMPLE_TOPIC`` (default
-``example.orders``); ``OUTBOX_EXAMPLE_ORDERS`` orders are sent (default 20). It creates its tables if
-they are missing and checks only the rows of its own run, so it runs on a fresh database and again on
-the same one. examples/07_faststream_consumer.py is the other side: a consumer of such records.
+``sqlite+aiosqlite``, ``mysql+asyncmy`` with ``[examples,mysql,async]``); the relay, which is not
+asyncio, gets the same database through the matching sync driver. Without
+``OUTBOX_KAFKA_BOOTSTRAP_SERVERS`` the example starts the bundled Kafka-protocol broker (tansu). The
+topic is ``OUTBOX_EXAMPLE_TOPIC`` (default ``example.orders``); ``OUTBOX_EXAMPLE_ORDERS`` orders are
+sent (default 20). It creates its tables if they are missing and checks only the rows of its own run,
+so it runs on a fresh database and again on the same one. examples/07_faststream_consumer.py is the
+other side: a consumer of such records.
 """
 
 from __future__ import annotations

@@ -19,13 +19,13 @@ a final outcome, prints them, checks the charges and dead-letter tables and exit
     OUTBOX_KAFKA_BOOTSTRAP_SERVERS=127.0.0.1:9092 python examples/07_faststream_consumer.py
 
 ``OUTBOX_ASYNC_DB_URL`` takes any async SQLAlchemy URL (``postgresql+psycopg``,
-``postgresql+asyncpg``, ``sqlite+aiosqlite``, ``mysql+asyncmy``). Without
+``postgresql+asyncpg``, ``sqlite+aiosqlite``, ``mysql+asyncmy`` with ``[examples,async]``). Without
 ``OUTBOX_KAFKA_BOOTSTRAP_SERVERS`` it starts the bundled Kafka-protocol broker (tansu). The topic is
 ``OUTBOX_EXAMPLE_TOPIC`` (default: a new ``example-charges-<run>`` topic per run), the consumer group
-``OUTBOX_EXAMPLE_GROUP`` (default ``billing-async``). The example creates
-its tables if they are missing and checks only the records of its own run, so it runs on a fresh
-database and again on the same one (on a reused topic, a new group also reads the records of earlier
-runs: they come back as duplicates and are committed past).
+``OUTBOX_EXAMPLE_GROUP`` (default ``billing-async``). The example creates its tables if they are
+missing and checks only the records of its own run, so it runs on a fresh database and again on the
+same one (on a reused topic, a new group also reads the records of earlier runs: they come back as
+duplicates and are committed past).
 
 **The ack rule**: commit the offset (or ack) only after ``process`` returned an outcome with
 ``outcome.done`` (processed, duplicate, dead): the effects, the processed row and any dead letter
@@ -107,6 +107,7 @@ def subscribe(broker: KafkaBroker, topic: str, engine: AsyncEngine, consumer: Ch
         try:
             outcome = await consumer.process(engine, message)
         except Exception:  # database trouble: nothing committed, so the record must come again
+            await asyncio.sleep(1.0)  # not at once: an outage would make that a busy loop
             await msg.nack()
             raise
         if outcome.done:
