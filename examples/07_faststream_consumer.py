@@ -113,6 +113,8 @@ def subscribe(broker: KafkaBroker, topic: str, engine: AsyncEngine, consumer: Ch
         if outcome.done:
             next_try.pop(where, None)
             await msg.ack()  # only now: the transaction has committed
+            # (ack commits the consumer's positions on all its partitions: right for FastStream's default of one
+            # record at a time; with max_workers > 1 it could commit past a record still being processed)
         else:  # RETRY: nothing of the handler committed; wait, then have Kafka redeliver it
             next_try[where] = message.attempt  # process() counted it up for the next try
             await asyncio.sleep(outcome.retry_in or 0)
