@@ -184,7 +184,8 @@ def main() -> None:
             # (b) raw produce
             raw_topic = b.create_topic(bootstrap)
             t_b = raw_produce(bootstrap, raw_topic, args.n, args.keys, args.size)
-            for name, rate in (("raw", n_r / t_r), ("null", n_a / t_a), ("kafka", n_k / t_k), ("produce", args.n / t_b)):
+            for name, rate in (("raw", n_r / t_r), ("null", n_a / t_a), ("kafka", n_k / t_k),
+                               ("produce", args.n / t_b)):
                 rates[name].append(rate)
             b.note(f"round {rnd + 1}: raw loop {n_r / t_r:.0f}, relay null {n_a / t_a:.0f}, "
                    f"relay kafka {n_k / t_k:.0f}, raw produce {args.n / t_b:.0f} msg/s")
