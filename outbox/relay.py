@@ -311,7 +311,7 @@ class Relay:
                     raise _StaleBatch(age, len(batch.records))
                 wait = self._begin_publish(batch.records)
                 ahead = self._claim_ahead(batch)
-                results = wait()
+                results = self._verdicts(batch.records, wait)
                 delivered = self._mark(batch.conn, batch.records, results)
                 batch.end(commit=True)
             except BaseException as exc:
@@ -576,27 +576,26 @@ class Relay:
         return self.dialect.blockers(conn, self.tables.outbox, held, DUE_NOW)
 
     def _begin_publish(self, records: list[OutboxRecord]) -> Callable[[], list[PublishResult]]:
-        """Send ``records``; the function returned waits for (and checks) their verdicts.
+        """Send ``records``; :meth:`_verdicts` then waits for the broker's verdicts through the function returned.
 
-        With a publisher that has ``begin_publish`` the relay works between the two; under a tracer
-        the batch's send span covers the whole wait, so the publish is done before this returns.
+        With a publisher that has ``begin_publish`` the relay works in between; under a tracer the
+        batch's send span covers the whole wait, so the publish is done before this returns.
         """
         spans = _tracing.process_spans()  # None without OpenTelemetry or a tracer provider: once per batch
         timeout = self.config.publish_timeout
         if spans is None:
             if self._begin is not None:
-                wait = self._begin(records, timeout=timeout)
-                return lambda: self._checked(records, wait())
+                return self._begin(records, timeout=timeout)
             results = self.publisher.publish(records, timeout=timeout)
         else:
             with spans.send_span(records, self.leases.broker_kind) as span:
                 results = self.publisher.publish(records, timeout=timeout)
                 _tracing.note_results(span, results)
-        checked = self._checked(records, results)
-        return lambda: checked
+        return lambda: results
 
-    @staticmethod
-    def _checked(records: list[OutboxRecord], results: list[PublishResult]) -> list[PublishResult]:
+    def _verdicts(self, records: list[OutboxRecord], wait: Callable[[], list[PublishResult]]) -> list[PublishResult]:
+        """Wait for the verdicts of a batch :meth:`_begin_publish` sent: one per record."""
+        results = wait()
         if len(results) != len(records):  # a broken adapter must not lose or double-mark rows
             log.error("publisher returned %d results for %d messages; retrying the batch", len(results), len(records))
             return [PublishResult(r.id, Outcome.RETRY, "publisher returned no verdict") for r in records]

@@ -80,11 +80,11 @@ class FreezingRelay(Relay):
             return super()._begin_publish(records)
         if self.freeze == "mid_publish":
             half = max(1, len(records) // 2)
-            first = super()._begin_publish(records[:half])()
+            first = self._verdicts(records[:half], super()._begin_publish(records[:half]))
             self._stop_here(records)
-            rest = super()._begin_publish(records[half:])()
+            rest = self._verdicts(records[half:], super()._begin_publish(records[half:]))
             return lambda: first + rest
-        results = super()._begin_publish(records)()
+        results = self._verdicts(records, super()._begin_publish(records))
         self._stop_here(records)
         return lambda: results
 
