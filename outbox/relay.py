@@ -429,11 +429,14 @@ class Relay:
             self._dispose_quietly()  # other pooled connections of the frozen process may be dead too
 
     # ------------------------------------------------------------------ steps
-    def _promote(self, conn: Connection, held: list[int], now: dt.datetime) -> set[int]:
+    def _promote(self, conn: Connection, held: list[int], now: dt.datetime, *, look_only: bool = False) -> set[int]:
         """Rows whose delay or backoff has run out become due (``available_at = DUE_NOW``).
 
         Read first, then update by primary key: a range UPDATE on InnoDB would lock the next
         index record too, which is another partition's (another relay's) first due row.
+        ``look_only``: return their partitions without updating (a claim made ahead must not
+        write rows that the batch in flight's transaction may have just updated: it would wait
+        on that transaction, which waits on it).
         """
         o = self.tables.outbox
         q = (
@@ -445,6 +448,8 @@ class Relay:
         if topic_clause is not None:  # this relay group's rows only
             q = q.where(topic_clause)
         rows = conn.execute(q).all()
+        if look_only:
+            return {r[1] for r in rows}
         ids = [r[0] for r in rows]
         for chunk in _chunks(ids, 1000):
             self.dialect.update_ids(conn, o, chunk, {"available_at": DUE_NOW})
@@ -473,7 +478,7 @@ class Relay:
         # most every REFRESH seconds (and after any failure), not in every round of a busy drain.
         mono = time.monotonic()
         if self._refresh_due or mono - self._last_refresh >= REFRESH or self._held_set != held:
-            promoted = self._promote(conn, held, now)
+            promoted = self._promote(conn, held, now, look_only=ahead)
             blocked_before = self._blocked
             if self.config.ordering == "strict":
                 self._blocked = set(self._blockers(conn, held))

@@ -102,16 +102,25 @@ def test_pipelining_off_claims_nothing_ahead(pg: sa.Engine) -> None:
     assert relay.claimed_ahead == 0
 
 
+@pytest.mark.parametrize("refresh", ["default", "every_claim"])
 @pytest.mark.parametrize("outcome", [Outcome.RETRY, Outcome.FAILED])
-def test_a_failure_in_a_batch_rolls_back_the_batch_claimed_ahead_unpublished(pg: sa.Engine, outcome: Outcome) -> None:
+def test_a_failure_in_a_batch_rolls_back_the_batch_claimed_ahead_unpublished(
+        pg: sa.Engine, outcome: Outcome, refresh: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Row 50 (key k0) fails in the first batch; the batch claimed ahead holds k0's later rows 150, 250, ...
 
     They must not go out before row 50 is settled: the batch claimed ahead is rolled back, and k0's
-    later rows wait behind 50 (its retry, or its dead row under strict ordering)."""
+    later rows wait behind 50 (its retry, or its dead row under strict ordering).
+
+    ``every_claim``: the look-up of delayed rows runs in every claim, the ones made ahead too. The
+    retried row's backoff has run out, so the sequential claim promotes it (its transaction holds
+    the row's lock) and a claim ahead that tried to promote it again would wait on that
+    transaction, which waits on it, until the server ended the session (idle-in-transaction)."""
+    if refresh == "every_claim":
+        monkeypatch.setattr("outbox.relay.REFRESH", 0.0)
     ids = add(pg, 1000, keys=50)
     pub = TwoStepPublisher()
     pub.fail(lambda r: r.id == ids[50], outcome, "broker said no", times=1)
-    relay = CountingRelay(pg, pub, config=RelayConfig(**FAST))
+    relay = CountingRelay(pg, pub, config=RelayConfig(**FAST, publish_timeout=2.0, lease_ttl=2.0))
     relay.run_once()
     assert relay.claimed_ahead == 1 and relay.resumed == 0  # claimed ahead, then rolled back
     assert k0_sends(pub) == [0], "a later row of the failed row's key went out"
