@@ -34,6 +34,8 @@ from .staged import StagedConsumer, stage
 from .versioning import StateMachine, versioned_update
 
 if TYPE_CHECKING:
+    from outbox.transports.kafka.aiorunner import AsyncKafkaRunner
+    from outbox.transports.rabbitmq.aiorunner import AsyncRabbitMQRunner
     from outbox.transports.received import message_from_amqp, message_from_kafka
 
     from .aio import AsyncDedupConsumer, AsyncStagedConsumer
@@ -43,6 +45,8 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_ID_FROM",
     "AsyncDedupConsumer",
+    "AsyncKafkaRunner",
+    "AsyncRabbitMQRunner",
     "AsyncStagedConsumer",
     "ConfigurationError",
     "ConsumerError",
@@ -77,7 +81,9 @@ __all__ = [
 _LAZY = {"AsyncDedupConsumer": "consumers.aio", "AsyncStagedConsumer": "consumers.aio",
          "message_from_amqp": "outbox.transports.received", "message_from_kafka": "outbox.transports.received",
          "KafkaRunner": "outbox.transports.kafka.runner", "RabbitMQRunner": "outbox.transports.rabbitmq.runner",
-         "declare_queue": "outbox.transports.rabbitmq.runner"}
+         "declare_queue": "outbox.transports.rabbitmq.runner",
+         "AsyncKafkaRunner": "outbox.transports.kafka.aiorunner",
+         "AsyncRabbitMQRunner": "outbox.transports.rabbitmq.aiorunner"}
 
 
 def __getattr__(name: str) -> Any:

@@ -141,6 +141,57 @@ def make_engine(url: str, *, create: bool = False, **kw: Any) -> sa.Engine:
         raise ConfigurationError(f"--db {masked_url(url)!r} is not usable: {one_line(exc)}") from None
 
 
+#: per backend, the async drivers to use (the first installed), the module of each and the pip hint
+_ASYNC_DRIVERS = {
+    "postgresql": (("psycopg", "asyncpg"), "'psycopg[binary]' (or asyncpg)"),
+    "mysql": (("asyncmy", "aiomysql"), "aiomysql (or asyncmy)"),
+    "mariadb": (("asyncmy", "aiomysql"), "aiomysql (or asyncmy)"),
+    "sqlite": (("aiosqlite",), "'outboxkit[sqlite-async]' (aiosqlite)"),
+}
+_ASYNC_CAPABLE = {"psycopg", "asyncpg", "asyncmy", "aiomysql", "aiosqlite"}
+_SYNC_OF_ASYNC = {"asyncpg": "psycopg", "asyncmy": "pymysql", "aiomysql": "pymysql", "aiosqlite": "pysqlite"}
+
+
+def sync_database_url(url: str) -> str:
+    """``url`` with an async-only driver (asyncpg, aiosqlite, aiomysql, asyncmy) swapped for the sync one
+    of its backend, so the CLI can check the schema before an async consumer starts; else unchanged."""
+    try:
+        u = sa.engine.make_url(url)
+    except (sa.exc.ArgumentError, ValueError, TypeError):
+        return url  # database_url() reports it
+    backend, _, driver = u.drivername.partition("+")
+    if driver in _SYNC_OF_ASYNC:
+        return u.set(drivername=f"{backend}+{_SYNC_OF_ASYNC[driver]}").render_as_string(hide_password=False)
+    return url
+
+
+def make_async_engine(engine: sa.Engine, *, given: str | None = None) -> Any:
+    """An ``AsyncEngine`` on the database of ``engine`` (the checked ``--db``): the same driver when it is
+    async-capable (psycopg 3), else the backend's async driver (``given``: the URL as typed, when it named one);
+    a missing async driver is a :class:`ConfigurationError` saying what to pip install."""
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    u = engine.url
+    backend, _, driver = u.drivername.partition("+")
+    if given is not None:
+        typed = sa.engine.make_url(given).drivername.partition("+")[2]
+        driver = typed if typed in _ASYNC_CAPABLE else driver
+    if driver not in _ASYNC_CAPABLE:
+        candidates, hint = _ASYNC_DRIVERS.get(backend, ((), "an asyncio driver for it"))
+        chosen = next((d for d in candidates if _installed(d)), None)
+        if chosen is None:
+            raise ConfigurationError(f"an async consumer needs an asyncio driver for {masked_url(u)}: "
+                                     f"pip install {hint}")
+        driver = chosen
+    url = u.set(drivername=f"{backend}+{driver}")
+    kw: dict[str, Any] = {"connect_args": {"timeout": 30}} if backend == "sqlite" else {"pool_pre_ping": True}
+    try:
+        return create_async_engine(url, **kw)
+    except ImportError as exc:
+        raise ConfigurationError(f"the asyncio database driver for {masked_url(url)} is not installed "
+                                 f"({exc.name or one_line(exc)})") from None
+
+
 def require_schema(engine: sa.Engine, tables: OutboxTables, *, daemon: bool = False) -> None:
     """Connect once and check the toolkit's tables are there: a forgotten ``db upgrade`` is one
     clear error naming the command to run, never a SQL error later on.

@@ -1,5 +1,9 @@
 """``outbox consume MODULE:CLASS``: run a dedup consumer on Kafka or RabbitMQ until SIGTERM / SIGINT.
 
+An :class:`~consumers.AsyncDedupConsumer` runs on the transport's asyncio runner (``asyncio.run``), on
+an ``AsyncEngine`` built from ``--db`` (psycopg 3 as it is; SQLite through aiosqlite; MySQL/MariaDB
+through asyncmy or aiomysql, whichever is installed).
+
 On SIGTERM or SIGINT the runner finishes the batch in hand (database commit, then offset commit
 or ack) and the command exits 0.
 """
@@ -7,6 +11,7 @@ or ack) and the command exits 0.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import importlib
 import logging
 import os
@@ -20,7 +25,7 @@ from ..config import Setting
 from ..errors import ConfigurationError
 from ..transports import get as get_transport
 from ..transports.codecs import get_codec
-from ._common import open_database, tables_from_args
+from ._common import make_async_engine, open_database, sync_database_url, tables_from_args
 from ._settings import (
     BROKER_SETTINGS,
     CONNECTION_SETTINGS,
@@ -84,7 +89,7 @@ def settings() -> tuple[Setting, ...]:
 def register(sub: Any) -> None:
     p: argparse.ArgumentParser = sub.add_parser(
         "consume", help="run a dedup consumer (Kafka or RabbitMQ)",
-        description="Run MODULE:CLASS (a consumers.DedupConsumer subclass) until SIGTERM/SIGINT. "
+        description="Run MODULE:CLASS (a consumers.DedupConsumer or AsyncDedupConsumer subclass) until SIGTERM/SIGINT. "
         "Use --kafka/--topic/--group or --rabbitmq/--queue. Settings come from the command line, then "
         "OUTBOX_* environment variables, then the [consume] table of the TOML file given with --config.",
     )
@@ -95,8 +100,9 @@ def register(sub: Any) -> None:
 
 
 def load_consumer(target: str, **overrides: Any) -> Any:
-    """Import ``MODULE:CLASS`` (or ``MODULE:instance``) and return a consumer instance."""
-    from consumers import DedupConsumer
+    """Import ``MODULE:CLASS`` (or ``MODULE:instance``) and return a consumer instance: a
+    :class:`~consumers.DedupConsumer` or an :class:`~consumers.AsyncDedupConsumer`."""
+    from consumers.base import DedupCore as DedupConsumer
 
     module_name, sep, attr = target.partition(":")
     if not sep or not module_name or not attr:
@@ -120,7 +126,7 @@ def load_consumer(target: str, **overrides: Any) -> Any:
 
             obj.id_sources = parse_id_sources(overrides["id_from"], "--id-from")
         return obj
-    raise ConfigurationError(f"{target} is not a DedupConsumer subclass or instance")
+    raise ConfigurationError(f"{target} is not a DedupConsumer or AsyncDedupConsumer subclass or instance")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -160,14 +166,24 @@ def run(args: argparse.Namespace) -> int:
     args.broker_name, args.broker_url = name, where
     if not v.get("db"):
         raise ConfigurationError("no database given: pass --db URL, set OUTBOX_DB_URL or put db in [consume]")
-    args.db = v["db"]
+    args.db = sync_database_url(v["db"])  # the schema check runs on a sync engine, an async consumer or not
     consumer = load_consumer(args.target, max_attempts=v.get("max_attempts"), tables=tables_from_args(args),
                              id_from=id_from)
+    if is_async(consumer) and not hasattr(transport, "async_runner"):
+        raise ConfigurationError(f"{type(consumer).__name__} is an AsyncDedupConsumer, and the {name} transport has "
+                                 "no asyncio runner: use a DedupConsumer with it")
     engine = open_database(args, daemon=True)
     try:
         return _run(args, v, consumer, engine, options, file)
     finally:
         engine.dispose()
+
+
+def is_async(consumer: Any) -> bool:
+    """An :class:`~consumers.AsyncDedupConsumer` (its ``process_batch`` is a coroutine function)."""
+    import inspect
+
+    return inspect.iscoroutinefunction(getattr(consumer, "process_batch", None))
 
 
 def _run(args: argparse.Namespace, v: dict[str, Any], consumer: Any, engine: Any, options: dict[str, str],
@@ -180,8 +196,10 @@ def _run(args: argparse.Namespace, v: dict[str, Any], consumer: Any, engine: Any
                            ("prefetch", "prefetch"), ("dead_letter_topic", "dead_letter_topic")):
         if v.get(setting) is not None:
             opts[param] = list(v[setting]) if setting == "topics" else v[setting]
-    runner: Any = transport.runner(consumer, engine=engine, target=where, settings=options,
-                                   codec=get_codec(v.get("codec")), **opts)
+    aengine = make_async_engine(engine, given=v["db"]) if is_async(consumer) else None
+    make = transport.runner if aengine is None else transport.async_runner  # type: ignore[attr-defined]
+    runner: Any = make(consumer, engine=engine if aengine is None else aengine, target=where, settings=options,
+                       codec=get_codec(v.get("codec")), **opts)
     facts = [f"{k} {', '.join(opts[k]) if k == 'topics' else opts[k]}" for k in ("topics", "group_id", "queue")
              if k in opts]
     where = " ".join([describe(transport, where), *facts]).replace("group_id", "group")
@@ -190,14 +208,18 @@ def _run(args: argparse.Namespace, v: dict[str, Any], consumer: Any, engine: Any
         log.info("signal %s: finishing the batch in hand, then stopping", signal.Signals(signum).name)
         runner.stop()
 
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
+    if aengine is None:
+        signal.signal(signal.SIGTERM, _stop)
+        signal.signal(signal.SIGINT, _stop)
     runner.progress_interval = float(v.get("progress_interval", 10.0))
     set_process_context(consumer=consumer.name)
     log.info("consumer %s on %s, database %s", consumer.name, mask_secrets(where), mask_secrets(engine.url))
     stop_http = _serve(runner, engine, args, v)
     try:
-        runner.run()
+        if aengine is None:
+            runner.run()
+        else:
+            asyncio.run(_run_async(runner, aengine))
     except Exception as exc:  # librdkafka checks its settings when the consumer is created
         err = exc.args[0] if exc.args else None
         if type(exc).__name__ == "KafkaException" and getattr(err, "code", lambda: None)() == -186:
@@ -206,6 +228,24 @@ def _run(args: argparse.Namespace, v: dict[str, Any], consumer: Any, engine: Any
     finally:
         stop_http()
     return 0
+
+
+async def _run_async(runner: Any, aengine: Any) -> None:
+    """``await runner.run()`` with SIGTERM/SIGINT handled on the loop: finish the batch in hand, then stop."""
+    loop = asyncio.get_running_loop()
+
+    def _stop(signum: int) -> None:
+        log.info("signal %s: finishing the batch in hand, then stopping", signal.Signals(signum).name)
+        runner.stop()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, _stop, sig)
+    try:
+        await runner.run()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        await aengine.dispose()
 
 
 def _serve(runner: Any, engine: Any, args: argparse.Namespace, v: dict[str, Any]) -> Any:

@@ -110,7 +110,10 @@ class Transport(Protocol):
 
     def runner(self, consumer: Any, *, engine: Any, target: str, settings: Mapping[str, str], codec: Codec,
                **opts: Any) -> Any:
-        """A consumer runner (``run()``, ``stop()``) feeding ``consumer`` from ``target``."""
+        """A consumer runner (``run()``, ``stop()``) feeding ``consumer`` from ``target``.
+
+        A transport that can also run an async consumer (on an ``AsyncEngine``) has ``async_runner``, with
+        the same arguments, returning a runner whose ``run()`` is a coroutine."""
         ...
 
 

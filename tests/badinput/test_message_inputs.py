@@ -24,6 +24,7 @@ import sqlalchemy as sa
 
 from consumers import DedupConsumer, KafkaRunner, RabbitMQRunner, declare_queue, list_dead_letters
 from consumers.message import id_text
+from tests._amqp import queue_depth
 from tests.conftest import new_kafka_topic
 
 KAFKA_CONFIG = {"session.timeout.ms": 6000, "heartbeat.interval.ms": 500, "topic.metadata.refresh.interval.ms": 1000}
@@ -343,16 +344,6 @@ def test_kafka_bad_message(dialect_name, bad, engine, effects, kafka_bootstrap, 
 
 
 # ------------------------------------------------------------------ RabbitMQ
-
-
-def queue_depth(url: str, queue: str) -> int:
-    import pika
-
-    conn = pika.BlockingConnection(pika.URLParameters(url))
-    try:
-        return int(conn.channel().queue_declare(queue, passive=True).method.message_count)
-    finally:
-        conn.close()
 
 
 @pytest.mark.rabbitmq

@@ -1,4 +1,5 @@
-"""The Kafka transport (confluent-kafka): :class:`KafkaPublisher`, :class:`KafkaRunner`, options.
+"""The Kafka transport (confluent-kafka): :class:`KafkaPublisher`, :class:`KafkaRunner`, :class:`AsyncKafkaRunner`,
+options.
 
 Importing this package imports no client library; the publisher and runner modules do.
 """
@@ -13,10 +14,11 @@ from ..base import Codec
 from .options import KafkaOptions
 
 if TYPE_CHECKING:
+    from .aiorunner import AsyncKafkaRunner
     from .publisher import KafkaPublisher
     from .runner import KafkaRunner
 
-__all__ = ["TRANSPORT", "KafkaOptions", "KafkaPublisher", "KafkaRunner", "KafkaTransport"]
+__all__ = ["TRANSPORT", "AsyncKafkaRunner", "KafkaOptions", "KafkaPublisher", "KafkaRunner", "KafkaTransport"]
 
 
 class KafkaTransport:
@@ -38,13 +40,24 @@ class KafkaTransport:
                **opts: Any) -> Any:
         from .runner import KafkaRunner
 
+        return KafkaRunner(consumer, engine=engine, **self._runner_args(target, settings, codec, opts))
+
+    def async_runner(self, consumer: Any, *, engine: Any, target: str, settings: Mapping[str, str], codec: Codec,
+                     **opts: Any) -> Any:
+        """:meth:`runner` for an async consumer on an ``AsyncEngine`` (``await runner.run()``)."""
+        from .aiorunner import AsyncKafkaRunner
+
+        return AsyncKafkaRunner(consumer, engine=engine, **self._runner_args(target, settings, codec, opts))
+
+    @staticmethod
+    def _runner_args(target: str, settings: Mapping[str, str], codec: Codec, opts: dict[str, Any]) -> dict[str, Any]:
         config = dict(settings)
         if "dead_letter_topic" in config and opts.get("dead_letter_topic") is None:
             opts["dead_letter_topic"] = config.pop("dead_letter_topic")
         config.pop("dead_letter_topic", None)
         opts.pop("queue", None)
         opts.pop("prefetch", None)
-        return KafkaRunner(consumer, engine=engine, bootstrap_servers=target, config=config, codec=codec, **opts)
+        return {"bootstrap_servers": target, "config": config, "codec": codec, **opts}
 
     def identity(self, target: str) -> str:
         """The cluster as recorded in the relays table: the sorted host:port list."""
@@ -57,7 +70,7 @@ class KafkaTransport:
 
 TRANSPORT = KafkaTransport()
 
-_LAZY = {"KafkaPublisher": ".publisher", "KafkaRunner": ".runner"}
+_LAZY = {"KafkaPublisher": ".publisher", "KafkaRunner": ".runner", "AsyncKafkaRunner": ".aiorunner"}
 
 
 def __getattr__(name: str) -> Any:

@@ -1,4 +1,5 @@
-"""The RabbitMQ transport (pika): :class:`RabbitMQPublisher`, :class:`RabbitMQRunner`, options.
+"""The RabbitMQ transport (pika): :class:`RabbitMQPublisher`, :class:`RabbitMQRunner`, options; and
+:class:`AsyncRabbitMQRunner` (aio-pika, the ``rabbitmq-async`` extra).
 
 Importing this package imports no client library; the publisher and runner modules do.
 """
@@ -15,11 +16,12 @@ from ..base import Codec
 from .options import RabbitMQOptions, parse_publisher_options
 
 if TYPE_CHECKING:
+    from .aiorunner import AsyncRabbitMQRunner
     from .publisher import RabbitMQPublisher
     from .runner import RabbitMQRunner, declare_queue
 
-__all__ = ["TRANSPORT", "RabbitMQOptions", "RabbitMQPublisher", "RabbitMQRunner", "RabbitMQTransport",
-           "declare_queue"]
+__all__ = ["TRANSPORT", "AsyncRabbitMQRunner", "RabbitMQOptions", "RabbitMQPublisher", "RabbitMQRunner",
+           "RabbitMQTransport", "declare_queue"]
 
 
 class RabbitMQTransport:
@@ -42,11 +44,22 @@ class RabbitMQTransport:
                **opts: Any) -> Any:
         from .runner import RabbitMQRunner
 
+        return RabbitMQRunner(consumer, engine=engine, **self._runner_args(target, settings, codec, opts))
+
+    def async_runner(self, consumer: Any, *, engine: Any, target: str, settings: Mapping[str, str], codec: Codec,
+                     **opts: Any) -> Any:
+        """:meth:`runner` for an async consumer on an ``AsyncEngine`` (aio-pika; ``await runner.run()``)."""
+        from .aiorunner import AsyncRabbitMQRunner
+
+        return AsyncRabbitMQRunner(consumer, engine=engine, **self._runner_args(target, settings, codec, opts))
+
+    @staticmethod
+    def _runner_args(target: str, settings: Mapping[str, str], codec: Codec, opts: dict[str, Any]) -> dict[str, Any]:
         if settings:
             raise ConfigurationError(f"the RabbitMQ consumer takes no -X options (got {', '.join(sorted(settings))})")
         for name in ("topics", "group_id", "dead_letter_topic"):
             opts.pop(name, None)
-        return RabbitMQRunner(consumer, engine=engine, url=target, codec=codec, **opts)
+        return {"url": target, "codec": codec, **opts}
 
     def identity(self, target: str) -> str:
         """``host:port/vhost`` of an AMQP URL: never the user or password."""
@@ -65,7 +78,8 @@ class RabbitMQTransport:
 
 TRANSPORT = RabbitMQTransport()
 
-_LAZY = {"RabbitMQPublisher": ".publisher", "RabbitMQRunner": ".runner", "declare_queue": ".runner"}
+_LAZY = {"RabbitMQPublisher": ".publisher", "RabbitMQRunner": ".runner", "declare_queue": ".runner",
+         "AsyncRabbitMQRunner": ".aiorunner"}
 
 
 def __getattr__(name: str) -> Any:

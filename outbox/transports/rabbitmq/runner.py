@@ -24,13 +24,13 @@ import tenacity
 from pika.adapters.blocking_connection import BlockingChannel
 
 from consumers._runner import RunnerCore, check_str
-from consumers.base import DedupConsumer, Outcome, Status, backoff
+from consumers.base import DedupConsumer, Outcome, backoff
 from outbox._redact import mask_secrets
 from outbox.errors import BrokerUnavailable, ConfigurationError
 from outbox.incoming import IncomingMessage
 from outbox.transports.base import Codec
-from outbox.transports.codecs import get_codec
-from outbox.transports.received import message_from_amqp
+
+from ._book import Deliveries, check_settings
 
 __all__ = ["RabbitMQRunner", "declare_queue"]
 
@@ -38,7 +38,6 @@ log = logging.getLogger("consumers.rabbitmq")
 
 _CONNECTION_ERRORS = (pika.exceptions.AMQPConnectionError, pika.exceptions.AMQPChannelError,
                       pika.exceptions.ConnectionWrongStateError, pika.exceptions.ChannelWrongStateError)
-_MAX_TRACKED_FAILURES = 10_000
 
 
 def _params(url: str) -> pika.URLParameters:
@@ -71,25 +70,15 @@ class RabbitMQRunner(RunnerCore):
     ) -> None:
         super().__init__(consumer, engine=engine, batch_size=batch_size, batch_timeout=batch_timeout,
                          requeue_interval=requeue_interval)
-        self.codec = get_codec(codec)
         self.url = check_str("url", url)
         self._parameters = _params(url)
-        self.queue = check_str("queue", queue)
-        prefetch = 2 * batch_size if prefetch is None else prefetch
-        if not isinstance(prefetch, int) or isinstance(prefetch, bool) or not batch_size <= prefetch <= 65535:
-            raise ConfigurationError(f"prefetch must be an int between batch_size ({batch_size}) and 65535, "
-                                     f"got {prefetch!r}")
-        self.prefetch = prefetch
-        if reconnect_max_wait is not None and (not isinstance(reconnect_max_wait, (int, float))
-                                               or reconnect_max_wait <= 0):
-            raise ConfigurationError(f"reconnect_max_wait must be positive seconds or None, got {reconnect_max_wait!r}")
+        self.deliveries = Deliveries(consumer, codec, queue, _raw_message_id)
+        self.codec, self.queue = self.deliveries.codec, self.deliveries.queue
+        self.prefetch = check_settings(batch_size, prefetch, reconnect_max_wait)
         self.reconnect_max_wait = reconnect_max_wait
         self.connections = 0
         self._conn: pika.BlockingConnection | None = None
         self._chan: BlockingChannel | None = None
-        self._buffer: list[IncomingMessage] = []
-        self._held: list[tuple[float, IncomingMessage]] = []
-        self._failures: dict[str, tuple[int, Any]] = {}
 
     # ------------------------------------------------------------------ connection
     def _connect(self) -> bool:
@@ -130,8 +119,7 @@ class RabbitMQRunner(RunnerCore):
 
     def _drop_connection(self) -> None:
         conn, self._conn, self._chan = self._conn, None, None
-        self._buffer.clear()
-        self._held.clear()  # unacked: RabbitMQ redelivers them
+        self.deliveries.clear()  # unacked: RabbitMQ redelivers them
         if conn is not None:
             _close_quietly(conn)
 
@@ -153,33 +141,24 @@ class RabbitMQRunner(RunnerCore):
             log.info("consumer %s: stopped (%s)", self.consumer.name, self.stats)
 
     def _on_message(self, ch: BlockingChannel, method: Any, props: pika.BasicProperties, body: bytes) -> None:
-        msg = message_from_amqp((method, props, body), codec=self.codec, queue=self.queue)
-        msg_id = self.consumer.find_id(msg)  # the consumer's id sources; process_batch resolves it again
-        failed = self._failures.get(msg_id) if msg_id else None
-        if failed is not None:
-            msg.attempt, msg.first_failed_at = failed
-        self._buffer.append(msg)
+        self.deliveries.received((method, props, body))
 
     def _step(self) -> None:
         conn = self._conn
         assert conn is not None
         deadline = time.monotonic() + self.batch_timeout
-        while len(self._buffer) < self.batch_size and not self.stopping:
+        while len(self.deliveries.buffer) < self.batch_size and not self.stopping:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
             conn.process_data_events(time_limit=min(remaining, 0.2))
-        now = time.monotonic()
-        due = [m for t, m in self._held if t <= now][: self.batch_size]
-        self._held = [(t, m) for t, m in self._held if not any(m is d for d in due)]
-        room = self.batch_size - len(due)
-        batch, self._buffer = due + self._buffer[:room], self._buffer[room:]
+        batch = self.deliveries.take(self.batch_size)
         if not batch:
             self.maybe_process_requeued()
             return
         outcomes = self.process(batch)
         if outcomes is None:
-            self._held.extend((0.0, m) for m in batch)  # not committed: left unacked for redelivery
+            self.deliveries.hold(batch)  # not committed: left unacked for redelivery
             return
         self._settle(outcomes)
         self.maybe_process_requeued()
@@ -195,27 +174,18 @@ class RabbitMQRunner(RunnerCore):
     def _settle(self, outcomes: Sequence[Outcome]) -> None:
         chan = self._chan
         assert chan is not None
-        acks = [o.message for o in outcomes if o.status in (Status.PROCESSED, Status.DUPLICATE)]
-        if acks and not self._held and len(acks) == len(outcomes):
-            chan.basic_ack(delivery_tag=max(int(m.delivery_tag or 0) for m in acks), multiple=True)
+        plan = self.deliveries.settle(outcomes)
+        if plan.ack_upto is not None:
+            chan.basic_ack(delivery_tag=plan.ack_upto, multiple=True)
         else:
-            for m in acks:
+            for m in plan.acks:
                 chan.basic_ack(delivery_tag=int(m.delivery_tag or 0))
-        for o in outcomes:
-            m = o.message
-            if o.status is Status.DEAD:
-                chan.basic_reject(delivery_tag=int(m.delivery_tag or 0), requeue=False)
-            elif o.status is Status.RETRY:
-                m.attempt += 1
-                self._held.append((time.monotonic() + (o.retry_in or 0.0), m))
-                if m.id is not None and len(self._failures) < _MAX_TRACKED_FAILURES:
-                    self._failures[m.id] = (m.attempt, m.first_failed_at)
-                continue
-            if m.id is not None:
-                self._failures.pop(m.id, None)
-            raw_id = m.raw[1].message_id if isinstance(m.raw, tuple) else None
-            if raw_id:
-                self._failures.pop(raw_id, None)
+        for m in plan.rejects:
+            chan.basic_reject(delivery_tag=int(m.delivery_tag or 0), requeue=False)
+
+
+def _raw_message_id(m: IncomingMessage) -> Any:
+    return m.raw[1].message_id if isinstance(m.raw, tuple) else None
 
 
 def _close_quietly(conn: pika.BlockingConnection) -> None:

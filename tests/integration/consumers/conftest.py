@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator
 import pytest
 import sqlalchemy as sa
 
-from consumers import DedupConsumer, IncomingMessage
+from consumers import AsyncDedupConsumer, DedupConsumer, IncomingMessage
 from tests._proxy import FaultProxy
 
 biz = sa.MetaData()
@@ -58,19 +58,24 @@ def make_message() -> Callable[..., IncomingMessage]:
     return make
 
 
-class Recorder(DedupConsumer):
-    """Writes one effect row per handled message; fails for ids in ``failing``."""
+class _Recording:
+    """The test consumers' settings: fast retries, three tries; ``failing`` ids fail, ``calls`` lists the tries."""
 
-    name = "test.recorder"
     retry_initial = 0.001
     retry_max = 0.01
     retry_jitter = 0.001
     max_attempts = 3
 
     def __init__(self, **kw: object) -> None:
-        super().__init__(**kw)  # type: ignore[arg-type]
+        super().__init__(**kw)  # type: ignore[call-arg]
         self.failing: set[str] = set()
         self.calls: list[str] = []
+
+
+class Recorder(_Recording, DedupConsumer):
+    """Writes one effect row per handled message; fails for ids in ``failing``."""
+
+    name = "test.recorder"
 
     def handle(self, session, message):
         self.calls.append(message.id)
@@ -83,6 +88,19 @@ class Recorder(DedupConsumer):
 @pytest.fixture
 def recorder_cls() -> type[Recorder]:
     return Recorder
+
+
+class AsyncRecorder(_Recording, AsyncDedupConsumer):
+    """:class:`Recorder` for asyncio: ``async def handle`` on an ``AsyncSession``."""
+
+    name = "test.async-recorder"
+
+    async def handle(self, session, message):
+        self.calls.append(message.id)
+        await session.execute(EFFECTS.insert().values(message_id=message.id, value=str(message.body)))
+        if message.id in self.failing:
+            raise RuntimeError(f"handler failed for {message.id}")
+        return {"seen": message.id}
 
 
 def _pg_tuple_stats(nullpool: sa.Engine, table: str) -> tuple[int, int]:
@@ -216,3 +234,16 @@ def rabbitmq_proxy(rabbitmq_url: str, fault_proxy: Callable[..., FaultProxy]) ->
 
     parts = urlsplit(rabbitmq_url)
     return fault_proxy(parts.hostname or "127.0.0.1", parts.port or 5672)
+
+
+# ------------------------------------------------------------------ RabbitMQ helpers (publish, depth: tests/_amqp.py)
+
+
+@pytest.fixture
+def queue(rabbitmq_url: str, amqp_names: dict[str, str]) -> dict[str, str]:
+    """A durable queue bound to its exchange, with a dead-letter exchange and queue (names in ``amqp_names``)."""
+    from consumers import declare_queue
+
+    declare_queue(rabbitmq_url, amqp_names["queue"], exchange=amqp_names["exchange"],
+                  dead_letter_exchange=amqp_names["dlx"], dead_letter_queue=amqp_names["dlq"])
+    return amqp_names

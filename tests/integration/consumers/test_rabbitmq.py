@@ -9,37 +9,15 @@ import sys
 import textwrap
 import uuid
 
-import pika
 import pytest
 
-from consumers import RabbitMQRunner, declare_queue, list_dead_letters
+from consumers import RabbitMQRunner, list_dead_letters
+from tests._amqp import amqp_publish, queue_depth
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.parametrize("dialect_name", ["postgresql"], indirect=True)]
 
 
-@pytest.fixture
-def queue(rabbitmq_url, amqp_names):
-    declare_queue(rabbitmq_url, amqp_names["queue"], exchange=amqp_names["exchange"],
-                  dead_letter_exchange=amqp_names["dlx"], dead_letter_queue=amqp_names["dlq"])
-    return amqp_names
-
-
-def publish(url: str, exchange: str, items: list[tuple[str | None, bytes]]) -> None:
-    conn = pika.BlockingConnection(pika.URLParameters(url))
-    ch = conn.channel()
-    ch.confirm_delivery()
-    for msg_id, body in items:
-        ch.basic_publish(exchange, "orders.created", body,
-                         pika.BasicProperties(message_id=msg_id, content_type="application/json", delivery_mode=2))
-    conn.close()
-
-
-def queue_depth(url: str, queue: str) -> int:
-    conn = pika.BlockingConnection(pika.URLParameters(url))
-    try:
-        return int(conn.channel().queue_declare(queue, passive=True).method.message_count)
-    finally:
-        conn.close()
+publish = amqp_publish
 
 
 def items(n: int) -> list[tuple[str | None, bytes]]:
