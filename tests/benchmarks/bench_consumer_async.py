@@ -38,7 +38,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _bench as b
 import bench_consumer as sync_bench
 import sqlalchemy as sa
-from confluent_kafka import TopicPartition
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 
 from consumers import AsyncDedupConsumer, AsyncKafkaRunner
@@ -117,14 +116,8 @@ async def async_plain(engine: sa.Engine, driver: str, bootstrap: str, topic: str
                 t_first = time.perf_counter()
             async with AsyncSession(aengine, expire_on_commit=False) as s, s.begin():
                 for m in msgs:
-                    mid = dict(m.headers() or []).get("message-id", b"").decode()
-                    key = m.key()
-                    sync_bench.handler(s, mid, key.decode() if key is not None else None,  # type: ignore[arg-type]
-                                       bytes(m.value() or b""))
-            upto: dict[tuple[str, int], int] = {}
-            for m in msgs:
-                upto[(m.topic(), m.partition())] = m.offset() + 1
-            await kc.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in upto.items()], asynchronous=False)
+                    sync_bench.handler(s, *sync_bench.record_fields(m))  # type: ignore[arg-type]
+            await kc.commit(offsets=sync_bench.next_offsets(msgs), asynchronous=False)
             seen += len(msgs)
         return time.perf_counter() - t_first
     finally:
