@@ -237,15 +237,8 @@ class AsyncRunnerCore(RunnerBase):
     see :class:`consumers.AsyncDedupConsumer`); ``engine`` a SQLAlchemy ``AsyncEngine``.
     """
 
-    def __init__(
-        self,
-        consumer: Any,
-        *,
-        engine: Any,
-        batch_size: int,
-        batch_timeout: float,
-        requeue_interval: float | None,
-    ) -> None:
+    def __init__(self, consumer: Any, *, engine: Any, **settings: Any) -> None:
+        """``settings``: ``batch_size``, ``batch_timeout`` and ``requeue_interval``, as :class:`RunnerBase`'s."""
         from sqlalchemy.ext.asyncio import AsyncEngine
 
         if not inspect.iscoroutinefunction(getattr(consumer, "process_batch", None)):
@@ -254,8 +247,7 @@ class AsyncRunnerCore(RunnerBase):
         if not isinstance(engine, AsyncEngine):
             raise ConfigurationError(f"engine must be a sqlalchemy AsyncEngine (create_async_engine), got "
                                      f"{type(engine).__name__}")
-        super().__init__(consumer, engine=engine, batch_size=batch_size, batch_timeout=batch_timeout,
-                         requeue_interval=requeue_interval)
+        super().__init__(consumer, engine=engine, **settings)
         self._stopped = False
         self._stop_event: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None

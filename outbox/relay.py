@@ -65,10 +65,14 @@ _MAX_ERROR_TEXT = 2000
 REFRESH = 0.1
 #: seconds between looks for rows no claim can reach (partition out of range, unknown status)
 SWEEP_INTERVAL = 5.0
+#: seconds between two checks that the partitioned retention layout has its coming days' partitions
+PARTITIONS_INTERVAL = 3600.0
 #: seconds between full re-reads of every partition from its first due row
 WATERMARK_RESET = 5.0
 #: longest wait between two calls of the publisher's ``idle()`` while the relay sleeps
 IDLE_SERVICE = 1.0
+#: fewest rows a claim may take from one partition (its share of the batch is never smaller)
+MIN_PER_PARTITION = 16
 
 
 @dataclass
@@ -128,6 +132,7 @@ class Relay:
         self._wake = threading.Event()
         self._started = False
         self._last_rebalance = 0.0
+        self._last_partitions = -PARTITIONS_INTERVAL  # partitioned retention layout: at start, then hourly
         self._last_progress = time.monotonic()
         self._progress_mark = 0
         self._busy = 0.0  # seconds spent in rounds that published since the last progress line
@@ -193,6 +198,7 @@ class Relay:
         self.leases.rebalance()
         self._last_rebalance = time.monotonic()
         self._sweep_unclaimable(force=True)
+        self._maintain_partitions()
         if self.config.notify and self._listener is None:
             self._listener = self.dialect.start_listener(
                 self.engine, self.tables.names.outbox, self._wake.set, self._stop
@@ -249,9 +255,13 @@ class Relay:
                     self._sleep(delay)
                     continue
                 self._progress()
-                if n > 0:  # busy: claim again at once, and start idling from the shortest wait
+                if n > 0:  # busy: start idling from the shortest wait
                     idle = self.config.min_poll_interval
-                    continue
+                    if n >= min(MIN_PER_PARTITION, self.config.batch_size) or self._listener is None:
+                        continue  # claim again at once
+                    # so few rows that no partition's share was full: the claim took all that was
+                    # due, and NOTIFY wakes the loop for what commits next, with no empty claim
+                    # round in between to delay it
                 self._sleep(idle)
                 idle = min(idle * 2, self.config.poll_interval)
         finally:
@@ -380,7 +390,7 @@ class Relay:
         # share the batch among the partitions that had rows last time, so a few busy keys still
         # fill a batch, while each partition is read through the claim index in id order
         active = len(self._active_partitions & set(held)) or len(held)
-        per_partition = max(16, -(-self.config.batch_size // active))
+        per_partition = max(MIN_PER_PARTITION, -(-self.config.batch_size // active))
         cols = claim_columns(o)
         ids = self.dialect.due_ids(o, held, per_partition, DUE_NOW, blocked, self._after, topics=self.config.topics)
         stmt = sa.select(*cols).join_from(o, ids, o.c.id == ids.c.id).order_by(o.c.id).limit(self.config.batch_size)
@@ -693,6 +703,23 @@ class Relay:
             self.leases.rebalance()
             self._last_rebalance = time.monotonic()
             self._sweep_unclaimable()
+            self._maintain_partitions()
+
+    def _maintain_partitions(self) -> None:
+        """Partitioned retention layout: keep the coming days' partitions created (at start, then hourly).
+
+        Never stops the relay: a failure is logged and tried again the next hour (the archive's
+        default partition takes the rows of a day nobody created ahead).
+        """
+        mono = time.monotonic()
+        if mono - self._last_partitions < PARTITIONS_INTERVAL:
+            return
+        self._last_partitions = mono
+        try:
+            self.dialect.maintain_partitions(self.engine, self.tables)
+        except Exception as exc:
+            log.warning("could not create the retention layout's partitions ahead (retried in %.0f s): %s",
+                        PARTITIONS_INTERVAL, mask_secrets(exc))
 
     def _sweep_unclaimable(self, *, force: bool = False) -> None:
         """Mark dead the rows no claim can reach (partition out of range, unknown status), with the reason.

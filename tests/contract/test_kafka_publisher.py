@@ -177,3 +177,21 @@ def test_a_message_max_bytes_setting_wins_over_the_default(kafka_bootstrap, kafk
     finally:
         pub.close()
     assert result.outcome is Outcome.FAILED and "MSG_SIZE_TOO_LARGE" in (result.error or "")
+
+
+def test_a_small_batch_is_not_held_for_linger_ms(kafka_bootstrap, kafka_topic, make_record):
+    """linger.ms batches the queue while a batch is produced; the batch's tail is sent at once.
+
+    With a 5 s linger, waiting it out would make this publish take at least 5 s.
+    """
+    pub = KafkaPublisher(bootstrap_servers=kafka_bootstrap, linger_ms=5000)
+    try:
+        pub.start()
+        for n in (1, 50):  # an idle relay's single message, and a small batch
+            began = time.monotonic()
+            results = pub.publish([make_record(kafka_topic, b"{}", key=f"k{i}") for i in range(n)], timeout=30)
+            took = time.monotonic() - began
+            assert [r.outcome for r in results] == [Outcome.DELIVERED] * n, results
+            assert took < 2.5, f"{n} message(s) took {took:.2f} s: held for linger.ms"
+    finally:
+        pub.close()

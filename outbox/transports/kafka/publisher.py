@@ -118,7 +118,10 @@ class KafkaPublisher:
     :param bootstrap_servers: ``host:port[,host:port...]``.
     :param config: any librdkafka setting (TLS, SASL, ``partitioner``, ``message.max.bytes``, ...);
         applied last. ``enable.idempotence`` must stay true and ``acks`` must stay ``all``.
-    :param linger_ms: how long librdkafka waits to fill a batch.
+    :param linger_ms: how long librdkafka waits to fill a produce request while a batch is being
+        queued. It never delays a batch's tail: once the whole batch is queued, ``publish`` flushes,
+        which sends what lingers at once. So an idle relay's single message goes out at once (as
+        with 0) while a busy relay's large batches are still packed into few requests.
     :param compression: ``lz4`` (default), ``zstd``, ``snappy``, ``gzip`` or ``none``.
     :param message_timeout_ms: librdkafka's delivery deadline per message (``message.timeout.ms``).
     :param topic_metadata_timeout_ms: how long an unknown topic may take to appear before its
@@ -442,7 +445,10 @@ class KafkaPublisher:
             left = deadline - time.monotonic()
             if left <= 0:
                 return
-            self._serve(producer, min(left, 0.1))
+            # flush, not poll: while librdkafka flushes it sends what is lingering at once. The
+            # whole batch is queued by now, so linger.ms has done its work (batching the queue
+            # while it filled) and waiting it out would only add latency to a small batch.
+            self._drain(producer, min(left, 0.1))
 
     def publish(self, records: Sequence[OutboxRecord], *, timeout: float = 30.0) -> list[PublishResult]:
         """Produce ``records`` and wait up to ``timeout`` s for their delivery reports.

@@ -35,6 +35,23 @@ def check_settings(batch_size: int, prefetch: int | None, reconnect_max_wait: fl
     return prefetch
 
 
+class RabbitMQSetup:
+    """The settings both RabbitMQ runners take (a mixin of theirs); ``self.consumer`` and ``self.batch_size``
+    are set before."""
+
+    consumer: Any
+    batch_size: int
+
+    def setup_rabbitmq(self, *, url: str, queue: str, codec: Codec | str | None, prefetch: int | None,
+                       reconnect_max_wait: float | None, raw_message_id: Callable[[IncomingMessage], Any]) -> None:
+        self.url = check_str("url", url)
+        self.deliveries = Deliveries(self.consumer, codec, queue, raw_message_id)
+        self.codec, self.queue = self.deliveries.codec, self.deliveries.queue
+        self.prefetch = check_settings(self.batch_size, prefetch, reconnect_max_wait)
+        self.reconnect_max_wait = reconnect_max_wait
+        self.connections = 0
+
+
 @dataclass
 class Settlement:
     """What to tell the broker about a committed batch."""

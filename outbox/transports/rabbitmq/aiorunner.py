@@ -23,13 +23,13 @@ from typing import Any
 
 import tenacity
 
-from consumers._runner import AsyncRunnerCore, check_str
+from consumers._runner import AsyncRunnerCore
 from consumers.base import Outcome, backoff
 from outbox._redact import mask_secrets
 from outbox.errors import BrokerUnavailable, ConfigurationError
 from outbox.transports.base import Codec
 
-from ._book import Deliveries, check_settings
+from ._book import RabbitMQSetup
 
 __all__ = ["AsyncRabbitMQRunner"]
 
@@ -45,7 +45,7 @@ def _aio_pika() -> Any:
     return aio_pika
 
 
-class AsyncRabbitMQRunner(AsyncRunnerCore):
+class AsyncRabbitMQRunner(RabbitMQSetup, AsyncRunnerCore):
     """Consume ``queue`` at ``url`` and feed batches to an async ``consumer``; ``await run()``.
 
     ``engine`` is a SQLAlchemy ``AsyncEngine``; the other arguments are those of :class:`RabbitMQRunner`.
@@ -67,12 +67,9 @@ class AsyncRabbitMQRunner(AsyncRunnerCore):
     ) -> None:
         super().__init__(consumer, engine=engine, batch_size=batch_size, batch_timeout=batch_timeout,
                          requeue_interval=requeue_interval)
-        self.url = check_str("url", url)
-        self.deliveries = Deliveries(consumer, codec, queue, lambda m: getattr(m.raw, "message_id", None))
-        self.codec, self.queue = self.deliveries.codec, self.deliveries.queue
-        self.prefetch = check_settings(batch_size, prefetch, reconnect_max_wait)
-        self.reconnect_max_wait = reconnect_max_wait
-        self.connections = 0
+        self.setup_rabbitmq(url=url, queue=queue, codec=codec, prefetch=prefetch,
+                            reconnect_max_wait=reconnect_max_wait,
+                            raw_message_id=lambda m: getattr(m.raw, "message_id", None))
         self._pika = _aio_pika()
         self._conn: Any = None
         self._arrived: asyncio.Event | None = None
@@ -129,7 +126,8 @@ class AsyncRabbitMQRunner(AsyncRunnerCore):
         self.deliveries.clear()  # unacked: RabbitMQ redelivers them
 
     def _on_reconnect(self, _sender: Any, *args: Any) -> None:
-        self.deliveries.clear()
+        # Not a place to drop deliveries: aio-pika calls this after the channel and its consumer are
+        # restored, so the new channel's deliveries may be in hand already (the lost one's went in _on_lost).
         self.connections += 1
         log.info("consumer %s: reconnected to RabbitMQ", self.consumer.name)
 

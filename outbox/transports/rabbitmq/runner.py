@@ -30,7 +30,7 @@ from outbox.errors import BrokerUnavailable, ConfigurationError
 from outbox.incoming import IncomingMessage
 from outbox.transports.base import Codec
 
-from ._book import Deliveries, check_settings
+from ._book import RabbitMQSetup
 
 __all__ = ["RabbitMQRunner", "declare_queue"]
 
@@ -47,7 +47,7 @@ def _params(url: str) -> pika.URLParameters:
         raise ConfigurationError(f"bad RabbitMQ URL {mask_secrets(url)!r}: {mask_secrets(exc)}") from None
 
 
-class RabbitMQRunner(RunnerCore):
+class RabbitMQRunner(RabbitMQSetup, RunnerCore):
     """Consume ``queue`` at ``url`` and feed batches to ``consumer``.
 
     ``prefetch`` (default ``2 * batch_size``) bounds the unacknowledged messages in hand, held
@@ -70,13 +70,9 @@ class RabbitMQRunner(RunnerCore):
     ) -> None:
         super().__init__(consumer, engine=engine, batch_size=batch_size, batch_timeout=batch_timeout,
                          requeue_interval=requeue_interval)
-        self.url = check_str("url", url)
+        self.setup_rabbitmq(url=url, queue=queue, codec=codec, prefetch=prefetch,
+                            reconnect_max_wait=reconnect_max_wait, raw_message_id=_raw_message_id)
         self._parameters = _params(url)
-        self.deliveries = Deliveries(consumer, codec, queue, _raw_message_id)
-        self.codec, self.queue = self.deliveries.codec, self.deliveries.queue
-        self.prefetch = check_settings(batch_size, prefetch, reconnect_max_wait)
-        self.reconnect_max_wait = reconnect_max_wait
-        self.connections = 0
         self._conn: pika.BlockingConnection | None = None
         self._chan: BlockingChannel | None = None
 

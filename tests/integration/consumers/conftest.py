@@ -58,9 +58,10 @@ def make_message() -> Callable[..., IncomingMessage]:
     return make
 
 
-class _Recording:
-    """The test consumers' settings: fast retries, three tries; ``failing`` ids fail, ``calls`` lists the tries."""
+class RecorderSettings:
+    """Fast retries and a record of calls; ``failing``: ids whose handler raises (sync and async recorders)."""
 
+    name = "test.recorder"
     retry_initial = 0.001
     retry_max = 0.01
     retry_jitter = 0.001
@@ -72,10 +73,8 @@ class _Recording:
         self.calls: list[str] = []
 
 
-class Recorder(_Recording, DedupConsumer):
+class Recorder(RecorderSettings, DedupConsumer):
     """Writes one effect row per handled message; fails for ids in ``failing``."""
-
-    name = "test.recorder"
 
     def handle(self, session, message):
         self.calls.append(message.id)
@@ -90,7 +89,7 @@ def recorder_cls() -> type[Recorder]:
     return Recorder
 
 
-class AsyncRecorder(_Recording, AsyncDedupConsumer):
+class AsyncRecorder(RecorderSettings, AsyncDedupConsumer):
     """:class:`Recorder` for asyncio: ``async def handle`` on an ``AsyncSession``."""
 
     name = "test.async-recorder"
@@ -103,21 +102,51 @@ class AsyncRecorder(_Recording, AsyncDedupConsumer):
         return {"seen": message.id}
 
 
-def _pg_tuple_stats(nullpool: sa.Engine, table: str) -> tuple[int, int]:
-    with nullpool.connect() as c:
-        c.execute(sa.text("SELECT pg_stat_force_next_flush()"))
-        c.commit()
-    with nullpool.connect() as c:  # a new transaction sees fresh statistics
-        row = c.execute(sa.text("SELECT n_dead_tup, n_tup_ins FROM pg_stat_user_tables WHERE relname = :t"),
-                        {"t": table}).one()
-    return int(row[0]), int(row[1])
+class DeadTupleCheck:
+    """Counts a PostgreSQL table's inserted and dead tuples around a run of duplicate deliveries."""
+
+    def __init__(self, db_url: str, table: str) -> None:
+        self.table = table
+        #: a backend per connection, so that each one that wrote has exited and reported its statistics
+        self.nullpool = sa.create_engine(db_url, poolclass=sa.pool.NullPool)
+        self.before: tuple[int, int] | None = None
+
+    def stats(self) -> tuple[int, int]:
+        """``(n_dead_tup, n_tup_ins)``, statistics flushed first."""
+        with self.nullpool.connect() as c:
+            c.execute(sa.text("SELECT pg_stat_force_next_flush()"))
+            c.commit()
+        with self.nullpool.connect() as c:  # a new transaction sees fresh statistics
+            row = c.execute(sa.text("SELECT n_dead_tup, n_tup_ins FROM pg_stat_user_tables WHERE relname = :t"),
+                            {"t": self.table}).one()
+        return int(row[0]), int(row[1])
+
+    def start(self) -> None:
+        self.before = self.stats()
+
+    def assert_no_new_tuples(self) -> None:
+        assert self.before is not None, "start() first"
+        after = self.stats()
+        assert after[1] == self.before[1], "a duplicate inserted a tuple"
+        # (page pruning during the conflict checks may even remove some of the earlier dead tuples)
+        assert after[0] <= self.before[0], f"duplicates left {after[0] - self.before[0]} dead tuples"
 
 
 @pytest.fixture
-def pg_tuple_stats() -> Callable[[sa.Engine, str], tuple[int, int]]:
-    """``pg_tuple_stats(nullpool_engine, table)`` -> ``(n_dead_tup, n_tup_ins)``, statistics flushed first (use a
-    NullPool engine, so that each backend that wrote has exited and reported)."""
-    return _pg_tuple_stats
+def dead_tuple_check(engine: sa.Engine, db_url: str) -> Iterator[DeadTupleCheck]:
+    """A :class:`DeadTupleCheck` of the processed-messages table, autovacuum off on it meanwhile."""
+    from outbox.schema import default_tables
+
+    table = default_tables().processed.name
+    with engine.begin() as c:
+        c.execute(sa.text(f"ALTER TABLE {table} SET (autovacuum_enabled = false)"))
+    check = DeadTupleCheck(db_url, table)
+    try:
+        yield check
+    finally:
+        with engine.begin() as c:
+            c.execute(sa.text(f"ALTER TABLE {table} RESET (autovacuum_enabled)"))
+        check.nullpool.dispose()
 
 
 # ------------------------------------------------------------------ broker helpers

@@ -192,6 +192,8 @@ async def test_rabbitmq_processed_duplicate_poison_and_reconnect(aengine, engine
     async with Running(runner):
         await until(lambda: count_effects() == 15 and len(list_dead_letters(engine)) == 2, 60,
                     "15 effects and 2 dead letters")
+        # the rejects reached the broker too (else the cut below can redeliver the poison for more tries)
+        await until(lambda: queue_depth(rabbitmq_url, queue["dlq"]) == 2, 30, "both dead letters in the DLQ")
         assert runner.connections == 1
         rabbitmq_proxy.cut_after(0)  # our own proxy, never the shared RabbitMQ: aio-pika reconnects
         await until(lambda: runner.connections >= 2, 60, "a reconnect")
@@ -203,7 +205,39 @@ async def test_rabbitmq_processed_duplicate_poison_and_reconnect(aengine, engine
     assert runner.stats.duplicates >= 1 and runner.stats.retries == 3
     dead = {d["message_id"]: d for d in list_dead_letters(engine)}
     assert dead[poison[0]]["attempts"] == 4 and "no message id" in dead[None]["error"]
-    await until(lambda: queue_depth(rabbitmq_url, queue["dlq"]) == 2, 30, "both dead letters in the DLQ")
+
+
+@PG
+@pytest.mark.rabbitmq
+async def test_rabbitmq_connection_lost_after_the_commit_redelivers_as_no_ops(aengine, engine, effects, count_effects,
+                                                                              rabbitmq_url, queue, rabbitmq_proxy):
+    """The batch committed (a dead letter included), then the connection died before the acks/rejects: the acks on
+    the lost channel fail (logged), aio-pika reconnects, RabbitMQ redelivers the batch, and it is all no-ops."""
+    good = ritems(10)
+    poison = (str(uuid.uuid4()), b'{"n": -1}')
+    cuts: list[int] = []
+
+    class CutAfterCommit(AsyncRecorder):
+        async def process_batch(self, engine, messages, *, before_commit=None):
+            outcomes = await super().process_batch(engine, messages, before_commit=before_commit)
+            if not cuts and any(o.status.value == "dead" for o in outcomes):
+                cuts.append(len(outcomes))
+                rabbitmq_proxy.cut_after(0)  # committed, not yet acked/rejected
+            return outcomes
+
+    consumer = CutAfterCommit(max_attempts=1)
+    consumer.failing = {poison[0]}
+    publish(rabbitmq_url, queue["exchange"], [*good[:5], poison, *good[5:]])
+    runner = AsyncRabbitMQRunner(consumer, engine=aengine, url=rabbitmq_proxy.url(rabbitmq_url), queue=queue["queue"],
+                                 batch_size=20, batch_timeout=0.5)
+    async with Running(runner):
+        await until(lambda: cuts and runner.connections >= 2, 60, "the cut and a reconnect")
+        await until(lambda: queue_depth(rabbitmq_url, queue["queue"]) == 0 and runner.stats.duplicates >= 10, 60,
+                    "the redelivered batch settled as duplicates")
+        await until(lambda: queue_depth(rabbitmq_url, queue["dlq"]) == 1, 60, "the dead message rejected")
+    assert count_effects() == 10 and runner.stats.processed == 10
+    dead = list_dead_letters(engine)
+    assert [d["message_id"] for d in dead] == [poison[0]] and dead[0]["attempts"] == 2  # written once
 
 
 @PG

@@ -36,6 +36,8 @@ def test_end_to_end_poison_and_reconnect(engine, effects, count_effects, recorde
     with helpers.threaded(runner):
         helpers.wait(lambda: count_effects() == 15 and len(list_dead_letters(engine)) == 2, 60,
                      "15 effects and 2 dead letters")
+        # the rejects reached the broker too (else the cut below can redeliver the poison for 4 more tries)
+        helpers.wait(lambda: queue_depth(rabbitmq_url, queue["dlq"]) == 2, 30, "both dead letters in the DLQ")
         assert runner.connections == 1
         # cut the connection (our own proxy, never the shared RabbitMQ); the runner reconnects and carries on
         rabbitmq_proxy.cut_after(0)

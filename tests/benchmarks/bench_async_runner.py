@@ -1,4 +1,4 @@
-"""Scenario 5b: the asyncio dedup consumer (AsyncKafkaRunner + AsyncDedupConsumer) against the same
+"""The asyncio dedup consumer (AsyncKafkaRunner + AsyncDedupConsumer) against the same
 asyncio consumer loop without dedup, with the sync consumer's figures (scenario 5) in the same run.
 
 ``--n`` messages are produced once to Kafka with a ``message-id`` header; 10 % of them repeat an

@@ -1,0 +1,150 @@
+"""Scenario: the asyncio dedup consumer (``AsyncDedupConsumer.process_batch``) against the same asyncio
+loop without dedup, and against the sync consumer, on the database alone (no broker).
+
+``--n`` messages per run, in batches of ``--consumer-batch``; ``--dup-share`` of them repeat an
+earlier message of the run. Every side inserts one row per message it processes through the same
+ORM effect (``session.add``) and commits once per batch:
+
+- ``async_plain``: ``async with AsyncSession(...) as s, s.begin(): await handle(s, m)`` per message;
+- ``async_dedup``: ``await consumer.process_batch(async_engine, batch)``;
+- ``sync_plain`` / ``sync_dedup``: the same with a sync Session and :class:`DedupConsumer`.
+
+The four run alternately, ``--rounds`` times (default 3), each on fresh ids; medians are printed.
+``--only sync_dedup`` runs one side (to compare two versions of the code in one shell loop).
+
+Targets: async_dedup >= 0.9 x async_plain.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import statistics
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _bench as b
+import sqlalchemy as sa
+from bench_consumer import Base, handler
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
+from sqlalchemy.orm import Session
+
+from consumers import DedupConsumer, IncomingMessage
+
+SIDES = ("async_plain", "async_dedup", "sync_plain", "sync_dedup")
+ASYNC_DRIVERS = {"postgresql": "postgresql+psycopg", "mariadb": "mysql+asyncmy"}
+
+
+def effect(session: Session | AsyncSession, message: IncomingMessage) -> None:
+    """The business effect of every side: one row per message (the consumer scenario's)."""
+    handler(session, message.id, message.key, message.payload)  # type: ignore[arg-type]
+
+
+class SyncSink(DedupConsumer):
+    name = "bench.sync-sink"
+
+    def handle(self, session, message):
+        effect(session, message)
+
+
+def messages(n: int, dup_share: float, keys: int) -> list[IncomingMessage]:
+    rnd = random.Random(n)
+    ids: list[str] = []
+    out = []
+    for i in range(n):
+        mid = rnd.choice(ids) if ids and rnd.random() < dup_share else str(uuid.uuid4())
+        ids.append(mid)
+        out.append(IncomingMessage(id=mid, topic="bench", key=b.key_of(i, keys), payload=b.payload_bytes(i),
+                                   content_type="application/octet-stream"))
+    return out
+
+
+def batches(msgs: list[IncomingMessage], size: int) -> list[list[IncomingMessage]]:
+    return [msgs[i:i + size] for i in range(0, len(msgs), size)]
+
+
+async def async_plain(aengine: AsyncEngine, work: list[list[IncomingMessage]]) -> None:
+    async def handle(session: AsyncSession, message: IncomingMessage) -> None:
+        effect(session, message)
+
+    for batch in work:
+        async with AsyncSession(aengine, expire_on_commit=False) as s, s.begin():
+            for m in batch:
+                await handle(s, m)
+
+
+def sync_plain(engine: sa.Engine, work: list[list[IncomingMessage]]) -> None:
+    for batch in work:
+        with Session(engine, expire_on_commit=False) as s, s.begin():
+            for m in batch:
+                effect(s, m)
+
+
+def main() -> None:
+    p = b.parser(__doc__ or "", n=20_000, keys=1000)
+    p.add_argument("--consumer-batch", type=int, default=500, help="messages per DB transaction (every side)")
+    p.add_argument("--dup-share", type=float, default=0.10)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--only", choices=SIDES, help="run one side only")
+    args = b.parse(p)
+    sides = (args.only,) if args.only else SIDES
+    rates: dict[str, list[float]] = {s: [] for s in sides}
+    with b.bench_database(args.db) as engine:
+        Base.metadata.create_all(engine)
+        aengine = create_async_engine(engine.url.set(drivername=ASYNC_DRIVERS[args.db]), pool_size=10)
+        loop = asyncio.new_event_loop()
+        sync_sink, async_sink = SyncSink(), (async_sink_class()() if "async_dedup" in sides else None)
+        runs: dict[str, Callable[[list[list[IncomingMessage]]], object]] = {
+            "async_plain": lambda w: loop.run_until_complete(async_plain(aengine, w)),
+            "async_dedup": lambda w: loop.run_until_complete(_all(async_sink, aengine, w)),
+            "sync_plain": lambda w: sync_plain(engine, w),
+            "sync_dedup": lambda w: [sync_sink.process_batch(engine, batch) for batch in w],
+        }
+        for r in range(args.rounds):
+            order = list(sides) if r % 2 == 0 else list(reversed(sides))
+            for side in order:
+                work = batches(messages(args.n, args.dup_share, args.keys), args.consumer_batch)
+                t0 = time.perf_counter()
+                runs[side](work)
+                rates[side].append(args.n / (time.perf_counter() - t0))
+                b.note(f"round {r + 1} {side}: {rates[side][-1]:.0f} msg/s")
+        loop.run_until_complete(aengine.dispose())
+        loop.close()
+    med = {s: statistics.median(v) for s, v in rates.items()}
+    b.emit("async_consumer_db", args.db)
+    b.emit("async_consumer_messages", args.n)
+    b.emit("async_consumer_batch", args.consumer_batch)
+    for side in sides:
+        b.emit(f"{side}_msgs_per_s", med[side])
+    if args.only:
+        return
+    b.emit("async_dedup_vs_async_plain_ratio", b.ratio(med["async_dedup"], med["async_plain"]))
+    b.emit("async_dedup_vs_sync_dedup_ratio", b.ratio(med["async_dedup"], med["sync_dedup"]))
+    b.emit("sync_dedup_vs_sync_plain_ratio", b.ratio(med["sync_dedup"], med["sync_plain"]))
+
+
+def async_sink_class() -> type:
+    """Defined on use, so that ``--only sync_*`` also runs against code without the asyncio consumer."""
+    from consumers import AsyncDedupConsumer
+
+    class AsyncSink(AsyncDedupConsumer):
+        name = "bench.async-sink"
+
+        async def handle(self, session, message):
+            effect(session, message)
+
+    return AsyncSink
+
+
+async def _all(consumer: object, aengine: AsyncEngine, work: list[list[IncomingMessage]]) -> None:
+    for batch in work:
+        await consumer.process_batch(aengine, batch)  # type: ignore[attr-defined]
+
+
+if __name__ == "__main__":
+    main()
