@@ -459,9 +459,8 @@ class DedupCore:
         if not ids:
             return {}
         t = self.tables.processed
-        rows = conn.execute(
-            sa.select(t.c.message_id, t.c.result).where(t.c.consumer == self.name, t.c.message_id.in_(set(ids)))
-        )
+        rows = self.dialect(conn).rows_by_keys(conn, t, [t.c.message_id, t.c.result], [t.c.consumer == self.name],
+                                               "message_id", list(dict.fromkeys(ids)))
         return {r[0]: r[1] for r in rows}
 
     def _requeued(self, engine: Any, limit: int) -> list[Outcome]:

@@ -118,6 +118,18 @@ class Dialect:
             return {r[key_column] for r in rest}
         return {r[key_column] for r in rest if connection.execute(self.insert_ignore(table).values(r)).rowcount == 1}
 
+    def rows_by_keys(
+        self, connection: Connection, table: sa.Table, columns: Sequence[sa.ColumnElement[Any]],
+        where: Sequence[sa.ColumnElement[bool]], key_column: str, keys: Sequence[Any],
+    ) -> list[sa.Row[Any]]:
+        """``columns`` of the rows of ``table`` that match ``where`` and have one of ``keys`` in ``key_column``
+        (``where`` plus ``key_column`` must be unique: at most one row a key). Used for the dedup
+        consumers' stored results."""
+        if not keys:
+            return []
+        key = table.c[key_column]
+        return list(connection.execute(sa.select(*columns).where(*where, key.in_(list(keys)))).all())
+
     def ensure_transaction(self, connection: Connection) -> None:
         """Make sure the database transaction has really begun, so that a first SAVEPOINT neither
         starts it nor, on its RELEASE, commits it (a no-op where the driver begins transactions itself)."""

@@ -162,6 +162,25 @@ class PostgreSQLDialect(Dialect):
         return set(connection.execute(stmt, params).scalars())
 
 
+    def rows_by_keys(
+        self, connection: Connection, table: sa.Table, columns: Sequence[sa.ColumnElement[Any]],
+        where: Sequence[sa.ColumnElement[bool]], key_column: str, keys: Sequence[Any],
+    ) -> list[sa.Row[Any]]:
+        """One index look-up per key: ``unnest(:keys)`` and a ``LATERAL (... LIMIT 1)`` per key.
+
+        ``WHERE ... AND key IN (...)`` depends on the table's statistics: for a consumer whose rows
+        arrived since the last ANALYZE the planner expects one row, scans all of that consumer's
+        rows with the key list as a filter (70 ms a batch at 45,000 rows, growing), and a join on
+        ``unnest`` does the same. The LIMIT keeps the sub-select from being pulled up into a join.
+        """
+        if not keys:
+            return []
+        key = table.c[key_column]
+        u = (sa.func.unnest(sa.bindparam("_keys", list(keys), type_=pg.ARRAY(key.type)))
+             .table_valued("v").render_derived(name="u"))
+        per_key = sa.select(*columns).where(*where, key == u.c.v).limit(1).lateral("p")
+        return list(connection.execute(sa.select(*per_key.c).select_from(u).join(per_key, sa.true())).all())
+
 def _id_array(ids: Sequence[int]) -> Any:
     return sa.bindparam("row_ids", [int(i) for i in ids], type_=pg.ARRAY(sa.BigInteger()))
 

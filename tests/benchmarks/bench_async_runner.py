@@ -1,14 +1,25 @@
-"""The asyncio Kafka runner (AsyncKafkaRunner + AsyncDedupConsumer) against the threaded one (KafkaRunner +
-DedupConsumer) and against a plain asyncio loop (confluent_kafka.aio consumer, AsyncSession inserts, offset
-commit per batch) without dedup, in the same run.
+"""The asyncio dedup consumer (AsyncKafkaRunner + AsyncDedupConsumer) against the same
+asyncio consumer loop without dedup, with the sync consumer's figures (scenario 5) in the same run.
 
-``--n`` messages (10 % repeats of earlier ones) are produced once; each round then reads them all
-with each of the three consumers, in turn, each in its own group and (for the dedup consumers)
-under its own consumer name, so every round sees the same work. Each is timed from its first batch
-to its last offset commit. Medians over ``--rounds`` rounds; ratios of the medians.
+``--n`` messages are produced once to Kafka with a ``message-id`` header; 10 % of them repeat an
+earlier message. Each of the four consumers then reads the whole topic as a new group:
 
-Reads: ``async_runner_vs_plain_async_ratio`` (the dedup runner against the same asyncio loop
-without dedup) and ``async_runner_vs_sync_runner_ratio``.
+- ``async_dedup``: ``AsyncKafkaRunner`` + ``AsyncDedupConsumer`` on an ``AsyncEngine``;
+- ``async_plain``: the same asyncio client (confluent-kafka's ``AIOConsumer``), the same batch size,
+  the same ORM handler on an ``AsyncSession`` of the same ``AsyncEngine``, DB commit per batch and
+  then a synchronous offset commit, and no dedup (the baseline of the 0.9 x target);
+- ``sync_dedup`` / ``sync_plain``: bench_consumer.py's ``KafkaRunner`` + ``DedupConsumer`` and its
+  plain confluent-kafka loop, for the async/sync ratio.
+
+Each is timed from its first batch received to its last offset commit (the group join is not
+counted). ``--rounds`` rounds (default 3), the order of the four reversed every other round; the
+figures are the medians. Each dedup run has a consumer name of its own, so every run sees the same
+10 % duplicates; the processed table is seeded with ``--history`` earlier ids and analysed first
+(as in bench_consumer.py). Dead tuples of the processed and business tables are read around the
+first async dedup run (autovacuum off on both). ``--drivers psycopg,asyncpg`` times each async
+PostgreSQL driver (the first one is the headline).
+
+Target: async dedup >= 0.9 x the async loop without dedup; no dead tuples from duplicates.
 """
 
 from __future__ import annotations
@@ -18,25 +29,28 @@ import statistics
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _bench as b
-from bench_consumer import Base, Sink, TimedRunner, handler, produce, seed_history
-from confluent_kafka import TopicPartition
-from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
+import bench_consumer as sync_bench
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 
 from consumers import AsyncDedupConsumer, AsyncKafkaRunner
+from outbox.schema import default_tables
 
-CONF = {"session.timeout.ms": 6000, "auto.offset.reset": "earliest"}
+ASYNC_SCHEMES = {"psycopg": "postgresql+psycopg", "asyncpg": "postgresql+asyncpg", "asyncmy": "mysql+asyncmy"}
 
 
 class AsyncSink(AsyncDedupConsumer):
     name = "bench.async-sink"
 
     async def handle(self, session, message):
-        handler(session, message.id, message.key, message.payload)  # session.add: the same effect
+        sync_bench.handler(session, message.id, message.key, message.payload)
 
 
 class TimedAsyncRunner(AsyncKafkaRunner):
@@ -60,104 +74,145 @@ class TimedAsyncRunner(AsyncKafkaRunner):
             self.stop()
 
 
-def async_url(engine) -> str:
-    url = engine.url
-    backend = url.drivername.partition("+")[0]
-    if backend == "sqlite":
-        url = url.set(drivername="sqlite+aiosqlite")
-    elif backend in ("mysql", "mariadb"):
-        url = url.set(drivername=f"{backend}+asyncmy")
-    return url.render_as_string(hide_password=False)
+def async_engine(engine: sa.Engine, driver: str) -> AsyncEngine:
+    url = engine.url.set(drivername=ASYNC_SCHEMES[driver])
+    return create_async_engine(url, pool_size=10, max_overflow=10)
 
 
-def run_sync(engine, bootstrap: str, topic: str, n: int, batch: int, tag: str) -> float:
-    runner = TimedRunner(Sink(name=f"bench.sink-{tag}"), engine=engine, bootstrap_servers=bootstrap, topics=[topic],
-                         group_id=f"bench-sync-{tag}", config=CONF, batch_size=batch, requeue_interval=None)
-    runner.target = n
-    runner.run()
-    return runner.t_last - runner.t_first
+async def async_dedup(engine: sa.Engine, driver: str, bootstrap: str, topic: str, n: int, batch: int, conf: dict,
+                      name: str, dups: int) -> float:
+    aengine = async_engine(engine, driver)
+    try:
+        runner = TimedAsyncRunner(AsyncSink(name=name), engine=aengine, bootstrap_servers=bootstrap, topics=[topic],
+                                  group_id=f"bench-adedup-{uuid.uuid4().hex[:6]}", config=conf, batch_size=batch,
+                                  requeue_interval=None)
+        runner.target = n
+        await runner.run()
+        s = runner.stats
+        if s.processed != n - dups or s.duplicates != dups:
+            raise SystemExit(f"async dedup consumer: {s}, expected {n - dups} processed, {dups} duplicates")
+        return runner.t_last - runner.t_first
+    finally:
+        await aengine.dispose()
 
 
-async def run_async(aengine, bootstrap: str, topic: str, n: int, batch: int, tag: str) -> float:
-    runner = TimedAsyncRunner(AsyncSink(name=f"bench.async-sink-{tag}"), engine=aengine, bootstrap_servers=bootstrap,
-                              topics=[topic], group_id=f"bench-async-{tag}", config=CONF, batch_size=batch,
-                              requeue_interval=None)
-    runner.target = n
-    await runner.run()
-    return runner.t_last - runner.t_first
-
-
-async def run_plain_async(aengine, bootstrap: str, topic: str, n: int, batch: int, tag: str) -> float:
+async def async_plain(engine: sa.Engine, driver: str, bootstrap: str, topic: str, n: int, batch: int,
+                      conf: dict) -> float:
+    """The baseline: the runner's client and engine, the same handler, DB commit then offset commit, no dedup."""
     from confluent_kafka.aio import AIOConsumer
 
-    kc = AIOConsumer({**CONF, "bootstrap.servers": bootstrap, "group.id": f"bench-plain-async-{tag}",
+    aengine = async_engine(engine, driver)
+    kc = AIOConsumer({**conf, "bootstrap.servers": bootstrap, "group.id": f"bench-aplain-{uuid.uuid4().hex[:6]}",
                       "enable.auto.commit": False, "enable.auto.offset.store": False}, max_workers=2)
-    await kc.subscribe([topic])
-    seen, t_first = 0, 0.0
     try:
+        await kc.subscribe([topic])
+        seen = 0
+        t_first = 0.0
         while seen < n:
-            msgs = [m for m in await kc.consume(batch, 0.5) if m.error() is None]
+            msgs = [m for m in await kc.consume(num_messages=batch, timeout=0.5) if m.error() is None]
             if not msgs:
                 continue
             if not t_first:
                 t_first = time.perf_counter()
-            async with AsyncSession(aengine) as s, s.begin():
+            async with AsyncSession(aengine, expire_on_commit=False) as s, s.begin():
                 for m in msgs:
-                    mid = dict(m.headers() or []).get("message-id", b"").decode()
-                    key = m.key()
-                    handler(s, mid, key.decode() if key is not None else None, bytes(m.value() or b""))
-            upto: dict[tuple[str, int], int] = {}
-            for m in msgs:
-                upto[(m.topic(), m.partition())] = m.offset() + 1
-            await kc.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in upto.items()], asynchronous=False)
+                    sync_bench.handler(s, *sync_bench.record_fields(m))  # type: ignore[arg-type]
+            await kc.commit(offsets=sync_bench.next_offsets(msgs), asynchronous=False)
             seen += len(msgs)
         return time.perf_counter() - t_first
     finally:
         await kc.close()
+        await aengine.dispose()
+
+
+def sync_dedup(engine: sa.Engine, bootstrap: str, topic: str, n: int, batch: int, conf: dict, name: str,
+               dups: int) -> float:
+    runner = sync_bench.TimedRunner(sync_bench.Sink(name=name), engine=engine, bootstrap_servers=bootstrap,
+                                    topics=[topic], group_id=f"bench-dedup-{uuid.uuid4().hex[:6]}", config=conf,
+                                    batch_size=batch, requeue_interval=None)
+    runner.target = n
+    runner.run()
+    s = runner.stats
+    if s.processed != n - dups or s.duplicates != dups:
+        raise SystemExit(f"sync dedup consumer: {s}, expected {n - dups} processed, {dups} duplicates")
+    return runner.t_last - runner.t_first
 
 
 def main() -> None:
-    p = b.parser(__doc__ or "", n=20_000, keys=1000)
-    p.add_argument("--consumer-batch", type=int, default=500, help="messages per DB transaction (all three)")
+    p = b.parser(__doc__ or "", n=50_000, keys=1000)
+    p.add_argument("--consumer-batch", type=int, default=500, help="messages per DB transaction (every consumer)")
     p.add_argument("--dup-share", type=float, default=0.10)
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--history", type=int, default=50_000, help="earlier processed ids, then ANALYZE (PostgreSQL)")
+    p.add_argument("--history", type=int, default=200_000,
+                   help="earlier processed ids in the table before the run (PostgreSQL; then ANALYZE)")
+    p.add_argument("--rounds", type=int, default=3, help="rounds of the four consumers; medians are reported")
+    p.add_argument("--drivers", default=None,
+                   help="comma-separated async drivers (psycopg, asyncpg; asyncmy on MariaDB); the first is the "
+                        "headline (default: psycopg, or asyncmy with --db mariadb)")
+    p.add_argument("--profile", metavar="PATH", help="sample the first async dedup run with py-spy into PATH")
     args = b.parse(p)
-    times: dict[str, list[float]] = {"sync": [], "async": [], "plain_async": []}
+    drivers = (args.drivers or ("asyncmy" if args.db == "mariadb" else "psycopg")).split(",")
+    unknown = [d for d in drivers if d not in ASYNC_SCHEMES]
+    if unknown:
+        p.error(f"unknown driver(s) {', '.join(unknown)}; choose from {', '.join(ASYNC_SCHEMES)}")
+    pg = args.db == "postgresql"
+    if not pg:
+        b.note("dead-tuple counts are PostgreSQL-only; throughput is still measured")
+    conf = {"session.timeout.ms": 6000, "auto.offset.reset": "earliest"}
+    times: dict[str, list[float]] = {}
     with b.bench_database(args.db) as engine, b.kafka_broker(args.kafka) as bootstrap:
-        Base.metadata.create_all(engine)
-        if args.db == "postgresql":  # statistics, as a production table has (see bench_consumer.seed_history)
-            seed_history(engine, "bench.history", args.history)
+        sync_bench.Base.metadata.create_all(engine)
+        if pg:
+            sync_bench.seed_history(engine, AsyncSink.name, args.history)
+            with engine.begin() as conn:
+                for t in (default_tables().processed.name, sync_bench.Event.__tablename__):
+                    conn.execute(sa.text(f'ALTER TABLE "{t}" SET (autovacuum_enabled = false)'))
         topic = b.create_topic(bootstrap)
-        dups = produce(bootstrap, topic, args.n, args.keys, args.dup_share)
-        b.note(f"produced {args.n} ({dups} duplicates)")
+        t0 = time.perf_counter()
+        dups = sync_bench.produce(bootstrap, topic, args.n, args.keys, args.dup_share)
+        b.note(f"produced {args.n} ({dups} duplicates) in {time.perf_counter() - t0:.1f} s")
+        common = (bootstrap, topic, args.n, args.consumer_batch, conf)
 
-        async def async_round(tag: str) -> tuple[float, float]:
-            aengine = create_async_engine(async_url(engine))
-            try:
-                t_async = await run_async(aengine, bootstrap, topic, args.n, args.consumer_batch, tag)
-                t_plain = await run_plain_async(aengine, bootstrap, topic, args.n, args.consumer_batch, tag)
-                return t_async, t_plain
-            finally:
-                await aengine.dispose()
+        runs: list[tuple[str, Callable[[str], float]]] = []
+        for d in drivers:
+            runs.append((f"async_dedup_{d}",
+                         lambda name, d=d: asyncio.run(async_dedup(engine, d, *common, name, dups))))
+            runs.append((f"async_plain_{d}", lambda name, d=d: asyncio.run(async_plain(engine, d, *common))))
+        runs.append(("sync_dedup", lambda name: sync_dedup(engine, *common, name, dups)))
+        runs.append(("sync_plain", lambda name: sync_bench.baseline(engine, *common)))
 
+        tuples: dict[str, Any] = {}
         for r in range(args.rounds):
-            tag = f"{r}-{uuid.uuid4().hex[:6]}"
-            times["sync"].append(run_sync(engine, bootstrap, topic, args.n, args.consumer_batch, tag))
-            t_async, t_plain = asyncio.run(async_round(tag))
-            times["async"].append(t_async)
-            times["plain_async"].append(t_plain)
-            b.note(f"round {r + 1}: " + ", ".join(f"{k} {args.n / v[-1]:.0f} msg/s" for k, v in times.items()))
-    rate = {k: args.n / statistics.median(v) for k, v in times.items()}
-    b.emit("async_runner_db", args.db)
-    b.emit("async_runner_messages", args.n)
-    b.emit("async_runner_duplicates", dups)
-    b.emit("async_runner_rounds", args.rounds)
-    b.emit("async_runner_msgs_per_s", rate["async"])
-    b.emit("sync_runner_msgs_per_s", rate["sync"])
-    b.emit("baseline_plain_async_loop_msgs_per_s", rate["plain_async"])
-    b.emit("async_runner_vs_plain_async_ratio", b.ratio(rate["async"], rate["plain_async"]))
-    b.emit("async_runner_vs_sync_runner_ratio", b.ratio(rate["async"], rate["sync"]))
+            for label, run in runs if r % 2 == 0 else runs[::-1]:
+                first_async = r == 0 and label == runs[0][0]
+                if first_async and pg:
+                    sync_bench.flush_stats(engine)
+                    tuples["before"] = sync_bench.dead_tuples(engine)
+                b.note(f"round {r + 1}: {label}")
+                with b.profiled(args.profile if first_async else None):
+                    times.setdefault(label, []).append(run(f"bench.{label}-{r}"))
+                if first_async and pg:
+                    sync_bench.flush_stats(engine)
+                    tuples["after"] = sync_bench.dead_tuples(engine)
+
+    rate = {label: args.n / statistics.median(ts) for label, ts in times.items()}
+    b.emit("consumer_async_db", args.db)
+    b.emit("consumer_async_messages", args.n)
+    b.emit("consumer_async_duplicates", dups)
+    b.emit("consumer_async_batch", args.consumer_batch)
+    b.emit("consumer_async_rounds", args.rounds)
+    for label, ts in times.items():
+        b.emit(f"consumer_{label}_msgs_per_s", rate[label])
+        b.emit(f"consumer_{label}_runs_msgs_per_s", " ".join(f"{args.n / t:.0f}" for t in ts))
+    for d in drivers:
+        b.emit(f"consumer_async_dedup_vs_async_plain_ratio_{d}", b.ratio(rate[f"async_dedup_{d}"],
+                                                                         rate[f"async_plain_{d}"]))
+        b.emit(f"consumer_async_dedup_vs_sync_dedup_ratio_{d}", b.ratio(rate[f"async_dedup_{d}"], rate["sync_dedup"]))
+        b.emit(f"consumer_async_plain_vs_sync_plain_ratio_{d}", b.ratio(rate[f"async_plain_{d}"], rate["sync_plain"]))
+    b.emit("consumer_sync_dedup_vs_sync_plain_ratio", b.ratio(rate["sync_dedup"], rate["sync_plain"]))
+    if pg:
+        for label in ("processed", "events"):
+            b.emit(f"consumer_async_{label}_table_n_dead_tup_before", tuples["before"][label])
+            b.emit(f"consumer_async_{label}_table_n_dead_tup_after", tuples["after"][label])
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -101,6 +102,21 @@ def produce(bootstrap: str, topic: str, n: int, keys: int, dup_share: float) -> 
     return dups
 
 
+def record_fields(m: Any) -> tuple[str, str | None, bytes]:
+    """A raw record's (message-id header, key, value), as the baselines hand them to the handler."""
+    key = m.key()
+    return (dict(m.headers() or []).get("message-id", b"").decode(), key.decode() if key is not None else None,
+            bytes(m.value() or b""))
+
+
+def next_offsets(msgs: list[Any]) -> list[TopicPartition]:
+    """The offsets to commit after ``msgs``: one past the last of each partition."""
+    upto: dict[tuple[str, int], int] = {}
+    for m in msgs:
+        upto[(m.topic(), m.partition())] = m.offset() + 1
+    return [TopicPartition(t, p, o) for (t, p), o in upto.items()]
+
+
 def baseline(engine, bootstrap: str, topic: str, n: int, batch: int, conf: dict) -> float:
     kc = Consumer({**conf, "bootstrap.servers": bootstrap, "group.id": f"bench-plain-{uuid.uuid4().hex[:6]}",
                    "enable.auto.commit": False, "enable.auto.offset.store": False})
@@ -116,13 +132,8 @@ def baseline(engine, bootstrap: str, topic: str, n: int, batch: int, conf: dict)
                 t_first = time.perf_counter()
             with Session(engine) as s, s.begin():
                 for m in msgs:
-                    mid = dict(m.headers() or []).get("message-id", b"").decode()
-                    key = m.key()
-                    handler(s, mid, key.decode() if key is not None else None, bytes(m.value() or b""))
-            upto: dict[tuple[str, int], int] = {}
-            for m in msgs:
-                upto[(m.topic(), m.partition())] = m.offset() + 1
-            kc.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in upto.items()], asynchronous=False)
+                    handler(s, *record_fields(m))
+            kc.commit(offsets=next_offsets(msgs), asynchronous=False)
             seen += len(msgs)
         return time.perf_counter() - t_first
     finally:

@@ -5,6 +5,7 @@ asyncio driver runs all of it, on real databases."""
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import uuid
 from collections.abc import AsyncIterator
 
@@ -274,3 +275,41 @@ async def test_mistakes_are_refused_with_what_to_do(aengine, engine):
         SyncStage()
     with pytest.raises(ConfigurationError, match="AsyncEngine"):
         await AsyncRecorder().process(engine, msg())  # a sync Engine
+
+
+@pytest.mark.parametrize("driver", [("postgresql", "postgresql+psycopg")], ids=["psycopg"], indirect=True)
+async def test_stored_results_read_one_index_entry_per_duplicate(aengine, engine, db_url):
+    """A consumer whose rows arrived after the last ANALYZE: the duplicates' stored results must not scan all of
+    its rows (``WHERE consumer = :c AND message_id IN (...)`` did: 70 ms a batch at 45,000 rows, growing)."""
+    table = T.processed.name
+    with engine.begin() as conn:
+        conn.execute(sa.text(f"ANALYZE {table}"))  # statistics from before this consumer's rows
+        conn.execute(sa.text(f"ALTER TABLE {table} SET (autovacuum_enabled = false)"))
+    nullpool = sa.create_engine(db_url, poolclass=sa.pool.NullPool)
+    try:
+        c = AsyncRecorder()
+        ids = [str(uuid.uuid4()) for _ in range(20_000)]
+        with engine.begin() as conn:
+            now = dt.datetime.now(dt.timezone.utc)
+            conn.execute(T.processed.insert(), [{"consumer": c.name, "message_id": i, "processed_at": now}
+                                                for i in ids])
+
+        def index_reads() -> int:
+            with nullpool.connect() as conn:
+                conn.execute(sa.text("SELECT pg_stat_force_next_flush()"))
+                conn.commit()
+            with nullpool.connect() as conn:
+                return int(conn.execute(sa.text("SELECT coalesce(sum(idx_tup_read), 0) FROM pg_stat_user_indexes "
+                                                "WHERE relname = :t"), {"t": table}).scalar_one())
+
+        await aengine.dispose()
+        before = index_reads()
+        outs = await c.process(aengine, [msg(i) for i in ids[:50]])  # 50 duplicates
+        await aengine.dispose()
+        assert {o.status for o in outs} == {Status.DUPLICATE}
+        reads = index_reads() - before
+        assert reads < 1_000, f"{reads} index entries read for 50 duplicates"
+    finally:
+        with engine.begin() as conn:
+            conn.execute(sa.text(f"ALTER TABLE {table} RESET (autovacuum_enabled)"))
+        nullpool.dispose()
