@@ -155,13 +155,6 @@ class Relay:
         self._last_sweep = 0.0
         self._claimed_at = 0.0  # monotonic time the last claim statement returned
         self._locked: list[int] = []  # partitions whose lease rows the last claim locked
-        # publish in two steps (queue, then wait) when the adapter can: the relay claims its next
-        # batch in between (looked up on the class: a decorator's __getattr__ must not hand over
-        # the inner adapter's, bypassing the decorator)
-        self._begin: Callable[..., Callable[[], list[PublishResult]]] | None = (
-            publisher.begin_publish if getattr(type(publisher), "begin_publish", None) is not None else None  # type: ignore[attr-defined]
-        )
-        self._pipeline = self.config.pipeline and self.dialect.supports_pipelined_claims and self._begin is not None
         self.db_label = mask_secrets(engine.url.render_as_string(hide_password=True))
 
     # ------------------------------------------------------------------ lifecycle
@@ -370,7 +363,7 @@ class Relay:
         back unpublished. Never after a failure, nor when the look-up of delayed rows and blocked keys
         says a partition is to be re-read from its start (which must not happen past a batch in flight).
         """
-        if not self._pipeline or self._refresh_due or self._stop.is_set() or self._rebalance_due():
+        if not self._pipelined() or self._refresh_due or self._stop.is_set() or self._rebalance_due():
             return None
         if self._held_set != batch.held:
             return None
@@ -417,6 +410,19 @@ class Relay:
             self._refresh_due = True
             return None
         return ahead
+
+    def _begin(self) -> Callable[..., Callable[[], list[PublishResult]]] | None:
+        """The publisher's two-step send (queue, then wait), if it has one: the relay claims its next batch
+        in between. Looked up on the current publisher each time (a decorator such as the metrics one may
+        replace it after construction) and on its class (a decorator's ``__getattr__`` must not hand over
+        the inner adapter's, bypassing the decorator)."""
+        publisher = self.publisher
+        if getattr(type(publisher), "begin_publish", None) is None:
+            return None
+        return publisher.begin_publish  # type: ignore[attr-defined,no-any-return]
+
+    def _pipelined(self) -> bool:
+        return self.config.pipeline and self.dialect.supports_pipelined_claims and self._begin() is not None
 
     def _rebalance_due(self) -> bool:
         return time.monotonic() - self._last_rebalance >= self.config.renew_interval
@@ -599,8 +605,9 @@ class Relay:
         spans = _tracing.process_spans()  # None without OpenTelemetry or a tracer provider: once per batch
         timeout = self.config.publish_timeout
         if spans is None:
-            if self._begin is not None:
-                return self._begin(records, timeout=timeout)
+            begin = self._begin()
+            if begin is not None:
+                return begin(records, timeout=timeout)
             results = self.publisher.publish(records, timeout=timeout)
         else:
             with spans.send_span(records, self.leases.broker_kind) as span:

@@ -94,6 +94,23 @@ def test_a_pipelined_drain_claims_ahead_and_keeps_every_key_in_order(pg: sa.Engi
         assert c.execute(sa.select(sa.func.count()).select_from(T)).scalar_one() == 0
 
 
+def test_a_publisher_wrapped_after_construction_is_used_and_keeps_the_pipeline(pg: sa.Engine) -> None:
+    """``outbox relay --http`` wraps the relay's publisher in the metrics decorator after the relay is
+    built: the relay must send through the wrapper (or nothing is counted) and still pipeline."""
+    pytest.importorskip("prometheus_client")
+    from outbox.observability.metrics import MetricsPublisher, RelayMetrics
+
+    add(pg, 1000, keys=11)
+    relay = CountingRelay(pg, TwoStepPublisher(), config=RelayConfig(**FAST))
+    metrics = RelayMetrics()
+    relay.publisher = MetricsPublisher(relay.publisher, metrics)
+    assert relay.drain() == 1000
+    relay.close()
+    assert relay.resumed >= 3, "the wrapped publisher lost the pipeline"
+    counted = metrics.registry.get_sample_value("outbox_relay_messages_published_total", {"topic": "orders"})
+    assert counted == 1000, f"the metrics decorator counted {counted} of 1000 published"
+
+
 def test_pipelining_off_claims_nothing_ahead(pg: sa.Engine) -> None:
     add(pg, 500, keys=7)
     relay = CountingRelay(pg, TwoStepPublisher(), config=RelayConfig(**FAST, pipeline=False))
