@@ -118,6 +118,46 @@ class Dialect:
             return {r[key_column] for r in rest}
         return {r[key_column] for r in rest if connection.execute(self.insert_ignore(table).values(r)).rowcount == 1}
 
+    def insert_new_keys_reading(
+        self,
+        connection: Connection,
+        table: sa.Table,
+        rows: Sequence[Mapping[str, Any]],
+        key_column: str,
+        read_column: str,
+    ) -> tuple[set[Any], dict[Any, Any]]:
+        """:meth:`insert_new_keys`, and ``read_column`` of the rows that were there already.
+
+        Returns ``(inserted keys, {existing key: its read_column})``: the dedup consumer's fast path
+        (new ids, and the stored results of the duplicates). Here: the insert, then one SELECT of
+        the keys not inserted (none when every key was new). PostgreSQL does both in one statement.
+        """
+        new = self.insert_new_keys(connection, table, rows, key_column)
+        if len(new) == len(rows):
+            return new, {}
+        return new, self.read_existing(connection, table, rows, key_column, read_column, new)
+
+    def read_existing(
+        self,
+        connection: Connection,
+        table: sa.Table,
+        rows: Sequence[Mapping[str, Any]],
+        key_column: str,
+        read_column: str,
+        skip: set[Any],
+    ) -> dict[Any, Any]:
+        """``{key: read_column}`` of the rows of ``rows`` (keys not in ``skip``) that the table holds."""
+        keys = {r[key_column] for r in rows if r[key_column] not in skip}
+        if not keys:
+            return {}
+        first = rows[0]
+        key = table.c[key_column]
+        others = [c for c in table.primary_key.columns if c.name != key_column]
+        found = connection.execute(
+            sa.select(key, table.c[read_column]).where(*(c == first[c.name] for c in others), key.in_(keys))
+        )
+        return {r[0]: r[1] for r in found}
+
     def ensure_transaction(self, connection: Connection) -> None:
         """Make sure the database transaction has really begun, so that a first SAVEPOINT neither
         starts it nor, on its RELEASE, commits it (a no-op where the driver begins transactions itself)."""
