@@ -36,6 +36,7 @@ __all__ = [
     "current",
     "downgrade",
     "heads",
+    "layout_for_migration",
     "offline_sql",
     "rows_dropped_by_downgrade",
     "script_location",
@@ -45,7 +46,10 @@ __all__ = [
 ]
 
 VERSION_TABLE = "outbox_alembic_version"
+#: the retention layouts a migration can create (``partitioned``: PostgreSQL only, see docs/retention.md)
+LAYOUTS = ("plain", "partitioned")
 _ACTIVE_TABLES: list[OutboxTables] = []
+_ACTIVE_LAYOUT: list[str] = []
 
 
 def version_table_for(tables: OutboxTables | None = None) -> str:
@@ -88,6 +92,24 @@ def tables_for_migration() -> OutboxTables:
     except Exception:
         pass
     return default_tables()
+
+
+def layout_for_migration() -> str:
+    """The retention layout the running upgrade creates (``plain`` unless asked otherwise)."""
+    if _ACTIVE_LAYOUT:
+        return _ACTIVE_LAYOUT[-1]
+    try:
+        from alembic import context
+
+        return str(context.config.attributes.get("outbox_layout") or "plain")
+    except Exception:
+        return "plain"
+
+
+def _check_layout(layout: str) -> str:
+    if layout not in LAYOUTS:
+        raise ConfigurationError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+    return layout
 
 
 def alembic_config(
@@ -144,12 +166,25 @@ def _active(tables: OutboxTables | None) -> Iterator[None]:
                 proxy._install_proxy()
 
 
-def upgrade(bind: Engine | Connection | str, revision: str = "head", *, tables: OutboxTables | None = None) -> None:
-    """Create or upgrade the toolkit's tables to ``revision``."""
+def upgrade(bind: Engine | Connection | str, revision: str = "head", *, tables: OutboxTables | None = None,
+            layout: str = "plain") -> None:
+    """Create or upgrade the toolkit's tables to ``revision``.
+
+    ``layout="partitioned"`` (PostgreSQL) makes revision 0005 create the partitioned retention
+    layout (docs/retention.md); it only matters when that revision is applied.
+    """
     from alembic import command
 
+    _check_layout(layout)
     with _connected(bind) as conn, _active(tables):
-        command.upgrade(alembic_config(connection=conn, tables=tables), revision)
+        if layout == "partitioned" and conn.dialect.name != "postgresql":
+            raise ConfigurationError(f"the partitioned layout needs PostgreSQL, not {conn.dialect.name}: "
+                                     "MySQL, MariaDB and SQLite purge by batched DELETE (leave --layout out)")
+        _ACTIVE_LAYOUT.append(layout)
+        try:
+            command.upgrade(alembic_config(connection=conn, tables=tables), revision)
+        finally:
+            _ACTIVE_LAYOUT.pop()
 
 
 def downgrade(bind: Engine | Connection | str, revision: str, *, tables: OutboxTables | None = None) -> None:
@@ -215,6 +250,15 @@ def rows_dropped_by_downgrade(
                 n = int(conn.execute(sa.select(sa.func.count()).select_from(table)).scalar_one())
                 if n:
                     out[table.name] = n
+        if conn.dialect.name == "postgresql":  # the partitioned layout's archive of published rows
+            from .dialects.pg_partitions import PartitionNames
+
+            archive = PartitionNames.of(t.names).archive
+            if inspector.has_table(archive, schema=t.names.schema):
+                n = int(conn.execute(sa.select(sa.func.count()).select_from(
+                    sa.table(archive, schema=t.names.schema))).scalar_one())
+                if n:
+                    out[archive] = n
         return out
 
 

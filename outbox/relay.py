@@ -65,6 +65,8 @@ _MAX_ERROR_TEXT = 2000
 REFRESH = 0.1
 #: seconds between looks for rows no claim can reach (partition out of range, unknown status)
 SWEEP_INTERVAL = 5.0
+#: seconds between two checks that the partitioned retention layout has its coming days' partitions
+PARTITIONS_INTERVAL = 3600.0
 #: seconds between full re-reads of every partition from its first due row
 WATERMARK_RESET = 5.0
 #: longest wait between two calls of the publisher's ``idle()`` while the relay sleeps
@@ -130,6 +132,7 @@ class Relay:
         self._wake = threading.Event()
         self._started = False
         self._last_rebalance = 0.0
+        self._last_partitions = -PARTITIONS_INTERVAL  # partitioned retention layout: at start, then hourly
         self._last_progress = time.monotonic()
         self._progress_mark = 0
         self._busy = 0.0  # seconds spent in rounds that published since the last progress line
@@ -195,6 +198,7 @@ class Relay:
         self.leases.rebalance()
         self._last_rebalance = time.monotonic()
         self._sweep_unclaimable(force=True)
+        self._maintain_partitions()
         if self.config.notify and self._listener is None:
             self._listener = self.dialect.start_listener(
                 self.engine, self.tables.names.outbox, self._wake.set, self._stop
@@ -699,6 +703,23 @@ class Relay:
             self.leases.rebalance()
             self._last_rebalance = time.monotonic()
             self._sweep_unclaimable()
+            self._maintain_partitions()
+
+    def _maintain_partitions(self) -> None:
+        """Partitioned retention layout: keep the coming days' partitions created (at start, then hourly).
+
+        Never stops the relay: a failure is logged and tried again the next hour (the archive's
+        default partition takes the rows of a day nobody created ahead).
+        """
+        mono = time.monotonic()
+        if mono - self._last_partitions < PARTITIONS_INTERVAL:
+            return
+        self._last_partitions = mono
+        try:
+            self.dialect.maintain_partitions(self.engine, self.tables)
+        except Exception as exc:
+            log.warning("could not create the retention layout's partitions ahead (retried in %.0f s): %s",
+                        PARTITIONS_INTERVAL, mask_secrets(exc))
 
     def _sweep_unclaimable(self, *, force: bool = False) -> None:
         """Mark dead the rows no claim can reach (partition out of range, unknown status), with the reason.

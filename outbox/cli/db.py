@@ -35,6 +35,7 @@ from ._common import (
     make_engine,
     masked_url,
     one_line,
+    open_database,
     print_json,
     require_db,
     tables_from_args,
@@ -61,8 +62,18 @@ def register(sub: Any) -> None:
 
     up = dbsub.add_parser("upgrade", help="create the tables or upgrade them to REVISION (default: head)")
     up.add_argument("revision", nargs="?", default="head", help="target revision (default: head)")
+    up.add_argument("--layout", choices=migrations.LAYOUTS, default="plain",
+                    help="retention layout revision 0005 creates: plain (purge by batched DELETE) or partitioned "
+                         "(PostgreSQL: purge drops whole day partitions; docs/retention.md)")
     add_db_args(up)
     up.set_defaults(func=run_upgrade)
+
+    parts = dbsub.add_parser("partitions", help="partitioned layout: create the coming days' partitions now, "
+                                                "move the dedup bucket to today")
+    parts.add_argument("--ahead", type=int, default=3, help="days of partitions to keep created ahead (default 3)")
+    parts.add_argument("--json", action="store_true", help="machine-readable output")
+    add_db_args(parts)
+    parts.set_defaults(func=run_partitions)
 
     down = dbsub.add_parser("downgrade", help="downgrade to REVISION ('base' drops every toolkit table)")
     down.add_argument("revision", help="target revision, e.g. base")
@@ -183,7 +194,10 @@ def _migrate(args: argparse.Namespace, step: Callable[..., None], verb: str) -> 
                       "processed again; lost outbox rows are never published. Re-run with --yes to drop them.",
                       file=sys.stderr)
                 return 1
-        step(conn, args.revision, tables=tables)
+        if step is migrations.upgrade:
+            step(conn, args.revision, tables=tables, layout=args.layout)
+        else:
+            step(conn, args.revision, tables=tables)
         after = migrations.current(conn, tables=tables)
     if before == after:
         print(f"{_masked(url)}: already at {_describe(after)}, nothing to do")
@@ -195,6 +209,26 @@ def _migrate(args: argparse.Namespace, step: Callable[..., None], verb: str) -> 
 
 def run_upgrade(args: argparse.Namespace) -> int:
     return _migrate(args, migrations.upgrade, "upgraded")
+
+
+def run_partitions(args: argparse.Namespace) -> int:
+    from ..retention import maintain_partitions
+
+    if not 0 <= args.ahead <= 366:
+        raise ConfigurationError(f"--ahead must be between 0 and 366 days, got {args.ahead}")
+    engine = open_database(args)
+    try:
+        out = maintain_partitions(engine, tables=tables_from_args(args), ahead=args.ahead)
+    finally:
+        engine.dispose()
+    if args.json:
+        print_json(out)
+    elif out["layout"] == "plain":
+        print("plain layout: no partitions to create (see `outbox db upgrade --layout partitioned`)")
+    else:
+        print(f"partitions created: {', '.join(out['created']) or 'none missing'}; dedup bucket {out['bucket']}"
+              + (f"; skipped (tables busy, try again): {', '.join(out['skipped'])}" if out["skipped"] else ""))
+    return 0
 
 
 def run_downgrade(args: argparse.Namespace) -> int:

@@ -1,6 +1,8 @@
 """``outbox purge``: retention for processed ids (consumers) and published rows (outbox audit mode).
 
-Both delete in short transactions (select a batch of keys, delete those keys), so no long locks.
+On PostgreSQL's partitioned layout (``outbox db upgrade --layout partitioned``) whole day partitions
+older than the window are dropped; elsewhere rows are deleted in short transactions, each over one
+range of the primary key, so no long locks. See docs/retention.md.
 The processed-ids window must be longer than the longest redelivery the broker can make.
 """
 
@@ -10,11 +12,9 @@ import argparse
 import datetime as dt
 from typing import Any
 
-import sqlalchemy as sa
-
 from ..config import Setting
 from ..errors import ConfigurationError
-from ..schema import STATUS_PUBLISHED, OutboxTables
+from ..retention import purge_published
 from ._common import add_db_args, open_database, parse_duration, print_json, tables_from_args
 from ._settings import add_settings, resolve
 
@@ -67,26 +67,3 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(f"purged {n} {args.what} row(s) older than {args.older_than}")
     return 0
-
-
-def purge_published(
-    engine: sa.Engine, *, older_than: dt.timedelta, batch_size: int = 5000, tables: OutboxTables | None = None
-) -> int:
-    """Delete outbox rows with status ``published`` and ``published_at`` older than the cutoff."""
-    from ..schema import default_tables
-
-    if not isinstance(batch_size, int) or not 1 <= batch_size <= 100_000:
-        raise ConfigurationError(f"--batch-size must be between 1 and 100000, got {batch_size!r}")
-    t = (tables or default_tables()).outbox
-    cutoff = dt.datetime.now(dt.timezone.utc) - older_than
-    conds = [t.c.status == STATUS_PUBLISHED, t.c.published_at < cutoff]
-    total = 0
-    while True:
-        with engine.begin() as conn:
-            ids = conn.execute(sa.select(t.c.id).where(*conds).order_by(t.c.id).limit(batch_size)).scalars().all()
-            if not ids:
-                break
-            total += int(conn.execute(t.delete().where(t.c.id.in_(ids), *conds)).rowcount)
-        if len(ids) < batch_size:
-            break
-    return total

@@ -287,6 +287,9 @@ class Dialect:
         """The engine the relay should use (e.g. READ COMMITTED on MySQL, WAL mode on SQLite)."""
         return engine
 
+    def maintain_partitions(self, engine: Engine, tables: Any) -> None:
+        """Create the partitioned retention layout's coming partitions, where the database has that layout."""
+
     def start_listener(
         self, engine: Engine, channel: str, on_wake: Callable[[], None], stop: threading.Event
     ) -> threading.Thread | None:

@@ -16,6 +16,7 @@ from sqlalchemy.sql import Insert
 from .._redact import mask_secrets
 from ..errors import ConfigurationError
 from .base import Blocker, Dialect
+from .pg_partitions import insert_processed, is_partitioned, maintain
 
 log = logging.getLogger("outbox.relay")
 
@@ -129,6 +130,8 @@ class PostgreSQLDialect(Dialect):
         thread.start()
         return thread
 
+    def maintain_partitions(self, engine: Engine, tables: Any) -> None:
+        maintain(engine, tables)
 
     def insert_new_keys(
         self, connection: Connection, table: sa.Table, rows: Sequence[Mapping[str, Any]], key_column: str
@@ -136,9 +139,12 @@ class PostgreSQLDialect(Dialect):
         """One ``INSERT ... SELECT unnest(:keys) ON CONFLICT DO NOTHING RETURNING`` with the keys as one array.
 
         Duplicates are found by the conflict pre-check, so they add no heap tuple (no dead tuples).
+        On the partitioned layout (a partitioned processed table) see :func:`.pg_partitions.insert_processed`.
         """
         if not rows:
             return set()
+        if is_partitioned(connection, (table.schema, table.name)):
+            return insert_processed(connection, table, rows, key_column)
         first = rows[0]
         others = [c for c in first if c != key_column]
         if len(rows) == 1 or any(r[c] != first[c] for r in rows for c in others):

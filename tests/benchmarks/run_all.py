@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _bench as b
 
 SCENARIOS = ["relay_kafka", "relay_kafka_metrics", "relay_rabbitmq", "latency", "writer", "consumer", "async_consumer",
-             "backlog_scale", "relays", "async_runner"]
+             "backlog_scale", "relays", "async_runner", "retention"]
 
 #: scenarios that are another script's mode: name -> (script, its flags)
 EXTRA = {"relay_kafka_metrics": ("relay_kafka", ["--metrics"])}

@@ -165,7 +165,7 @@ CONSUMER_SRC = "from consumers import DedupConsumer\n\nclass C(DedupConsumer):\n
 BASELINE = {
     ("demo",): ["--orders", "0"],
     ("db", "upgrade"): ["--db", DB], ("db", "downgrade"): ["base", "--db", DB], ("db", "current"): ["--db", DB],
-    ("db", "heads"): [], ("db", "sql"): ["--db", DB],
+    ("db", "heads"): [], ("db", "sql"): ["--db", DB], ("db", "partitions"): ["--db", DB],
     ("relay",): ["--db", DB, "--kafka", "127.0.0.1:1", "-X", f"sasl.password={PW}"],
     ("status",): ["--db", DB],
     ("dead", "list"): ["--db", DB], ("dead", "show"): ["--db", DB, "1"], ("dead", "requeue"): ["--db", DB, "--all"],

@@ -31,7 +31,7 @@ from outbox.types import ExactString
 
 REPO = Path(__file__).resolve().parents[2]
 DOCS = REPO / "docs" / "migrations.md"
-HEAD = "0004_attributes"
+HEAD = "0005_retention_layout"
 EXACT = "0003_exact_ids"
 PREVIOUS = "0002_relay_groups"
 FIRST = "0001_initial"

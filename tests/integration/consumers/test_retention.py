@@ -71,3 +71,19 @@ def test_duplicates_leave_no_dead_tuples(engine, effects, recorder_cls, dead_tup
     dead_tuple_check.start()
     assert set(deliver()) == {Status.DUPLICATE}  # 10,000 duplicate deliveries
     dead_tuple_check.assert_no_new_tuples()
+
+
+def test_purge_published_by_id_ranges(engine):
+    """Batches of 2 over ranges of ids: only old published rows go, interleaved young and pending rows stay."""
+    from outbox.retention import purge_published
+
+    now = dt.datetime.now(dt.timezone.utc)
+    kinds = [("published", dt.timedelta(days=10)), ("published", dt.timedelta(days=1)), ("pending", None)] * 4
+    rows = [{"message_id": uuid.uuid4(), "topic": "t", "payload": b"x", "partition": 0, "created_at": now,
+             "available_at": now, "status": st, "published_at": now - age if age else None} for st, age in kinds]
+    with engine.begin() as c:
+        c.execute(T.outbox.insert(), rows)
+    assert purge_published(engine, older_than=dt.timedelta(days=7), batch_size=2) == 4
+    with engine.connect() as c:
+        left = c.execute(sa.select(T.outbox.c.status, T.outbox.c.published_at)).all()
+    assert len(left) == 8 and sorted(st for st, _ in left) == ["pending"] * 4 + ["published"] * 4
