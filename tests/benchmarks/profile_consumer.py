@@ -11,8 +11,8 @@ commit and offset commit per batch). Prints ``name: value`` lines, then both cPr
 
 from __future__ import annotations
 
-import cProfile
 import collections
+import cProfile
 import io
 import pstats
 import sys
@@ -33,7 +33,7 @@ def count_statements(engine: sa.Engine) -> collections.Counter[str]:
     counts: collections.Counter[str] = collections.Counter()
 
     @sa.event.listens_for(engine, "before_cursor_execute")
-    def _count(conn, cursor, statement, parameters, context, executemany):  # noqa: ANN001
+    def _count(conn, cursor, statement, parameters, context, executemany):
         counts[" ".join(statement.split()[:3])] += 1
 
     return counts
