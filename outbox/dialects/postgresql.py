@@ -175,9 +175,13 @@ class PostgreSQLDialect(Dialect):
         ins = insert.returning(key).cte("inserted")
         keys = _keys_param(key)
         others = [c for c in table.primary_key.columns if c.name != key_column]
+        # the keys joined row by row (index lookups), not `key = ANY(:keys)`, which without statistics
+        # PostgreSQL runs as a scan of all the consumer's rows, each tested against every key
+        given = sa.func.unnest(keys).table_valued("k").render_derived(name="given")
         stmt = sa.union_all(
             sa.select(ins.c[key_column], sa.true(), sa.cast(sa.null(), read.type)),
-            sa.select(key, sa.false(), read).where(*(c == rows[0][c.name] for c in others), key == sa.any_(keys)),
+            sa.select(key, sa.false(), read).select_from(given)
+            .join(table, sa.and_(*(c == rows[0][c.name] for c in others), key == given.c.k)),
         )
         new: set[Any] = set()
         existing: dict[Any, Any] = {}
