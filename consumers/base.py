@@ -316,8 +316,9 @@ class DedupCore:
                 handle = self._bound(self.handle, session)
                 ids = list(dict.fromkeys(messages[i].id for i in work))  # type: ignore[misc]
                 try:  # one round trip on PostgreSQL: the new ids, and the stored results of those seen before
-                    new, stored = dialect.insert_new_keys_reading(conn, self.tables.processed,
-                                                                  self._dedup_rows(ids, now), "message_id", "result")
+                    new, stored = dialect.insert_new_keys_reading(
+                        conn, self.tables.processed, "message_id", ids, {"consumer": self.name, "processed_at": now},
+                        "result")
                 except Exception as exc:
                     if is_transient(exc):
                         raise

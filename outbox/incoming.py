@@ -98,7 +98,8 @@ def bounded_text(value: bytes | bytearray | memoryview | str, limit: int) -> str
 
 def storable_id(text: str) -> bool:
     """True for a str that is already a stored id form (no NUL, no lone surrogate, at most 255 characters)."""
-    return len(text) <= MESSAGE_ID_LENGTH and "\x00" not in text and not _has_surrogates(text)
+    return (len(text) <= MESSAGE_ID_LENGTH and "\x00" not in text
+            and (text.isascii() or not _has_surrogates(text)))
 
 
 def id_text(value: bytes | bytearray | memoryview | str) -> str:

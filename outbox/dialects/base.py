@@ -122,40 +122,42 @@ class Dialect:
         self,
         connection: Connection,
         table: sa.Table,
-        rows: Sequence[Mapping[str, Any]],
         key_column: str,
+        keys: Sequence[Any],
+        values: Mapping[str, Any],
         read_column: str,
     ) -> tuple[set[Any], dict[Any, Any]]:
-        """:meth:`insert_new_keys`, and ``read_column`` of the rows that were there already.
+        """Insert one row per key of ``keys`` (distinct), each with the other columns' ``values``,
+        skipping keys already there, as :meth:`insert_new_keys`; and read ``read_column`` of those.
 
         Returns ``(inserted keys, {existing key: its read_column})``: the dedup consumer's fast path
-        (new ids, and the stored results of the duplicates). Here: the insert, then one SELECT of
+        (the new ids, and the stored results of the duplicates). Here: the insert, then one SELECT of
         the keys not inserted (none when every key was new). PostgreSQL does both in one statement.
         """
-        new = self.insert_new_keys(connection, table, rows, key_column)
-        if len(new) == len(rows):
+        new = self.insert_new_keys(connection, table, [{key_column: k, **values} for k in keys], key_column)
+        if len(new) == len(keys):
             return new, {}
-        return new, self.read_existing(connection, table, rows, key_column, read_column, new)
+        return new, self.read_existing(connection, table, key_column, [k for k in keys if k not in new], values,
+                                       read_column)
 
     def read_existing(
         self,
         connection: Connection,
         table: sa.Table,
-        rows: Sequence[Mapping[str, Any]],
         key_column: str,
+        keys: Sequence[Any],
+        values: Mapping[str, Any],
         read_column: str,
-        skip: set[Any],
     ) -> dict[Any, Any]:
-        """``{key: read_column}`` of the rows of ``rows`` (keys not in ``skip``) that the table holds."""
-        keys = {r[key_column] for r in rows if r[key_column] not in skip}
+        """``{key: read_column}`` of the rows of ``keys`` (and the other primary-key columns' ``values``)
+        that the table holds."""
         if not keys:
             return {}
-        first = rows[0]
         key = table.c[key_column]
         others = [c for c in table.primary_key.columns if c.name != key_column]
         found = connection.execute(
-            sa.select(key, table.c[read_column]).where(*(c == first[c.name] for c in others), key.in_(keys))
-        )
+            sa.select(key, table.c[read_column]).where(*(c == values[c.name] for c in others), key.in_(keys))
+        ).all()
         return {r[0]: r[1] for r in found}
 
     def ensure_transaction(self, connection: Connection) -> None:
