@@ -3,10 +3,11 @@
     python tests/benchmarks/profile_consumer.py [--n 20000] [--top 25]
 
 Wall clock is noisy on a shared machine; these measures are not: per message, the Python
-function calls (cProfile) and the SQL statements sent (``before_cursor_execute`` events,
-executemany counted once, as one round trip), for the KafkaRunner + DedupConsumer run and for
-the plain confluent-kafka loop over the same records (same handler, same batch size, same DB
-commit and offset commit per batch). Prints ``name: value`` lines, then both cProfile tops.
+function calls (cProfile) and the SQL statements sent (cursor executes, an executemany counted
+once, as one round trip; with the time from send to result per statement kind), for the
+KafkaRunner + DedupConsumer run and for the plain confluent-kafka loop over the same records
+(same handler, same batch size, same DB commit and offset commit per batch).
+Prints ``name: value`` lines, then both cProfile tops.
 """
 
 from __future__ import annotations
@@ -29,14 +30,28 @@ import sqlalchemy as sa
 from outbox.schema import default_tables
 
 
-def count_statements(engine: sa.Engine) -> collections.Counter[str]:
-    counts: collections.Counter[str] = collections.Counter()
+class Statements:
+    """Per statement kind (its first three words): how many were sent, and the seconds from send to result."""
 
-    @sa.event.listens_for(engine, "before_cursor_execute")
-    def _count(conn, cursor, statement, parameters, context, executemany):
-        counts[" ".join(statement.split()[:3])] += 1
+    def __init__(self, engine: sa.Engine) -> None:
+        self.counts: collections.Counter[str] = collections.Counter()
+        self.seconds: collections.Counter[str] = collections.Counter()
+        sa.event.listen(engine, "before_cursor_execute", self._before)
+        sa.event.listen(engine, "after_cursor_execute", self._after)
 
-    return counts
+    def _before(self, conn, cursor, statement, parameters, context, executemany):
+        conn.info["_prof_t0"] = time.perf_counter()
+
+    def _after(self, conn, cursor, statement, parameters, context, executemany):
+        kind = " ".join(statement.split()[:3])
+        self.counts[kind] += 1
+        self.seconds[kind] += time.perf_counter() - conn.info.pop("_prof_t0", time.perf_counter())
+
+    def take(self) -> dict[str, tuple[int, float]]:
+        out = {k: (n, self.seconds[k]) for k, n in self.counts.items()}
+        self.counts.clear()
+        self.seconds.clear()
+        return out
 
 
 def top(prof: cProfile.Profile, n: int, key: str) -> str:
@@ -57,7 +72,7 @@ def main() -> None:
         bc.Base.metadata.create_all(engine)
         topic = b.create_topic(bootstrap)
         dups = bc.produce(bootstrap, topic, args.n, args.keys, args.dup_share)
-        counts = count_statements(engine)
+        counts = Statements(engine)
 
         runner = bc.TimedRunner(bc.Sink(), engine=engine, bootstrap_servers=bootstrap, topics=[topic],
                                 group_id=f"prof-dedup-{uuid.uuid4().hex[:6]}", config=conf,
@@ -67,8 +82,7 @@ def main() -> None:
         prof_d.enable()
         runner.run()
         prof_d.disable()
-        dedup_counts = dict(counts)
-        counts.clear()
+        dedup_counts = counts.take()
         if runner.stats.processed != args.n - dups:
             raise SystemExit(f"dedup consumer: {runner.stats}")
 
@@ -76,13 +90,14 @@ def main() -> None:
         prof_p.enable()
         bc.baseline(engine, bootstrap, topic, args.n, args.consumer_batch, conf)
         prof_p.disable()
-        plain_counts = dict(counts)
+        plain_counts = counts.take()
         with engine.connect() as conn:
             processed = conn.execute(sa.select(sa.func.count()).select_from(default_tables().processed)).scalar_one()
 
     def calls(prof: cProfile.Profile) -> int:
         return sum(v[1] for v in pstats.Stats(prof).stats.values())  # type: ignore[attr-defined]
 
+    batches = -(-args.n // args.consumer_batch)
     b.emit("profile_messages", args.n)
     b.emit("profile_duplicates", dups)
     b.emit("profile_dedup_rows", processed)
@@ -90,9 +105,10 @@ def main() -> None:
     b.emit("profile_plain_calls_per_msg", calls(prof_p) / args.n)
     b.emit("profile_calls_ratio", b.ratio(calls(prof_d), calls(prof_p)))
     for label, c in (("dedup", dedup_counts), ("plain", plain_counts)):
-        b.emit(f"profile_{label}_statements", sum(c.values()))
-        for stmt, k in sorted(c.items(), key=lambda kv: -kv[1]):
-            b.note(f"{label}: {k:6d}  {stmt}")
+        b.emit(f"profile_{label}_statements", sum(n for n, _ in c.values()))
+        b.emit(f"profile_{label}_statement_ms_per_batch", 1000 * sum(t for _, t in c.values()) / batches)
+        for stmt, (k, t) in sorted(c.items(), key=lambda kv: -kv[1][0]):
+            b.note(f"{label}: {k:6d} statements, {1000 * t / k:7.2f} ms each  {stmt}")
     if args.save:
         prof_d.dump_stats(f"{args.save}.dedup.prof")
         prof_p.dump_stats(f"{args.save}.plain.prof")
