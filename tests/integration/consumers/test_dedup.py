@@ -264,3 +264,49 @@ def test_duplicates_get_their_stored_results_in_the_dedup_round_trip(engine, eff
     assert [o.status for o in twice] == [Status.PROCESSED, Status.DUPLICATE, Status.DUPLICATE]
     assert twice[1].result == twice[0].result == {"seen": again.id, "n": 20}
     assert twice[2].result == first[0].result
+
+
+def test_a_key_committed_concurrently_during_the_dedup_statement_is_read_after_it(engine):
+    """PostgreSQL: the one-statement insert-and-read cannot see a row another transaction commits
+    while the statement waits on its conflict check; that key is read again, so its stored result
+    is not lost."""
+    if engine.dialect.name != "postgresql":
+        pytest.skip("the one-statement insert-and-read is PostgreSQL's")
+    import threading
+    import time
+    import uuid
+
+    from outbox.dialects import dialect_for
+
+    d = dialect_for(engine)
+    t = T.processed
+    name = f"test.concurrent.{uuid.uuid4().hex[:8]}"
+    now = dt.datetime.now(dt.timezone.utc)
+    racing, other = str(uuid.uuid4()), str(uuid.uuid4())
+    got: dict[str, object] = {}
+    with engine.connect() as first:
+        first.execute(t.insert().values(consumer=name, message_id=racing, processed_at=now, result={"by": "first"}))
+        pid: list[int] = []
+
+        def second() -> None:
+            with engine.begin() as conn:
+                pid.append(conn.exec_driver_sql("SELECT pg_backend_pid()").scalar_one())
+                got["out"] = d.insert_new_keys_reading(conn, t, "message_id", [racing, other],
+                                                       {"consumer": name, "processed_at": now}, "result")
+
+        th = threading.Thread(target=second)
+        th.start()
+        deadline = time.monotonic() + 20
+        with engine.connect() as watch:  # wait until the second transaction waits on the first's row
+            while time.monotonic() < deadline:
+                if pid and watch.execute(sa.text("SELECT wait_event_type FROM pg_stat_activity WHERE pid = :p"),
+                                         {"p": pid[0]}).scalar() == "Lock":
+                    break
+                watch.rollback()
+            else:
+                pytest.fail("the second transaction never waited for the first")
+        first.commit()
+        th.join(20)
+    new, existing = got["out"]  # type: ignore[misc]
+    assert new == {other}
+    assert existing == {racing: {"by": "first"}}
