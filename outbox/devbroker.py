@@ -11,11 +11,12 @@ import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
 from types import TracebackType
 
 from .errors import BrokerUnavailable, ConfigurationError
 
-__all__ = ["DevKafkaBroker", "find_tansu", "free_port"]
+__all__ = ["DevKafkaBroker", "find_tansu", "free_port", "kafka_or_dev_broker"]
 
 
 def free_port() -> int:
@@ -107,3 +108,19 @@ class DevKafkaBroker:
 
     def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
         self.stop()
+
+
+@contextlib.contextmanager
+def kafka_or_dev_broker(servers: str | None) -> Iterator[str]:
+    """``servers`` when given (your Kafka), else those of a :class:`DevKafkaBroker` started for the block.
+
+    What the examples do with ``OUTBOX_KAFKA_BOOTSTRAP_SERVERS``::
+
+        with kafka_or_dev_broker(os.environ.get("OUTBOX_KAFKA_BOOTSTRAP_SERVERS")) as servers:
+            ...
+    """
+    if servers:
+        yield servers
+        return
+    with DevKafkaBroker() as broker:
+        yield broker.bootstrap_servers

@@ -154,6 +154,14 @@ class Relay:
         self._unmarkable: dict[int, bool] = {}
         self._last_sweep = 0.0
         self._claimed_at = 0.0  # monotonic time the last claim statement returned
+        self._locked: list[int] = []  # partitions whose lease rows the last claim locked
+        # publish in two steps (queue, then wait) when the adapter can: the relay claims its next
+        # batch in between (looked up on the class: a decorator's __getattr__ must not hand over
+        # the inner adapter's, bypassing the decorator)
+        self._begin: Callable[..., Callable[[], list[PublishResult]]] | None = (
+            publisher.begin_publish if getattr(type(publisher), "begin_publish", None) is not None else None  # type: ignore[attr-defined]
+        )
+        self._pipeline = self.config.pipeline and self.dialect.supports_pipelined_claims and self._begin is not None
         self.db_label = mask_secrets(engine.url.render_as_string(hide_password=True))
 
     # ------------------------------------------------------------------ lifecycle
@@ -292,31 +300,126 @@ class Relay:
         return self.stats.published - before
 
     def run_once(self) -> int:
-        """One claim-publish-mark round. Returns the number of rows claimed."""
+        """Claim-publish-mark rounds. Returns the number of rows claimed.
+
+        One round, unless pipelining is on (:attr:`RelayConfig.pipeline`): then, while the broker
+        acknowledges a full batch, the next one is claimed in a second transaction, and the rounds
+        go on back to back as long as every batch is delivered whole (see :meth:`_claim_ahead`).
+        """
         if not self._started:
             self.start()
         held = sorted(self.leases.held)
         if not held:
             return 0
-        now = _now()
-        try:
-            with self.engine.begin() as conn:
-                records = self._claim(conn, held, now)
-                if not records:
-                    return 0
-                age = time.monotonic() - self._claimed_at
+        batch = self._open_batch(held)
+        total = 0
+        while batch is not None:
+            ahead: _Batch | None = None
+            try:
+                age = time.monotonic() - batch.claimed_at
                 if age > self.config.stale_claim_age:
-                    raise _StaleBatch(age, len(records))
-                results = self._publish(records)
-                self._mark(conn, records, results)
-        except (_StaleBatch, sa.exc.DBAPIError) as exc:
-            stale = _stale_in(exc)
-            if stale is None:
+                    raise _StaleBatch(age, len(batch.records))
+                wait = self._begin_publish(batch.records)
+                ahead = self._claim_ahead(batch)
+                results = self._verdicts(batch.records, wait)
+                delivered = self._mark(batch.conn, batch.records, results)
+                batch.end(commit=True)
+            except BaseException as exc:
+                if ahead is not None:
+                    ahead.abandon()
+                err = batch.abort(exc)
+                stale = _stale_in(err) if isinstance(err, (_StaleBatch, sa.exc.DBAPIError)) else None
+                if stale is None:
+                    if err is exc:
+                        raise
+                    raise err from exc
+                self._drop_stale(stale, err)
+                return total
+            self.stats.rounds += 1
+            total += len(batch.records)
+            batch = self._resume(ahead, whole=delivered == len(batch.records))
+        return total
+
+    def _open_batch(self, held: list[int]) -> _Batch | None:
+        """Begin a batch's transaction: lock the leases and claim. ``None`` (committed) when nothing was claimed."""
+        conn = self.engine.connect()
+        batch = _Batch(conn, conn.begin(), held)
+        try:
+            batch.records = self._claim(conn, held, _now())
+            batch.claimed_at = self._claimed_at
+            batch.held = self._locked
+            if not batch.records:
+                batch.end(commit=True)
+                return None
+        except BaseException as exc:
+            err = batch.abort(exc)
+            if err is exc:
                 raise
-            self._drop_stale(stale, exc)
-            return 0
-        self.stats.rounds += 1
-        return len(records)
+            raise err from exc
+        return batch
+
+    def _claim_ahead(self, batch: _Batch) -> _Batch | None:
+        """While ``batch`` waits for the broker: claim the next batch of the same partitions in a
+        second transaction, or ``None`` when pipelining is off or this is no time for it.
+
+        Safe because ``batch``'s transaction holds the lease locks of these partitions meanwhile (no
+        relay can take them over), and the claim starts each partition after ``batch``'s rows (whose
+        row locks SKIP LOCKED would pass over anyway). Nothing of it is published before ``batch`` is
+        marked and committed, and then only if every row of ``batch`` was delivered and the leases
+        are still this relay's under the same generations (:meth:`_resume`); otherwise it is rolled
+        back unpublished. Never after a failure, nor when the look-up of delayed rows and blocked keys
+        says a partition is to be re-read from its start (which must not happen past a batch in flight).
+        """
+        if not self._pipeline or self._refresh_due or self._stop.is_set() or self._rebalance_due():
+            return None
+        if self._held_set != batch.held:
+            return None
+        for rec in batch.records:  # the next claim starts after this batch's rows in each partition
+            if rec.id > self._after.get(rec.partition, 0):
+                self._after[rec.partition] = rec.id
+        conn = self.engine.connect()
+        ahead = _Batch(conn, conn.begin(), batch.held)
+        try:
+            records = self._claim_rows(conn, batch.held, _now(), ahead=True)
+            ahead.claimed_at = self._claimed_at
+        except BaseException:
+            ahead.abandon()
+            raise
+        if records is None:  # the next claim re-reads partitions from before the watermark
+            ahead.abandon()
+            return None
+        ahead.records = records
+        if not records:
+            # rows marked dead here as undecodable: committed under the first batch's lease locks
+            ahead.end(commit=True)
+            return None
+        return ahead
+
+    def _resume(self, ahead: _Batch | None, *, whole: bool) -> _Batch | None:
+        """The batch claimed ahead, now the previous one is committed, with its leases locked; or
+        ``None`` (rolled back unpublished) if the previous batch was not delivered whole, its leases
+        moved, the relay is stopping or due to renew its leases, or the claim grew stale."""
+        if ahead is None:
+            return None
+        fresh = time.monotonic() - ahead.claimed_at <= self.config.stale_claim_age
+        if not (whole and fresh and not self._stop.is_set() and not self._rebalance_due()
+                and sorted(self.leases.held) == ahead.held):
+            ahead.abandon()
+            self._refresh_due = True
+            return None
+        try:
+            locked = self.leases.lock_for_claim(ahead.conn)
+        except BaseException:
+            ahead.abandon()
+            raise
+        if locked != ahead.held:
+            ahead.abandon()
+            self._refresh_due = True
+            return None
+        return ahead
+
+    def _rebalance_due(self) -> bool:
+        return time.monotonic() - self._last_rebalance >= self.config.renew_interval
 
     def _drop_stale(self, stale: _StaleBatch, exc: BaseException) -> None:
         """A batch claimed too long ago (the relay was frozen) was rolled back unpublished.
@@ -336,11 +439,14 @@ class Relay:
             self._dispose_quietly()  # other pooled connections of the frozen process may be dead too
 
     # ------------------------------------------------------------------ steps
-    def _promote(self, conn: Connection, held: list[int], now: dt.datetime) -> set[int]:
+    def _promote(self, conn: Connection, held: list[int], now: dt.datetime, *, look_only: bool = False) -> set[int]:
         """Rows whose delay or backoff has run out become due (``available_at = DUE_NOW``).
 
         Read first, then update by primary key: a range UPDATE on InnoDB would lock the next
         index record too, which is another partition's (another relay's) first due row.
+        ``look_only``: return their partitions without updating (a claim made ahead must not
+        write rows that the batch in flight's transaction may have just updated: it would wait
+        on that transaction, which waits on it).
         """
         o = self.tables.outbox
         q = (
@@ -352,25 +458,37 @@ class Relay:
         if topic_clause is not None:  # this relay group's rows only
             q = q.where(topic_clause)
         rows = conn.execute(q).all()
+        if look_only:
+            return {r[1] for r in rows}
         ids = [r[0] for r in rows]
         for chunk in _chunks(ids, 1000):
             self.dialect.update_ids(conn, o, chunk, {"available_at": DUE_NOW})
         return {r[1] for r in rows}
 
     def _claim(self, conn: Connection, held: list[int], now: dt.datetime) -> list[OutboxRecord]:
-        o = self.tables.outbox
         # Lock our lease rows first: while this transaction (claim, publish, mark) is open nobody
         # can take these partitions over, and leases we lost while we were not looking (a pause
         # before this round) are not claimed from. See LeaseManager.lock_for_claim.
-        held = self.leases.lock_for_claim(conn)
+        held = self._locked = self.leases.lock_for_claim(conn)
         if not held:
             return []
         self._note_acquired()
+        return self._claim_rows(conn, held, now) or []
+
+    def _claim_rows(self, conn: Connection, held: list[int], now: dt.datetime, *,
+                    ahead: bool = False) -> list[OutboxRecord] | None:
+        """Claim due rows of the locked partitions ``held``.
+
+        ``ahead``: a claim while the previous batch is in flight (see :meth:`_claim_ahead`), which
+        must not re-read any partition from before the watermark: if the look-up of delayed rows
+        and blocked keys finds it should, it returns ``None`` and leaves that to the next claim.
+        """
+        o = self.tables.outbox
         # Delayed rows and the keys held back behind failing ones change slowly: look them up at
         # most every REFRESH seconds (and after any failure), not in every round of a busy drain.
         mono = time.monotonic()
         if self._refresh_due or mono - self._last_refresh >= REFRESH or self._held_set != held:
-            promoted = self._promote(conn, held, now)
+            promoted = self._promote(conn, held, now, look_only=ahead)
             blocked_before = self._blocked
             if self.config.ordering == "strict":
                 self._blocked = set(self._blockers(conn, held))
@@ -378,8 +496,12 @@ class Relay:
             # everywhere after a failure, a change of partitions, an unblocked key, or every
             # WATERMARK_RESET seconds (rows committed late with a lower id); else only where
             # delayed rows just became due.
-            if (self._refresh_due or self._held_set != held or blocked_before - self._blocked
-                    or mono - self._last_watermark_reset >= WATERMARK_RESET):
+            reread = (self._refresh_due or self._held_set != held or blocked_before - self._blocked
+                      or mono - self._last_watermark_reset >= WATERMARK_RESET)
+            if ahead and (reread or promoted):
+                self._refresh_due = True
+                return None
+            if reread:
                 self._after.clear()
                 self._last_watermark_reset = mono
             else:
@@ -468,21 +590,34 @@ class Relay:
         """
         return self.dialect.blockers(conn, self.tables.outbox, held, DUE_NOW)
 
-    def _publish(self, records: list[OutboxRecord]) -> list[PublishResult]:
+    def _begin_publish(self, records: list[OutboxRecord]) -> Callable[[], list[PublishResult]]:
+        """Send ``records``; :meth:`_verdicts` then waits for the broker's verdicts through the function returned.
+
+        With a publisher that has ``begin_publish`` the relay works in between; under a tracer the
+        batch's send span covers the whole wait, so the publish is done before this returns.
+        """
         spans = _tracing.process_spans()  # None without OpenTelemetry or a tracer provider: once per batch
+        timeout = self.config.publish_timeout
         if spans is None:
-            results = self.publisher.publish(records, timeout=self.config.publish_timeout)
+            if self._begin is not None:
+                return self._begin(records, timeout=timeout)
+            results = self.publisher.publish(records, timeout=timeout)
         else:
             with spans.send_span(records, self.leases.broker_kind) as span:
-                results = self.publisher.publish(records, timeout=self.config.publish_timeout)
+                results = self.publisher.publish(records, timeout=timeout)
                 _tracing.note_results(span, results)
+        return lambda: results
+
+    def _verdicts(self, records: list[OutboxRecord], wait: Callable[[], list[PublishResult]]) -> list[PublishResult]:
+        """Wait for the verdicts of a batch :meth:`_begin_publish` sent: one per record."""
+        results = wait()
         if len(results) != len(records):  # a broken adapter must not lose or double-mark rows
             log.error("publisher returned %d results for %d messages; retrying the batch", len(results), len(records))
             return [PublishResult(r.id, Outcome.RETRY, "publisher returned no verdict") for r in records]
         return results
 
     # ------------------------------------------------------------------ marking
-    def _mark(self, conn: Connection, records: list[OutboxRecord], results: list[PublishResult]) -> None:
+    def _mark(self, conn: Connection, records: list[OutboxRecord], results: list[PublishResult]) -> int:
         """Record the broker's verdicts: fence, classify, then delete/mark delivered rows, schedule
         retries and mark dead rows, all in the claim's transaction.
 
@@ -498,6 +633,7 @@ class Relay:
         self._after_delivered(records, plan.delivered)
         if plan.retry or plan.dead:
             self._refresh_due = True  # recompute blocked keys before the next claim
+        return len(plan.delivered)
 
     def _fence(self, conn: Connection, records: list[OutboxRecord]) -> set[int]:
         lost = self.leases.fence(conn, {r.partition for r in records})
@@ -796,6 +932,42 @@ class Relay:
             self.engine.dispose()
         except Exception:
             pass
+
+
+class _Batch:
+    """One claimed batch and the transaction (on its own connection) that holds its row locks."""
+
+    def __init__(self, conn: Connection, tx: Any, held: list[int]) -> None:
+        self.conn = conn
+        self.tx = tx
+        self.held = held
+        """the partitions whose lease rows the claim's transaction locked (or relies on being locked)"""
+        self.records: list[OutboxRecord] = []
+        self.claimed_at = 0.0
+
+    def end(self, *, commit: bool) -> None:
+        try:
+            if commit:
+                self.tx.commit()
+            else:
+                self.tx.rollback()
+        finally:
+            self.conn.close()
+
+    def abort(self, exc: BaseException) -> BaseException:
+        """Roll back after ``exc``; return the rollback's own error if it failed (the session is gone), else ``exc``."""
+        try:
+            self.end(commit=False)
+        except sa.exc.DBAPIError as err:
+            return err
+        return exc
+
+    def abandon(self) -> None:
+        """Roll back unpublished, never raising (a batch claimed ahead that is not to be sent)."""
+        try:
+            self.end(commit=False)
+        except Exception as exc:
+            log.debug("rolling back a batch claimed ahead failed: %s", _short(exc))
 
 
 class _StaleBatch(Exception):

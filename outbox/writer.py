@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import math
 import re
+import threading
 import uuid
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -63,24 +64,56 @@ _IDS_KEY = "outboxkit.message_ids"
 
 
 class _OutboxRow:
-    """Base of the per-table mapped row classes."""
+    """Base of the per-table mapped row classes.
+
+    A row is only ever inserted (never loaded, changed or deleted through the ORM), and the ORM
+    builds an INSERT from the instance's ``__dict__``, so the values go straight there instead of
+    through one instrumented attribute set each.
+    """
 
     def __init__(self, **kw: Any) -> None:
-        for k, v in kw.items():
-            setattr(self, k, v)
+        self.__dict__.update(kw)
 
 
 _MAPPED: dict[int, type[_OutboxRow]] = {}
 _registry = registry()
+_lock = threading.Lock()
 
 
 def _row_class(tables: OutboxTables) -> type[_OutboxRow]:
+    """The mapped class of ``tables.outbox``, made once per table.
+
+    It is mapped on ``message_id`` (made by the writer, unique), and the server-made ``id`` is left
+    out of the mapping: the ORM then has every row's identity before the INSERT, asks for no
+    ``RETURNING id``, and writes
+    ``add_many``'s rows with the driver's ``executemany`` (psycopg pipelines it; PyMySQL makes it
+    one multi-row INSERT) instead of rendering 1,000-row INSERT ... RETURNING statements.
+    """
     cls = _MAPPED.get(id(tables.outbox))
     if cls is None:
-        cls = type(f"OutboxRow_{tables.names.outbox}", (_OutboxRow,), {})
-        _registry.map_imperatively(cls, tables.outbox)
-        _MAPPED[id(tables.outbox)] = cls
+        with _lock:
+            cls = _MAPPED.get(id(tables.outbox))
+            if cls is None:
+                cls = type(f"OutboxRow_{tables.names.outbox}", (_OutboxRow,), {})
+                _registry.map_imperatively(cls, tables.outbox, primary_key=[tables.outbox.c.message_id],
+                                          exclude_properties=["id"], eager_defaults=False)
+                _MAPPED[id(tables.outbox)] = cls
     return cls
+
+
+#: the session events the writer listens to, registered once on the ``Session`` class (a listener
+#: per session instance cost more than the rest of ``add()``)
+_LISTENING: set[str] = set()
+
+
+def _listen_once(what: str, *listeners: tuple[str, Any]) -> None:
+    if what in _LISTENING:
+        return
+    with _lock:
+        if what not in _LISTENING:
+            for name, fn in listeners:
+                event.listen(Session, name, fn)
+            _LISTENING.add(what)
 
 
 class Outbox:
@@ -241,24 +274,19 @@ class Outbox:
         The first call on a session also makes sure that database errors about the toolkit's
         tables (a forgotten ``db upgrade``, an id committed earlier) are explained at flush.
         """
-        added: dict[tuple[str, uuid.UUID], _OutboxRow] | None = sync.info.get(_IDS_KEY)
+        info = sync.info
+        added: dict[tuple[str, uuid.UUID], _OutboxRow] | None = info.get(_IDS_KEY)
         if added is None:
-            added = {}
-            sync.info[_IDS_KEY] = added
-            if not event.contains(sync, "after_transaction_end", _forget_ids):
-                event.listen(sync, "after_transaction_end", _forget_ids)
-                event.listen(sync, "after_soft_rollback", _prune_ids)
+            _listen_once("ids", ("after_transaction_end", _forget_ids), ("after_soft_rollback", _prune_ids))
+            added = info[_IDS_KEY] = {}
             _explain_errors_for(sync, self._row_cls)
         return added
 
     def _arm_notify(self, sync: Session) -> None:
         channels: set[str] | None = sync.info.get(_NOTIFY_KEY)
         if channels is None:
-            channels = set()
-            sync.info[_NOTIFY_KEY] = channels
-            if not event.contains(sync, "before_commit", _send_notifies):
-                event.listen(sync, "before_commit", _send_notifies)
-                event.listen(sync, "after_rollback", _clear_notifies)
+            _listen_once("notify", ("before_commit", _send_notifies), ("after_rollback", _clear_notifies))
+            channels = sync.info[_NOTIFY_KEY] = set()
         channels.add(self.notify_channel)
 
     def _build(self, msg: OutgoingMessage, now: dt.datetime) -> _OutboxRow:
@@ -602,8 +630,15 @@ def _sync_session(session: Any) -> Session:
     raise TypeError(f"expected a SQLAlchemy Session or AsyncSession, got {type(session).__name__}")
 
 
+def _info(session: Session) -> dict[Any, Any] | None:
+    """``session.info`` if the session has one yet (the class-level listeners run for every session of
+    the application: they must not create a dict on sessions the writer never saw)."""
+    return session.__dict__.get("info")
+
+
 def _send_notifies(session: Session) -> None:
-    channels: set[str] | None = session.info.pop(_NOTIFY_KEY, None)
+    info = _info(session)
+    channels: set[str] | None = info.pop(_NOTIFY_KEY, None) if info else None
     if not channels:
         return
     bind = session.connection()
@@ -615,27 +650,33 @@ def _send_notifies(session: Session) -> None:
 
 
 def _clear_notifies(session: Session) -> None:
-    session.info.pop(_NOTIFY_KEY, None)
+    info = _info(session)
+    if info:
+        info.pop(_NOTIFY_KEY, None)
 
 
 def _forget_ids(session: Session, transaction: Any) -> None:
     """The whole transaction ended (committed or rolled back): its ids are the table's business now."""
-    added = session.info.get(_IDS_KEY)
+    info = _info(session)
+    added = info.get(_IDS_KEY) if info else None
     if added and transaction.parent is None:
         added.clear()
 
 
 def _prune_ids(session: Session, previous_transaction: Any) -> None:
     """After a rollback (savepoint or whole transaction), keep only the rows still in the session."""
-    added = session.info.get(_IDS_KEY)
+    info = _info(session)
+    added = info.get(_IDS_KEY) if info else None
     if added:
         for k in [k for k, row in added.items() if row not in session]:
             del added[k]
 
 
 def _explain_errors_for(sync: Session, row_cls: type[_OutboxRow]) -> None:
+    bind = None if sync.binds else sync.bind  # one bind for everything: get_bind's answer, without its cost
     try:
-        bind = sync.get_bind(mapper=row_cls)
+        if bind is None:
+            bind = sync.get_bind(mapper=row_cls)
     except Exception:  # an unbound session: it fails at flush with SQLAlchemy's own error
         return
     engine = getattr(bind, "engine", None)

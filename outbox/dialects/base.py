@@ -182,6 +182,10 @@ class Dialect:
     #: handover (InnoDB's next-key locks reach into neighbouring index ranges), so every claim
     #: must be checked for gaps, not only claims from freshly taken partitions.
     skip_locked_reaches_neighbours: ClassVar[bool] = False
+    #: whether a relay may claim its next batch in a second transaction while the previous
+    #: batch's transaction still holds its row and lease locks (no gap locks that the previous
+    #: batch's marking could wait on: PostgreSQL; InnoDB's next-key locks could deadlock it)
+    supports_pipelined_claims: ClassVar[bool] = False
 
     def blockers(self, connection: Connection, table: sa.Table, partitions: Sequence[int], due: Any) -> list[Blocker]:
         """The :class:`Blocker` of every (topic, key) of ``partitions`` that has one (see :func:`blocking_rows`)."""

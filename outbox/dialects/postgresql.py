@@ -35,6 +35,7 @@ class PostgreSQLDialect(Dialect):
     name: ClassVar[str] = "postgresql"
     supports_skip_locked: ClassVar[bool] = True
     supports_concurrent_relays: ClassVar[bool] = True
+    supports_pipelined_claims: ClassVar[bool] = True
     supports_notify: ClassVar[bool] = True
     json_as_text: ClassVar[bool] = False  # psycopg parses JSONB itself
 

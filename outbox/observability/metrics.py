@@ -22,7 +22,7 @@ import math
 import re
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from .._redact import mask_secrets
@@ -244,20 +244,37 @@ class MetricsPublisher:
         self._problem = None
 
     def publish(self, records: Sequence[OutboxRecord], *, timeout: float = 30.0) -> list[PublishResult]:
+        return self.begin_publish(records, timeout=timeout)()
+
+    def begin_publish(self, records: Sequence[OutboxRecord], *,
+                      timeout: float = 30.0) -> Callable[[], list[PublishResult]]:
+        """The inner adapter's ``begin_publish`` (its ``publish`` if it has none), measured from send to verdict."""
         self._turned()
         t0 = time.perf_counter()
         try:
-            results = self.inner.publish(records, timeout=timeout)
+            if getattr(type(self.inner), "begin_publish", None) is not None:
+                wait = self.inner.begin_publish(records, timeout=timeout)  # type: ignore[attr-defined]
+            else:
+                done = self.inner.publish(records, timeout=timeout)
+                wait = lambda: done  # noqa: E731
         except BrokerUnavailable as exc:
             self._lost(exc)
             raise
-        took = time.perf_counter() - t0
-        m = self.metrics
-        m.batch_size.observe(len(records))
-        m.batch_duration.observe(took)
-        self._count(records, results)
-        self._turned()
-        return results
+
+        def verdicts() -> list[PublishResult]:
+            try:
+                results = wait()
+            except BrokerUnavailable as exc:
+                self._lost(exc)
+                raise
+            m = self.metrics
+            m.batch_size.observe(len(records))
+            m.batch_duration.observe(time.perf_counter() - t0)
+            self._count(records, results)
+            self._turned()
+            return results
+
+        return verdicts
 
     def _count(self, records: Sequence[OutboxRecord], results: list[PublishResult]) -> None:
         m = self.metrics

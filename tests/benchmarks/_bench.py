@@ -220,6 +220,47 @@ def _fill_server(engine: sa.Engine, n: int, *, keys: int, topic: str, chunk: int
         done += m
 
 
+# ------------------------------------------------------------------ raw baselines
+#: the columns a relay needs to publish a row (what the raw loop reads, so it moves the same bytes)
+RAW_COLUMNS = "id, message_id, topic, key, payload, headers, content_type, partition, attempts, created_at"
+
+
+def raw_claim_delete(engine: sa.Engine, batch_size: int = 1000) -> tuple[int, float]:
+    """The tightest honest claim+delete loop, on the driver directly (no SQLAlchemy, no toolkit code).
+
+    Per batch: ``SELECT <the relay's columns> ... WHERE status = 'pending' ORDER BY id LIMIT n FOR
+    UPDATE SKIP LOCKED``, ``DELETE ... WHERE id = ANY(ids)`` (an ``IN`` list on MariaDB), ``COMMIT``.
+    No leases, no ordering checks, no per-row work: the database's own floor for a relay. Returns
+    (rows deleted, seconds).
+    """
+    raw = engine.raw_connection()
+    table = default_tables().outbox.name
+    pg = engine.dialect.name == "postgresql"
+    q = '"' if pg else "`"
+    select = (f"SELECT {RAW_COLUMNS.replace('partition', f'{q}partition{q}')} FROM {q}{table}{q} "
+              f"WHERE status = 'pending' ORDER BY id LIMIT {int(batch_size)} FOR UPDATE SKIP LOCKED")
+    try:
+        cur = raw.cursor()
+        n = 0
+        t0 = time.perf_counter()
+        while True:
+            cur.execute(select)
+            ids = [r[0] for r in cur.fetchall()]
+            if not ids:
+                raw.commit()
+                break
+            if pg:
+                cur.execute(f'DELETE FROM "{table}" WHERE id = ANY(%s)', (ids,))
+            else:
+                cur.execute(f"DELETE FROM `{table}` WHERE id IN ({','.join(['%s'] * len(ids))})", ids)
+            raw.commit()
+            n += len(ids)
+        took = time.perf_counter() - t0
+    finally:
+        raw.close()
+    return n, took
+
+
 # ------------------------------------------------------------------ publishers
 class NullPublisher:
     """A Publisher that delivers everything instantly and keeps nothing (flat memory)."""

@@ -1,7 +1,15 @@
-"""Scenario 1: drain a backlog to Kafka, against (a) the same relay with a no-op publisher and
-(b) raw confluent-kafka idempotent produce (acks=all) of the same messages.
+"""Scenario 1: drain a backlog to Kafka, against the raw limits measured in the same run:
 
-Targets: relay->Kafka >= 50,000 msg/s and >= 0.6 x baseline (a).
+(a) the tightest honest claim+delete loop on the driver directly (``_bench.raw_claim_delete``:
+    ``SELECT ... ORDER BY id LIMIT 1000 FOR UPDATE SKIP LOCKED``, ``DELETE ... WHERE id = ANY(...)``,
+    ``COMMIT``), the database's floor;
+(b) raw confluent-kafka idempotent produce (acks=all) of the same messages, the broker's floor;
+and, for reference, the relay with a no-op publisher (the toolkit's own claim+delete path).
+
+``--rounds`` (default 3) alternates them and the medians are printed. ``--size`` sets the payload
+(200 B default; 1024 for the 1 KiB figures).
+
+Targets (issue 14, P1): relay->Kafka >= 0.9 x (a); >= 50,000 msg/s at 200 B.
 """
 
 from __future__ import annotations
@@ -32,8 +40,8 @@ def drain(engine, publisher, batch_size: int, profile: str | None = None) -> tup
     return n, took
 
 
-def raw_produce(bootstrap: str, topic: str, n: int, keys: int) -> float:
-    msgs = [(b.key_of(i, keys).encode(), b.payload_bytes(i), [("message-id", str(uuid.uuid4()).encode()),
+def raw_produce(bootstrap: str, topic: str, n: int, keys: int, size: int = b.PAYLOAD_SIZE) -> float:
+    msgs = [(b.key_of(i, keys).encode(), b.payload_bytes(i, size), [("message-id", str(uuid.uuid4()).encode()),
                                                                 ("content-type", b"application/octet-stream")])
             for i in range(n)]
     producer = Producer(b.kafka_producer_conf(bootstrap))
@@ -137,43 +145,66 @@ def metrics_comparison(args) -> None:
 
 
 def main() -> None:
-    p = b.parser(__doc__ or "", n=200_000, keys=1000)
+    import statistics
+
+    p = b.parser(__doc__ or "", n=100_000, keys=1000)
     p.add_argument("--codec", default="native", help="the relay's codec: native, cloudevents, debezium")
+    p.add_argument("--size", type=int, default=b.PAYLOAD_SIZE, help="payload bytes (default 200)")
+    p.add_argument("--fill", choices=("server", "add_many"), default=None,
+                   help="how the backlog is written (default: server on PostgreSQL, add_many on MariaDB)")
     p.add_argument("--profile", metavar="PREFIX",
-                   help="sample both drains with py-spy: PREFIX-claim-delete.txt, PREFIX-relay-kafka.txt")
+                   help="sample the drains of the first round with py-spy: PREFIX-claim-delete.txt, "
+                        "PREFIX-relay-kafka.txt")
     p.add_argument("--metrics", action="store_true",
                    help="instead: relay throughput with metrics (--http) off and on, same run, median of --rounds")
-    p.add_argument("--rounds", type=int, default=3, help="with --metrics: drains of each kind (default 3)")
+    p.add_argument("--rounds", type=int, default=3, help="alternating runs of each measurement (default 3)")
     args = b.parse(p)
     if args.metrics:
         metrics_comparison(args)
         return
-    prof = (lambda what: f"{args.profile}-{what}.txt") if args.profile else (lambda what: None)
+    fill_method = args.fill or ("server" if args.db == "postgresql" else "add_many")
+    rates: dict[str, list[float]] = {"raw": [], "null": [], "kafka": [], "produce": []}
+    fill = 0.0
     with b.bench_database(args.db) as engine, b.kafka_broker(args.kafka) as bootstrap:
         topic = b.create_topic(bootstrap)
-        # (a) the claim-and-delete loop alone
-        fill = b.fill_backlog(engine, args.n, keys=args.keys, topic=topic)
-        b.note(f"backlog of {args.n} written in {fill:.1f} s")
-        n_a, t_a = drain(engine, b.NullPublisher(), args.batch_size, prof("claim-delete"))
-        # the relay to Kafka
-        b.fill_backlog(engine, args.n, keys=args.keys, topic=topic)
-        n_k, t_k = drain(engine, KafkaPublisher(bootstrap_servers=bootstrap, codec=args.codec),
-                     args.batch_size, prof("relay-kafka"))
-        if n_a != args.n or n_k != args.n or b.pending_count(engine):
-            raise SystemExit(f"drained {n_a} / {n_k} of {args.n}, {b.pending_count(engine)} left")
-        # (b) raw produce
-        raw_topic = b.create_topic(bootstrap)
-        t_b = raw_produce(bootstrap, raw_topic, args.n, args.keys)
+        for rnd in range(args.rounds):
+            prof = (lambda what: f"{args.profile}-{what}.txt") if args.profile and rnd == 0 else (lambda what: None)
+            # (a) the raw claim+delete loop
+            fill = b.fill_backlog(engine, args.n, keys=args.keys, topic=topic, method=fill_method, size=args.size)
+            n_r, t_r = b.raw_claim_delete(engine, args.batch_size)
+            # the relay's own claim+delete path (no-op publisher)
+            b.fill_backlog(engine, args.n, keys=args.keys, topic=topic, method=fill_method, size=args.size)
+            n_a, t_a = drain(engine, b.NullPublisher(), args.batch_size, prof("claim-delete"))
+            # the relay to Kafka
+            b.fill_backlog(engine, args.n, keys=args.keys, topic=topic, method=fill_method, size=args.size)
+            n_k, t_k = drain(engine, KafkaPublisher(bootstrap_servers=bootstrap, codec=args.codec),
+                             args.batch_size, prof("relay-kafka"))
+            if n_r != args.n or n_a != args.n or n_k != args.n or b.pending_count(engine):
+                raise SystemExit(f"drained {n_r} / {n_a} / {n_k} of {args.n}, {b.pending_count(engine)} left")
+            # (b) raw produce
+            raw_topic = b.create_topic(bootstrap)
+            t_b = raw_produce(bootstrap, raw_topic, args.n, args.keys, args.size)
+            for name, rate in (("raw", n_r / t_r), ("null", n_a / t_a), ("kafka", n_k / t_k),
+                               ("produce", args.n / t_b)):
+                rates[name].append(rate)
+            b.note(f"round {rnd + 1}: raw loop {n_r / t_r:.0f}, relay null {n_a / t_a:.0f}, "
+                   f"relay kafka {n_k / t_k:.0f}, raw produce {args.n / t_b:.0f} msg/s")
 
-    relay_rate, a_rate, b_rate = n_k / t_k, n_a / t_a, args.n / t_b
+    med = {k: statistics.median(v) for k, v in rates.items()}
+    ratios = [k / r for k, r in zip(rates["kafka"], rates["raw"], strict=True)]
     b.emit("relay_kafka_db", args.db)
     b.emit("relay_kafka_codec", args.codec)
+    b.emit("relay_kafka_payload_bytes", args.size)
+    b.emit("relay_kafka_rounds", args.rounds)
     b.emit("relay_kafka_backlog_write_s", fill)
-    b.emit("relay_kafka_msgs_per_s", relay_rate)
-    b.emit("baseline_claim_delete_msgs_per_s", a_rate)
-    b.emit("baseline_raw_produce_msgs_per_s", b_rate)
-    b.emit("relay_kafka_vs_claim_delete_ratio", b.ratio(relay_rate, a_rate))
-    b.emit("relay_kafka_vs_raw_produce_ratio", b.ratio(relay_rate, b_rate))
+    b.emit("relay_kafka_msgs_per_s", med["kafka"])
+    b.emit("baseline_raw_claim_delete_msgs_per_s", med["raw"])
+    b.emit("baseline_relay_null_publisher_msgs_per_s", med["null"])
+    b.emit("baseline_raw_produce_msgs_per_s", med["produce"])
+    b.emit("relay_kafka_vs_raw_claim_delete_ratios", " ".join(f"{r:.3f}" for r in ratios))
+    b.emit("relay_kafka_vs_raw_claim_delete_ratio", b.ratio(statistics.median(ratios), 1.0))
+    b.emit("relay_null_vs_raw_claim_delete_ratio", b.ratio(med["null"], med["raw"]))
+    b.emit("relay_kafka_vs_raw_produce_ratio", b.ratio(med["kafka"], med["produce"]))
 
 
 if __name__ == "__main__":

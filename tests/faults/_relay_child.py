@@ -17,10 +17,10 @@ Protocol (JSON lines). The parent writes commands on stdin:
 The child writes events on stdout: ``started`` (after each ``Relay.start``, with the partitions it
 holds), ``point`` (``point``, ``rows``, ``first_id``, ``last_id``), ``error`` and ``exit``.
 
-Points: ``after_claim`` (``_claim`` returned rows), ``before_publish`` / ``after_publish``
-(around ``_publish``), ``after_mark`` (``_mark`` returned). A point whose method no longer exists
-on ``Relay`` is an ``error`` event and exit code 3, so a refactoring cannot silently turn a fault
-case into a no-op.
+Points: ``after_claim`` (``_claim_rows`` returned rows), ``before_publish`` / ``after_publish``
+(before ``_begin_publish`` sends a batch / after ``_verdicts`` has its verdicts), ``after_mark``
+(``_mark`` returned). A point whose method no longer exists on ``Relay`` is an ``error`` event
+and exit code 3, so a refactoring cannot silently turn a fault case into a no-op.
 """
 
 from __future__ import annotations
@@ -43,9 +43,9 @@ from outbox.relay import Relay
 
 #: point -> (Relay method, "before" | "after")
 POINTS = {
-    "after_claim": ("_claim", "after"),
-    "before_publish": ("_publish", "before"),
-    "after_publish": ("_publish", "after"),
+    "after_claim": ("_claim_rows", "after"),  # every claim, the ones made ahead (pipelined) too
+    "before_publish": ("_begin_publish", "before"),
+    "after_publish": ("_verdicts", "after"),
     "after_mark": ("_mark", "after"),
 }
 

@@ -3,7 +3,9 @@
 On SQLite (each example's default, no settings) and on a fresh PostgreSQL database, twice there (an
 example must also run again on a persistent database), and with each broker an example uses:
 03 (the relay) on the bundled Kafka-protocol broker, on Kafka and on RabbitMQ; 04 under
-``outbox consume`` on Kafka and on RabbitMQ.
+``outbox consume`` on Kafka and on RabbitMQ; the asyncio examples 06 (FastAPI + relay) and 07
+(FastStream + AsyncDedupConsumer) on the bundled broker with aiosqlite, and on Kafka with
+PostgreSQL through asyncpg (06) and psycopg (07).
 """
 
 from __future__ import annotations
@@ -225,6 +227,61 @@ def test_dedup_example_under_outbox_consume_on_rabbitmq(consume_run: object, pg_
     finish(proc, pg_url)
 
 
+# ------------------------------------------------------------------ 06 and 07: the asyncio examples
+
+
+def _check_06(out: str) -> None:
+    assert re.search(r"^POST /orders: 20 of 20 created \(201\); a 300-byte customer key: 400 InvalidKey: key must be",
+                     out, re.M), out
+    assert "an empty sku and qty 0: 422" in out, out
+    m = re.search(r"the relay published (\d+) of this run's (\d+) messages to '[^']+' "
+                  r"\(relay totals: published (\d+), dead (\d+)\)", out)
+    assert m and int(m[1]) == int(m[2]) == 20 and int(m[3]) >= 20 and int(m[4]) == 0, out
+    assert ("orders of this run in the database: 20; refused orders stored: 0; "
+            "this run's outbox rows left (published rows are deleted): 0") in out, out
+    assert "every order committed with its message, and every message published" in out, out
+
+
+def _check_07(out: str) -> None:
+    first = re.search(r"^order 1: processed, result (\{'charge_id': 'ch_\w+-1'\})$", out, re.M)
+    assert first, out
+    assert f"order 1 again: duplicate, result {first[1]}" in out, out  # the stored result, not a second charge
+    assert re.search(r"^order 2 \(gateway busy once\): retry \(PaymentGatewayBusy\) -> processed, result "
+                     r"\{'charge_id': 'ch_\w+-2'\}$", out, re.M), out
+    assert "not JSON: dead (DecodeError)" in out, out
+    assert ("order 3 (gateway always busy): retry (PaymentGatewayBusy) -> retry (PaymentGatewayBusy) -> "
+            "dead (PaymentGatewayBusy)") in out, out  # max_attempts = 3 tries, counted across redeliveries
+    assert re.search(r"^order 4: processed, result \{'charge_id': 'ch_\w+-4'\}$", out, re.M), out
+    assert re.search(r"^charges of this run: 3 \(\w+-1, \w+-2, \w+-4\)$", out, re.M), out
+    assert "dead letter: 1 tries, DecodeError\ndead letter: 3 tries, PaymentGatewayBusy\n" in out, out
+    assert "all records settled as expected" in out, out
+
+
+ASYNC_CHECKS = {"06_fastapi_orders.py": _check_06, "07_faststream_consumer.py": _check_07}
+
+
+@pytest.mark.parametrize("name", sorted(ASYNC_CHECKS))
+def test_async_example_on_its_defaults(name: str, tmp_path: Path) -> None:
+    out = run_example(name, tmp_path)
+    assert "started the bundled Kafka-protocol broker on 127.0.0.1:" in out
+    ASYNC_CHECKS[name](out)
+
+
+@pytest.mark.kafka
+@pytest.mark.parametrize("dialect_name", ["postgresql"], indirect=True)
+@pytest.mark.parametrize(("name", "driver"), [("06_fastapi_orders.py", "asyncpg"),
+                                              ("07_faststream_consumer.py", "psycopg")])
+def test_async_example_on_postgresql_and_kafka_fresh_then_again(name: str, driver: str, pg_url: str,
+                                                                kafka_bootstrap: str, kafka_topic: str,
+                                                                tmp_path: Path) -> None:
+    url = sa.make_url(pg_url).set(drivername=f"postgresql+{driver}").render_as_string(hide_password=False)
+    for _ in range(2):  # a fresh database, then the same one (and the same topic, the same group) again
+        out = run_example(name, tmp_path, OUTBOX_ASYNC_DB_URL=url, OUTBOX_KAFKA_BOOTSTRAP_SERVERS=kafka_bootstrap,
+                          OUTBOX_EXAMPLE_TOPIC=kafka_topic, OUTBOX_EXAMPLE_GROUP=f"billing-{uuid.uuid4().hex[:6]}")
+        assert "bundled" not in out
+        ASYNC_CHECKS[name](out)
+
+
 def test_every_example_is_tested() -> None:
-    tested = set(CHECKS) | {"03_relay.py"}
+    tested = set(CHECKS) | set(ASYNC_CHECKS) | {"03_relay.py"}
     assert {p.name for p in EXAMPLES.glob("*.py")} == tested

@@ -413,10 +413,9 @@ class KafkaPublisher:
             except (TypeError, ValueError) as exc:
                 return PublishResult(rec.id, Outcome.FAILED, f"rejected by the Kafka client: {exc}")
 
-    def _produce_round(self, producer: Producer, records: Sequence[OutboxRecord], todo: list[int],
-                       results: list[PublishResult | None], held: dict[str, int], deadline: float) -> None:
-        """Queue the records ``todo`` (indexes, in order) and serve delivery reports until all have a verdict,
-        the producer breaks or ``deadline`` passes.
+    def _queue(self, producer: Producer, records: Sequence[OutboxRecord], todo: list[int],
+               results: list[PublishResult | None], held: dict[str, int], deadline: float) -> None:
+        """Queue the records ``todo`` (indexes, in order) on ``producer``; their delivery reports fill ``results``.
 
         ``held`` maps keys whose earlier message was not queued to that message's id: later messages
         with those keys come back RETRY with ``held=True``, so per-key order survives a failure in the
@@ -438,6 +437,11 @@ class KafkaPublisher:
                     held[rec.key] = rec.id
             if n % 128 == 127:
                 self._serve(producer, 0)
+
+    def _await(self, producer: Producer, todo: list[int], results: list[PublishResult | None],
+               deadline: float) -> None:
+        """Serve delivery reports until every record of ``todo`` has a verdict, the producer breaks or
+        ``deadline`` passes."""
         while True:
             self._serve(producer, 0)
             if all(results[i] is not None for i in todo) or self._broken is not None:
@@ -457,18 +461,37 @@ class KafkaPublisher:
         ``PRODUCER_FENCED``, ``UNKNOWN_PRODUCER_ID``, ...), it is recreated and the records without a
         verdict are sent again on the new one, in order, within the same ``timeout``.
         """
+        return self.begin_publish(records, timeout=timeout)()
+
+    def begin_publish(self, records: Sequence[OutboxRecord], *,
+                      timeout: float = 30.0) -> Callable[[], list[PublishResult]]:
+        """Queue ``records`` now; the function returned waits for their verdicts (what :meth:`publish` returns).
+
+        In between the caller may do other work (the relay claims its next batch) while librdkafka
+        sends and the broker acknowledges. Call the function exactly once, before queueing anything
+        else on this publisher. ``timeout`` counts from this call.
+        """
         if not records:
-            return []
+            return list
         if not self._started:
             self.start()
         deadline = time.monotonic() + max(0.0, timeout)
         results: list[PublishResult | None] = [None] * len(records)
         held: dict[str, int] = {}
         todo = list(range(len(records)))
+        assert self._producer is not None
+        self._queue(self._producer, records, todo, results, held, deadline)
+        return functools.partial(self._complete, records, results, held, todo, deadline, timeout)
+
+    def _complete(self, records: Sequence[OutboxRecord], results: list[PublishResult | None], held: dict[str, int],
+                  todo: list[int], deadline: float, timeout: float) -> list[PublishResult]:
+        """Wait for the verdicts of a batch :meth:`begin_publish` queued; resend on a new producer if it broke."""
         broken: KafkaError | None = None
         for round_no in range(1 + _RESENDS):
             assert self._producer is not None
-            self._produce_round(self._producer, records, todo, results, held, deadline)
+            if round_no:
+                self._queue(self._producer, records, todo, results, held, deadline)
+            self._await(self._producer, todo, results, deadline)
             broken = self._broken
             if broken is None:
                 break

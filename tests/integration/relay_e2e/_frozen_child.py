@@ -29,7 +29,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import sqlalchemy as sa
@@ -75,17 +75,18 @@ class FreezingRelay(Relay):
             self._stop_here(records)
         return records
 
-    def _publish(self, records: list[OutboxRecord]) -> list[PublishResult]:
+    def _begin_publish(self, records: list[OutboxRecord]) -> Callable[[], list[PublishResult]]:
         if self.frozen or self.freeze not in ("mid_publish", "before_mark"):
-            return super()._publish(records)
+            return super()._begin_publish(records)
         if self.freeze == "mid_publish":
             half = max(1, len(records) // 2)
-            first = super()._publish(records[:half])
+            first = self._verdicts(records[:half], super()._begin_publish(records[:half]))
             self._stop_here(records)
-            return first + super()._publish(records[half:])
-        results = super()._publish(records)
+            rest = self._verdicts(records[half:], super()._begin_publish(records[half:]))
+            return lambda: first + rest
+        results = self._verdicts(records, super()._begin_publish(records))
         self._stop_here(records)
-        return results
+        return lambda: results
 
 
 def main() -> None:

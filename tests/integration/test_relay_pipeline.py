@@ -1,0 +1,142 @@
+"""The pipelined relay (issue 14, part 1) on PostgreSQL: while the broker acknowledges a batch, the
+next one is claimed in a second transaction; it is published only after the first is committed and
+only if the first was delivered whole, under the same leases.
+
+The publisher here sends at ``begin_publish`` and hands the verdicts over later, as Kafka's does.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from outbox import Outbox, OutgoingMessage, default_tables
+from outbox.brokers.base import Outcome, PublishResult
+from outbox.brokers.memory import MemoryPublisher
+from outbox.config import RelayConfig
+from outbox.message import OutboxRecord
+from outbox.relay import Relay
+
+T = default_tables().outbox
+FAST = {"min_poll_interval": 0.01, "poll_interval": 0.05, "backoff_initial": 0.05, "backoff_max": 0.1,
+        "progress_interval": 0, "batch_size": 100}
+
+
+class TwoStepPublisher(MemoryPublisher):
+    """Sends when the batch is begun (the verdicts come with the wait), like KafkaPublisher."""
+
+    def begin_publish(self, records: Sequence[OutboxRecord], *,
+                      timeout: float = 30.0) -> Callable[[], list[PublishResult]]:
+        results = self.publish(records, timeout=timeout)
+        return lambda: results
+
+
+class CountingRelay(Relay):
+    """Counts the batches claimed ahead that were published (resumed) and those rolled back."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.resumed = 0
+        self.claimed_ahead = 0
+
+    def _claim_ahead(self, batch: Any) -> Any:
+        ahead = super()._claim_ahead(batch)
+        self.claimed_ahead += ahead is not None
+        return ahead
+
+    def _resume(self, ahead: Any, *, whole: bool) -> Any:
+        got = super()._resume(ahead, whole=whole)
+        self.resumed += got is not None
+        return got
+
+
+@pytest.fixture
+def pg(dialect_name: str, engine: sa.Engine) -> sa.Engine:
+    if dialect_name != "postgresql":
+        pytest.skip("pipelined claims are PostgreSQL's (supports_pipelined_claims)")
+    return engine
+
+
+def add(engine: sa.Engine, n: int, keys: int) -> dict[int, int]:
+    """``n`` messages over ``keys`` keys in one transaction; returns seq -> row id."""
+    with Session(engine) as s, s.begin():
+        Outbox().add_many(s, [OutgoingMessage("orders", {"seq": i}, key=f"k{i % keys}") for i in range(n)])
+    with engine.connect() as c:
+        return {json.loads(bytes(p))["seq"]: i for i, p in c.execute(sa.select(T.c.id, T.c.payload))}
+
+
+def sends_by_key(pub: MemoryPublisher) -> dict[str, list[int]]:
+    """Every send (delivered or not, in send order) per key, as seq numbers."""
+    out: dict[str, list[int]] = {}
+    for m in pub.snapshot():
+        out.setdefault(m.key or "", []).append(json.loads(m.payload)["seq"])
+    return out
+
+
+def test_a_pipelined_drain_claims_ahead_and_keeps_every_key_in_order(pg: sa.Engine) -> None:
+    add(pg, 2000, keys=37)
+    pub = TwoStepPublisher()
+    relay = CountingRelay(pg, pub, config=RelayConfig(**FAST))
+    assert relay.drain() == 2000
+    relay.close()
+    assert relay.resumed >= 5, "no batch was claimed while the previous one waited for the broker"
+    seqs = sorted(json.loads(m.payload)["seq"] for m in pub.snapshot())
+    assert seqs == list(range(2000))  # each once
+    for key, got in sends_by_key(pub).items():
+        assert got == sorted(got), f"key {key} out of order"
+    with pg.connect() as c:
+        assert c.execute(sa.select(sa.func.count()).select_from(T)).scalar_one() == 0
+
+
+def test_pipelining_off_claims_nothing_ahead(pg: sa.Engine) -> None:
+    add(pg, 500, keys=7)
+    relay = CountingRelay(pg, TwoStepPublisher(), config=RelayConfig(**FAST, pipeline=False))
+    assert relay.drain() == 500
+    relay.close()
+    assert relay.claimed_ahead == 0
+
+
+@pytest.mark.parametrize("refresh", ["default", "every_claim"])
+@pytest.mark.parametrize("outcome", [Outcome.RETRY, Outcome.FAILED])
+def test_a_failure_in_a_batch_rolls_back_the_batch_claimed_ahead_unpublished(
+        pg: sa.Engine, outcome: Outcome, refresh: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Row 50 (key k0) fails in the first batch; the batch claimed ahead holds k0's later rows 150, 250, ...
+
+    They must not go out before row 50 is settled: the batch claimed ahead is rolled back, and k0's
+    later rows wait behind 50 (its retry, or its dead row under strict ordering).
+
+    ``every_claim``: the look-up of delayed rows runs in every claim, the ones made ahead too. The
+    retried row's backoff has run out, so the sequential claim promotes it (its transaction holds
+    the row's lock) and a claim ahead that tried to promote it again would wait on that
+    transaction, which waits on it, until the server ended the session (idle-in-transaction)."""
+    if refresh == "every_claim":
+        monkeypatch.setattr("outbox.relay.REFRESH", 0.0)
+    ids = add(pg, 1000, keys=50)
+    pub = TwoStepPublisher()
+    pub.fail(lambda r: r.id == ids[50], outcome, "broker said no", times=1)
+    relay = CountingRelay(pg, pub, config=RelayConfig(**FAST, publish_timeout=2.0, lease_ttl=2.0))
+    relay.run_once()
+    assert relay.claimed_ahead == 1 and relay.resumed == 0  # claimed ahead, then rolled back
+    assert k0_sends(pub) == [0], "a later row of the failed row's key went out"
+    if outcome is Outcome.RETRY:  # its backoff runs out now
+        with pg.begin() as c:
+            c.execute(T.update().where(T.c.id == ids[50]).values(
+                available_at=dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=1)))
+    relay.drain()
+    relay.close()
+    if outcome is Outcome.RETRY:
+        assert k0_sends(pub) == list(range(0, 1000, 50))  # 50 again, then the rest, in order
+    else:
+        assert k0_sends(pub) == [0]  # 50 is dead: strict ordering holds k0's later rows behind it
+    for key, got in sends_by_key(pub).items():
+        assert got == sorted(got), f"key {key} out of order"
+
+
+def k0_sends(pub: MemoryPublisher) -> list[int]:
+    return [json.loads(m.payload)["seq"] for m in pub.snapshot() if m.key == "k0"]
