@@ -176,12 +176,14 @@ class PostgreSQLDialect(Dialect):
         ins = insert.returning(key).cte("inserted")
         # the keys joined row by row (index lookups), not `key = ANY(:keys)`, which without statistics
         # PostgreSQL runs as a scan of all the consumer's rows, each tested against every key
+        # (only the keys the CTE did not insert: the duplicates)
         given = sa.func.unnest(_keys_param(key)).table_valued("k").render_derived(name="given")
+        rest = sa.except_(sa.select(given.c.k), sa.select(ins.c[key_column])).subquery("rest")
         others = [c for c in table.primary_key.columns if c.name != key_column]
         stmt = sa.union_all(
             sa.select(ins.c[key_column], sa.true(), sa.cast(sa.null(), read.type)),
-            sa.select(key, sa.false(), read).select_from(given)
-            .join(table, sa.and_(*(c == values[c.name] for c in others), key == given.c.k)),
+            sa.select(key, sa.false(), read).select_from(rest)
+            .join(table, sa.and_(*(c == values[c.name] for c in others), key == rest.c.k)),
         )
         new: set[Any] = set()
         existing: dict[Any, Any] = {}
