@@ -21,7 +21,7 @@ from outbox._redact import mask_secrets
 from outbox.errors import ConfigurationError
 from outbox.incoming import IncomingMessage
 
-from .base import DedupConsumer, Outcome, backoff
+from .base import DedupConsumer, Outcome, Status, backoff
 
 log = logging.getLogger("consumers.runner")
 
@@ -115,14 +115,15 @@ class RunnerBase:
     def _count(self, outcomes: Sequence[Outcome]) -> None:
         s = self.stats
         s.batches += 1
-        for o in outcomes:
-            if o.status.value == "processed":
+        for o in outcomes:  # identity tests: `Status.X.value` is a property call (four a message, before)
+            st = o.status
+            if st is Status.PROCESSED:
                 s.processed += 1
-            elif o.status.value == "duplicate":
+            elif st is Status.DUPLICATE:
                 s.duplicates += 1
-            elif o.status.value == "dead":
+            elif st is Status.DEAD:
                 s.dead += 1
-            elif o.status.value == "retry":
+            elif st is Status.RETRY:
                 s.retries += 1
 
     def requeue_due(self) -> bool:

@@ -315,15 +315,17 @@ class DedupCore:
                 dialect = self.dialect(conn)
                 handle = self._bound(self.handle, session)
                 ids = list(dict.fromkeys(messages[i].id for i in work))  # type: ignore[misc]
-                try:
-                    new = dialect.insert_new_keys(conn, self.tables.processed, self._dedup_rows(ids, now),
-                                                  "message_id")
+                try:  # one round trip on PostgreSQL: the new ids, and the stored results of those seen before
+                    new, stored = dialect.insert_new_keys_reading(
+                        conn, self.tables.processed, "message_id", ids, {"consumer": self.name, "processed_at": now},
+                        "result")
                 except Exception as exc:
                     if is_transient(exc):
                         raise
                     raise _FastPathFailed("dedup insert") from exc  # isolate the message it is about
                 results: list[dict[str, Any]] = []
                 dups: list[int] = []
+                fresh: dict[str, Any] = {}  # id -> result, of the messages handled in this batch
                 spans = _tracing.process_spans()  # None without OpenTelemetry: looked up once per batch
                 for i in work:
                     m = messages[i]
@@ -335,6 +337,7 @@ class DedupCore:
                         except Exception as exc:
                             raise _FastPathFailed(m.id) from exc
                         outcomes[i] = Outcome(m, Status.PROCESSED, result)
+                        fresh[m.id] = result  # type: ignore[index]
                         if result is not None:
                             results.append({"b_consumer": self.name, "b_message_id": m.id, "b_result": result})
                     else:
@@ -344,7 +347,11 @@ class DedupCore:
                     self._store_results(conn, results)
                 except Exception as exc:
                     raise _FastPathFailed("flush") from exc
-                stored = self._stored_results(conn, [messages[i].id for i in dups])  # type: ignore[misc]
+                # a second copy of an id handled in this batch with a result: the result as stored (its JSON form)
+                again = [messages[i].id for i in dups
+                         if messages[i].id not in stored and fresh.get(messages[i].id) is not None]  # type: ignore[arg-type]
+                if again:
+                    stored.update(self._stored_results(conn, again))  # type: ignore[arg-type]
                 for i in dups:
                     outcomes[i] = Outcome(messages[i], Status.DUPLICATE, stored.get(messages[i].id))  # type: ignore[arg-type]
                 for i in work:

@@ -40,6 +40,10 @@ def text_form(value: bytes | bytearray | memoryview | str) -> str:
     ``b"\\xff-x"`` -> ``"~x:%FF-x"``, ``b"\\xfe-x"`` -> ``"~x:%FE-x"``, ``"a\\x00b"`` -> ``"~x:a%00b"``.
     """
     if isinstance(value, str):
+        if value.isascii():  # the usual header name, topic or id: no surrogates possible
+            if "\x00" not in value and not value.startswith(_RESERVED):
+                return value
+            return ESCAPED_PREFIX + _ESCAPE.sub(_escape_char, value)
         try:
             value.encode("utf-8")
         except UnicodeEncodeError:
@@ -50,9 +54,13 @@ def text_form(value: bytes | bytearray | memoryview | str) -> str:
             raw = value.encode("utf-8")
     else:
         raw = bytes(value)
-    text = raw.decode("utf-8", "surrogateescape")
-    if "\x00" not in text and not _has_surrogates(text) and not text.startswith(_RESERVED):
-        return text
+    try:
+        text = raw.decode("utf-8")  # strict: valid UTF-8 decodes without lone surrogates
+    except UnicodeDecodeError:
+        text = raw.decode("utf-8", "surrogateescape")
+    else:
+        if "\x00" not in text and not text.startswith(_RESERVED):
+            return text
     return ESCAPED_PREFIX + _ESCAPE.sub(_escape_char, text)
 
 
@@ -90,7 +98,8 @@ def bounded_text(value: bytes | bytearray | memoryview | str, limit: int) -> str
 
 def storable_id(text: str) -> bool:
     """True for a str that is already a stored id form (no NUL, no lone surrogate, at most 255 characters)."""
-    return len(text) <= MESSAGE_ID_LENGTH and "\x00" not in text and not _has_surrogates(text)
+    return (len(text) <= MESSAGE_ID_LENGTH and "\x00" not in text
+            and (text.isascii() or not _has_surrogates(text)))
 
 
 def id_text(value: bytes | bytearray | memoryview | str) -> str:

@@ -130,6 +130,47 @@ class Dialect:
         key = table.c[key_column]
         return list(connection.execute(sa.select(*columns).where(*where, key.in_(list(keys)))).all())
 
+    def insert_new_keys_reading(
+        self,
+        connection: Connection,
+        table: sa.Table,
+        key_column: str,
+        keys: Sequence[Any],
+        values: Mapping[str, Any],
+        read_column: str,
+    ) -> tuple[set[Any], dict[Any, Any]]:
+        """Insert one row per key of ``keys`` (distinct), each with the other columns' ``values``,
+        skipping keys already there, as :meth:`insert_new_keys`; and read ``read_column`` of those.
+
+        Returns ``(inserted keys, {existing key: its read_column})``: the dedup consumer's fast path
+        (the new ids, and the stored results of the duplicates). Here: the insert, then one SELECT of
+        the keys not inserted (none when every key was new). PostgreSQL does both in one statement.
+        """
+        new = self.insert_new_keys(connection, table, [{key_column: k, **values} for k in keys], key_column)
+        if len(new) == len(keys):
+            return new, {}
+        return new, self.read_existing(connection, table, key_column, [k for k in keys if k not in new], values,
+                                       read_column)
+
+    def read_existing(
+        self,
+        connection: Connection,
+        table: sa.Table,
+        key_column: str,
+        keys: Sequence[Any],
+        values: Mapping[str, Any],
+        read_column: str,
+    ) -> dict[Any, Any]:
+        """``{key: read_column}`` of the rows of ``keys`` (and the other primary-key columns' ``values``)
+        that the table holds."""
+        if not keys:
+            return {}
+        key = table.c[key_column]
+        others = [c for c in table.primary_key.columns if c.name != key_column]
+        found = self.rows_by_keys(connection, table, [key, table.c[read_column]],
+                                  [c == values[c.name] for c in others], key_column, keys)
+        return {r[0]: r[1] for r in found}
+
     def ensure_transaction(self, connection: Connection) -> None:
         """Make sure the database transaction has really begun, so that a first SAVEPOINT neither
         starts it nor, on its RELEASE, commits it (a no-op where the driver begins transactions itself)."""

@@ -146,20 +146,83 @@ class PostgreSQLDialect(Dialect):
             return set()
         if is_partitioned(connection, (table.schema, table.name)):
             return insert_processed(connection, table, rows, key_column)
-        first = rows[0]
-        others = [c for c in first if c != key_column]
-        if len(rows) == 1 or any(r[c] != first[c] for r in rows for c in others):
+        if len(rows) == 1 or not _shared_values(rows, key_column):
             return super().insert_new_keys(connection, table, rows, key_column)
-        key = table.c[key_column]
-        columns = [key_column, *others]
-        select = sa.select(
-            sa.func.unnest(sa.bindparam("_keys", type_=pg.ARRAY(key.type))),
-            *(sa.bindparam(f"_v_{c}", type_=table.c[c].type) for c in others),
+        first = rows[0]
+        stmt, params = _insert_unnest(table, key_column, [r[key_column] for r in rows],
+                                      {c: v for c, v in first.items() if c != key_column})
+        return set(connection.execute(stmt.returning(table.c[key_column]), params).scalars())
+
+    def insert_new_keys_reading(
+        self,
+        connection: Connection,
+        table: sa.Table,
+        key_column: str,
+        keys: Sequence[Any],
+        values: Mapping[str, Any],
+        read_column: str,
+    ) -> tuple[set[Any], dict[Any, Any]]:
+        """One statement: the ``unnest`` insert of :meth:`insert_new_keys` as a data-modifying CTE, and
+        ``read_column`` of the rows that were there already, in one round trip.
+
+        The outer SELECT sees the statement's snapshot, so it reads exactly the rows that were there
+        before (never those the CTE inserts). A key neither inserted nor read was committed by a
+        concurrent transaction meanwhile (the conflict check waited for it): it is read again.
+        """
+        if len(keys) < 2 or is_partitioned(connection, (table.schema, table.name)):
+            return super().insert_new_keys_reading(connection, table, key_column, keys, values, read_column)
+        insert, params = _insert_unnest(table, key_column, keys, values)
+        key, read = table.c[key_column], table.c[read_column]
+        ins = insert.returning(key).cte("inserted")
+        # the keys joined row by row (index lookups), not `key = ANY(:keys)`, which without statistics
+        # PostgreSQL runs as a scan of all the consumer's rows, each tested against every key
+        # (only the keys the CTE did not insert: the duplicates)
+        given = sa.func.unnest(_keys_param(key)).table_valued("k").render_derived(name="given")
+        rest = sa.except_(sa.select(given.c.k), sa.select(ins.c[key_column])).subquery("rest")
+        others = [c for c in table.primary_key.columns if c.name != key_column]
+        stmt = sa.union_all(
+            sa.select(ins.c[key_column], sa.true(), sa.cast(sa.null(), read.type)),
+            sa.select(key, sa.false(), read).select_from(rest)
+            .join(table, sa.and_(*(c == values[c.name] for c in others), key == rest.c.k)),
         )
-        stmt = pg.insert(table).from_select(columns, select).on_conflict_do_nothing().returning(key)
-        params: dict[str, Any] = {"_keys": [r[key_column] for r in rows]}
-        params.update({f"_v_{c}": first[c] for c in others})
-        return set(connection.execute(stmt, params).scalars())
+        new: set[Any] = set()
+        existing: dict[Any, Any] = {}
+        for k, inserted, value in connection.execute(stmt, params).all():
+            if inserted:
+                new.add(k)
+            else:
+                existing[k] = value
+        if len(new) + len(existing) < len(keys):
+            existing.update(self.read_existing(
+                connection, table, key_column, [k for k in keys if k not in new and k not in existing], values,
+                read_column))
+        return new, existing
+
+
+def _shared_values(rows: Sequence[Mapping[str, Any]], key_column: str) -> bool:
+    """Whether every row has the first row's values in the columns other than ``key_column``."""
+    first = rows[0]
+    others = [c for c in first if c != key_column]
+    return all(r[c] == first[c] for r in rows for c in others)
+
+
+def _keys_param(key: sa.Column[Any]) -> Any:
+    """The keys of :func:`_insert_unnest`, as one array parameter ``_keys``."""
+    return sa.bindparam("_keys", type_=pg.ARRAY(key.type))
+
+
+def _insert_unnest(
+    table: sa.Table, key_column: str, keys: Sequence[Any], values: Mapping[str, Any]
+) -> tuple[Any, dict[str, Any]]:
+    """``INSERT ... SELECT unnest(:_keys), :_v_<col>... ON CONFLICT DO NOTHING`` and its parameters."""
+    select = sa.select(
+        sa.func.unnest(_keys_param(table.c[key_column])),
+        *(sa.bindparam(f"_v_{c}", type_=table.c[c].type) for c in values),
+    )
+    stmt = pg.insert(table).from_select([key_column, *values], select).on_conflict_do_nothing()
+    params: dict[str, Any] = {"_keys": list(keys)}
+    params.update({f"_v_{c}": v for c, v in values.items()})
+    return stmt, params
 
 
     def rows_by_keys(

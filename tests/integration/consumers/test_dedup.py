@@ -218,3 +218,95 @@ def test_duplicates_leave_no_orm_state_behind(engine, effects, count_effects, ma
 
 EFFECTS_PK = sa.Table("test_consumer_pk", sa.MetaData(), sa.Column("id", sa.Integer, primary_key=True,
                                                                     autoincrement=False))
+
+
+class _Statements:
+    """The SQL statements ``engine`` sends while the block runs."""
+
+    def __init__(self, engine: sa.Engine) -> None:
+        self.engine = engine
+        self.seen: list[str] = []
+
+    def _on(self, conn, cursor, statement, parameters, context, executemany) -> None:
+        self.seen.append(statement)
+
+    def __enter__(self) -> list[str]:
+        sa.event.listen(self.engine, "before_cursor_execute", self._on)
+        return self.seen
+
+    def __exit__(self, *exc: object) -> None:
+        sa.event.remove(self.engine, "before_cursor_execute", self._on)
+
+
+def test_duplicates_get_their_stored_results_in_the_dedup_round_trip(engine, effects, count_effects, make_message,
+                                                                     recorder_cls):
+    """A batch of new ids and duplicates reads the duplicates' stored results with the dedup insert
+    (one statement on PostgreSQL, no extra SELECT); a second copy of a new id in the same batch gets
+    the result of the first copy as stored."""
+    consumer = recorder_cls()
+    old = [make_message(payload=f'{{"n": {i}}}'.encode()) for i in range(3)]
+    first = consumer.process_batch(engine, old)
+    fresh = [make_message(payload=f'{{"n": {i}}}'.encode()) for i in range(10, 13)]
+    copies = [make_message(m.id, payload=m.payload) for m in old]
+    with _Statements(engine) as seen:
+        out = consumer.process_batch(engine, [fresh[0], copies[0], fresh[1], copies[1], fresh[2], copies[2]])
+    assert [o.status for o in out] == [Status.PROCESSED, Status.DUPLICATE] * 3
+    assert [o.result for o in out[1::2]] == [o.result for o in first]
+    processed = T.processed.name
+    dedup_statements = [s for s in seen if processed in s and not s.lstrip().startswith("UPDATE")]  # the results
+    if engine.dialect.name == "postgresql":
+        assert len(dedup_statements) == 1, dedup_statements
+    assert count_effects() == 6
+
+    again = make_message(payload=b'{"n": 20}')
+    twice = consumer.process_batch(engine, [again, make_message(again.id, payload=again.payload),
+                                            make_message(old[0].id, payload=old[0].payload)])
+    assert [o.status for o in twice] == [Status.PROCESSED, Status.DUPLICATE, Status.DUPLICATE]
+    assert twice[1].result == twice[0].result == {"seen": again.id, "n": 20}
+    assert twice[2].result == first[0].result
+
+
+def test_a_key_committed_concurrently_during_the_dedup_statement_is_read_after_it(engine):
+    """PostgreSQL: the one-statement insert-and-read cannot see a row another transaction commits
+    while the statement waits on its conflict check; that key is read again, so its stored result
+    is not lost."""
+    if engine.dialect.name != "postgresql":
+        pytest.skip("the one-statement insert-and-read is PostgreSQL's")
+    import threading
+    import time
+    import uuid
+
+    from outbox.dialects import dialect_for
+
+    d = dialect_for(engine)
+    t = T.processed
+    name = f"test.concurrent.{uuid.uuid4().hex[:8]}"
+    now = dt.datetime.now(dt.timezone.utc)
+    racing, other = str(uuid.uuid4()), str(uuid.uuid4())
+    got: dict[str, object] = {}
+    with engine.connect() as first:
+        first.execute(t.insert().values(consumer=name, message_id=racing, processed_at=now, result={"by": "first"}))
+        pid: list[int] = []
+
+        def second() -> None:
+            with engine.begin() as conn:
+                pid.append(conn.exec_driver_sql("SELECT pg_backend_pid()").scalar_one())
+                got["out"] = d.insert_new_keys_reading(conn, t, "message_id", [racing, other],
+                                                       {"consumer": name, "processed_at": now}, "result")
+
+        th = threading.Thread(target=second)
+        th.start()
+        deadline = time.monotonic() + 20
+        with engine.connect() as watch:  # wait until the second transaction waits on the first's row
+            while time.monotonic() < deadline:
+                if pid and watch.execute(sa.text("SELECT wait_event_type FROM pg_stat_activity WHERE pid = :p"),
+                                         {"p": pid[0]}).scalar() == "Lock":
+                    break
+                watch.rollback()
+            else:
+                pytest.fail("the second transaction never waited for the first")
+        first.commit()
+        th.join(20)
+    new, existing = got["out"]  # type: ignore[misc]
+    assert new == {other}
+    assert existing == {racing: {"by": "first"}}
