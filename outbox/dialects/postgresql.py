@@ -180,10 +180,14 @@ class PostgreSQLDialect(Dialect):
         given = sa.func.unnest(_keys_param(key)).table_valued("k").render_derived(name="given")
         rest = sa.except_(sa.select(given.c.k), sa.select(ins.c[key_column])).subquery("rest")
         others = [c for c in table.primary_key.columns if c.name != key_column]
+        # one index look-up per duplicate (LIMIT 1 keeps the sub-select from becoming a join that,
+        # without fresh statistics, scans every row of the consumer): see rows_by_keys
+        per_key = (sa.select(key, read).where(*(c == values[c.name] for c in others), key == rest.c.k)
+                   .limit(1).lateral("p"))
         stmt = sa.union_all(
             sa.select(ins.c[key_column], sa.true(), sa.cast(sa.null(), read.type)),
-            sa.select(key, sa.false(), read).select_from(rest)
-            .join(table, sa.and_(*(c == values[c.name] for c in others), key == rest.c.k)),
+            sa.select(per_key.c[key_column], sa.false(), per_key.c[read_column])
+            .select_from(rest).join(per_key, sa.true()),
         )
         new: set[Any] = set()
         existing: dict[Any, Any] = {}
@@ -197,6 +201,25 @@ class PostgreSQLDialect(Dialect):
                 connection, table, key_column, [k for k in keys if k not in new and k not in existing], values,
                 read_column))
         return new, existing
+
+    def rows_by_keys(
+        self, connection: Connection, table: sa.Table, columns: Sequence[sa.ColumnElement[Any]],
+        where: Sequence[sa.ColumnElement[bool]], key_column: str, keys: Sequence[Any],
+    ) -> list[sa.Row[Any]]:
+        """One index look-up per key: ``unnest(:keys)`` and a ``LATERAL (... LIMIT 1)`` per key.
+
+        ``WHERE ... AND key IN (...)`` depends on the table's statistics: for a consumer whose rows
+        arrived since the last ANALYZE the planner expects one row, scans all of that consumer's
+        rows with the key list as a filter (70 ms a batch at 45,000 rows, growing), and a join on
+        ``unnest`` does the same. The LIMIT keeps the sub-select from being pulled up into a join.
+        """
+        if not keys:
+            return []
+        key = table.c[key_column]
+        u = (sa.func.unnest(sa.bindparam("_keys", list(keys), type_=pg.ARRAY(key.type)))
+             .table_valued("v").render_derived(name="u"))
+        per_key = sa.select(*columns).where(*where, key == u.c.v).limit(1).lateral("p")
+        return list(connection.execute(sa.select(*per_key.c).select_from(u).join(per_key, sa.true())).all())
 
 
 def _shared_values(rows: Sequence[Mapping[str, Any]], key_column: str) -> bool:
@@ -224,25 +247,6 @@ def _insert_unnest(
     params.update({f"_v_{c}": v for c, v in values.items()})
     return stmt, params
 
-
-    def rows_by_keys(
-        self, connection: Connection, table: sa.Table, columns: Sequence[sa.ColumnElement[Any]],
-        where: Sequence[sa.ColumnElement[bool]], key_column: str, keys: Sequence[Any],
-    ) -> list[sa.Row[Any]]:
-        """One index look-up per key: ``unnest(:keys)`` and a ``LATERAL (... LIMIT 1)`` per key.
-
-        ``WHERE ... AND key IN (...)`` depends on the table's statistics: for a consumer whose rows
-        arrived since the last ANALYZE the planner expects one row, scans all of that consumer's
-        rows with the key list as a filter (70 ms a batch at 45,000 rows, growing), and a join on
-        ``unnest`` does the same. The LIMIT keeps the sub-select from being pulled up into a join.
-        """
-        if not keys:
-            return []
-        key = table.c[key_column]
-        u = (sa.func.unnest(sa.bindparam("_keys", list(keys), type_=pg.ARRAY(key.type)))
-             .table_valued("v").render_derived(name="u"))
-        per_key = sa.select(*columns).where(*where, key == u.c.v).limit(1).lateral("p")
-        return list(connection.execute(sa.select(*per_key.c).select_from(u).join(per_key, sa.true())).all())
 
 def _id_array(ids: Sequence[int]) -> Any:
     return sa.bindparam("row_ids", [int(i) for i in ids], type_=pg.ARRAY(sa.BigInteger()))
