@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import Callable, Iterator
 
@@ -97,9 +98,10 @@ class AsyncRecorder(RecorderSettings, AsyncDedupConsumer):
     async def handle(self, session, message):
         self.calls.append(message.id)
         await session.execute(EFFECTS.insert().values(message_id=message.id, value=str(message.body)))
+        await asyncio.sleep(0)  # let other tasks run while this transaction is open
         if message.id in self.failing:
             raise RuntimeError(f"handler failed for {message.id}")
-        return {"seen": message.id}
+        return {"seen": message.id, "n": message.body.get("n")}
 
 
 class DeadTupleCheck:

@@ -26,7 +26,7 @@ from consumers import (
 )
 from outbox.errors import DecodeError
 from outbox.schema import default_tables
-from tests.integration.consumers.conftest import EFFECTS, RecorderSettings
+from tests.integration.consumers.conftest import EFFECTS, AsyncRecorder
 
 T = default_tables()
 
@@ -53,20 +53,6 @@ async def aengine(driver: tuple[str, str], db_url: str, engine: sa.Engine, effec
     eng = create_async_engine(url, connect_args={"timeout": 30} if driver[0] == "sqlite" else {})
     yield eng
     await eng.dispose()
-
-
-class AsyncRecorder(RecorderSettings, AsyncDedupConsumer):
-    """Writes one effect row per handled message; fails for ids in ``failing``."""
-
-    name = "test.async-recorder"
-
-    async def handle(self, session: AsyncSession, message: IncomingMessage) -> object:
-        self.calls.append(message.id)  # type: ignore[arg-type]
-        await session.execute(EFFECTS.insert().values(message_id=message.id, value=str(message.body)))
-        await asyncio.sleep(0)  # let other tasks run while this transaction is open
-        if message.id in self.failing:
-            raise RuntimeError(f"handler failed for {message.id}")
-        return {"seen": message.id, "n": message.body.get("n")}
 
 
 def msg(msg_id: str | None = None, payload: bytes = b'{"n": 1}', headers: dict[str, str] | None = None
