@@ -73,6 +73,19 @@ class KafkaSetup:
                                               self.consumer.name))
         self.lanes = Lanes()
 
+    def partitions_assigned(self, partitions: Iterable[Any]) -> None:
+        """A rebalance gave this runner ``partitions`` (confluent ``TopicPartition`` objects)."""
+        tps = [(p.topic, p.partition) for p in partitions]
+        self.lanes.assign(tps)
+        log.info("consumer %s: assigned %s", self.consumer.name, describe(tps))
+
+    def partitions_revoked(self, partitions: Iterable[Any]) -> None:
+        """A rebalance took ``partitions`` away. Both runners' callbacks run inside consume/poll,
+        when the previous batch is committed (DB and offsets) and nothing is in flight: forget them."""
+        tps = [(p.topic, p.partition) for p in partitions]
+        self.lanes.revoke(tps)
+        log.info("consumer %s: revoked %s", self.consumer.name, describe(tps))
+
 
 @dataclass
 class Retry:

@@ -33,7 +33,7 @@ from outbox.errors import BrokerUnavailable
 from outbox.incoming import IncomingMessage
 from outbox.transports.base import Codec
 
-from ._lanes import KafkaSetup, describe
+from ._lanes import KafkaSetup
 
 __all__ = ["AsyncKafkaRunner"]
 
@@ -69,13 +69,10 @@ class AsyncKafkaRunner(KafkaSetup, AsyncRunnerCore):
 
     # ------------------------------------------------------------------ rebalance callbacks (on the loop)
     async def _on_assign(self, kc: Any, partitions: list[TopicPartition]) -> None:
-        self.lanes.assign((p.topic, p.partition) for p in partitions)
-        log.info("consumer %s: assigned %s", self.consumer.name, describe((p.topic, p.partition) for p in partitions))
+        self.partitions_assigned(partitions)
 
     async def _on_revoke(self, kc: Any, partitions: list[TopicPartition]) -> None:
-        # Inside consume(): the previous batch is committed (DB and offsets), nothing is in flight.
-        self.lanes.revoke((p.topic, p.partition) for p in partitions)
-        log.info("consumer %s: revoked %s", self.consumer.name, describe((p.topic, p.partition) for p in partitions))
+        self.partitions_revoked(partitions)
 
     # ------------------------------------------------------------------ loop
     async def run(self) -> None:

@@ -30,7 +30,7 @@ from outbox.errors import BrokerUnavailable
 from outbox.incoming import IncomingMessage
 from outbox.transports.base import Codec
 
-from ._lanes import KafkaSetup, describe
+from ._lanes import KafkaSetup
 
 __all__ = ["KafkaRunner"]
 
@@ -70,14 +70,10 @@ class KafkaRunner(KafkaSetup, RunnerCore):
 
     # ------------------------------------------------------------------ rebalance callbacks
     def _on_assign(self, kc: Consumer, partitions: list[TopicPartition]) -> None:
-        self.lanes.assign(_tps(partitions))
-        log.info("consumer %s: assigned %s", self.consumer.name, describe(_tps(partitions)))
+        self.partitions_assigned(partitions)
 
     def _on_revoke(self, kc: Consumer, partitions: list[TopicPartition]) -> None:
-        # Called inside poll/consume: the previous batch is already committed (DB and offsets),
-        # so nothing is in flight. Forget what we knew about these partitions.
-        self.lanes.revoke(_tps(partitions))
-        log.info("consumer %s: revoked %s", self.consumer.name, describe(_tps(partitions)))
+        self.partitions_revoked(partitions)
 
     # ------------------------------------------------------------------ loop
     def run(self) -> None:
@@ -167,7 +163,3 @@ class KafkaRunner(KafkaSetup, RunnerCore):
             offset = tp.offset if tp.offset >= 0 else low
             out[(tp.topic, tp.partition)] = max(0, int(high) - int(offset))
         return out
-
-
-def _tps(partitions: Sequence[TopicPartition]) -> list[tuple[str, int]]:
-    return [(p.topic, p.partition) for p in partitions]
