@@ -465,10 +465,8 @@ class DedupCore:
     def _stored_results(self, conn: Connection, ids: list[str]) -> dict[str, Any]:
         if not ids:
             return {}
-        t = self.tables.processed
-        rows = self.dialect(conn).rows_by_keys(conn, t, [t.c.message_id, t.c.result], [t.c.consumer == self.name],
-                                               "message_id", list(dict.fromkeys(ids)))
-        return {r[0]: r[1] for r in rows}
+        return self.dialect(conn).read_existing(conn, self.tables.processed, "message_id", list(dict.fromkeys(ids)),
+                                                {"consumer": self.name}, "result")
 
     def _requeued(self, engine: Any, limit: int) -> list[Outcome]:
         """The algorithm of ``process_requeued``."""
