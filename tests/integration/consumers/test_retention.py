@@ -68,7 +68,7 @@ def test_duplicates_leave_no_dead_tuples(engine, effects, recorder_cls, dead_tup
         return statuses
 
     assert set(deliver()) == {Status.PROCESSED}
-    dead_tuple_check.start()
+    assert dead_tuple_check.start()["inserted"] == 10_000  # the check sees what the consumer writes
     assert set(deliver()) == {Status.DUPLICATE}  # 10,000 duplicate deliveries
     dead_tuple_check.assert_no_new_tuples()
 
