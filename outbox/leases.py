@@ -444,17 +444,28 @@ class LeaseManager:
                              total, len(live))
 
     def _renew(self, conn: Connection, exp: dt.datetime) -> None:
+        """Extend every held lease that is still this relay's, in one UPDATE; drop the others from :attr:`held`.
+
+        A lease counts as still held only with the owner AND the generation this relay took it
+        with (a takeover bumps the generation). One statement whatever the partition count: this
+        runs between two rounds and holds the next claim up.
+        """
+        if not self.held:
+            return
         le = self.tables.leases
-        lost = []
-        for p, gen in list(self.held.items()):
-            n = conn.execute(
-                le.update()
-                .where(self._mine(le), le.c.partition == p, le.c.owner == self.relay_id, le.c.generation == gen)
-                .values(expires_at=exp)
-            ).rowcount
-            if not n:
-                lost.append(p)
-                del self.held[p]
+        pairs = sorted(self.held.items())
+        still = sa.and_(self._mine(le), le.c.owner == self.relay_id,
+                        sa.tuple_(le.c.partition, le.c.generation).in_(pairs))
+        renew = le.update().where(still).values(expires_at=exp)
+        if conn.dialect.update_returning:  # one round trip: the leases still ours come back
+            kept = set(conn.execute(renew.returning(le.c.partition)).scalars())
+        elif conn.execute(renew).rowcount == len(pairs):  # matched rows (FOUND_ROWS on MySQL)
+            kept = set(self.held)
+        else:
+            kept = set(conn.execute(sa.select(le.c.partition).where(still)).scalars())
+        lost = [p for p, _ in pairs if p not in kept]
+        for p in lost:
+            del self.held[p]
         if lost:
             log.warning("lost partitions %s to another relay (our leases had expired)", _ranges(lost))
 
