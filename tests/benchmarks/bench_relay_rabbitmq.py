@@ -12,6 +12,7 @@ Target: relay->RabbitMQ >= 0.7 x baseline.
 
 from __future__ import annotations
 
+import statistics
 import sys
 import time
 import uuid
@@ -101,44 +102,65 @@ def raw_publish(url: str, exchange: str, n: int, keys: int, window: int) -> floa
     return state["t1"] - state["t0"]
 
 
+def relay_drain(args, exchange: str, queue: str, *, pipeline: bool) -> float:
+    """Drain a fresh backlog of ``args.n`` rows with one relay; returns its rate (msg/s)."""
+    with b.bench_database(args.db) as engine:
+        fill = b.fill_backlog(engine, args.n, keys=args.keys, topic=exchange)
+        b.note(f"backlog of {args.n} written in {fill:.1f} s")
+        publisher = RabbitMQPublisher(url=args.rabbitmq, declare_exchanges=True, confirm_window=args.window)
+        relay = Relay(engine, publisher, config=RelayConfig(batch_size=args.batch_size, progress_interval=0,
+                                                            pipeline=pipeline))
+        relay.start()
+        t0 = time.perf_counter()
+        n_relay = relay.drain()
+        t_relay = time.perf_counter() - t0
+        relay.close()
+        depth = queue_depth_and_purge(args.rabbitmq, queue)
+        if n_relay != args.n or depth != args.n:
+            raise SystemExit(f"relay published {n_relay}, queue holds {depth}, expected {args.n}")
+    return args.n / t_relay
+
+
 def main() -> None:
     p = b.parser(__doc__ or "", n=200_000, keys=1000)
     p.add_argument("--window", type=int, default=1000)
     p.add_argument("--rabbitmq", default=b.RABBITMQ_URL)
+    p.add_argument("--rounds", type=int, default=1, help="rounds of the three sides (order reversed every other round)")
     args = b.parse(p)
     exchange = f"bench-{uuid.uuid4().hex[:8]}"
     queue = f"{exchange}-q"
     setup_queue(args.rabbitmq, exchange, queue)
-    try:
-        with b.bench_database(args.db) as engine:
-            fill = b.fill_backlog(engine, args.n, keys=args.keys, topic=exchange)
-            b.note(f"backlog of {args.n} written in {fill:.1f} s")
-            publisher = RabbitMQPublisher(url=args.rabbitmq, declare_exchanges=True, confirm_window=args.window)
-            relay = Relay(engine, publisher, config=RelayConfig(batch_size=args.batch_size, progress_interval=0))
-            relay.start()
-            t0 = time.perf_counter()
-            n_relay = relay.drain()
-            t_relay = time.perf_counter() - t0
-            relay.close()
-            depth = queue_depth_and_purge(args.rabbitmq, queue)
-            if n_relay != args.n or depth != args.n:
-                raise SystemExit(f"relay published {n_relay}, queue holds {depth}, expected {args.n}")
+    rates: dict[str, list[float]] = {"relay": [], "relay_no_pipeline": [], "raw": []}
+
+    def raw() -> float:
         t_raw = raw_publish(args.rabbitmq, exchange, args.n, args.keys, args.window)
-        depth_raw = queue_depth_and_purge(args.rabbitmq, queue, delete=True)
+        depth_raw = queue_depth_and_purge(args.rabbitmq, queue)
         if depth_raw != args.n:
             raise SystemExit(f"raw pika: queue holds {depth_raw}, expected {args.n}")
+        return args.n / t_raw
+
+    sides = {"relay": lambda: relay_drain(args, exchange, queue, pipeline=True),
+             "relay_no_pipeline": lambda: relay_drain(args, exchange, queue, pipeline=False),
+             "raw": raw}
+    try:
+        for r in range(max(1, args.rounds)):
+            for name in (list(sides) if r % 2 == 0 else list(reversed(sides))):
+                rates[name].append(sides[name]())
+                b.note(f"round {r + 1}: {name} {rates[name][-1]:,.0f} msg/s")
     finally:
         conn = pika.BlockingConnection(pika.URLParameters(args.rabbitmq))
         ch = conn.channel()
         ch.queue_delete(queue=queue)
         ch.exchange_delete(exchange=exchange)
         conn.close()
-
-    relay_rate, raw_rate = args.n / t_relay, args.n / t_raw
+    relay_rate, flat_rate, raw_rate = (statistics.median(rates[k]) for k in ("relay", "relay_no_pipeline", "raw"))
     b.emit("relay_rabbitmq_db", args.db)
     b.emit("relay_rabbitmq_msgs_per_s", relay_rate)
+    b.emit("relay_rabbitmq_no_pipeline_msgs_per_s", flat_rate)
     b.emit("baseline_raw_pika_confirms_msgs_per_s", raw_rate)
     b.emit("relay_rabbitmq_vs_raw_pika_ratio", b.ratio(relay_rate, raw_rate))
+    b.emit("relay_rabbitmq_no_pipeline_vs_raw_pika_ratio", b.ratio(flat_rate, raw_rate))
+    b.emit("relay_rabbitmq_pipeline_vs_no_pipeline_ratio", b.ratio(relay_rate, flat_rate))
 
 
 if __name__ == "__main__":

@@ -191,6 +191,8 @@ class _Send:
     since_poll: int = 0
     link_down: bool = False
     """The batch ended because the connection was lost and could not be reopened."""
+    ended: bool = False
+    """A step ended the batch: what has no verdict yet comes back RETRY."""
 
     def settle(self, i: int, outcome: Outcome, reason: str | None) -> None:
         rec = self.batch.records[i]
@@ -529,8 +531,22 @@ class RabbitMQPublisher:
         confirms, so the messages reach the broker. A connection found dead (reset, heartbeat
         missed, closed by the broker) is reopened and the batch goes on, in order.
         """
+        return self.begin_publish(records, timeout=timeout)()
+
+    def begin_publish(self, records: Sequence[OutboxRecord], *,
+                      timeout: float = 30.0) -> Callable[[], list[PublishResult]]:
+        """Send ``records`` now, as far as the confirm window lets; the function returned waits for
+        their confirms and returns what :meth:`publish` returns.
+
+        In between the caller may do other work (the relay claims its next batch) while RabbitMQ
+        confirms; the confirms wait in the socket meanwhile. Call the function exactly once, before
+        sending anything else on this publisher. ``timeout`` counts from this call.
+        """
         if not records:
-            return []
+            return list
+        if self._batch is not None:  # begun and never waited for (its caller gave the batch up)
+            self._batch.done = True
+            self._batch = None
         if self._conn is not None and self._conn_lost is None:
             self._poll(time.monotonic())  # notice a connection dropped while idle before sending
         self.start()
@@ -540,18 +556,34 @@ class RabbitMQPublisher:
         self._batch = batch
         try:
             self._check_exchanges(send, dict.fromkeys(r.topic for r in records))
-            while (send.todo or batch.inflight) and self._step(send):
-                pass
+            while send.todo and not send.ended:
+                send.ended = not self._step(send)
+        except BaseException:
+            self._end(batch)
+            raise
+        self._poll(time.monotonic())  # write out what is buffered before the caller turns away
+        return lambda: self._complete(send)
+
+    def _complete(self, send: _Send) -> list[PublishResult]:
+        """Wait for the confirms of a batch :meth:`begin_publish` sent (recovering as :meth:`publish` says)."""
+        batch = send.batch
+        try:
+            while (send.todo or batch.inflight) and not send.ended:
+                send.ended = not self._step(send)
         finally:
-            batch.done = True
-            self._batch = None
+            self._end(batch)
         out = [res if res is not None else PublishResult(rec.id, Outcome.RETRY, send.unsent_reason)
-               for rec, res in zip(records, batch.results, strict=True)]
+               for rec, res in zip(batch.records, batch.results, strict=True)]
         if send.link_down and all(r.outcome is Outcome.RETRY for r in out):
             # Nothing got through and RabbitMQ cannot be reached: the relay backs off as a whole
             # instead of counting an attempt against every row.
             raise BrokerUnavailable(f"RabbitMQ at {self._safe_url} is not reachable: {send.unsent_reason}")
         return out
+
+    def _end(self, batch: _Batch) -> None:
+        batch.done = True
+        if self._batch is batch:
+            self._batch = None
 
     def _check_exchanges(self, send: _Send, exchanges: Iterable[str]) -> None:
         """Check every new exchange up front, before anything of the batch is in flight."""
