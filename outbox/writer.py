@@ -15,6 +15,7 @@ import uuid
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.orm import Session, registry
 
@@ -186,6 +187,7 @@ class Outbox:
             raise ConfigurationError(f"Outbox(source=...): {exc}") from None
         self.trace_context = trace_context
         self._row_cls = _row_class(self.tables)
+        self._insert = sa.insert(self.tables.outbox)
         self._table_key = self.tables.outbox.fullname
         for t in self.tables.all():
             _sqlerrors.known_table(t.name, outbox=t is self.tables.outbox)
@@ -229,15 +231,22 @@ class Outbox:
         return row.message_id  # type: ignore[attr-defined,no-any-return]
 
     def add_many(self, session: Any, messages: Iterable[OutgoingMessage | Mapping[str, Any]]) -> list[uuid.UUID]:
-        """Validate every message, then add them all (or none, if one is invalid)."""
+        """Validate every message, then add them all (or none, if one is invalid); return their ids.
+
+        On a ``Session`` the rows are written at once, in the session's transaction, with one
+        ``executemany`` of a plain INSERT (after a flush of what the session holds, so that rows
+        keep the order their messages were added in); they commit or roll back (savepoints
+        included) with everything else. On an ``AsyncSession``, which cannot do I/O here, they are
+        written with its next flush, as :meth:`add`'s are.
+        """
         now = _now()
-        rows = []
+        rows: list[dict[str, Any]] = []
         seen: dict[uuid.UUID, int] = {}
         for i, m in enumerate(messages):
             msg = m if isinstance(m, OutgoingMessage) else _from_mapping(m, i)
             try:
-                row = self._build(msg, now)
-                mid: uuid.UUID = row.message_id  # type: ignore[attr-defined]
+                row = self._values(msg, now)
+                mid: uuid.UUID = row["message_id"]
                 if mid in seen:
                     raise InvalidMessageId(
                         f"message_id {mid} is also the id of message #{seen[mid]}: every message needs its own id"
@@ -247,35 +256,58 @@ class Outbox:
                 raise
             seen[mid] = i
             rows.append(row)
-        self._attach(session, rows)
-        return [r.message_id for r in rows]  # type: ignore[attr-defined]
+        sync = _sync_session(session)
+        if sync is session and rows:
+            self._write_now(sync, rows)
+        else:
+            self._attach(session, [self._row_cls(**r) for r in rows])
+        return [r["message_id"] for r in rows]
 
     # ------------------------------------------------------------------ internals
     def _attach(self, session: Any, rows: list[_OutboxRow]) -> None:
         sync = _sync_session(session)
-        added = self._added_ids(sync)
-        key = self._table_key
-        for i, row in enumerate(rows):
-            if (key, row.message_id) in added:  # type: ignore[attr-defined]
-                where = f"message #{i}: " if len(rows) > 1 else ""
-                raise InvalidMessageId(
-                    f"{where}message_id {row.message_id} was already added in this session's transaction: "  # type: ignore[attr-defined]
-                    "every message needs its own id"
-                )
-        for row in rows:
-            added[(key, row.message_id)] = row  # type: ignore[attr-defined]
+        self._claim_ids(sync, [row.message_id for row in rows], rows)  # type: ignore[attr-defined]
         sync.add_all(rows)
         if self.notify:
             self._arm_notify(sync)
 
-    def _added_ids(self, sync: Session) -> dict[tuple[str, uuid.UUID], _OutboxRow]:
+    def _write_now(self, sync: Session, rows: list[dict[str, Any]]) -> None:
+        """``add_many`` on a ``Session``: one Core ``executemany`` in its transaction, no ORM rows."""
+        ids = [r["message_id"] for r in rows]
+        self._claim_ids(sync, ids, None)
+        sync.flush()  # rows added before (add()) get their ids first: the relay sends in id order
+        sync.execute(self._insert, rows)
+        written = _Written(sync.get_transaction() if sync.get_nested_transaction() is None
+                           else sync.get_nested_transaction())
+        added = self._added_ids(sync)
+        for mid in ids:
+            added[(self._table_key, mid)] = written
+        if self.notify:
+            self._arm_notify(sync)
+
+    def _claim_ids(self, sync: Session, ids: list[uuid.UUID], rows: list[_OutboxRow] | None) -> None:
+        """Refuse an id already added in this transaction; else note the ids (with their rows, if ORM)."""
+        added = self._added_ids(sync)
+        key = self._table_key
+        for i, mid in enumerate(ids):
+            if (key, mid) in added:
+                where = f"message #{i}: " if len(ids) > 1 else ""
+                raise InvalidMessageId(
+                    f"{where}message_id {mid} was already added in this session's transaction: "
+                    "every message needs its own id"
+                )
+        if rows is not None:
+            for mid, row in zip(ids, rows, strict=True):
+                added[(key, mid)] = row
+
+    def _added_ids(self, sync: Session) -> dict[tuple[str, uuid.UUID], _OutboxRow | _Written]:
         """The outbox rows this session's transaction holds, by id (kept until commit or rollback).
 
         The first call on a session also makes sure that database errors about the toolkit's
         tables (a forgotten ``db upgrade``, an id committed earlier) are explained at flush.
         """
         info = sync.info
-        added: dict[tuple[str, uuid.UUID], _OutboxRow] | None = info.get(_IDS_KEY)
+        added: dict[tuple[str, uuid.UUID], _OutboxRow | _Written] | None = info.get(_IDS_KEY)
         if added is None:
             _listen_once("ids", ("after_transaction_end", _forget_ids), ("after_soft_rollback", _prune_ids))
             added = info[_IDS_KEY] = {}
@@ -290,6 +322,10 @@ class Outbox:
         channels.add(self.notify_channel)
 
     def _build(self, msg: OutgoingMessage, now: dt.datetime) -> _OutboxRow:
+        return self._row_cls(**self._values(msg, now))
+
+    def _values(self, msg: OutgoingMessage, now: dt.datetime) -> dict[str, Any]:
+        """The checked column values of ``msg``'s row (raises a :class:`MessageError` for bad input)."""
         topic = self._check_topic(msg.topic)
         key = msg.key
         key_bytes = 0
@@ -326,20 +362,20 @@ class Outbox:
                 f"content_type must be at most {_CONTENT_TYPE_LENGTH} characters (the content_type column is "
                 f"VARCHAR({_CONTENT_TYPE_LENGTH})), got {len(content_type)}"
             )
-        return self._row_cls(
-            message_id=mid,
-            topic=topic,
-            key=key,
-            payload=data,
-            headers=headers or None,
-            attributes=attributes,
-            content_type=content_type,
-            partition=partition_for(key, mid, self.partitions),
-            created_at=now,
-            available_at=available_at,
-            attempts=0,
-            status=STATUS_PENDING,
-        )
+        return {
+            "message_id": mid,
+            "topic": topic,
+            "key": key,
+            "payload": data,
+            "headers": headers or None,
+            "attributes": attributes,
+            "content_type": content_type,
+            "partition": partition_for(key, mid, self.partitions),
+            "created_at": now,
+            "available_at": available_at,
+            "attempts": 0,
+            "status": STATUS_PENDING,
+        }
 
     def _with_defaults(self, headers: dict[str, str]) -> dict[str, str]:
         """``default_headers`` under the message's own; a message header overrides a default one whatever its case."""
@@ -668,8 +704,27 @@ def _prune_ids(session: Session, previous_transaction: Any) -> None:
     info = _info(session)
     added = info.get(_IDS_KEY) if info else None
     if added:
-        for k in [k for k, row in added.items() if row not in session]:
+        for k in [k for k, row in added.items()
+                  if (row.rolled_back_with(previous_transaction) if isinstance(row, _Written) else row not in session)]:
             del added[k]
+
+
+class _Written:
+    """Rows ``add_many`` wrote at once: the session transaction (or savepoint) they were written in."""
+
+    __slots__ = ("transaction",)
+
+    def __init__(self, transaction: Any) -> None:
+        self.transaction = transaction
+
+    def rolled_back_with(self, rolled_back: Any) -> bool:
+        """Whether rolling ``rolled_back`` back undid these rows: it is their transaction or one around it."""
+        t = self.transaction
+        while t is not None:
+            if t is rolled_back:
+                return True
+            t = t.parent
+        return False
 
 
 def _explain_errors_for(sync: Session, row_cls: type[_OutboxRow]) -> None:

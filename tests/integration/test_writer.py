@@ -280,3 +280,66 @@ def test_duplicate_id_detection_follows_savepoints_and_transactions(business: sa
     with business.connect() as conn:
         got = sorted(bytes(p) for p in conn.execute(sa.select(T.c.payload)).scalars())
     assert got == [b"1", b"2 again", b"3", b"4 after rollback"]
+
+
+def test_add_many_on_a_session_writes_at_once_in_its_transaction_and_savepoints(business: sa.Engine) -> None:
+    """On a sync ``Session`` ``add_many`` writes its rows at once (one Core executemany, no ORM rows);
+    they still commit or roll back with the transaction and its savepoints, keep the order in which
+    the messages were added (after rows ``add()`` left pending), and their ids are still refused a
+    second time in the same transaction, until a rollback frees them."""
+    box = Outbox()
+    a, b, c = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+
+    def msgs(*pairs: tuple[bytes, uuid.UUID | None]) -> list[OutgoingMessage]:
+        return [OutgoingMessage("t", p, key="k", message_id=mid) for p, mid in pairs]
+
+    with Session(business) as s:
+        with s.begin():
+            box.add(s, "t", b"0", key="k")  # pending in the session: flushed before add_many's rows
+            box.add_many(s, msgs((b"1", a)))
+            assert not [o for o in s.new]  # nothing of add_many's is held by the ORM
+            with pytest.raises(InvalidMessageId, match=str(a)):
+                box.add_many(s, msgs((b"again", a)))
+            with pytest.raises(InvalidMessageId, match=str(a)):
+                box.add(s, "t", b"again", message_id=a)
+            with s.begin_nested():  # released: its rows belong to the transaction
+                box.add_many(s, msgs((b"2", b)))
+            with pytest.raises(InvalidMessageId, match=str(b)):
+                box.add_many(s, msgs((b"again", b)))
+            sp = s.begin_nested()
+            box.add_many(s, msgs((b"3", c)))
+            sp.rollback()  # gone with its savepoint: the id is free again
+            box.add_many(s, msgs((b"3 again", c)))
+            box.add(s, "t", b"4", key="k")
+        d = uuid.uuid4()
+        s.begin()
+        box.add_many(s, msgs((b"5", d)))
+        s.rollback()
+        with s.begin():
+            box.add_many(s, msgs((b"5 after rollback", d)))
+    with business.connect() as conn:
+        got = [bytes(p) for p in conn.execute(sa.select(T.c.payload).order_by(T.c.id)).scalars()]
+    assert got == [b"0", b"1", b"2", b"3 again", b"4", b"5 after rollback"]
+
+
+@pytest.mark.parametrize("dialect_name", ["sqlite", "postgresql"], indirect=True)
+def test_add_many_on_an_async_session_is_written_with_its_flush(business: sa.Engine, async_db_url: str) -> None:
+    box = Outbox()
+
+    async def go() -> None:
+        eng = create_async_engine(async_db_url)
+        try:
+            async with AsyncSession(eng) as s:
+                async with s.begin():
+                    ids = box.add_many(s, [OutgoingMessage("t", f"{i}".encode(), key="k") for i in range(3)])
+                    assert len(s.new) == 3  # no I/O here: ORM rows, written at the flush
+                async with s.begin():
+                    box.add_many(s, [OutgoingMessage("t", b"dup", message_id=ids[0])])
+                    with pytest.raises(InvalidMessageId, match="committed earlier"):
+                        await s.flush()  # committed before: the table refuses it at the flush
+        finally:
+            await eng.dispose()
+
+    asyncio.run(go())
+    with business.connect() as conn:
+        assert [bytes(p) for p in conn.execute(sa.select(T.c.payload).order_by(T.c.id)).scalars()] == [b"0", b"1", b"2"]
