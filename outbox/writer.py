@@ -222,11 +222,11 @@ class Outbox:
         ``app_id`` properties; Kafka headers). With ``opentelemetry-api`` installed and a span active,
         its W3C trace context is stored too (``Outbox(trace_context=False)`` turns that off).
         """
-        row = self._build(
+        row = self._row_cls(**self._values(
             OutgoingMessage(topic, payload, key, headers, message_id, deliver_at, delay, content_type,
                             type, source, subject, correlation_id, app_id),
-            _now(),
-        )
+            _now(), self._trace(),
+        ))
         self._attach(session, [row])
         return row.message_id  # type: ignore[attr-defined,no-any-return]
 
@@ -240,12 +240,13 @@ class Outbox:
         written with its next flush, as :meth:`add`'s are.
         """
         now = _now()
+        trace = self._trace()
         rows: list[dict[str, Any]] = []
         seen: dict[uuid.UUID, int] = {}
         for i, m in enumerate(messages):
             msg = m if isinstance(m, OutgoingMessage) else _from_mapping(m, i)
             try:
-                row = self._values(msg, now)
+                row = self._values(msg, now, trace)
                 mid: uuid.UUID = row["message_id"]
                 if mid in seen:
                     raise InvalidMessageId(
@@ -275,6 +276,10 @@ class Outbox:
         """``add_many`` on a ``Session``: one Core ``executemany`` in its transaction, no ORM rows."""
         ids = [r["message_id"] for r in rows]
         self._claim_ids(sync, ids, None)
+        for column in ("headers", "attributes"):  # NULL when left out: fewer values to bind and send
+            if all(r[column] is None for r in rows):
+                for r in rows:
+                    del r[column]
         sync.flush()  # rows added before (add()) get their ids first: the relay sends in id order
         sync.execute(self._insert, rows)
         written = _Written(sync.get_transaction() if sync.get_nested_transaction() is None
@@ -321,10 +326,11 @@ class Outbox:
             channels = sync.info[_NOTIFY_KEY] = set()
         channels.add(self.notify_channel)
 
-    def _build(self, msg: OutgoingMessage, now: dt.datetime) -> _OutboxRow:
-        return self._row_cls(**self._values(msg, now))
+    def _trace(self) -> dict[str, str] | None:
+        """The active span's trace context to store (once per call: every message of it shares the span)."""
+        return _trace_context() if self.trace_context else None
 
-    def _values(self, msg: OutgoingMessage, now: dt.datetime) -> dict[str, Any]:
+    def _values(self, msg: OutgoingMessage, now: dt.datetime, trace: dict[str, str] | None) -> dict[str, Any]:
         """The checked column values of ``msg``'s row (raises a :class:`MessageError` for bad input)."""
         topic = self._check_topic(msg.topic)
         key = msg.key
@@ -343,7 +349,7 @@ class Outbox:
         headers = self._check_headers(msg.headers)
         if self.default_headers:
             headers = self._with_defaults(headers)
-        attributes = self._attributes(msg)
+        attributes = self._attributes(msg, trace)
         mid = _message_id(msg.message_id)
         available_at = self._available_at(msg.deliver_at, msg.delay, now)
         data, ctype = self._serialize(msg.payload)
@@ -387,7 +393,7 @@ class Outbox:
             return {**{k: v for k, v in self.default_headers.items() if k.lower() not in given}, **headers}
         return {**self.default_headers, **headers}
 
-    def _attributes(self, msg: OutgoingMessage) -> dict[str, str] | None:
+    def _attributes(self, msg: OutgoingMessage, trace: dict[str, str] | None) -> dict[str, str] | None:
         """The row's ``attributes``: only the ones given (None, no bytes in the row, when there are none)."""
         out: dict[str, str] | None = None
         source = msg.source if msg.source is not None else self.source
@@ -397,10 +403,8 @@ class Outbox:
                 if out is None:
                     out = {}
                 out[name] = value if value is self.source else _attribute(name, value)
-        if self.trace_context:
-            trace = _trace_context()
-            if trace:
-                out = trace if out is None else {**out, **trace}
+        if trace:
+            out = dict(trace) if out is None else {**out, **trace}
         return out
 
     def _check_topic(self, topic: object) -> str:
