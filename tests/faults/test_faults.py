@@ -443,7 +443,7 @@ def _params() -> list[Any]:
                 guarantee = G_NO_FENCE if (fault, broker) in ORDER_NOT_COVERED else G_FULL
                 marks = [pytest.mark.faults(db=db, broker=broker, fault=fault, guarantee=guarantee),
                          getattr(pytest.mark, broker)]
-                if fault == "sigstop-70s-defaults":
+                if fault in ("sigstop-70s-defaults", "sigstop-twice"):
                     marks.append(pytest.mark.slow)
                 why = _known(fault, db, broker)
                 if why:
