@@ -182,6 +182,28 @@ def sigstop_70s_defaults(env: Env) -> Case:
     return c
 
 
+def sigstop_twice(env: Env) -> Case:
+    """Issue 9, item 3b ("with ttl 3 s, two 15 s freezes gave 50 keys out of order"): two relays, lease
+    TTL 3 s, publish timeout 5 s; A is SIGSTOPped for 15 s right after a claim, woken, then B (which
+    took A's partitions over meanwhile) is SIGSTOPped for 15 s right after a claim. Each freeze is
+    past TTL + the relay's idle-in-transaction bound (publish timeout + TTL, 8 s here), so each time
+    the other relay takes the frozen one's partitions over while it still holds a claimed batch."""
+    c = env.case()
+    a, b = two_relays(c, extra=_kafka_timeouts(env, 4000), sets=["publish_timeout=5"])
+    per_freeze = (N - 400) // 2
+    for frozen in (a, b):
+        frozen.arm("after_claim", "stop")
+        c.write(200)  # the frozen relay claims a few rows of its partitions, the rest comes during the freeze
+        ev = frozen.wait_point("after_claim")
+        frozen.wait_stopped_by_signal()
+        c.write(per_freeze)
+        fault_duration(15)
+        c.notes.append(f"{frozen.name} froze 15 s holding {ev['rows']} claimed rows")
+        frozen.cont()
+    c.faults = 2
+    return c
+
+
 def _db_proxy(env: Env) -> tuple[FaultProxy, str]:
     p = env.proxy(port_of(env.db_url))
     return p, via(env.db_url, p.port)
@@ -382,6 +404,7 @@ FAULTS: dict[str, Callable[[Env], Case]] = {
     "sigkill-mid-batch": sigkill_mid_batch,
     "sigstop-after-claim": sigstop_after_claim,
     "sigstop-70s-defaults": sigstop_70s_defaults,
+    "sigstop-twice": sigstop_twice,
     "db-pause": db_pause,
     "db-cut": db_cut,
     "broker-pause": broker_pause_kafka,
@@ -395,7 +418,7 @@ FAULTS: dict[str, Callable[[Env], Case]] = {
 #: which brokers each fault runs on (broker-restart on RabbitMQ is broker-reset: the broker is shared)
 BROKERS = {"broker-pause": ("kafka",), "broker-restart": ("kafka",), "broker-cut": ("rabbitmq",),
            "broker-reset": ("rabbitmq",), "broker-reset-lb": ("rabbitmq",), "idle-then-traffic": ("rabbitmq",),
-           "sigstop-70s-defaults": ("kafka",)}
+           "sigstop-70s-defaults": ("kafka",), "sigstop-twice": ("kafka",)}
 DATABASES = {"sigstop-70s-defaults": ("postgresql",)}
 #: faults after which per-key order is not guaranteed on a broker (the remaining windows)
 ORDER_NOT_COVERED: set[tuple[str, str]] = set()  # none since the claim locks its lease rows (README "Frozen relays")
@@ -420,7 +443,7 @@ def _params() -> list[Any]:
                 guarantee = G_NO_FENCE if (fault, broker) in ORDER_NOT_COVERED else G_FULL
                 marks = [pytest.mark.faults(db=db, broker=broker, fault=fault, guarantee=guarantee),
                          getattr(pytest.mark, broker)]
-                if fault == "sigstop-70s-defaults":
+                if fault in ("sigstop-70s-defaults", "sigstop-twice"):
                     marks.append(pytest.mark.slow)
                 why = _known(fault, db, broker)
                 if why:
