@@ -461,3 +461,22 @@ def test_a_missing_table_met_mid_command_says_to_run_db_upgrade(dialect_name, da
             other = _database_error(exc, argparse.Namespace())
     assert other.startswith("database error: ") and "db upgrade" not in other, other
     engine.dispose()
+
+
+@pytest.mark.parametrize("command", ["relay", "consume"])
+def test_both_commands_read_x_with_one_parser(command: str, tmp_path, monkeypatch, capsys) -> None:
+    """Issue 10 item 13: the relay and consume had two KEY=VALUE parsers that stripped whitespace
+    differently. Both now strip it around the key and the value, and librdkafka gets the bare key."""
+    from outbox import migrations
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mask_consumer.py").write_text(CONSUMER_SRC)
+    db = f"sqlite:///{tmp_path / 'x.db'}"
+    migrations.upgrade(db)
+    for name in ("OUTBOX_DB_URL", "OUTBOX_KAFKA_BOOTSTRAP_SERVERS", "OUTBOX_CONFIG"):
+        monkeypatch.delenv(name, raising=False)
+    base = {"relay": ["relay"], "consume": ["consume", "mask_consumer:C", "--topic", "t", "--group", "g"]}[command]
+    code, _, err = run_cli(capsys, *base, "--db", db, "--kafka", "127.0.0.1:1", "-X", "  bogus.prop  =  1  ")
+    assert code == 2 and 'No such configuration property: "bogus.prop"' in err, err
+    code, _, err = run_cli(capsys, *base, "--db", db, "--kafka", "127.0.0.1:1", "-X", " socket.timeout.ms = nope ")
+    assert code == 2 and 'Invalid value for configuration property "socket.timeout.ms"' in err, err
