@@ -259,6 +259,11 @@ def _masking_runs(daemon_db: str) -> list[tuple[str, list[str]]]:
                         runs.append((f"{' '.join(path)} {flag} {words} before {' '.join(leaf_path)}",
                                      [*path, flag, *words, *rest, *base]))
         runs.append((f"{' '.join(path) or 'outbox'} secret as the sub-command", [*path, SECRETS[0]]))
+    # the JSON log format on every command: its own formatter, its own error line
+    for path, _ in leaves:
+        base = [daemon_db if a == DB and path in (("relay",), ("consume",)) else a for a in BASELINE[path]]
+        for extra in ([], ["--dbb", SECRETS[0]], [SECRETS[2]], SPLIT_SECRETS[0]):
+            runs.append((f"--log-format json {' '.join(path)} {extra}", ["--log-format", "json", *path, *base, *extra]))
     return runs
 
 
@@ -336,6 +341,8 @@ def _env_runs(daemon_db: str) -> list[tuple[dict[str, str], str, list[str]]]:
             for secret in SECRETS:
                 env = {"OUTBOX_DB_URL": db, var: secret}
                 runs.append((env, f"{' '.join(path)} with {var}={secret!r}", [*path, *base]))
+        # --help, every variable set to a secret (defaults read from the environment must not show)
+        runs.append(({var: SECRETS[0] for var in names}, f"{' '.join(path)} --help", [*path, "--help"]))
     return runs
 
 
