@@ -13,7 +13,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from .._logging import LOG_FORMATS, ContextFilter, JsonFormatter, MaskingFormatter, RateLimitFilter
-from .._redact import mask_secrets
+from .._redact import forget_secret_words, mask_secrets, remember_secret_words
 from .._sqlerrors import ADDED_COLUMNS, missing_column, missing_table
 from ..errors import ConfigurationError, OutboxError
 from ._common import one_line
@@ -150,11 +150,14 @@ def _error(text: str) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """The ``outbox`` command: one line on stderr for every error, 2 for usage errors, never a traceback."""
+    remember_secret_words(sys.argv[1:] if argv is None else argv)  # `-X sasl.password PW`, quotes forgotten
     try:
         return _main(argv)
     except BrokenPipeError:
         _silence_stdout()
         return 128 + 13  # as if killed by SIGPIPE, the way `yes | head` ends, without a traceback
+    finally:
+        forget_secret_words()
 
 
 def _main(argv: Sequence[str] | None) -> int:

@@ -9,7 +9,8 @@ Each area has its own file (``test_writer_inputs.py``, ``test_cli_inputs.py``, `
 
 ``pytest tests/badinput --write-catalogue`` rewrites the table between the ``catalogue`` markers
 in docs/guarantees.md from the collected cases and their outcomes; ``test_catalogue_doc.py``
-fails when a collected case is missing from that table, so the list cannot drift.
+fails when a collected case is missing from that table, when its row is not the one its marks and
+outcome ``passed`` would give, or when the table names a case no test declares, so the list cannot drift.
 """
 
 from __future__ import annotations
@@ -22,12 +23,14 @@ import pytest
 DOC = Path(__file__).resolve().parents[2] / "docs" / "guarantees.md"
 BEGIN, END = "<!-- catalogue:begin -->", "<!-- catalogue:end -->"
 _CASES = pytest.StashKey[dict[str, dict[str, str]]]()
+_FILES = pytest.StashKey[set[str]]()
 _OUTCOMES = pytest.StashKey[dict[str, str]]()
 
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "catalogue(area, input, expected): one case of the bad-input catalogue")
     config.stash[_CASES] = {}
+    config.stash[_FILES] = set()
     config.stash[_OUTCOMES] = {}
 
 
@@ -46,6 +49,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if cid in cases:
             raise pytest.UsageError(f"bad-input catalogue: case id {cid!r} is used twice")
         cases[cid] = {k: str(v) for k, v in mark.kwargs.items()}
+        config.stash[_FILES].add(Path(str(item.path)).name)
 
 
 
@@ -62,12 +66,29 @@ def catalogue_cases(request: pytest.FixtureRequest) -> dict[str, dict[str, str]]
     return request.config.stash[_CASES]
 
 
+@pytest.fixture
+def catalogue_files(request: pytest.FixtureRequest) -> set[str]:
+    """Names of the files the collected cases come from."""
+    return request.config.stash[_FILES]
+
+
 def doc_case_ids() -> set[str]:
+    return set(doc_rows())
+
+
+def doc_rows() -> dict[str, str]:
+    """The catalogue table of docs/guarantees.md: case id -> its whole row, as written."""
     text = DOC.read_text(encoding="utf-8")
     if BEGIN not in text or END not in text:
-        return set()
+        return {}
     table = text.split(BEGIN, 1)[1].split(END, 1)[0]
-    return set(re.findall(r"^\| `([^`]+)` \|", table, flags=re.M))
+    return {m.group(1): m.group(0) for m in re.finditer(r"^\| `([^`]+)` \|.*$", table, flags=re.M)}
+
+
+def doc_row(cid: str, case: dict[str, str], outcome: str) -> str:
+    """The table row of one case, as --write-catalogue writes it."""
+    return (f"| `{cid}` | {_cell(case.get('area', ''))} | {_cell(case.get('input', ''))} | "
+            f"{_cell(case.get('expected', ''))} | {outcome} |")
 
 
 def _cell(text: str) -> str:
@@ -81,8 +102,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     cases, outcomes = config.stash[_CASES], config.stash[_OUTCOMES]
     rows = ["| case | area | input | expected | outcome |", "|---|---|---|---|---|"]
     for cid, c in sorted(cases.items(), key=lambda kv: (kv[1].get("area", ""), kv[0])):
-        rows.append(f"| `{cid}` | {_cell(c.get('area', ''))} | {_cell(c.get('input', ''))} | "
-                    f"{_cell(c.get('expected', ''))} | {outcomes.get(cid, 'not run')} |")
+        rows.append(doc_row(cid, c, outcomes.get(cid, "not run")))
     text = DOC.read_text(encoding="utf-8")
     head, rest = text.split(BEGIN, 1)
     _, tail = rest.split(END, 1)

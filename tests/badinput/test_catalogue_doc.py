@@ -1,4 +1,5 @@
-"""docs/guarantees.md lists every case of the bad-input catalogue (regenerate with --write-catalogue)."""
+"""docs/guarantees.md lists every case of the bad-input catalogue, as declared, each with outcome
+``passed``, and no case that is gone (regenerate with ``pytest tests/badinput --write-catalogue``)."""
 
 from __future__ import annotations
 
@@ -32,3 +33,28 @@ def test_the_catalogue_is_large_enough(catalogue_cases: dict[str, dict[str, str]
         pytest.skip("a -k/-m selection does not collect the whole catalogue")
     documented = _conf.doc_case_ids()
     assert len(documented) >= MIN_CASES, f"docs/guarantees.md lists {len(documented)} cases, want >= {MIN_CASES}"
+
+
+def test_each_documented_row_says_what_its_case_declares(catalogue_cases: dict[str, dict[str, str]]) -> None:
+    """Input and expected outcome in the doc are the ones the test asserts, not an older wording."""
+    if not catalogue_cases:
+        pytest.skip("no catalogue case collected in this run (run the tests/badinput folder)")
+    rows = _conf.doc_rows()
+    stale = [cid for cid, case in sorted(catalogue_cases.items())
+             if cid in rows and rows[cid] != _conf.doc_row(cid, case, "passed")]
+    assert not stale, (
+        f"{len(stale)} row(s) of docs/guarantees.md differ from their case (or do not say 'passed'): "
+        f"{[rows[c] for c in stale[:3]]}; run `pytest tests/badinput --write-catalogue`"
+    )
+
+
+def test_the_doc_lists_no_case_that_is_gone(catalogue_cases: dict[str, dict[str, str]],
+                                            catalogue_files: set[str]) -> None:
+    every_file = {p.name for p in Path(__file__).parent.glob("test_*.py") if p.name != Path(__file__).name}
+    every_file = {name for name in every_file if "pytest.mark.catalogue" in (Path(__file__).parent / name).read_text()}
+    if not catalogue_files >= every_file:
+        pytest.skip(f"not every catalogue file was collected: {sorted(every_file - catalogue_files)}")
+    gone = sorted(_conf.doc_case_ids() - set(catalogue_cases))
+    assert not gone, f"docs/guarantees.md lists {len(gone)} case(s) no test declares: {gone[:10]}"
+    text = _conf.DOC.read_text(encoding="utf-8").split(_conf.BEGIN, 1)[1]
+    assert text.lstrip().startswith(f"{len(catalogue_cases)} cases."), text[:40]

@@ -177,37 +177,101 @@ BASELINE = {
 }
 
 
-def _leaves(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], Any]]:
-    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
-    if not subs:
-        return [(path, parser)]
-    out = []
-    for name, child in subs[0].choices.items():
-        out.extend(_leaves(child, (*path, name)))
+def _parsers(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()
+             ) -> list[tuple[tuple[str, ...], argparse.ArgumentParser]]:
+    """Every parser of the command with the words that reach it: the root, the groups (``db``, ``dead``,
+    ``purge``) and the leaves."""
+    out = [(path, parser)]
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, child in action.choices.items():
+                out.extend(_parsers(child, (*path, name)))
     return out
+
+
+def _is_leaf(parser: argparse.ArgumentParser) -> bool:
+    return not any(isinstance(a, argparse._SubParsersAction) for a in parser._actions)
+
+
+def _leaves(parser: argparse.ArgumentParser) -> list[tuple[tuple[str, ...], Any]]:
+    return [(path, p) for path, p in _parsers(parser) if _is_leaf(p)]
+
+
+def _options(parser: argparse.ArgumentParser) -> list[argparse.Action]:
+    return [a for a in parser._actions if a.option_strings and not isinstance(a, argparse._HelpAction)]
+
+
+#: a secret typed as two words (``-X sasl.password PW`` without quotes): the password is a word of its own
+SPLIT_SECRETS = (["sasl.password", PW], ["sasl.password=", PW], ["sasl.password", "=", PW], ["ssl.key.password:", PW])
 
 
 def _masking_runs(daemon_db: str) -> list[tuple[str, list[str]]]:
     runs: list[tuple[str, list[str]]] = []
-    for path, leaf in _leaves(build_parser()):
+    leaves = _leaves(build_parser())
+    for path, leaf in leaves:
         base = [daemon_db if a == DB and path in (("relay",), ("consume",)) else a for a in BASELINE[path]]
-        runs.append((" ".join(path), [*path, *base]))
+        cmd = " ".join(path)
+        runs.append((cmd, [*path, *base]))
+        for words in SPLIT_SECRETS:
+            runs.append((f"{cmd} extra words {words}", [*path, *base, *words]))
         for secret in SECRETS:
-            runs.append((f"{' '.join(path)} --dbb", [*path, *base, "--dbb", secret]))
-            runs.append((f"{' '.join(path)} extra positional", [*path, *base, secret]))
+            runs.append((f"{cmd} --dbb", [*path, *base, "--dbb", secret]))
+            runs.append((f"{cmd} --dbb=", [*path, *base, f"--dbb={secret}"]))
+            runs.append((f"{cmd} extra positional", [*path, *base, secret]))
             for action in leaf._actions:
                 if isinstance(action, argparse._HelpAction):
                     continue
                 if action.option_strings:
                     for flag in action.option_strings:
-                        runs.append((f"{' '.join(path)} {flag}", [*path, *base, flag, secret]))
+                        runs.append((f"{cmd} {flag}", [*path, *base, flag, secret]))
+                        if flag.startswith("--"):
+                            runs.append((f"{cmd} {flag}=", [*path, *base, f"{flag}={secret}"]))
                 else:  # a positional: put the secret in its place
                     positional = [a for a in base if not a.startswith("-")]
                     args = list(base)
                     if positional and positional[0] in args and not args[args.index(positional[0]) - 1].startswith("-"):
                         args[args.index(positional[0])] = secret
-                    runs.append((f"{' '.join(path)} {action.dest}", [*path, *args]))
+                    runs.append((f"{cmd} {action.dest}", [*path, *args]))
+        for action in _options(leaf):
+            for flag in action.option_strings:
+                for words in SPLIT_SECRETS:
+                    runs.append((f"{cmd} {flag} {words}", [*path, *base, flag, *words]))
+                    if words[0] == "sasl.password":  # the daemons' positional comes after the options
+                        runs.append((f"{cmd} {flag} {words} first", [*path, flag, *words, *base]))
+    # the options of the root and of the groups, given before the rest of the command
+    for path, parser in _parsers(build_parser()):
+        if _is_leaf(parser):
+            continue
+        for leaf_path, _ in leaves:
+            if leaf_path[:len(path)] != path:
+                continue
+            base = [daemon_db if a == DB and leaf_path in (("relay",), ("consume",)) else a
+                    for a in BASELINE[leaf_path]]
+            rest = list(leaf_path[len(path):])
+            for action in _options(parser):
+                for flag in action.option_strings:
+                    for secret in SECRETS:
+                        runs.append((f"{' '.join(path)} {flag} before {' '.join(leaf_path)}",
+                                     [*path, flag, secret, *rest, *base]))
+                        runs.append((f"{' '.join(path)} {flag}= before {' '.join(leaf_path)}",
+                                     [*path, f"{flag}={secret}", *rest, *base]))
+                    for words in SPLIT_SECRETS:
+                        runs.append((f"{' '.join(path)} {flag} {words} before {' '.join(leaf_path)}",
+                                     [*path, flag, *words, *rest, *base]))
+        runs.append((f"{' '.join(path) or 'outbox'} secret as the sub-command", [*path, SECRETS[0]]))
+    # the JSON log format on every command: its own formatter, its own error line
+    for path, _ in leaves:
+        base = [daemon_db if a == DB and path in (("relay",), ("consume",)) else a for a in BASELINE[path]]
+        for extra in ([], ["--dbb", SECRETS[0]], [SECRETS[2]], SPLIT_SECRETS[0]):
+            runs.append((f"--log-format json {' '.join(path)} {extra}", ["--log-format", "json", *path, *base, *extra]))
     return runs
+
+
+def _env_names(parser: argparse.ArgumentParser) -> set[str]:
+    """The environment variables a parser's --help names (``env OUTBOX_...``)."""
+    import re
+
+    return {name for a in parser._actions for name in re.findall(r"\benv ([A-Z][A-Z0-9_]+)", a.help or "")}
 
 
 @pytest.mark.parametrize("dialect_name", ["postgresql"])
@@ -238,31 +302,77 @@ def test_no_password_in_any_output(capsys, caplog, tmp_path, monkeypatch, fresh_
     runs = _masking_runs(daemon_db)
     runs += [("relay --config", ["relay", "--config", str(config)]),
              ("consume --config", ["consume", "mask_consumer:C", "--config", str(config)])]
-    # the environment: every variable of the settings layer, set to a secret
-    from outbox.cli import consume as consume_cmd
-    from outbox.cli import relay as relay_cmd
-
-    env_runs = []
-    commands = (("relay", relay_cmd, ["relay"]), ("consume", consume_cmd, ["consume", "mask_consumer:C"]))
-    for cmd, module, base in commands:
-        for setting in module.settings():
-            for var in setting.env:
-                for secret in (SECRETS[0], SECRETS[2], SECRETS[3]):
-                    env_runs.append((var, secret, f"{cmd} with {var}", base))
+    runs += _toml_runs(tmp_path, daemon_db)
+    env_runs = _env_runs(daemon_db)
     checked = 0
     try:
         for what, argv in runs:
             checked += _check_masked(capsys, caplog, what, ["--log-level", "DEBUG", *argv])
-        for var, secret, what, argv in env_runs:
+        for env, what, argv in env_runs:
             with monkeypatch.context() as m:
-                m.setenv(var, secret)
-                if var != "OUTBOX_DB_URL":
-                    m.setenv("OUTBOX_DB_URL", daemon_db)
+                for var, value in env.items():
+                    m.setenv(var, value)
                 checked += _check_masked(capsys, caplog, what, ["--log-level", "DEBUG", *argv])
     finally:
         for s, h in saved.items():
             signal.signal(s, h)
-    assert checked > 500  # the walk found the options
+    assert checked > 4000  # the walk found the options
+
+
+def _daemon_settings() -> dict[str, tuple[Any, ...]]:
+    from outbox.cli import consume as consume_cmd
+    from outbox.cli import relay as relay_cmd
+
+    return {"relay": relay_cmd.settings(), "consume": consume_cmd.settings()}
+
+
+def _env_runs(daemon_db: str) -> list[tuple[dict[str, str], str, list[str]]]:
+    """Every variable a command's --help names, and the older names its settings still read, set to a
+    secret in turn; the database comes from OUTBOX_DB_URL (unless that is the one under test)."""
+    daemons = _daemon_settings()
+    runs = []
+    for path, leaf in _leaves(build_parser()):
+        names = _env_names(leaf) | {v for s in daemons.get(path[0], ()) for v in s.env}
+        base = list(BASELINE[path])
+        if "--db" in base:
+            del base[base.index("--db"):base.index("--db") + 2]
+        db = daemon_db if path[0] in daemons else DB
+        for var in sorted(names):
+            for secret in SECRETS:
+                env = {"OUTBOX_DB_URL": db, var: secret}
+                runs.append((env, f"{' '.join(path)} with {var}={secret!r}", [*path, *base]))
+        # --help, every variable set to a secret (defaults read from the environment must not show)
+        runs.append(({var: SECRETS[0] for var in names}, f"{' '.join(path)} --help", [*path, "--help"]))
+    return runs
+
+
+def _toml_runs(tmp_path: Any, daemon_db: str) -> list[tuple[str, list[str]]]:
+    """Every key of the daemons' TOML tables, and the broker tables, holding a secret in turn."""
+    runs = []
+    daemons = _daemon_settings()
+    base = {"relay": ["relay"], "consume": ["consume", "mask_consumer:C"]}
+    need = {"relay": {"db": daemon_db, "kafka": "127.0.0.1:1"},
+            "consume": {"db": daemon_db, "kafka": "127.0.0.1:1", "topics": ["t"], "group": "g"}}
+    n = 0
+    for table, settings in daemons.items():
+        keys = sorted(s.toml for s in settings if s.toml)
+        assert len(keys) > 10, keys
+        for key in keys:
+            for secret in (SECRETS[0], SECRETS[2], SECRETS[3]):
+                values = {**need[table], key: secret}
+                body = "".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items())
+                n += 1
+                path = tmp_path / f"secret-{n}.toml"
+                path.write_text(f"[{table}]\n{body}")
+                runs.append((f"{table} --config with {key} = {secret!r}", [*base[table], "--config", str(path)]))
+        for broker_table in ("kafka", "rabbitmq"):
+            for key, value in (("sasl.password", PW), ("url", SECRETS[1]), ("sasl.username", SECRETS[3])):
+                body = "".join(f"{k} = {json.dumps(v)}\n" for k, v in need[table].items())
+                n += 1
+                path = tmp_path / f"secret-{n}.toml"
+                path.write_text(f"[{table}]\n{body}[{broker_table}]\n{json.dumps(key)} = {json.dumps(value)}\n")
+                runs.append((f"{table} --config with [{broker_table}] {key}", [*base[table], "--config", str(path)]))
+    return runs
 
 
 def _check_masked(capsys, caplog, what: str, argv: list[str]) -> int:
@@ -358,3 +468,22 @@ def test_a_missing_table_met_mid_command_says_to_run_db_upgrade(dialect_name, da
             other = _database_error(exc, argparse.Namespace())
     assert other.startswith("database error: ") and "db upgrade" not in other, other
     engine.dispose()
+
+
+@pytest.mark.parametrize("command", ["relay", "consume"])
+def test_both_commands_read_x_with_one_parser(command: str, tmp_path, monkeypatch, capsys) -> None:
+    """Issue 10 item 13: the relay and consume had two KEY=VALUE parsers that stripped whitespace
+    differently. Both now strip it around the key and the value, and librdkafka gets the bare key."""
+    from outbox import migrations
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mask_consumer.py").write_text(CONSUMER_SRC)
+    db = f"sqlite:///{tmp_path / 'x.db'}"
+    migrations.upgrade(db)
+    for name in ("OUTBOX_DB_URL", "OUTBOX_KAFKA_BOOTSTRAP_SERVERS", "OUTBOX_CONFIG"):
+        monkeypatch.delenv(name, raising=False)
+    base = {"relay": ["relay"], "consume": ["consume", "mask_consumer:C", "--topic", "t", "--group", "g"]}[command]
+    code, _, err = run_cli(capsys, *base, "--db", db, "--kafka", "127.0.0.1:1", "-X", "  bogus.prop  =  1  ")
+    assert code == 2 and 'No such configuration property: "bogus.prop"' in err, err
+    code, _, err = run_cli(capsys, *base, "--db", db, "--kafka", "127.0.0.1:1", "-X", " socket.timeout.ms = nope ")
+    assert code == 2 and 'Invalid value for configuration property "socket.timeout.ms"' in err, err

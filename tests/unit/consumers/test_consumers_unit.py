@@ -270,10 +270,20 @@ def test_database_errors_are_classified_in_one_place():
 def test_no_test_hook_in_production_code():
     """Issue 10 item 16: no environment switch makes a consumer kill itself; tests bring their own hooks."""
     import pathlib
+    import re
 
     import consumers
+    import outbox
 
-    root = pathlib.Path(consumers.__file__).parent
-    for path in root.glob("*.py"):
+    for path in pathlib.Path(consumers.__file__).parent.glob("*.py"):
         text = path.read_text(encoding="utf-8")
         assert "OUTBOX_TEST_" not in text and "SIGKILL" not in text, path
+    # nor anywhere else in the shipped code (outbox/testing is the contract kit for other transports: its
+    # crashes are exceptions the suite raises, not a switch in the product)
+    root = pathlib.Path(outbox.__file__).parent
+    for path in root.rglob("*.py"):
+        if path.is_relative_to(root / "testing"):
+            continue
+        text = path.read_text(encoding="utf-8")
+        assert "OUTBOX_TEST_" not in text, path
+        assert not re.search(r"os\.kill\(\s*os\.getpid\(\)", text), f"{path} kills its own process"
