@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import signal
 from typing import Any
@@ -134,6 +135,10 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
     stop_http = _serve(relay, args)
+    # A daemon: what start-up made (modules, SQLAlchemy's compiled statements) lives as long as the
+    # process. Frozen, it is left out of every later collection, whose full passes otherwise walked
+    # it all: a 30-35 ms pause of the publish loop, the top of the relay-added p99 latency.
+    gc.freeze()
     try:
         relay.run()
     finally:
