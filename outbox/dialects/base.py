@@ -64,6 +64,13 @@ class Dialect:
         """
         return None
 
+    @staticmethod
+    def byte_order_string(length: int, dialect: sa.engine.Dialect) -> sa.types.TypeEngine[Any] | None:
+        """The concrete type of an ``ExactString(length, byte_order=True)`` where :meth:`exact_string`
+        gives none: one that also sorts byte for byte, or ``None`` where that is already the case
+        (SQLite's BINARY collation, the binary collations of :meth:`exact_string` on MySQL/MariaDB)."""
+        return None
+
     # --- errors --------------------------------------------------------------------
     #: the driver returns JSON columns as text (parsed by the toolkit), not as Python objects
     json_as_text: ClassVar[bool] = True

@@ -41,6 +41,14 @@ class PostgreSQLDialect(Dialect):
     supports_notify: ClassVar[bool] = True
     json_as_text: ClassVar[bool] = False  # psycopg parses JSONB itself
 
+    @staticmethod
+    def byte_order_string(length: int, dialect: sa.engine.Dialect) -> sa.types.TypeEngine[Any] | None:
+        # PostgreSQL < 17 treats only "C" and "POSIX" as the C locale: under C.UTF-8 or en_US.UTF-8
+        # every btree comparison copies both strings and calls strcoll. Equality is byte for byte
+        # either way (deterministic collations); "C" makes the order byte order too, and the dedup
+        # insert (one unique-index insert per message) about 10 % cheaper (docs/benchmarks.md).
+        return sa.String(length, collation="C")
+
     def error_kind(self, exc: sa.exc.DBAPIError) -> str | None:
         state = getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None)
         if not isinstance(state, str):
