@@ -159,6 +159,28 @@ class Dialect:
         return new, self.read_existing(connection, table, key_column, [k for k in keys if k not in new], values,
                                        read_column)
 
+    def update_by_keys(
+        self,
+        connection: Connection,
+        table: sa.Table,
+        key_column: str,
+        values: Mapping[str, Any],
+        column: str,
+        by_key: Mapping[Any, Any],
+    ) -> None:
+        """Set ``column`` of the row of each key of ``by_key`` (and the other primary-key columns'
+        ``values``) to that key's value: the dedup consumers' stored results. Here one UPDATE a row
+        (executemany); PostgreSQL does them all in one statement."""
+        if not by_key:
+            return
+        others = [c for c in table.primary_key.columns if c.name != key_column]
+        stmt = (table.update()
+                .where(*(c == sa.bindparam(f"_w_{c.name}", type_=c.type) for c in others),
+                       table.c[key_column] == sa.bindparam("_w_key", type_=table.c[key_column].type))
+                .values({column: sa.bindparam("_w_value", type_=table.c[column].type)}))
+        fixed = {f"_w_{c.name}": values[c.name] for c in others}
+        connection.execute(stmt, [{**fixed, "_w_key": k, "_w_value": v} for k, v in by_key.items()])
+
     def read_existing(
         self,
         connection: Connection,

@@ -196,6 +196,28 @@ class PostgreSQLDialect(Dialect):
                 read_column))
         return new, existing
 
+    def update_by_keys(
+        self,
+        connection: Connection,
+        table: sa.Table,
+        key_column: str,
+        values: Mapping[str, Any],
+        column: str,
+        by_key: Mapping[Any, Any],
+    ) -> None:
+        """One ``UPDATE ... FROM jsonb_array_elements(:rows)`` for all the keys, not one UPDATE a key.
+
+        The pairs travel as one JSONB document ``[{"k": key, "v": value}, ...]`` serialised by the
+        column type's own bind processing (the engine's ``json_serializer``), so each value is stored
+        as an UPDATE of its own would store it. Only for a JSON ``column``; anything else goes the
+        generic way.
+        """
+        if len(by_key) < 2 or not isinstance(table.c[column].type, sa.JSON):
+            return super().update_by_keys(connection, table, key_column, values, column, by_key)
+        connection.execute(_update_statement(table, key_column, tuple(values), column),
+                           {"_rows": [{"k": k, "v": v} for k, v in by_key.items()],
+                            **{f"_w_{c}": v for c, v in values.items()}})
+
     def rows_by_keys(
         self, connection: Connection, table: sa.Table, columns: Sequence[sa.ColumnElement[Any]],
         where: Sequence[sa.ColumnElement[bool]], key_column: str, keys: Sequence[Any],
@@ -285,6 +307,25 @@ def _reading_statement(table: sa.Table, key_column: str, columns: tuple[str, ...
         .select_from(rest).join(per_key, sa.true()),
     )
     per_table[cache_key] = stmt
+    return stmt
+
+
+_UPDATES: weakref.WeakKeyDictionary[sa.Table, dict[tuple[Any, ...], Any]] = weakref.WeakKeyDictionary()
+
+
+def _update_statement(table: sa.Table, key_column: str, columns: tuple[str, ...], column: str) -> Any:
+    """The statement of :meth:`PostgreSQLDialect.update_by_keys`, built once per table and columns."""
+    per_table = _UPDATES.setdefault(table, {})
+    cache_key = (key_column, columns, column)
+    stmt = per_table.get(cache_key)
+    if stmt is None:
+        rows = (sa.func.jsonb_array_elements(sa.bindparam("_rows", type_=pg.JSONB(none_as_null=True)))
+                .table_valued(sa.column("value", pg.JSONB())).render_derived(name="r"))
+        stmt = per_table[cache_key] = (
+            table.update()
+            .where(*(table.c[c] == sa.bindparam(f"_w_{c}", type_=table.c[c].type) for c in columns),
+                   table.c[key_column] == rows.c.value["k"].astext)
+            .values({column: rows.c.value["v"]}))
     return stmt
 
 
