@@ -232,7 +232,10 @@ class PostgreSQLDialect(Dialect):
         if not keys:
             return []
         key = table.c[key_column]
-        u = (sa.func.unnest(sa.bindparam("_keys", list(keys), type_=pg.ARRAY(key.type)))
+        # VARCHAR[] without the column's collation: an array cast renders it (COLLATE "C" since
+        # 0006), and an explicit collation on the keys would make the primary key unusable for the
+        # look-up on a database not yet migrated (a sequential scan per key)
+        u = (sa.func.unnest(sa.bindparam("_keys", list(keys), type_=pg.ARRAY(sa.String())))
              .table_valued("v").render_derived(name="u"))
         per_key = sa.select(*columns).where(*where, key == u.c.v).limit(1).lateral("p")
         return list(connection.execute(sa.select(*per_key.c).select_from(u).join(per_key, sa.true())).all())
