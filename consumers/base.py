@@ -323,7 +323,7 @@ class DedupCore:
                     if is_transient(exc):
                         raise
                     raise _FastPathFailed("dedup insert") from exc  # isolate the message it is about
-                results: list[dict[str, Any]] = []
+                results: dict[str, Any] = {}  # id -> result, of those with a result to store
                 dups: list[int] = []
                 fresh: dict[str, Any] = {}  # id -> result, of the messages handled in this batch
                 spans = _tracing.process_spans()  # None without OpenTelemetry: looked up once per batch
@@ -339,7 +339,7 @@ class DedupCore:
                         outcomes[i] = Outcome(m, Status.PROCESSED, result)
                         fresh[m.id] = result  # type: ignore[index]
                         if result is not None:
-                            results.append({"b_consumer": self.name, "b_message_id": m.id, "b_result": result})
+                            results[m.id] = result  # type: ignore[index]
                     else:
                         dups.append(i)
                 try:
@@ -405,7 +405,7 @@ class DedupCore:
                                          self.name)
                 session.flush()
                 if result is not None:
-                    self._store_results(conn, [{"b_consumer": self.name, "b_message_id": m.id, "b_result": result}])
+                    self._store_results(conn, {m.id: result})  # type: ignore[dict-item]
                 outcome = Outcome(m, Status.PROCESSED, result)
             else:
                 outcome = Outcome(m, Status.DUPLICATE, self._stored_results(conn, [m.id]).get(m.id))  # type: ignore[list-item,arg-type]
@@ -451,16 +451,11 @@ class DedupCore:
             deadletters.record_dead_letter(conn, self.tables, self.name, m, exc, attempts=m.attempt, now=now)
             outcomes[i] = Outcome(m, Status.DEAD, error=exc)
 
-    def _store_results(self, conn: Connection, results: list[dict[str, Any]]) -> None:
-        if not results:
-            return
-        t = self.tables.processed
-        stmt = (
-            t.update()
-            .where(t.c.consumer == sa.bindparam("b_consumer"), t.c.message_id == sa.bindparam("b_message_id"))
-            .values(result=sa.bindparam("b_result", type_=t.c.result.type))
-        )
-        conn.execute(stmt, results)
+    def _store_results(self, conn: Connection, results: dict[str, Any]) -> None:
+        """Store ``{id: result}`` in the rows of this consumer's ids (one statement on PostgreSQL)."""
+        if results:
+            self.dialect(conn).update_by_keys(conn, self.tables.processed, "message_id", {"consumer": self.name},
+                                              "result", results)
 
     def _stored_results(self, conn: Connection, ids: list[str]) -> dict[str, Any]:
         if not ids:

@@ -184,8 +184,7 @@ class StagedCore(DedupCore):
             if new:
                 result = self._bound(self.finish, session)(session, m)
                 session.flush()
-                self._store_results(conn, [{"b_consumer": self.name, "b_message_id": m.id, "b_result": result}]
-                                    if result is not None else [])
+                self._store_results(conn, {m.id: result} if result is not None else {})  # type: ignore[dict-item]
                 conn.execute(stages.delete().where(*key))
                 outcome = Outcome(m, Status.PROCESSED, result)
             else:

@@ -134,8 +134,9 @@ class OutboxTables:
         self.processed = sa.Table(
             n.processed,
             md,
-            sa.Column("consumer", ExactString(CONSUMER_LENGTH), primary_key=True),
-            sa.Column("message_id", ExactString(MESSAGE_ID_LENGTH), primary_key=True),
+            # byte_order: COLLATE "C" on PostgreSQL (migration 0006), the key of one index insert per message
+            sa.Column("consumer", ExactString(CONSUMER_LENGTH, byte_order=True), primary_key=True),
+            sa.Column("message_id", ExactString(MESSAGE_ID_LENGTH, byte_order=True), primary_key=True),
             sa.Column("processed_at", UTCDateTime(), nullable=False),
             sa.Column("result", JSONDocument(), nullable=True),
             schema=schema,

@@ -50,16 +50,28 @@ class ExactString(sa.types.TypeDecorator[str]):
     PostgreSQL and SQLite compare text that way already; MySQL/MariaDB get a binary NO PAD
     collation (see :meth:`outbox.dialects.Dialect.exact_string`), so a unique key never takes
     ``"abc"`` after ``"ABC"`` for a duplicate.
+
+    ``byte_order=True`` also *sorts* byte for byte (``COLLATE "C"`` on PostgreSQL, see
+    :meth:`outbox.dialects.Dialect.byte_order_string`): for the dedup keys, which are inserted
+    into a unique index once per message and never shown sorted. Under a libc collation such as
+    ``C.UTF-8`` or ``en_US.UTF-8`` every comparison of a btree insert goes through ``strcoll``.
     """
 
     impl = sa.String
     cache_ok = True
 
+    def __init__(self, length: int | None = None, byte_order: bool = False) -> None:
+        super().__init__(length)
+        self.byte_order = byte_order
+
     def load_dialect_impl(self, dialect: SADialect) -> sa.types.TypeEngine[Any]:
         from . import dialects
 
         length = self.impl_instance.length
-        variant = dialects.dialect_for(dialect.name).exact_string(length, dialect) if length is not None else None
+        d = dialects.dialect_for(dialect.name)
+        variant = d.exact_string(length, dialect) if length is not None else None
+        if variant is None and self.byte_order and length is not None:
+            variant = d.byte_order_string(length, dialect)
         return dialect.type_descriptor(variant if variant is not None else sa.String(length))
 
 

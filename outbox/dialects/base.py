@@ -64,6 +64,13 @@ class Dialect:
         """
         return None
 
+    @staticmethod
+    def byte_order_string(length: int, dialect: sa.engine.Dialect) -> sa.types.TypeEngine[Any] | None:
+        """The concrete type of an ``ExactString(length, byte_order=True)`` where :meth:`exact_string`
+        gives none: one that also sorts byte for byte, or ``None`` where that is already the case
+        (SQLite's BINARY collation, the binary collations of :meth:`exact_string` on MySQL/MariaDB)."""
+        return None
+
     # --- errors --------------------------------------------------------------------
     #: the driver returns JSON columns as text (parsed by the toolkit), not as Python objects
     json_as_text: ClassVar[bool] = True
@@ -151,6 +158,28 @@ class Dialect:
             return new, {}
         return new, self.read_existing(connection, table, key_column, [k for k in keys if k not in new], values,
                                        read_column)
+
+    def update_by_keys(
+        self,
+        connection: Connection,
+        table: sa.Table,
+        key_column: str,
+        values: Mapping[str, Any],
+        column: str,
+        by_key: Mapping[Any, Any],
+    ) -> None:
+        """Set ``column`` of the row of each key of ``by_key`` (and the other primary-key columns'
+        ``values``) to that key's value: the dedup consumers' stored results. Here one UPDATE a row
+        (executemany); PostgreSQL does them all in one statement."""
+        if not by_key:
+            return
+        others = [c for c in table.primary_key.columns if c.name != key_column]
+        stmt = (table.update()
+                .where(*(c == sa.bindparam(f"_w_{c.name}", type_=c.type) for c in others),
+                       table.c[key_column] == sa.bindparam("_w_key", type_=table.c[key_column].type))
+                .values({column: sa.bindparam("_w_value", type_=table.c[column].type)}))
+        fixed = {f"_w_{c.name}": values[c.name] for c in others}
+        connection.execute(stmt, [{**fixed, "_w_key": k, "_w_value": v} for k, v in by_key.items()])
 
     def read_existing(
         self,

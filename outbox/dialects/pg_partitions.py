@@ -259,7 +259,6 @@ def insert_processed(
     groups: dict[tuple[Any, ...], list[Any]] = {}
     for r in rows:
         groups.setdefault(tuple(_hashable(r[c]) for c in others), []).append(r)
-    key_type = table.c[key_column].type
     cols = ", ".join(f'"{c}"' for c in [key_column, *others])
     params_sql = ", ".join(f":v_{i}" for i in range(len(others)))
     match = " AND ".join(f'p."{c}" = :v_{i}' for i, c in enumerate(others) if table.c[c].primary_key)
@@ -271,7 +270,8 @@ def insert_processed(
         f'ON CONFLICT DO NOTHING RETURNING "{key_column}"'
     )
     stmt = sa.text(sql).bindparams(
-        sa.bindparam("ids", type_=pg.ARRAY(key_type)),
+        # no collation in the cast (see PostgreSQLDialect.rows_by_keys): the column's own applies
+        sa.bindparam("ids", type_=pg.ARRAY(sa.String())),
         *(sa.bindparam(f"v_{i}", type_=table.c[c].type) for i, c in enumerate(others)),
     )
     inserted: set[Any] = set()

@@ -26,12 +26,14 @@ from alembic.runtime.migration import MigrationContext
 
 from alembic import command
 from outbox import migrations
+from outbox.dialects import dialect_for
 from outbox.schema import OutboxTables, TableNames, default_tables
 from outbox.types import ExactString
 
 REPO = Path(__file__).resolve().parents[2]
 DOCS = REPO / "docs" / "migrations.md"
-HEAD = "0005_retention_layout"
+HEAD = "0006_byte_order_keys"
+LAYOUT = "0005_retention_layout"
 EXACT = "0003_exact_ids"
 PREVIOUS = "0002_relay_groups"
 FIRST = "0001_initial"
@@ -374,6 +376,66 @@ def test_exact_ids_on_a_latin1_database_and_back(dialect_name: str, fresh_databa
         assert {v for k, v in _collations(engine, t).items() if k in exact} == {"latin1_swedish_ci"}
         with engine.connect() as conn:
             assert sorted(conn.execute(sa.select(t.processed.c.message_id)).scalars()) == ["x", "\u00c9t\u00e9"]
+    finally:
+        engine.dispose()
+
+
+def _key_collations(engine: sa.Engine, table: str) -> dict[str, str]:
+    """PostgreSQL: the collation of the processed table's key columns (``default``: the database's)."""
+    with engine.connect() as conn:
+        return dict(conn.execute(sa.text(
+            "SELECT a.attname, c.collname FROM pg_attribute a JOIN pg_collation c ON c.oid = a.attcollation "
+            "WHERE a.attrelid = to_regclass(:t) AND a.attname IN ('consumer', 'message_id')"), {"t": table}).all())
+
+
+def _key_state(engine: sa.Engine, t: OutboxTables) -> object:
+    """What 0006 may change: the key collations (PostgreSQL), every column's collation (MariaDB), the
+    processed table's DDL (SQLite)."""
+    if engine.dialect.name == "postgresql":
+        return _key_collations(engine, t.processed.name)
+    if engine.dialect.name == "sqlite":
+        with engine.connect() as conn:
+            return conn.execute(sa.text("SELECT sql FROM sqlite_master WHERE name = :n"),
+                                {"n": t.processed.name}).scalar_one()
+    return _collations(engine, t)
+
+
+def test_0006_makes_the_dedup_keys_sort_byte_for_byte_and_its_downgrade_undoes_it(fresh_database: str) -> None:
+    """PostgreSQL: ``COLLATE "C"`` on (consumer, message_id), rows and the primary key kept; elsewhere
+    the revision changes nothing (the keys already sort byte for byte)."""
+    engine = _engine(fresh_database)
+    t = default_tables()
+    now = dt.datetime.now(dt.timezone.utc)
+    ids = ["b", "B", "a", "a ", "\u00e9", "e", "z\u00e9", "\U0001f600"]
+    pg = engine.dialect.name == "postgresql"
+    try:
+        migrations.upgrade(engine, LAYOUT)
+        before = _key_state(engine, t)
+        with engine.begin() as conn:
+            conn.execute(t.processed.insert(), [{"consumer": "c", "message_id": i, "processed_at": now} for i in ids])
+        migrations.upgrade(engine)
+        assert migrations.current(engine) == HEAD
+        if pg:
+            assert before == {"consumer": "default", "message_id": "default"}
+            assert _key_state(engine, t) == {"consumer": "C", "message_id": "C"}
+            assert _key_collations(engine, t.processed.name) == {"consumer": "C", "message_id": "C"}
+        else:
+            assert _key_state(engine, t) == before  # a no-op (MariaDB: binary since 0003; SQLite: BINARY)
+        with engine.connect() as conn:
+            got = conn.execute(sa.select(t.processed.c.message_id).order_by(t.processed.c.message_id)).scalars()
+            assert list(got) == sorted(ids)  # code point order: UTF-8 byte order
+        with engine.begin() as conn:  # the primary key is whole: a duplicate is refused, a new id is not
+            assert dialect_for(conn).insert_new_keys(
+                conn, t.processed, [{"consumer": "c", "message_id": i, "processed_at": now} for i in ("a", "A")],
+                "message_id") == {"A"}
+        migrations.downgrade(engine, LAYOUT)
+        assert migrations.current(engine) == LAYOUT
+        if pg:
+            assert _key_collations(engine, t.processed.name) == {"consumer": "default", "message_id": "default"}
+        with engine.connect() as conn:
+            assert sorted(conn.execute(sa.select(t.processed.c.message_id)).scalars()) == sorted([*ids, "A"])
+        migrations.upgrade(engine)
+        assert _diff(engine, t) == []
     finally:
         engine.dispose()
 

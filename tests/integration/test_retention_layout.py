@@ -90,7 +90,7 @@ def test_both_layouts_up_and_down_keep_every_row(fresh_database: str) -> None:
     engine = sa.create_engine(fresh_database)
     try:
         migrations.upgrade(engine)  # plain: 0005 changes nothing
-        assert migrations.current(engine) == migrations.heads()[0] == "0005_retention_layout"
+        assert migrations.current(engine) == migrations.heads()[0] == "0006_byte_order_keys"
         assert _relkind(engine, T.processed.name) == "r" and _relkind(engine, N.archive) is None
         with engine.begin() as c:
             c.execute(T.processed.insert(), [{"consumer": "c", "message_id": f"m{i}", "processed_at":
@@ -117,6 +117,32 @@ def test_both_layouts_up_and_down_keep_every_row(fresh_database: str) -> None:
         assert set(sa.inspect(engine).get_table_names()) <= {migrations.VERSION_TABLE}
     finally:
         engine.dispose()
+
+
+def _key_collations(engine: sa.Engine, table: str) -> dict[str, str]:
+    with engine.connect() as c:
+        return dict(c.execute(sa.text(
+            "SELECT a.attname, k.collname FROM pg_attribute a JOIN pg_collation k ON k.oid = a.attcollation "
+            "WHERE a.attrelid = to_regclass(:t) AND a.attname IN ('consumer', 'message_id')"), {"t": table}).all())
+
+
+def test_0006_byte_order_keys_on_the_partitioned_layout_reach_every_partition(parted: sa.Engine) -> None:
+    """``outbox db upgrade --layout partitioned``: the parent and each day partition get ``COLLATE "C"``
+    keys (the ALTER recurses); the downgrade to 0005 gives them the default back, rows kept."""
+    parts = sorted(_partitions(parted, T.processed.name))
+    assert parts
+    with parted.begin() as c:
+        assert _insert(c, ["b", "a", "\u00e9"]) == {"b", "a", "\u00e9"}
+    for name in (T.processed.name, *parts):
+        assert _key_collations(parted, name) == {"consumer": "C", "message_id": "C"}, name
+    migrations.downgrade(parted, "0005_retention_layout")
+    assert _relkind(parted, T.processed.name) == "p"
+    for name in (T.processed.name, *parts):
+        assert _key_collations(parted, name) == {"consumer": "default", "message_id": "default"}, name
+    migrations.upgrade(parted)
+    with parted.begin() as c:  # the duplicate found across the re-made keys, the new id inserted
+        assert _insert(c, ["a", "c"]) == {"c"}
+    assert _scalar(parted, f"SELECT count(*) FROM {T.processed.name}") == 4
 
 
 def test_partitioned_layout_is_refused_off_postgresql(tmp_path, dialect_name: str) -> None:
