@@ -39,6 +39,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engin
 from sqlalchemy.orm import Session
 
 from consumers import DedupConsumer, IncomingMessage
+from outbox.ids import uuid7
 
 SIDES = ("async_plain", "async_dedup", "sync_plain", "sync_dedup")
 ASYNC_DRIVERS = {"postgresql": "postgresql+psycopg", "mariadb": "mysql+asyncmy"}
@@ -56,12 +57,15 @@ class SyncSink(DedupConsumer):
         effect(session, message)
 
 
-def messages(n: int, dup_share: float, keys: int) -> list[IncomingMessage]:
+def messages(n: int, dup_share: float, keys: int, id_kind: str = "v4") -> list[IncomingMessage]:
+    """``n`` messages, ``dup_share`` of them repeating an earlier id. ``id_kind`` ``v7``: time-ordered
+    ids, what ``Outbox.add`` gives every message the relay sends; ``v4``: random ids (a foreign producer)."""
     rnd = random.Random(n)
+    make = (lambda: str(uuid7())) if id_kind == "v7" else (lambda: str(uuid.uuid4()))
     ids: list[str] = []
     out = []
     for i in range(n):
-        mid = rnd.choice(ids) if ids and rnd.random() < dup_share else str(uuid.uuid4())
+        mid = rnd.choice(ids) if ids and rnd.random() < dup_share else make()
         ids.append(mid)
         out.append(IncomingMessage(id=mid, topic="bench", key=b.key_of(i, keys), payload=b.payload_bytes(i),
                                    content_type="application/octet-stream"))
@@ -93,6 +97,8 @@ def main() -> None:
     p = b.parser(__doc__ or "", n=20_000, keys=1000)
     p.add_argument("--consumer-batch", type=int, default=500, help="messages per DB transaction (every side)")
     p.add_argument("--dup-share", type=float, default=0.10)
+    p.add_argument("--ids", choices=["v4", "v7"], default="v4",
+                   help="message ids: v4 random (a foreign producer's), v7 time-ordered (what Outbox.add makes)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--only", choices=SIDES, help="run one side only")
     p.add_argument("--interleave", action="store_true",
@@ -114,7 +120,8 @@ def main() -> None:
         for r in range(args.rounds):
             order = list(sides) if r % 2 == 0 else list(reversed(sides))
             if args.interleave:
-                work_of = {s: batches(messages(args.n, args.dup_share, args.keys), args.consumer_batch) for s in sides}
+                work_of = {s: batches(messages(args.n, args.dup_share, args.keys, args.ids), args.consumer_batch)
+                           for s in sides}
                 times: dict[str, list[float]] = {s: [] for s in sides}
                 for j in range(len(work_of[sides[0]])):
                     for side in order[j % len(order):] + order[:j % len(order)]:
@@ -126,7 +133,7 @@ def main() -> None:
                     b.note(f"round {r + 1} {side}: {rates[side][-1]:.0f} msg/s (median batch)")
                 continue
             for side in order:
-                work = batches(messages(args.n, args.dup_share, args.keys), args.consumer_batch)
+                work = batches(messages(args.n, args.dup_share, args.keys, args.ids), args.consumer_batch)
                 t0 = time.perf_counter()
                 runs[side](work)
                 rates[side].append(args.n / (time.perf_counter() - t0))
@@ -136,6 +143,7 @@ def main() -> None:
     med = {s: statistics.median(v) for s, v in rates.items()}
     b.emit("async_consumer_db", args.db)
     b.emit("async_consumer_messages", args.n)
+    b.emit("async_consumer_ids", args.ids)
     b.emit("async_consumer_batch", args.consumer_batch)
     for side in sides:
         b.emit(f"{side}_msgs_per_s", med[side])
