@@ -77,7 +77,8 @@ class RunnerBase:
         self._db_wait = backoff(0.2, 10.0, 0.2)
         self.observer: Any = None
         """optional: ``batch_done(size, outcomes)`` and ``loop_turned(runner)`` are called on the runner's
-        thread (see :class:`outbox.observability.ConsumerMetrics`)"""
+        thread, and an asyncio runner awaits ``loop_turned_async(runner)`` (if it has one) once a turn
+        after ``loop_turned`` (see :class:`outbox.observability.ConsumerMetrics`)"""
 
     # ------------------------------------------------------------------ one batch, before and after
     def db_failed(self, exc: Exception, size: int, attempt: int) -> float:
@@ -312,8 +313,15 @@ class AsyncRunnerCore(RunnerBase):
         return outcomes
 
     async def maybe_process_requeued(self) -> None:
-        """Every ``requeue_interval`` seconds, try this consumer's requeued dead letters (if it can)."""
-        if not self.requeue_due():
+        """Every ``requeue_interval`` seconds, try this consumer's requeued dead letters (if it can).
+
+        Both asyncio runners call it once per loop turn: the observer's ``loop_turned_async`` (the lag
+        or queue-depth read, awaited without blocking the loop) is awaited here too."""
+        due = self.requeue_due()
+        observe = getattr(self.observer, "loop_turned_async", None)
+        if observe is not None:
+            await observe(self)
+        if not due:
             return
         requeued = getattr(self.consumer, "process_requeued", None)
         if requeued is None:

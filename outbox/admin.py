@@ -106,6 +106,20 @@ def _aware(ts: dt.datetime | None) -> dt.datetime | None:
     return ts
 
 
+def _archived(conn: sa.Connection, tables: OutboxTables) -> tuple[str, int]:
+    """The layout, and the published rows the partitioned layout's trigger moved into the archive
+    (0 on the plain layout). An exact count: the archive's ``message_id`` index serves it."""
+    if conn.dialect.name != "postgresql":
+        return "plain", 0
+    from .dialects.pg_partitions import PartitionNames, is_partitioned
+
+    if not is_partitioned(conn, tables.names, cached=False):
+        return "plain", 0
+    n = PartitionNames.of(tables.names)
+    count = conn.execute(sa.text(f"SELECT count(*) FROM {n.q(n.archive)}")).scalar_one()  # noqa: S608 - validated, quoted names
+    return "partitioned", int(count)
+
+
 def outbox_status(engine: Engine, *, tables: OutboxTables | None = None) -> dict[str, Any]:
     """Pending, due, blocked and dead counts, the oldest pending age, live relays and partition leases.
 
@@ -114,8 +128,10 @@ def outbox_status(engine: Engine, *, tables: OutboxTables | None = None) -> dict
     ``blocked_by`` says what blocks them (see :func:`blocked_rows`). ``waiting`` counts pending rows
     not due yet (retry backoffs and delays; the next due at ``waiting_next_due_at``), ``delayed``
     those of them never tried (written with a delay). Each relay has ``alive``, ``lease_expired``
-    and ``heartbeat_age_s``; ``relays_by_group`` counts them per group. The shape is documented in
-    docs/operations.md ("status JSON").
+    and ``heartbeat_age_s``; ``relays_by_group`` counts them per group. ``layout`` is ``partitioned``
+    after ``outbox db upgrade --layout partitioned`` (else ``plain``): published rows kept in audit mode
+    are then in the archive table, counted in ``archived`` and in ``published``. The shape is documented
+    in docs/operations.md ("status JSON").
     """
     t = tables or default_tables()
     o, le, r = t.outbox, t.leases, t.relays
@@ -141,6 +157,7 @@ def outbox_status(engine: Engine, *, tables: OutboxTables | None = None) -> dict
         ).one()
         dead = conn.execute(sa.select(sa.func.count()).where(o.c.status == STATUS_DEAD)).scalar_one()
         published = conn.execute(sa.select(sa.func.count()).where(o.c.status == STATUS_PUBLISHED)).scalar_one()
+        layout, archived = _archived(conn, t)
         unknown = conn.execute(sa.select(sa.func.count()).where(o.c.status.not_in(KNOWN_STATUSES))).scalar_one()
         relays = [dict(row._mapping) for row in conn.execute(sa.select(r).order_by(r.c.relay_id))]
         leases = [dict(row._mapping) for row in conn.execute(sa.select(le).order_by(le.c.relay_group, le.c.partition))]
@@ -179,7 +196,9 @@ def outbox_status(engine: Engine, *, tables: OutboxTables | None = None) -> dict
         "delayed": scheduled,
         "delayed_next_due_at": _aware(next_scheduled),
         "dead": dead,
-        "published": published,
+        "published": published + archived,
+        "archived": archived,
+        "layout": layout,
         "unknown_status": unknown,
         "oldest_pending_at": oldest,
         "oldest_pending_age_s": (now - oldest).total_seconds() if oldest is not None else None,

@@ -338,7 +338,7 @@ class Relay:
         conn = self.engine.connect()
         batch = _Batch(conn, conn.begin(), held)
         try:
-            batch.records = self._claim(conn, held, _now())
+            batch.records = self._claim(conn, held, _now(), batch.on_commit)
             batch.claimed_at = self._claimed_at
             batch.held = self._locked
             if not batch.records:
@@ -373,7 +373,7 @@ class Relay:
         conn = self.engine.connect()
         ahead = _Batch(conn, conn.begin(), batch.held)
         try:
-            records = self._claim_rows(conn, batch.held, _now(), ahead=True)
+            records = self._claim_rows(conn, batch.held, _now(), ahead.on_commit, ahead=True)
             ahead.claimed_at = self._claimed_at
         except BaseException:
             ahead.abandon()
@@ -471,7 +471,8 @@ class Relay:
             self.dialect.update_ids(conn, o, chunk, {"available_at": DUE_NOW})
         return {r[1] for r in rows}
 
-    def _claim(self, conn: Connection, held: list[int], now: dt.datetime) -> list[OutboxRecord]:
+    def _claim(self, conn: Connection, held: list[int], now: dt.datetime,
+               on_commit: list[Callable[[], None]]) -> list[OutboxRecord]:
         # Lock our lease rows first: while this transaction (claim, publish, mark) is open nobody
         # can take these partitions over, and leases we lost while we were not looking (a pause
         # before this round) are not claimed from. See LeaseManager.lock_for_claim.
@@ -479,11 +480,12 @@ class Relay:
         if not held:
             return []
         self._note_acquired()
-        return self._claim_rows(conn, held, now) or []
+        return self._claim_rows(conn, held, now, on_commit) or []
 
-    def _claim_rows(self, conn: Connection, held: list[int], now: dt.datetime, *,
-                    ahead: bool = False) -> list[OutboxRecord] | None:
-        """Claim due rows of the locked partitions ``held``.
+    def _claim_rows(self, conn: Connection, held: list[int], now: dt.datetime,
+                    on_commit: list[Callable[[], None]], *, ahead: bool = False) -> list[OutboxRecord] | None:
+        """Claim due rows of the locked partitions ``held``; what to count and log once the claim's
+        transaction commits goes to ``on_commit`` (see :meth:`_decode`).
 
         ``ahead``: a claim while the previous batch is in flight (see :meth:`_claim_ahead`), which
         must not re-read any partition from before the watermark: if the look-up of delayed rows
@@ -529,7 +531,7 @@ class Relay:
         self._active_partitions = {r.partition for r in rows}
         if len(rows) < self.config.batch_size:  # not a full drain: look for delayed rows next time
             self._refresh_due = True
-        return self._decode(conn, rows)
+        return self._decode(conn, rows, on_commit)
 
     def _note_acquired(self) -> None:
         """Partitions (re)acquired since the last claim, from anyone, become suspect (see below)."""
@@ -770,15 +772,26 @@ class Relay:
         savepoint.commit()
         return None
 
-    def _give_up_row(self, conn: Connection, rid: int, reason: str, *, delivered: bool = False) -> None:
-        """Mark one row dead with ``reason`` (a minimal update); if even that fails, never claim it again here."""
+    def _give_up_row(self, conn: Connection, rid: int, reason: str, *, delivered: bool = False,
+                     on_commit: list[Callable[[], None]] | None = None) -> None:
+        """Mark one row dead with ``reason`` (a minimal update); if even that fails, never claim it again here.
+
+        ``on_commit``: count and log the dead row only when the transaction commits (appended there),
+        not now: a claim made ahead may be rolled back, and the next claim marks the row dead again.
+        """
         o = self.tables.outbox
         reason = _short(reason)
         err = self._attempt(conn, lambda: self.dialect.update_ids(
             conn, o, [rid], {"status": STATUS_DEAD, "last_error": reason}))
         if err is None:
-            self.stats.dead += 1
-            log.error("row %d marked dead (see `outbox dead list`): %s", rid, reason)
+            def done() -> None:
+                self.stats.dead += 1
+                log.error("row %d marked dead (see `outbox dead list`): %s", rid, reason)
+
+            if on_commit is None:
+                done()
+            else:
+                on_commit.append(done)
             return
         self._unmarkable[rid] = delivered
         log.error("row %d cannot be updated at all (%s); this relay will not claim it again until it restarts. "
@@ -795,8 +808,9 @@ class Relay:
             self.on_published(delivered)
 
     # ------------------------------------------------------------------ undecodable rows
-    def _decode(self, conn: Connection, rows: Sequence[Any]) -> list[OutboxRecord]:
-        """Claimed rows as records; rows that cannot be decoded are marked dead here (same transaction).
+    def _decode(self, conn: Connection, rows: Sequence[Any], on_commit: list[Callable[[], None]]) -> list[OutboxRecord]:
+        """Claimed rows as records; rows that cannot be decoded are marked dead here (same transaction),
+        counted and logged by ``on_commit`` once it commits.
 
         In strict ordering, later claimed rows of a dead row's (topic, key) stay pending, untouched,
         behind it; rows this relay could not mark at all are left out.
@@ -820,7 +834,7 @@ class Relay:
                 if strict and isinstance(r.key, str):
                     held_back.add((r.topic, r.key))
         for rid, reason in bad:
-            self._give_up_row(conn, rid, reason)
+            self._give_up_row(conn, rid, reason, on_commit=on_commit)
         if bad or held_back:
             self._refresh_due = True
         return records
@@ -951,6 +965,8 @@ class _Batch:
         """the partitions whose lease rows the claim's transaction locked (or relies on being locked)"""
         self.records: list[OutboxRecord] = []
         self.claimed_at = 0.0
+        self.on_commit: list[Callable[[], None]] = []
+        """run once the transaction committed (counts and log lines of what it changed); dropped on rollback"""
 
     def end(self, *, commit: bool) -> None:
         try:
@@ -960,6 +976,10 @@ class _Batch:
                 self.tx.rollback()
         finally:
             self.conn.close()
+        if commit:
+            done, self.on_commit = self.on_commit, []
+            for fn in done:
+                fn()
 
     def abort(self, exc: BaseException) -> BaseException:
         """Roll back after ``exc``; return the rollback's own error if it failed (the session is gone), else ``exc``."""

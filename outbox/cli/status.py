@@ -7,6 +7,7 @@ from typing import Any
 
 from .._redact import mask_secrets
 from ..admin import outbox_status
+from ..dialects.pg_partitions import PartitionNames
 from ..errors import ConfigurationError, OutboxError
 from ..leases import _ranges
 from ._common import add_db_args, one_line, open_database, parse_duration, print_json, tables_from_args
@@ -129,8 +130,9 @@ def run(args: argparse.Namespace) -> int:
     if any(v is not None for v in (args.max_age, args.max_dead, args.max_blocked)):
         raise ConfigurationError("--max-age, --max-dead and --max-blocked go with --check")
     engine = open_database(args)
+    tables = tables_from_args(args)
     try:
-        st = outbox_status(engine, tables=tables_from_args(args))
+        st = outbox_status(engine, tables=tables)
     finally:
         engine.dispose()
     if args.json:
@@ -156,7 +158,9 @@ def run(args: argparse.Namespace) -> int:
     if st.get("unknown_status"):
         print(f"unknown status: {st['unknown_status']}  (not sent; the relay marks them dead with the reason)")
     if st.get("published"):
-        print(f"published:      {st['published']}  (kept in audit mode)")
+        archive = PartitionNames.of(tables.names).archive if st["archived"] else ""
+        print(f"published:      {st['published']}  (kept in audit mode"
+              + (f"; {st['archived']} of them in {archive})" if archive else ")"))
     print(f"partitions:     {st['partitions']}")
     live = [r for r in st["relays"] if r["alive"]]
     print(f"relays:         {len(live)} alive" + (f", {len(st['relays']) - len(live)} expired"

@@ -17,6 +17,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import datetime as dt
+import inspect
 import logging
 import math
 import re
@@ -536,43 +537,77 @@ class ConsumerMetrics:
         if self.health is not None:
             self.health.loop_turned()
         self.last_loop.labels(consumer=self.name).set(time.time())
-        now = time.monotonic()
-        if now < self._next_lag:
-            return
-        self._next_lag = now + self.lag_interval
+        if _reads_async(runner) or not self._lag_due():
+            return  # an asyncio runner's reads are awaited in loop_turned_async
         try:
             self._read_lag(runner)
         except Exception as exc:
-            self.broker_problem = f"broker unreachable: {' '.join(mask_secrets(exc).split())[:300]}"
+            self._unreachable(exc)
+
+    async def loop_turned_async(self, runner: Any) -> None:
+        """An asyncio runner's turn (after :meth:`loop_turned`): every ``lag_interval`` seconds, await
+        its ``lag()`` / ``queue_depth()`` coroutines. They wait on the broker without blocking the loop
+        (confluent-kafka's AIOConsumer runs its calls in worker threads; aio-pika is asyncio)."""
+        if not _reads_async(runner) or not self._lag_due():
+            return
+        try:
+            lag = getattr(runner, "lag", None)
+            if lag is not None:
+                self._set_lag(await lag())
+            depth = getattr(runner, "queue_depth", None)
+            if depth is not None:
+                self._set_depth(runner, await depth())
+        except Exception as exc:
+            self._unreachable(exc)
+
+    def _lag_due(self) -> bool:
+        now = time.monotonic()
+        if now < self._next_lag:
+            return False
+        self._next_lag = now + self.lag_interval
+        return True
+
+    def _unreachable(self, exc: Exception) -> None:
+        self.broker_problem = f"broker unreachable: {' '.join(mask_secrets(exc).split())[:300]}"
 
     def _read_lag(self, runner: Any) -> None:
         lag = getattr(runner, "lag", None)
         if lag is not None:
-            values = lag()
-            if values is None:
-                self.broker_problem = "not connected to Kafka"
-                return
-            seen = set()
-            for (topic, partition), n in values.items():
-                key = (topic, str(partition))
-                seen.add(key)
-                self.lag.labels(consumer=self.name, topic=topic, partition=str(partition)).set(n)
-            for topic, partition in self._lag_labels - seen:  # revoked partitions leave the series
-                with contextlib.suppress(KeyError):
-                    self.lag.remove(self.name, topic, partition)
-            self._lag_labels = seen
-            self.broker_problem = None
+            self._set_lag(lag())
         depth = getattr(runner, "queue_depth", None)
         if depth is not None:
-            n = depth()
-            if n is None:
-                self.broker_problem = "not connected to RabbitMQ"
-                return
-            self.depth.labels(consumer=self.name, queue=runner.queue).set(n)
-            self.broker_problem = None
+            self._set_depth(runner, depth())
+
+    def _set_lag(self, values: dict[tuple[str, int], int] | None) -> None:
+        if values is None:
+            self.broker_problem = "not connected to Kafka"
+            return
+        seen = set()
+        for (topic, partition), n in values.items():
+            key = (topic, str(partition))
+            seen.add(key)
+            self.lag.labels(consumer=self.name, topic=topic, partition=str(partition)).set(n)
+        for topic, partition in self._lag_labels - seen:  # revoked partitions leave the series
+            with contextlib.suppress(KeyError):
+                self.lag.remove(self.name, topic, partition)
+        self._lag_labels = seen
+        self.broker_problem = None
+
+    def _set_depth(self, runner: Any, n: int | None) -> None:
+        if n is None:
+            self.broker_problem = "not connected to RabbitMQ"
+            return
+        self.depth.labels(consumer=self.name, queue=runner.queue).set(n)
+        self.broker_problem = None
 
     def broker_check(self) -> str | None:
         return self.broker_problem
+
+
+def _reads_async(runner: Any) -> bool:
+    """Whether ``runner``'s lag or queue-depth read is a coroutine function (an asyncio runner's)."""
+    read = getattr(runner, "lag", None) or getattr(runner, "queue_depth", None)
+    return read is not None and inspect.iscoroutinefunction(read)
 
 
 def _catalogue() -> tuple[Any, ...]:

@@ -64,7 +64,7 @@ STATUS_KEYS = {
     "pending", "due", "retrying", "blocked", "blocked_by", "blocked_by_topic", "waiting", "waiting_next_due_at",
     "delayed", "delayed_next_due_at", "dead", "published", "unknown_status", "oldest_pending_at",
     "oldest_pending_age_s", "relays", "relays_by_group", "partitions", "partition_owners", "unowned_partitions",
-    "unowned_partitions_by_group",
+    "unowned_partitions_by_group", "layout", "archived",
 }
 BLOCKER_KEYS = {"topic", "key", "blocking_id", "message_id", "blocking_status", "reason", "attempts", "retry_at",
                 "blocking_created_at", "blocked", "waiting_since"}
@@ -108,6 +108,7 @@ def test_status_shows_the_dead_message_that_blocks_a_key(one_dead_blocking, db_u
     assert code == 0 and set(st) == STATUS_KEYS, set(st) ^ STATUS_KEYS
     assert (st["pending"], st["blocked"], st["dead"], st["due"]) == (3, 2, 1, 0)
     assert (st["waiting"], st["delayed"]) == (1, 1) and st["waiting_next_due_at"] is not None
+    assert (st["layout"], st["archived"], st["published"]) == ("plain", 0, 0)
     assert st["blocked_by_topic"] == {"orders": {"blocked": 2, "blockers": 1,
                                                  "waiting_since": st["blocked_by"][0]["waiting_since"]}}
     [b] = st["blocked_by"]

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -157,3 +159,78 @@ def test_a_failure_in_a_batch_rolls_back_the_batch_claimed_ahead_unpublished(
 
 def k0_sends(pub: MemoryPublisher) -> list[int]:
     return [json.loads(m.payload)["seq"] for m in pub.snapshot() if m.key == "k0"]
+
+
+def test_an_undecodable_row_of_a_batch_claimed_ahead_and_rolled_back_is_counted_and_logged_once(
+        pg: sa.Engine, caplog: pytest.LogCaptureFixture) -> None:
+    """The claim made ahead marks its undecodable rows dead in its own transaction; when that claim is
+    rolled back (here: the batch in flight was not delivered whole), the marks are undone and the next
+    claim marks those rows dead again. Only the committed mark may count (``stats.dead``, the log line)."""
+    n = 300
+    with Session(pg) as s, s.begin():  # the rows after the first 100 on keys of their own: strict
+        # ordering holds nothing back behind a dead one, so every bad row is reached
+        Outbox().add_many(s, [OutgoingMessage("orders", {"seq": i}, key=f"k{i % 10}" if i < 100 else f"u{i}")
+                              for i in range(n)])
+    with pg.connect() as c:
+        ids = {json.loads(bytes(p))["seq"]: i for i, p in c.execute(sa.select(T.c.id, T.c.payload))}
+    bad = {ids[i] for i in range(101, n, 2)}  # good and bad rows mixed in every batch after the first
+    with pg.begin() as c:
+        c.execute(sa.text("UPDATE outbox_messages SET headers = '\"x\"'::jsonb WHERE id = ANY(:ids)"),
+                  {"ids": sorted(bad)})
+    pub = TwoStepPublisher()
+    pub.fail(lambda r: r.id == ids[0], Outcome.RETRY, "broker said no", times=1)  # the first batch's first row
+    relay = CountingRelay(pg, pub, config=RelayConfig(**FAST))
+    with caplog.at_level(logging.ERROR, logger="outbox.relay"):
+        relay.run_once()
+        assert relay.claimed_ahead == 1 and relay.resumed == 0  # claimed ahead, then rolled back
+        relay.drain()
+    relay.close()
+    with pg.connect() as c:
+        dead = set(c.execute(sa.select(T.c.id).where(T.c.status == "dead")).scalars())
+    assert dead == bad
+    logged = [r.args[0] for r in caplog.records
+              if r.msg.startswith("row %d marked dead") and isinstance(r.args, tuple)]
+    assert sorted(logged) == sorted(bad), f"{len(logged)} log lines for {len(bad)} dead rows"
+    assert relay.stats.dead == len(bad)
+
+
+def test_a_claim_made_ahead_never_waits_on_a_row_the_batch_in_flight_promoted(pg: sa.Engine) -> None:
+    """A retried row whose backoff ran out is promoted (``available_at = DUE_NOW``) and claimed by the
+    sequential claim, whose transaction then holds its lock while the batch is out. If the send takes
+    longer than the delayed-row look-up interval (``REFRESH``), the claim made ahead looks again and
+    finds the row still delayed in its snapshot; had it promoted it too, its UPDATE would wait on the
+    batch in flight's transaction, which waits on it (the same thread), until the server ended the
+    session. With the default settings: only the send is slow. ``lock_timeout`` makes such a wait an
+    error at once instead of a stall."""
+    import outbox.relay as relay_module
+
+    ids = add(pg, 300, keys=300)
+    retried = ids[0]  # the first batch's first row, tried once, its backoff over
+    with pg.begin() as c:
+        c.execute(T.update().where(T.c.id == retried).values(
+            attempts=1, available_at=dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=1)))
+
+    class SlowSend(TwoStepPublisher):
+        def begin_publish(self, records: Sequence[OutboxRecord], *,
+                          timeout: float = 30.0) -> Callable[[], list[PublishResult]]:
+            time.sleep(2 * relay_module.REFRESH)  # the send itself is slow (a broker applying back-pressure)
+            return super().begin_publish(records, timeout=timeout)
+
+    pub = SlowSend()
+    relay = CountingRelay(pg, pub, config=RelayConfig(**FAST))
+
+    @sa.event.listens_for(relay.engine, "connect")
+    def _lock_timeout(dbapi_conn: Any, _record: Any) -> None:
+        with dbapi_conn.cursor() as cur:
+            cur.execute("SET lock_timeout = '1s'")
+        dbapi_conn.commit()
+
+    try:
+        assert relay.drain(timeout=60) == 300
+    except sa.exc.DBAPIError as exc:
+        pytest.fail(f"the claim made ahead waited on a row the batch in flight holds: {exc.orig}")
+    finally:
+        relay.close()
+    assert relay.resumed >= 1, "nothing was claimed ahead: the test did not exercise the pipeline"
+    seqs = sorted(json.loads(m.payload)["seq"] for m in pub.snapshot())
+    assert seqs == list(range(300))

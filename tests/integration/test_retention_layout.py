@@ -10,6 +10,7 @@ moving published rows into the archive in the mark's own transaction.
 from __future__ import annotations
 
 import datetime as dt
+import json
 import threading
 import time
 import uuid
@@ -307,3 +308,25 @@ def test_relay_audit_mode_moves_published_rows_to_the_archive(parted: sa.Engine)
     assert admin.outbox_status(parted)["pending"] == 0
     # published today: not purged by a 1-day window
     assert purge_published(parted, older_than=dt.timedelta(days=1)) == 0
+
+
+def test_status_counts_the_archived_rows(parted: sa.Engine, capsys) -> None:
+    """Published rows in audit mode leave the outbox table for the archive: ``outbox status`` counts them
+    there (``published`` is every row kept after sending; ``archived`` those of them in the archive)."""
+    box = Outbox()
+    with Session(parted) as s, s.begin():
+        box.add_many(s, [OutgoingMessage("orders", {"seq": i}, key=f"k{i % 3}") for i in range(12)])
+    relay = Relay(parted, MemoryPublisher(), config=RelayConfig(delete_published=False, progress_interval=0,
+                                                                lease_ttl=3.0))
+    assert relay.drain() == 12
+    relay.close()
+    with Session(parted) as s, s.begin():  # two more, not sent
+        box.add_many(s, [OutgoingMessage("orders", {"seq": i}) for i in range(2)])
+    st = admin.outbox_status(parted)
+    assert (st["layout"], st["published"], st["archived"], st["pending"]) == ("partitioned", 12, 12, 2)
+    url = parted.url.render_as_string(hide_password=False)
+    assert main(["status", "--db", url, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert (out["layout"], out["published"], out["archived"], out["pending"]) == ("partitioned", 12, 12, 2)
+    assert main(["status", "--db", url]) == 0
+    assert f"published:      12  (kept in audit mode; 12 of them in {N.archive})" in capsys.readouterr().out

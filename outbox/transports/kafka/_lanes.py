@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from confluent_kafka import KafkaError, KafkaException, Producer
+from confluent_kafka import KafkaError, KafkaException, Producer, TopicPartition
 
 from consumers._runner import check_str, check_topics
 from consumers.base import Outcome, Status
@@ -52,6 +52,12 @@ def producer_config(config: dict[str, Any], bootstrap_servers: str) -> dict[str,
     return {**conf, "bootstrap.servers": bootstrap_servers}
 
 
+def partition_lag(committed: int, low: int, high: int) -> int:
+    """High watermark minus the committed offset; a partition with no committed offset (negative)
+    counts from its low watermark."""
+    return max(0, int(high) - int(committed if committed >= 0 else low))
+
+
 class KafkaSetup:
     """The settings both Kafka runners take (a mixin of theirs); ``self.consumer`` is set before."""
 
@@ -72,6 +78,10 @@ class KafkaSetup:
                              DeadLetterSender(dead_letter_topic, self.config, self.bootstrap_servers,
                                               self.consumer.name))
         self.lanes = Lanes()
+
+    def lag_partitions(self) -> list[TopicPartition]:
+        """The assigned partitions whose lag the runners report, in order."""
+        return [TopicPartition(t, p) for t, p in sorted(self.lanes.assigned)]
 
     def partitions_assigned(self, partitions: Iterable[Any]) -> None:
         """A rebalance gave this runner ``partitions`` (confluent ``TopicPartition`` objects)."""

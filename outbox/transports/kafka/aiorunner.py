@@ -33,7 +33,7 @@ from outbox.errors import BrokerUnavailable
 from outbox.incoming import IncomingMessage
 from outbox.transports.base import Codec
 
-from ._lanes import KafkaSetup
+from ._lanes import KafkaSetup, partition_lag
 
 __all__ = ["AsyncKafkaRunner"]
 
@@ -66,6 +66,7 @@ class AsyncKafkaRunner(KafkaSetup, AsyncRunnerCore):
                          requeue_interval=requeue_interval)
         self.setup_kafka(bootstrap_servers=bootstrap_servers, topics=topics, group_id=group_id, config=config,
                          dead_letter_topic=dead_letter_topic, codec=codec)
+        self._kc: Any = None
 
     # ------------------------------------------------------------------ rebalance callbacks (on the loop)
     async def _on_assign(self, kc: Any, partitions: list[TopicPartition]) -> None:
@@ -80,7 +81,7 @@ class AsyncKafkaRunner(KafkaSetup, AsyncRunnerCore):
         from confluent_kafka.aio import AIOConsumer
 
         self._started()
-        kc = AIOConsumer({**self.config, "logger": log}, max_workers=2)
+        kc = self._kc = AIOConsumer({**self.config, "logger": log}, max_workers=2)
         try:
             await kc.subscribe(self.topics, on_assign=self._on_assign, on_revoke=self._on_revoke,
                                on_lost=self._on_revoke)
@@ -100,6 +101,7 @@ class AsyncKafkaRunner(KafkaSetup, AsyncRunnerCore):
                 if self.dead_letters is not None:
                     await asyncio.to_thread(self.dead_letters.send, outcomes)
         finally:
+            self._kc = None
             try:
                 await kc.close()
             except (KafkaException, RuntimeError) as exc:  # pragma: no cover - best effort
@@ -107,6 +109,24 @@ class AsyncKafkaRunner(KafkaSetup, AsyncRunnerCore):
             if self.dead_letters is not None:
                 await asyncio.to_thread(self.dead_letters.close)
             log.info("consumer %s: stopped (%s)", self.consumer.name, self.stats)
+
+    async def lag(self, timeout: float = 2.0) -> dict[tuple[str, int], int] | None:
+        """Per assigned partition: high watermark minus committed offset, as the threaded runner's
+        :meth:`~outbox.transports.kafka.runner.KafkaRunner.lag`; the blocking client calls run in the
+        AIOConsumer's worker threads, so the loop goes on meanwhile. Awaited between batches (by the
+        metrics observer), never while ``consume()`` or ``close()`` is in flight. ``None`` when not consuming."""
+        kc = self._kc
+        if kc is None:
+            return None
+        tps = self.lag_partitions()
+        if not tps:
+            return {}
+        out: dict[tuple[str, int], int] = {}
+        for tp in await kc.committed(tps, timeout=timeout):
+            low, high = await kc.get_watermark_offsets(TopicPartition(tp.topic, tp.partition), timeout=timeout,
+                                                       cached=False)
+            out[(tp.topic, tp.partition)] = partition_lag(tp.offset, low, high)
+        return out
 
     async def _poll(self, kc: Any) -> list[IncomingMessage]:
         try:

@@ -311,13 +311,16 @@ class KafkaPublisher:
 
     def _recreate(self) -> None:
         old, self._producer = self._producer, None
-        self._broken = None
         if old is not None:
             try:
                 old.purge()
                 self._serve(old, 0)
             except KafkaException:
                 pass
+        # Cleared only now: the old producer's last callbacks, served just above, may report it broken
+        # again (its UNKNOWN_PRODUCER_ID delivery report arriving after the fatal error). That is about
+        # the old producer; charged to the new one it made the resend round give up at once.
+        self._broken = None
         self._producer = self._new_producer()
 
     # ------------------------------------------------------------------ serving while idle

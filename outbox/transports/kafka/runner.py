@@ -30,7 +30,7 @@ from outbox.errors import BrokerUnavailable
 from outbox.incoming import IncomingMessage
 from outbox.transports.base import Codec
 
-from ._lanes import KafkaSetup
+from ._lanes import KafkaSetup, partition_lag
 
 __all__ = ["KafkaRunner"]
 
@@ -153,13 +153,12 @@ class KafkaRunner(KafkaSetup, RunnerCore):
         kc = self._kc
         if kc is None:
             return None
-        tps = [TopicPartition(t, p) for t, p in sorted(self.lanes.assigned)]
+        tps = self.lag_partitions()
         if not tps:
             return {}
         out: dict[tuple[str, int], int] = {}
         for tp in kc.committed(tps, timeout=timeout):
             low, high = kc.get_watermark_offsets(TopicPartition(tp.topic, tp.partition), timeout=timeout,
                                                  cached=False)
-            offset = tp.offset if tp.offset >= 0 else low
-            out[(tp.topic, tp.partition)] = max(0, int(high) - int(offset))
+            out[(tp.topic, tp.partition)] = partition_lag(tp.offset, low, high)
         return out

@@ -72,6 +72,7 @@ class AsyncRabbitMQRunner(RabbitMQSetup, AsyncRunnerCore):
                             raw_message_id=lambda m: getattr(m.raw, "message_id", None))
         self._pika = _aio_pika()
         self._conn: Any = None
+        self._queue: Any = None  # the consumed queue (aio-pika's robust queue: restored on reconnect)
         self._arrived: asyncio.Event | None = None
 
     # ------------------------------------------------------------------ connection
@@ -109,6 +110,7 @@ class AsyncRabbitMQRunner(RabbitMQSetup, AsyncRunnerCore):
             await chan.set_qos(prefetch_count=self.prefetch)
             queue = await chan.get_queue(self.queue, ensure=True)
             await queue.consume(self._on_message, no_ack=False)
+            self._queue = queue
         except BaseException:
             await _close_quietly(conn)
             raise
@@ -131,6 +133,16 @@ class AsyncRabbitMQRunner(RabbitMQSetup, AsyncRunnerCore):
         self.connections += 1
         log.info("consumer %s: reconnected to RabbitMQ", self.consumer.name)
 
+    async def queue_depth(self, timeout: float = 5.0) -> int | None:
+        """Messages ready in the queue, as the threaded runner's
+        :meth:`~outbox.transports.rabbitmq.runner.RabbitMQRunner.queue_depth`: a passive declare on the
+        consuming channel, awaited (the loop goes on meanwhile); ``None`` when not connected."""
+        conn, queue = self._conn, self._queue
+        if conn is None or queue is None or conn.is_closed:
+            return None
+        ok = await queue.declare(timeout=timeout)  # passive, as get_queue made it
+        return int(ok.message_count)
+
     # ------------------------------------------------------------------ loop
     async def run(self) -> None:
         """Consume until :meth:`stop`; the batch in hand is finished (DB commit, ack) first."""
@@ -141,7 +153,7 @@ class AsyncRabbitMQRunner(RabbitMQSetup, AsyncRunnerCore):
                 while not self.stopping:
                     await self._step()
         finally:
-            conn, self._conn = self._conn, None
+            conn, self._conn, self._queue = self._conn, None, None
             self.deliveries.clear()
             if conn is not None:
                 await _close_quietly(conn)

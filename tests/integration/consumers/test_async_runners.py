@@ -4,6 +4,7 @@ SQLite through aiosqlite for ``outbox consume``)."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import subprocess
@@ -285,6 +286,131 @@ async def test_metrics_observer_counts_the_async_runner(aengine, effects, count_
     assert value("processed") == 7 and value("duplicate") == 1
     assert metrics.registry.get_sample_value("outbox_consumer_last_loop_timestamp_seconds",
                                              {"consumer": consumer.name}) > 0
+
+
+class Ticker:
+    """A task on the runner's loop that notes the longest gap between its 10 ms ticks: a call that
+    blocked the loop shows as a gap as long as the call."""
+
+    def __init__(self) -> None:
+        self.max_gap = 0.0
+        self.task: asyncio.Task | None = None
+
+    async def _run(self) -> None:
+        last = time.monotonic()
+        while True:
+            await asyncio.sleep(0.01)
+            now = time.monotonic()
+            self.max_gap, last = max(self.max_gap, now - last), now
+
+    async def __aenter__(self) -> Ticker:
+        self.task = asyncio.create_task(self._run())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.task is not None
+        self.task.cancel()
+
+
+@PG
+@pytest.mark.kafka
+async def test_kafka_lag_gauge_of_the_async_runner(aengine, effects, count_effects, produce, kafka_bootstrap,
+                                                   kafka_topic, kafka_config):
+    """The lag gauge as the threaded runner exports it, read every ``lag_interval`` seconds: seen above 0, then
+    0 on every partition once all is consumed."""
+    pytest.importorskip("prometheus_client")
+    from outbox.observability import ConsumerMetrics
+
+    class Slow(AsyncRecorder):  # slow enough that the lag is seen above 0 before it reaches 0
+        async def handle(self, session, message):
+            await asyncio.sleep(0.03)
+            return await super().handle(session, message)
+
+    class Counting(AsyncKafkaRunner):
+        reads: list[float] = []
+
+        async def lag(self, timeout: float = 2.0):
+            self.reads.append(time.monotonic())
+            return await super().lag(timeout)
+
+    produce(kafka_topic, kitems(30))
+    consumer = Slow()
+    runner = Counting(consumer, engine=aengine, bootstrap_servers=kafka_bootstrap, topics=[kafka_topic],
+                      group_id=f"g-{uuid.uuid4().hex[:8]}", config=kafka_config, batch_size=8, batch_timeout=0.2)
+    metrics = ConsumerMetrics(consumer.name, lag_interval=0.2)
+    metrics.install(runner)
+    seen: list[float] = []
+
+    def caught_up() -> bool:
+        lags = [metrics.registry.get_sample_value("outbox_consumer_lag_messages", {
+            "consumer": consumer.name, "topic": kafka_topic, "partition": str(p)}) for p in range(3)]
+        seen.extend(v for v in lags if v is not None)
+        return count_effects() == 30 and lags == [0, 0, 0]
+
+    async with Running(runner):
+        await until(caught_up, 90, "30 effects and a lag of 0 on all 3 partitions")
+    assert max(seen) > 0, "the lag was never seen above 0"
+    gaps = [b - a for a, b in itertools.pairwise(runner.reads)]
+    assert len(gaps) >= 2 and min(gaps) >= 0.2, f"not read every 0.2 s: {gaps}"
+    assert metrics.broker_check() is None
+
+
+@PG
+@pytest.mark.rabbitmq
+async def test_rabbitmq_queue_depth_gauge_of_the_async_runner_never_blocks_the_loop(
+        aengine, effects, count_effects, rabbitmq_url, queue, rabbitmq_proxy):
+    """The queue-depth gauge as the threaded runner exports it: the passive declare is awaited, so while
+    the broker does not answer (our proxy stalls the connection) a read waits and the loop goes on; the
+    gauge comes back once the broker answers."""
+    pytest.importorskip("prometheus_client")
+    from outbox.observability import ConsumerMetrics
+
+    class Counting(AsyncRabbitMQRunner):
+        reads: list[tuple[float, float]] = []
+
+        async def queue_depth(self, timeout: float = 5.0):
+            t0 = time.monotonic()
+            try:
+                return await super().queue_depth(timeout)
+            finally:
+                self.reads.append((t0, time.monotonic()))
+
+    class Slow(AsyncRecorder):  # with prefetch 5, slow enough that messages are seen waiting in the queue
+        async def handle(self, session, message):
+            await asyncio.sleep(0.05)
+            return await super().handle(session, message)
+
+    consumer = Slow()
+    runner = Counting(consumer, engine=aengine, url=rabbitmq_proxy.url(rabbitmq_url), queue=queue["queue"],
+                      prefetch=5, batch_size=5, batch_timeout=0.1)
+    metrics = ConsumerMetrics(consumer.name, lag_interval=0.2)
+    metrics.install(runner)
+    seen: list[float] = []
+
+    def depth() -> float | None:
+        n = metrics.registry.get_sample_value("outbox_consumer_queue_depth_messages",
+                                              {"consumer": consumer.name, "queue": queue["queue"]})
+        if n is not None:
+            seen.append(n)
+        return n
+
+    publish(rabbitmq_url, queue["exchange"], ritems(12))
+    async with Running(runner), Ticker() as ticker:
+        await until(lambda: depth() == 0 and count_effects() == 12, 60, "12 effects and a depth of 0")
+        assert max(seen) > 0, "the queue depth was never seen above 0"
+        assert metrics.broker_check() is None
+        rabbitmq_proxy.pause()  # the broker stops answering: the next read waits for it
+        paused = time.monotonic()
+        await asyncio.sleep(1.5)
+        resumed = time.monotonic()
+        rabbitmq_proxy.resume()
+        await asyncio.to_thread(publish, rabbitmq_url, queue["exchange"], ritems(3))
+        await until(lambda: count_effects() == 15 and depth() == 0, 60, "15 effects and a depth of 0 again")
+    stalled = [(a, b) for a, b in runner.reads if a < resumed and b > resumed]
+    assert stalled and stalled[0][0] - paused < 0.5, "no read waited on the stalled broker"
+    assert ticker.max_gap < 1.0, f"the loop stood still for {ticker.max_gap:.2f} s"
+    starts = [a for a, _ in runner.reads]
+    assert min(b - a for a, b in itertools.pairwise(starts)) >= 0.2, "read more often than every 0.2 s"
 
 
 # ------------------------------------------------------------------ outbox consume with an async class
