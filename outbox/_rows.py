@@ -21,7 +21,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from .message import NO_ATTRIBUTES, OutboxRecord
+from .message import NO_ATTRIBUTES, OutboxRecord, claimed_record
 from .schema import KEY_LENGTH, TOPIC_LENGTH
 
 __all__ = [
@@ -88,7 +88,7 @@ def decode_row(row: Any, *, json_as_text: bool) -> OutboxRecord:
         attrs = NO_ATTRIBUTES if attrs is None else _attributes(attrs, json_as_text)
     except RowError as exc:
         raise RowError(f"row {rid}: {exc}") from None
-    return OutboxRecord(rid, mid, topic, key, payload, headers, ctype, part, attempts, _created_at(created), attrs)
+    return claimed_record(rid, mid, topic, key, payload, headers, ctype, part, attempts, _created_at(created), attrs)
 
 
 def _created_at(value: Any) -> dt.datetime | None:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from types import SimpleNamespace
 
 import pytest
 
 from outbox._rows import RowError, decode_row
+from outbox.message import OutboxRecord
 
 MID = uuid.uuid4()
 
@@ -23,6 +25,17 @@ def test_a_good_row_decodes_on_text_and_parsed_json_drivers() -> None:
     parsed = decode_row(raw(headers={"a": "b"}, message_id=MID, payload=memoryview(b"{}")), json_as_text=False)
     assert text == parsed
     assert text.message_id == MID and text.headers == {"a": "b"} and text.payload == b"{}"
+
+
+def test_a_decoded_row_is_an_ordinary_frozen_record() -> None:
+    """decode_row builds records through a cheaper path than the frozen init: the result must be the same."""
+    rec = decode_row(raw(), json_as_text=True)
+    assert type(rec) is OutboxRecord
+    assert rec == OutboxRecord(7, MID, "orders", "k", b"{}", {"a": "b"}, "application/json", 3, 0, None)
+    assert [f.name for f in dataclasses.fields(rec)] == [f.name for f in dataclasses.fields(OutboxRecord)]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        rec.id = 8  # type: ignore[misc]
+    assert dataclasses.replace(rec, id=8).id == 8 and rec.id == 7
 
 
 @pytest.mark.parametrize("over, fragment", [
