@@ -8,9 +8,10 @@ One round, in one database transaction per batch:
    partition (``FOR UPDATE SKIP LOCKED`` where the database has it), leaving out, under strict
    ordering, rows behind an earlier dead or backing-off row of their (topic, key);
 2. publish them and wait for the broker's verdict on each (Kafka acks / RabbitMQ confirms);
-3. re-check the partition leases' fencing generations in the same transaction, then delete the
-   delivered rows (or mark them ``published`` in audit mode), give failed rows a backoff, and mark
-   permanently failed or exhausted rows ``dead``, inside a SAVEPOINT; commit.
+3. in the same transaction, whose lease row locks still fence the batch (the leases' owners and
+   generations cannot have changed since step 1; SQLite re-reads them), delete the delivered rows
+   (or mark them ``published`` in audit mode), give failed rows a backoff, and mark permanently
+   failed or exhausted rows ``dead``, inside a SAVEPOINT; commit.
 
 A claimed row the relay cannot interpret (:mod:`outbox._rows`) is marked ``dead`` with its
 reason in step 1 and never reaches the publisher. Database errors are classified
@@ -643,6 +644,18 @@ class Relay:
         return len(plan.delivered)
 
     def _fence(self, conn: Connection, records: list[OutboxRecord]) -> set[int]:
+        """The partitions of ``records`` whose lease is no longer this relay's (their rows are not to be marked).
+
+        Where the lease rows are really locked (``FOR UPDATE``: PostgreSQL, MySQL/MariaDB), the
+        batch's own transaction locked them when it claimed (:meth:`LeaseManager.lock_for_claim`,
+        again in :meth:`_resume` for a batch claimed ahead) and checked owner and generation then.
+        Nobody can take a lease over or bump its generation without that lock, so the check is still
+        true now and a second statement would find nothing: the lock is the fence. (If the database
+        ended the transaction meanwhile, the marking or the commit fails and nothing is marked.)
+        Elsewhere (SQLite), the leases are read again in this transaction.
+        """
+        if self.dialect.supports_skip_locked:
+            return set()
         lost = self.leases.fence(conn, {r.partition for r in records})
         if lost:
             skipped = [r for r in records if r.partition in lost]
