@@ -11,13 +11,14 @@ One round, in one database transaction per batch:
 3. in the same transaction, whose lease row locks still fence the batch (the leases' owners and
    generations cannot have changed since step 1; SQLite re-reads them), delete the delivered rows
    (or mark them ``published`` in audit mode), give failed rows a backoff, and mark permanently
-   failed or exhausted rows ``dead``, inside a SAVEPOINT; commit.
+   failed or exhausted rows ``dead``; commit.
 
 A claimed row the relay cannot interpret (:mod:`outbox._rows`) is marked ``dead`` with its
 reason in step 1 and never reaches the publisher. Database errors are classified
 (:mod:`outbox._dberrors`): outages are retried with backoff; a permanent error in step 3 rolls
-back to the savepoint and the marking is redone step by step, then row by row, so only the
-offending row is marked dead and a delivered batch is never published again because of it.
+the transaction back and the marking is redone in a new one (leases locked again) step by step,
+then row by row in SAVEPOINTs, so only the offending row is marked dead and a delivered batch is
+never published again because of it.
 
 A crash anywhere before the commit leaves the rows pending, so they are published again: at least
 once, never lost. A pause anywhere (GC, SIGSTOP) delays the relay's partitions but cannot reorder
@@ -316,7 +317,7 @@ class Relay:
                 wait = self._begin_publish(batch.records)
                 ahead = self._claim_ahead(batch)
                 results = self._verdicts(batch.records, wait)
-                delivered = self._mark(batch.conn, batch.records, results)
+                delivered = self._mark(batch, results)
                 batch.end(commit=True)
             except BaseException as exc:
                 if ahead is not None:
@@ -625,23 +626,67 @@ class Relay:
         return results
 
     # ------------------------------------------------------------------ marking
-    def _mark(self, conn: Connection, records: list[OutboxRecord], results: list[PublishResult]) -> int:
+    def _mark(self, batch: _Batch, results: list[PublishResult]) -> int:
         """Record the broker's verdicts: fence, classify, then delete/mark delivered rows, schedule
         retries and mark dead rows, all in the claim's transaction.
 
-        The statements run inside a SAVEPOINT. A permanent database error (see
-        :mod:`outbox._dberrors`) rolls back to it and the steps are redone one by one, then row by
-        row, so the delivered rows are still recorded and only the offending rows are marked dead:
-        a delivered batch is never republished because one row could not be marked.
+        The statements run as they are, with no SAVEPOINT around them (two round trips a batch).
+        A permanent database error (see :mod:`outbox._dberrors`) in one of them rolls the whole
+        transaction back: a new one locks the leases again (:meth:`_restart`), and the steps are
+        redone there one by one, then row by row, each in a SAVEPOINT, so the delivered rows are
+        still recorded and only the offending rows are marked dead: a delivered batch is never
+        republished because one row could not be marked.
         """
+        conn, records = batch.conn, batch.records
         lost = self._fence(conn, records)
         plan = self._classify(records, results, lost)
         steps = [*self._delivered_steps(plan), *self._retry_steps(plan), *self._dead_steps(plan)]
-        self._apply(conn, steps)
+        error = self._run_steps(conn, steps)
+        if error is not None:
+            log.error("a database error no retry can fix while marking %d row(s): %s; marking them one by one",
+                      sum(len(s.ids) for s in steps), _short(error))
+            moved = self._restart(batch, lost)
+            if moved:
+                plan = self._classify(records, results, lost | moved)
+                steps = [*self._delivered_steps(plan), *self._retry_steps(plan), *self._dead_steps(plan)]
+            self._apply(conn, steps)
         self._after_delivered(records, plan.delivered)
         if plan.retry or plan.dead:
             self._refresh_due = True  # recompute blocked keys before the next claim
         return len(plan.delivered)
+
+    def _run_steps(self, conn: Connection, steps: list[_Step]) -> sa.exc.DBAPIError | None:
+        """Run every step as is; return a permanent error (the transaction is then to be rolled back), raise others."""
+        try:
+            for s in steps:
+                s.run(conn, s.ids)
+        except sa.exc.DBAPIError as exc:
+            if not is_permanent(exc, self.dialect):
+                raise  # the claim's whole transaction rolls back (the connection may be gone)
+            return exc
+        for s in steps:
+            s.done(len(s.ids))
+        return None
+
+    def _restart(self, batch: _Batch, lost: set[int]) -> set[int]:
+        """Roll the batch's transaction back after a permanent error, begin a new one and lock the
+        leases again; return the batch's partitions (not already ``lost``) that are no longer this
+        relay's or cannot be locked now: their rows are not marked (counted as fenced).
+
+        The rollback also undoes what the claim wrote (delayed rows made due, undecodable rows marked
+        dead): the next claim looks them up again.
+        """
+        batch.tx.rollback()
+        batch.tx = batch.conn.begin()
+        self._refresh_due = True
+        locked = set(self.leases.lock_for_claim(batch.conn))
+        moved = {r.partition for r in batch.records} - locked - lost
+        if moved:
+            skipped = sum(1 for r in batch.records if r.partition in moved)
+            self.stats.fenced += skipped
+            log.warning("partitions %s could not be locked again after the error: leaving %d published rows "
+                        "pending (they may be sent twice)", _ranges(sorted(moved)), skipped)
+        return moved
 
     def _fence(self, conn: Connection, records: list[OutboxRecord]) -> set[int]:
         """The partitions of ``records`` whose lease is no longer this relay's (their rows are not to be marked).
@@ -745,16 +790,7 @@ class Relay:
         return steps
 
     def _apply(self, conn: Connection, steps: list[_Step]) -> None:
-        """Run ``steps`` in one SAVEPOINT; after a permanent error, step by step and then row by row."""
-        if not steps:
-            return
-        error = self._attempt(conn, lambda: [s.run(conn, s.ids) for s in steps])
-        if error is None:
-            for s in steps:
-                s.done(len(s.ids))
-            return
-        log.error("a database error no retry can fix while marking %d row(s): %s; marking them one by one",
-                  sum(len(s.ids) for s in steps), _short(error))
+        """Run ``steps`` one by one, each in a SAVEPOINT; a step that fails, row by row (see :meth:`_mark`)."""
         for s in steps:
             if self._attempt(conn, lambda s=s: s.run(conn, s.ids)) is None:  # type: ignore[misc]
                 s.done(len(s.ids))
