@@ -296,7 +296,14 @@ def _held(partitions: Sequence[int], after: Mapping[int, int], quotas: Sequence[
 
 
 def _id_array(ids: Sequence[int]) -> Any:
-    return sa.bindparam("row_ids", [int(i) for i in ids], type_=pg.ARRAY(sa.BigInteger()))
+    """``ids`` as one ``BIGINT[]`` parameter, sent as the array's text (``{1,2,3}``) and cast by the server.
+
+    psycopg dumps a list of ints element by element in Python; the text form is one ``str.join``
+    (a DELETE of 1,000 ids: 0.35 ms instead of 0.75 ms, most of it that dump). Every id goes
+    through ``int()``, so the text holds nothing but integers and commas.
+    """
+    text = "{" + ",".join(map(str, map(int, ids))) + "}"
+    return sa.cast(sa.bindparam("row_ids", text, type_=sa.Text()), pg.ARRAY(sa.BigInteger()))
 
 
 def _listen(engine: Engine, channel: str, on_wake: Callable[[], None], stop: threading.Event) -> None:
