@@ -86,3 +86,14 @@ def test_bad_attributes_name_the_row_and_the_problem(value: str, fragment: str) 
     with pytest.raises(RowError) as err:
         decode_row(raw(attributes=value), json_as_text=True)
     assert str(err.value).startswith("row 7: ") and fragment in str(err.value)
+
+
+def test_created_at_is_aware_utc_whatever_zone_the_driver_used() -> None:
+    import datetime as dt
+    import zoneinfo
+
+    when = dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.timezone.utc)
+    for value in (when.astimezone(zoneinfo.ZoneInfo("Etc/UTC")), when.astimezone(zoneinfo.ZoneInfo("Europe/Paris")),
+                  when.replace(tzinfo=None), when.isoformat()):
+        got = decode_row(raw(created_at=value), json_as_text=True).created_at
+        assert got == when and got is not None and got.utcoffset() == dt.timedelta(0), value
