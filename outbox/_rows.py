@@ -21,11 +21,12 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from .message import NO_ATTRIBUTES, OutboxRecord
+from .message import NO_ATTRIBUTES, OutboxRecord, claimed_record
 from .schema import KEY_LENGTH, TOPIC_LENGTH
 
 __all__ = [
-    "KNOWN_STATUSES", "MAX_ATTEMPTS_VALUE", "MAX_PARTITION", "RowError", "claim_columns", "decode_row",
+    "KNOWN_STATUSES", "MAX_ATTEMPTS_VALUE", "MAX_PARTITION", "ROW_ID", "ROW_KEY", "ROW_PARTITION", "ROW_TOPIC",
+    "RowError", "claim_columns", "decode_row",
     "unclaimable_rows",
 ]
 
@@ -40,7 +41,12 @@ _SHORT_KEY = KEY_LENGTH // 4
 _RAW = ("message_id", "payload", "headers", "created_at", "attributes")
 _COLUMNS = ("id", "message_id", "topic", "key", "payload", "headers", "content_type", "partition", "attempts",
             "created_at", "attributes")
+#: positions in a claimed row (the claim's columns are in _COLUMNS order)
+ROW_ID, ROW_TOPIC, ROW_KEY, ROW_PARTITION = 0, 2, 3, 7
 _UTC = dt.timezone.utc
+#: IANA names of zones that are UTC at every instant, and the zone objects seen with one of them
+_UTC_NAMES = frozenset({"UTC", "Etc/UTC", "Etc/UCT", "UCT", "Etc/Universal", "Universal", "Etc/Zulu", "Zulu"})
+_UTC_ZONES: set[dt.tzinfo] = set()
 #: bounds of one attribute value (the writer's limit; a hand-made row over it is refused here)
 ATTRIBUTE_LENGTH = 2048
 
@@ -88,7 +94,7 @@ def decode_row(row: Any, *, json_as_text: bool) -> OutboxRecord:
         attrs = NO_ATTRIBUTES if attrs is None else _attributes(attrs, json_as_text)
     except RowError as exc:
         raise RowError(f"row {rid}: {exc}") from None
-    return OutboxRecord(rid, mid, topic, key, payload, headers, ctype, part, attempts, _created_at(created), attrs)
+    return claimed_record(rid, mid, topic, key, payload, headers, ctype, part, attempts, _created_at(created), attrs)
 
 
 def _created_at(value: Any) -> dt.datetime | None:
@@ -98,7 +104,15 @@ def _created_at(value: Any) -> dt.datetime | None:
     broker then stamps the send time), never the row or the claim.
     """
     if type(value) is dt.datetime:
-        return value.replace(tzinfo=_UTC) if value.tzinfo is None else value.astimezone(_UTC)
+        tz = value.tzinfo
+        if tz is _UTC or tz in _UTC_ZONES:  # already UTC (psycopg hands over the session's zone, often UTC)
+            return value
+        if tz is None:
+            return value.replace(tzinfo=_UTC)
+        if getattr(tz, "key", None) in _UTC_NAMES:
+            _UTC_ZONES.add(tz)
+            return value
+        return value.astimezone(_UTC)
     if isinstance(value, (str, bytes)):
         try:
             parsed = dt.datetime.fromisoformat(value.decode("ascii") if isinstance(value, bytes) else value)

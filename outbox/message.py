@@ -55,6 +55,43 @@ class OutboxRecord:
     attributes: Mapping[str, str] = field(default_factory=lambda: NO_ATTRIBUTES)
 
 
+class _RecordBuilder:
+    """An :class:`OutboxRecord` under construction: the same slots, plain assignments.
+
+    A frozen dataclass's ``__init__`` sets each field through ``object.__setattr__``: about 1.1 µs
+    for a record's 11 fields, per claimed row. :func:`claimed_record` fills this mutable twin
+    (0.2 µs) and then makes it the frozen class, which shares its memory layout: the result is
+    an ordinary :class:`OutboxRecord` (equal, frozen, same type) to everything that reads it.
+    """
+
+    __slots__ = OutboxRecord.__slots__
+
+    def __init__(self, id: int, message_id: uuid.UUID, topic: str, key: str | None, payload: bytes,
+                 headers: dict[str, str], content_type: str | None, partition: int, attempts: int,
+                 created_at: dt.datetime | None, attributes: Mapping[str, str]) -> None:
+        self.id = id
+        self.message_id = message_id
+        self.topic = topic
+        self.key = key
+        self.payload = payload
+        self.headers = headers
+        self.content_type = content_type
+        self.partition = partition
+        self.attempts = attempts
+        self.created_at = created_at
+        self.attributes = attributes
+
+
+def claimed_record(id: int, message_id: uuid.UUID, topic: str, key: str | None, payload: bytes,
+                   headers: dict[str, str], content_type: str | None, partition: int, attempts: int,
+                   created_at: dt.datetime | None, attributes: Mapping[str, str]) -> OutboxRecord:
+    """``OutboxRecord(...)`` of already checked values (the relay's per-row path), without the frozen init's cost."""
+    rec: Any = _RecordBuilder(id, message_id, topic, key, payload, headers, content_type, partition, attempts,
+                              created_at, attributes)
+    rec.__class__ = OutboxRecord
+    return rec  # type: ignore[no-any-return]
+
+
 def partition_for(key: str | None, message_id: uuid.UUID, partitions: int) -> int:
     """Stable partition of a key: CRC-32 of its UTF-8 bytes modulo ``partitions``.
 

@@ -8,15 +8,17 @@ One round, in one database transaction per batch:
    partition (``FOR UPDATE SKIP LOCKED`` where the database has it), leaving out, under strict
    ordering, rows behind an earlier dead or backing-off row of their (topic, key);
 2. publish them and wait for the broker's verdict on each (Kafka acks / RabbitMQ confirms);
-3. re-check the partition leases' fencing generations in the same transaction, then delete the
-   delivered rows (or mark them ``published`` in audit mode), give failed rows a backoff, and mark
-   permanently failed or exhausted rows ``dead``, inside a SAVEPOINT; commit.
+3. in the same transaction, whose lease row locks still fence the batch (the leases' owners and
+   generations cannot have changed since step 1; SQLite re-reads them), delete the delivered rows
+   (or mark them ``published`` in audit mode), give failed rows a backoff, and mark permanently
+   failed or exhausted rows ``dead``; commit.
 
 A claimed row the relay cannot interpret (:mod:`outbox._rows`) is marked ``dead`` with its
 reason in step 1 and never reaches the publisher. Database errors are classified
 (:mod:`outbox._dberrors`): outages are retried with backoff; a permanent error in step 3 rolls
-back to the savepoint and the marking is redone step by step, then row by row, so only the
-offending row is marked dead and a delivered batch is never published again because of it.
+the transaction back and the marking is redone in a new one (leases locked again) step by step,
+then row by row in SAVEPOINTs, so only the offending row is marked dead and a delivered batch is
+never published again because of it.
 
 A crash anywhere before the commit leaves the rows pending, so they are published again: at least
 once, never lost. A pause anywhere (GC, SIGSTOP) delays the relay's partitions but cannot reorder
@@ -44,7 +46,7 @@ from . import _tracing, dialects
 from ._dberrors import is_permanent
 from ._logging import log_context
 from ._redact import mask_secrets
-from ._rows import RowError, claim_columns, decode_row, unclaimable_rows
+from ._rows import ROW_ID, ROW_KEY, ROW_PARTITION, ROW_TOPIC, RowError, claim_columns, decode_row, unclaimable_rows
 from ._sqlerrors import ADDED_COLUMNS, missing_column_error
 from .config import RelayConfig
 from .dialects.base import Blocker
@@ -71,7 +73,8 @@ PARTITIONS_INTERVAL = 3600.0
 WATERMARK_RESET = 5.0
 #: longest wait between two calls of the publisher's ``idle()`` while the relay sleeps
 IDLE_SERVICE = 1.0
-#: fewest rows a claim may take from one partition (its share of the batch is never smaller)
+#: fewest rows the portable claim (joined back by id) may take from one partition (its share of the
+#: batch is never smaller); a claim by quotas (PostgreSQL, see Relay._quotas) asks idle partitions for one
 MIN_PER_PARTITION = 16
 
 
@@ -138,6 +141,8 @@ class Relay:
         self._busy = 0.0  # seconds spent in rounds that published since the last progress line
         self._listener: Any = None
         self._active_partitions: set[int] = set()
+        # partitions that gave the last claim its whole quota of them (see _quotas)
+        self._saturated: set[int] = set()
         self._blocked: set[Blocker] = set()
         # partition -> lease generation seen at the last claim, and partitions acquired since
         # whose claims still get the gap check (see _may_have_gaps)
@@ -315,7 +320,7 @@ class Relay:
                 wait = self._begin_publish(batch.records)
                 ahead = self._claim_ahead(batch)
                 results = self._verdicts(batch.records, wait)
-                delivered = self._mark(batch.conn, batch.records, results)
+                delivered = self._mark(batch, results)
                 batch.end(commit=True)
             except BaseException as exc:
                 if ahead is not None:
@@ -517,21 +522,71 @@ class Relay:
                     self._after.pop(p, None)
             self._last_refresh, self._refresh_due, self._held_set = mono, False, list(held)
         blocked = sorted(self._blocked)
-        # share the batch among the partitions that had rows last time, so a few busy keys still
-        # fill a batch, while each partition is read through the claim index in id order
-        active = len(self._active_partitions & set(held)) or len(held)
-        per_partition = max(MIN_PER_PARTITION, -(-self.config.batch_size // active))
         cols = claim_columns(o)
-        ids = self.dialect.due_ids(o, held, per_partition, DUE_NOW, blocked, self._after, topics=self.config.topics)
-        stmt = sa.select(*cols).join_from(o, ids, o.c.id == ids.c.id).order_by(o.c.id).limit(self.config.batch_size)
-        rows = conn.execute(self.dialect.lock_claim(stmt, o)).all()
+        quotas = self._quotas(held)
+        claimed = None if quotas is None else self.dialect.claim_by_quota(
+            conn, o, cols, held, quotas, DUE_NOW, blocked, self._after, topics=self.config.topics)
+        rows: Sequence[Any]
+        if claimed is not None:  # each partition's share read and locked in place (PostgreSQL)
+            per_partition = max(quotas or [1])
+            rows = claimed
+            ids = None
+        else:
+            # share the batch among the partitions that had rows last time, so a few busy keys still
+            # fill a batch, while each partition is read through the claim index in id order
+            active = len(self._active_partitions & set(held)) or len(held)
+            per_partition = max(MIN_PER_PARTITION, -(-self.config.batch_size // active))
+            ids = self.dialect.due_ids(o, held, per_partition, DUE_NOW, blocked, self._after,
+                                       topics=self.config.topics)
+            stmt = (sa.select(*cols).join_from(o, ids, o.c.id == ids.c.id).order_by(o.c.id)
+                    .limit(self.config.batch_size))
+            rows = conn.execute(self.dialect.lock_claim(stmt, o)).all()
         self._claimed_at = time.monotonic()
         if rows and self.dialect.supports_skip_locked and self._may_have_gaps(rows):
+            if ids is None:  # the same rows' ids, unlocked: what the claim would have taken without SKIP LOCKED
+                ids = self.dialect.due_ids(o, held, per_partition, DUE_NOW, blocked, self._after,
+                                           topics=self.config.topics)
             rows = self._without_gaps(conn, rows, sa.select(ids.c.id, ids.c.partition))
-        self._active_partitions = {r.partition for r in rows}
-        if len(rows) < self.config.batch_size:  # not a full drain: look for delayed rows next time
+        self._active_partitions = {r[ROW_PARTITION] for r in rows}
+        if quotas is not None and claimed is not None:
+            # the partitions that gave their whole quota: they may have more, and share the next batch
+            taken: dict[int, int] = defaultdict(int)
+            for r in rows:
+                taken[r[ROW_PARTITION]] += 1
+            self._saturated = {p for p, q in zip(held, quotas, strict=True) if taken[p] >= q}
+            drained = not self._saturated
+        else:
+            drained = len(rows) < self.config.batch_size
+        if drained:  # the claim took all that was due: look for delayed rows next time
             self._refresh_due = True
         return self._decode(conn, rows, on_commit)
+
+    def _quotas(self, held: list[int]) -> list[int] | None:
+        """How many rows the claim takes at most from each of ``held``, adding up to ``batch_size``;
+        ``None`` when the batch is smaller than the partition count (no share for each of them).
+
+        The partitions that gave the last claim all it asked of them (they may have more) share the
+        batch; the others are asked for one row each, so rows that appear there are claimed at once
+        and the partition shares the next batch. Without such partitions (the first claim, or the
+        last one took everything due), the batch is shared evenly.
+        """
+        batch, n = self.config.batch_size, len(held)
+        if batch < n:
+            return None
+        busy = [p in self._saturated for p in held]
+        n_busy = sum(busy)
+        if n_busy == 0:
+            base, extra = divmod(batch, n)
+            return [base + (i < extra) for i in range(n)]
+        base, extra = divmod(batch - (n - n_busy), n_busy)
+        quotas = []
+        for b in busy:
+            if b:
+                quotas.append(base + (extra > 0))
+                extra -= 1
+            else:
+                quotas.append(1)
+        return quotas
 
     def _note_acquired(self) -> None:
         """Partitions (re)acquired since the last claim, from anyone, become suspect (see below)."""
@@ -555,7 +610,7 @@ class Relay:
         """
         if self.dialect.skip_locked_reaches_neighbours:
             return True
-        return bool(self._suspect) and any(r.partition in self._suspect for r in rows)
+        return bool(self._suspect) and any(r[ROW_PARTITION] in self._suspect for r in rows)
 
     def _without_gaps(self, conn: Connection, rows: Sequence[Any], due_ids: sa.Select[Any]) -> list[Any]:
         """Keep, per partition, only the claimed rows before the first row SKIP LOCKED passed over.
@@ -565,10 +620,10 @@ class Relay:
         neighbouring partition's first row. Publishing past a skipped row would break per-key
         order, so the rest of that partition waits for the next round.
         """
-        by_id = {r.id: r for r in rows}
+        by_id = {r[ROW_ID]: r for r in rows}
         claimed_parts: dict[int, list[int]] = defaultdict(list)
         for r in rows:
-            claimed_parts[r.partition].append(r.id)
+            claimed_parts[r[ROW_PARTITION]].append(r[ROW_ID])
         expected: dict[int, list[int]] = defaultdict(list)
         for i, p in sorted(tuple(r) for r in conn.execute(due_ids)):
             expected[p].append(i)
@@ -585,7 +640,7 @@ class Relay:
                 self._suspect.discard(p)
         if cut:
             log.debug("left %d claimed row(s) for the next round: an earlier row of their partition was locked", cut)
-        keep.sort(key=lambda r: r.id)
+        keep.sort(key=lambda r: r[ROW_ID])
         return keep
 
     def _blockers(self, conn: Connection, held: list[int]) -> list[Blocker]:
@@ -626,25 +681,81 @@ class Relay:
         return results
 
     # ------------------------------------------------------------------ marking
-    def _mark(self, conn: Connection, records: list[OutboxRecord], results: list[PublishResult]) -> int:
+    def _mark(self, batch: _Batch, results: list[PublishResult]) -> int:
         """Record the broker's verdicts: fence, classify, then delete/mark delivered rows, schedule
         retries and mark dead rows, all in the claim's transaction.
 
-        The statements run inside a SAVEPOINT. A permanent database error (see
-        :mod:`outbox._dberrors`) rolls back to it and the steps are redone one by one, then row by
-        row, so the delivered rows are still recorded and only the offending rows are marked dead:
-        a delivered batch is never republished because one row could not be marked.
+        The statements run as they are, with no SAVEPOINT around them (two round trips a batch).
+        A permanent database error (see :mod:`outbox._dberrors`) in one of them rolls the whole
+        transaction back: a new one locks the leases again (:meth:`_restart`), and the steps are
+        redone there one by one, then row by row, each in a SAVEPOINT, so the delivered rows are
+        still recorded and only the offending rows are marked dead: a delivered batch is never
+        republished because one row could not be marked.
         """
+        conn, records = batch.conn, batch.records
         lost = self._fence(conn, records)
         plan = self._classify(records, results, lost)
         steps = [*self._delivered_steps(plan), *self._retry_steps(plan), *self._dead_steps(plan)]
-        self._apply(conn, steps)
+        error = self._run_steps(conn, steps)
+        if error is not None:
+            log.error("a database error no retry can fix while marking %d row(s): %s; marking them one by one",
+                      sum(len(s.ids) for s in steps), _short(error))
+            moved = self._restart(batch, lost)
+            if moved:
+                plan = self._classify(records, results, lost | moved)
+                steps = [*self._delivered_steps(plan), *self._retry_steps(plan), *self._dead_steps(plan)]
+            self._apply(conn, steps)
         self._after_delivered(records, plan.delivered)
         if plan.retry or plan.dead:
             self._refresh_due = True  # recompute blocked keys before the next claim
         return len(plan.delivered)
 
+    def _run_steps(self, conn: Connection, steps: list[_Step]) -> sa.exc.DBAPIError | None:
+        """Run every step as is; return a permanent error (the transaction is then to be rolled back), raise others."""
+        try:
+            for s in steps:
+                s.run(conn, s.ids)
+        except sa.exc.DBAPIError as exc:
+            if not is_permanent(exc, self.dialect):
+                raise  # the claim's whole transaction rolls back (the connection may be gone)
+            return exc
+        for s in steps:
+            s.done(len(s.ids))
+        return None
+
+    def _restart(self, batch: _Batch, lost: set[int]) -> set[int]:
+        """Roll the batch's transaction back after a permanent error, begin a new one and lock the
+        leases again; return the batch's partitions (not already ``lost``) that are no longer this
+        relay's or cannot be locked now: their rows are not marked (counted as fenced).
+
+        The rollback also undoes what the claim wrote (delayed rows made due, undecodable rows marked
+        dead): the next claim looks them up again.
+        """
+        batch.tx.rollback()
+        batch.tx = batch.conn.begin()
+        self._refresh_due = True
+        locked = set(self.leases.lock_for_claim(batch.conn))
+        moved = {r.partition for r in batch.records} - locked - lost
+        if moved:
+            skipped = sum(1 for r in batch.records if r.partition in moved)
+            self.stats.fenced += skipped
+            log.warning("partitions %s could not be locked again after the error: leaving %d published rows "
+                        "pending (they may be sent twice)", _ranges(sorted(moved)), skipped)
+        return moved
+
     def _fence(self, conn: Connection, records: list[OutboxRecord]) -> set[int]:
+        """The partitions of ``records`` whose lease is no longer this relay's (their rows are not to be marked).
+
+        Where the lease rows are really locked (``FOR UPDATE``: PostgreSQL, MySQL/MariaDB), the
+        batch's own transaction locked them when it claimed (:meth:`LeaseManager.lock_for_claim`,
+        again in :meth:`_resume` for a batch claimed ahead) and checked owner and generation then.
+        Nobody can take a lease over or bump its generation without that lock, so the check is still
+        true now and a second statement would find nothing: the lock is the fence. (If the database
+        ended the transaction meanwhile, the marking or the commit fails and nothing is marked.)
+        Elsewhere (SQLite), the leases are read again in this transaction.
+        """
+        if self.dialect.supports_skip_locked:
+            return set()
         lost = self.leases.fence(conn, {r.partition for r in records})
         if lost:
             skipped = [r for r in records if r.partition in lost]
@@ -734,16 +845,7 @@ class Relay:
         return steps
 
     def _apply(self, conn: Connection, steps: list[_Step]) -> None:
-        """Run ``steps`` in one SAVEPOINT; after a permanent error, step by step and then row by row."""
-        if not steps:
-            return
-        error = self._attempt(conn, lambda: [s.run(conn, s.ids) for s in steps])
-        if error is None:
-            for s in steps:
-                s.done(len(s.ids))
-            return
-        log.error("a database error no retry can fix while marking %d row(s): %s; marking them one by one",
-                  sum(len(s.ids) for s in steps), _short(error))
+        """Run ``steps`` one by one, each in a SAVEPOINT; a step that fails, row by row (see :meth:`_mark`)."""
         for s in steps:
             if self._attempt(conn, lambda s=s: s.run(conn, s.ids)) is None:  # type: ignore[misc]
                 s.done(len(s.ids))
@@ -820,19 +922,19 @@ class Relay:
         held_back: set[tuple[Any, Any]] = set()
         strict = self.config.ordering == "strict"
         unmarkable, as_text = self._unmarkable, self.dialect.json_as_text
-        for r in rows:
-            if unmarkable and r.id in unmarkable:
-                if strict and not unmarkable[r.id] and isinstance(r.key, str):
-                    held_back.add((r.topic, r.key))
+        for r in rows:  # claimed rows, indexed by position (ROW_ID ...)
+            if unmarkable and r[ROW_ID] in unmarkable:
+                if strict and not unmarkable[r[ROW_ID]] and isinstance(r[ROW_KEY], str):
+                    held_back.add((r[ROW_TOPIC], r[ROW_KEY]))
                 continue
-            if held_back and (r.topic, r.key) in held_back:
+            if held_back and (r[ROW_TOPIC], r[ROW_KEY]) in held_back:
                 continue
             try:
                 records.append(decode_row(r, json_as_text=as_text))
             except RowError as exc:
-                bad.append((r.id, _short(str(exc))))
-                if strict and isinstance(r.key, str):
-                    held_back.add((r.topic, r.key))
+                bad.append((r[ROW_ID], _short(str(exc))))
+                if strict and isinstance(r[ROW_KEY], str):
+                    held_back.add((r[ROW_TOPIC], r[ROW_KEY]))
         for rid, reason in bad:
             self._give_up_row(conn, rid, reason, on_commit=on_commit)
         if bad or held_back:

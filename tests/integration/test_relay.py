@@ -392,3 +392,28 @@ def test_a_row_committed_late_with_a_lower_id_is_still_published(engine: sa.Engi
         relay.stop()
         t.join(30)
     assert pending_rows(engine) == []
+
+
+@pytest.mark.parametrize("dialect_name", ["postgresql", "mariadb"], indirect=True)
+def test_a_delivered_batch_costs_the_lease_lock_the_claim_and_the_delete(engine: sa.Engine) -> None:
+    """The statements of a busy batch where lease rows are locked: no fence re-read, no SAVEPOINT
+    (issue 14, P1: the relay's own statements a batch, against the raw loop's SELECT + DELETE)."""
+    write(engine, 300, keys=30)
+    pub = MemoryPublisher()
+    relay = Relay(engine, pub, config=cfg(batch_size=100, pipeline=False))
+    relay.start()
+    seen: list[str] = []
+
+    def note(conn, cursor, statement, params, context, executemany) -> None:
+        seen.append(" ".join(statement.split()[:2]).upper())
+
+    sa.event.listen(relay.engine, "before_cursor_execute", note)
+    try:
+        relay.drain()
+    finally:
+        sa.event.remove(relay.engine, "before_cursor_execute", note)
+    relay.close()
+    assert len(pub.messages) == 300 and pending_rows(engine) == []
+    assert not [s for s in seen if "SAVEPOINT" in s], seen
+    assert len([s for s in seen if s.startswith("DELETE")]) == relay.stats.rounds >= 3  # one a batch
+    assert not [s for s in seen if s.startswith("UPDATE")], seen  # no lease renewal (fence) per batch

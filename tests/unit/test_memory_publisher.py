@@ -162,3 +162,15 @@ def test_clear_forgets_messages_and_batches():
     pub.publish([rec()])
     pub.clear()
     assert pub.messages == [] and pub.batches == []
+
+
+def test_the_adapters_delivered_result_is_an_ordinary_frozen_publish_result() -> None:
+    import dataclasses
+
+    from outbox.transports.base import Outcome, PublishResult, delivered
+
+    got = delivered(42)
+    assert type(got) is PublishResult and got == PublishResult(42, Outcome.DELIVERED)
+    assert (got.error, got.held) == (None, False)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        got.id = 1  # type: ignore[misc]

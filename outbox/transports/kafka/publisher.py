@@ -46,7 +46,7 @@ from confluent_kafka import KafkaError, KafkaException, Message, Producer
 from ..._redact import mask_secrets
 from ...errors import BrokerUnavailable, ConfigurationError
 from ...message import OutboxRecord
-from ..base import Codec, Outcome, PublishResult
+from ..base import Codec, Outcome, PublishResult, delivered
 from ..codecs import get_codec
 
 __all__ = ["KafkaPublisher"]
@@ -353,7 +353,7 @@ class KafkaPublisher:
     def _on_delivery(self, results: list[PublishResult | None], records: Sequence[OutboxRecord], index: int,
                      err: KafkaError | None, _msg: Message) -> None:
         if err is None:
-            results[index] = PublishResult(records[index].id, Outcome.DELIVERED)
+            results[index] = delivered(records[index].id)
             return
         self._note_error(err, records[index].topic)
         results[index] = PublishResult(records[index].id, self._classify(err), _reason(err))

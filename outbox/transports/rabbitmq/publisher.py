@@ -61,7 +61,7 @@ from tenacity import (
 from ..._redact import mask_secrets
 from ...errors import BrokerUnavailable, ConfigurationError
 from ...message import OutboxRecord
-from ..base import Codec, Outcome, PublishResult
+from ..base import Codec, Outcome, PublishResult, delivered
 from ..codecs import get_codec
 
 __all__ = ["RabbitMQPublisher"]
@@ -490,7 +490,7 @@ class RabbitMQPublisher:
             elif entry.index in batch.returned:
                 batch.results[entry.index] = PublishResult(rec.id, Outcome.FAILED, batch.returned[entry.index])
             else:
-                batch.results[entry.index] = PublishResult(rec.id, Outcome.DELIVERED)
+                batch.results[entry.index] = delivered(rec.id)
 
     # ------------------------------------------------------------------ publishing
 
