@@ -166,20 +166,20 @@ def test_an_undecodable_row_of_a_batch_claimed_ahead_and_rolled_back_is_counted_
     """The claim made ahead marks its undecodable rows dead in its own transaction; when that claim is
     rolled back (here: the batch in flight was not delivered whole), the marks are undone and the next
     claim marks those rows dead again. Only the committed mark may count (``stats.dead``, the log line)."""
-    n = 300
-    with Session(pg) as s, s.begin():  # the rows after the first 100 on keys of their own: strict
+    n, first = 300, 30  # batches of 30, fewer than the 32 partitions: claimed in id order
+    with Session(pg) as s, s.begin():  # the rows after the first batch on keys of their own: strict
         # ordering holds nothing back behind a dead one, so every bad row is reached
-        Outbox().add_many(s, [OutgoingMessage("orders", {"seq": i}, key=f"k{i % 10}" if i < 100 else f"u{i}")
+        Outbox().add_many(s, [OutgoingMessage("orders", {"seq": i}, key=f"k{i % 10}" if i < first else f"u{i}")
                               for i in range(n)])
     with pg.connect() as c:
         ids = {json.loads(bytes(p))["seq"]: i for i, p in c.execute(sa.select(T.c.id, T.c.payload))}
-    bad = {ids[i] for i in range(101, n, 2)}  # good and bad rows mixed in every batch after the first
+    bad = {ids[i] for i in range(first + 1, n, 2)}  # good and bad rows mixed in every batch after the first
     with pg.begin() as c:
         c.execute(sa.text("UPDATE outbox_messages SET headers = '\"x\"'::jsonb WHERE id = ANY(:ids)"),
                   {"ids": sorted(bad)})
     pub = TwoStepPublisher()
     pub.fail(lambda r: r.id == ids[0], Outcome.RETRY, "broker said no", times=1)  # the first batch's first row
-    relay = CountingRelay(pg, pub, config=RelayConfig(**FAST))
+    relay = CountingRelay(pg, pub, config=RelayConfig(**{**FAST, "batch_size": first}))
     with caplog.at_level(logging.ERROR, logger="outbox.relay"):
         relay.run_once()
         assert relay.claimed_ahead == 1 and relay.resumed == 0  # claimed ahead, then rolled back
