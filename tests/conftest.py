@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import gc
 import os
 import tempfile
 import uuid
@@ -51,6 +52,15 @@ def pytest_configure(config: pytest.Config) -> None:
     if config.getoption("--write-guarantees") or config.getoption("--write-catalogue"):
         if getattr(config.option, "numprocesses", None):
             config.option.numprocesses, config.option.dist, config.option.tx = 0, "no", []
+
+
+@pytest.fixture(autouse=True)
+def _unfrozen_gc() -> Iterator[None]:
+    """``outbox relay`` run in-process (``main(["relay", ...])``) freezes the collector's objects, as
+    a daemon should; the test session must go on collecting them."""
+    yield
+    if gc.get_freeze_count():
+        gc.unfreeze()
 
 
 @pytest.fixture(autouse=True)
