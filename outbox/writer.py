@@ -267,7 +267,10 @@ class Outbox:
     # ------------------------------------------------------------------ internals
     def _attach(self, session: Any, rows: list[_OutboxRow]) -> None:
         sync = _sync_session(session)
-        self._claim_ids(sync, [row.message_id for row in rows], rows)  # type: ignore[attr-defined]
+        ids = [row.message_id for row in rows]  # type: ignore[attr-defined]
+        added = self._unused_ids(sync, ids)
+        for mid, row in zip(ids, rows, strict=True):
+            added[(self._table_key, mid)] = row
         sync.add_all(rows)
         if self.notify:
             self._arm_notify(sync)
@@ -275,23 +278,22 @@ class Outbox:
     def _write_now(self, sync: Session, rows: list[dict[str, Any]]) -> None:
         """``add_many`` on a ``Session``: one Core ``executemany`` in its transaction, no ORM rows."""
         ids = [r["message_id"] for r in rows]
-        self._claim_ids(sync, ids, None)
+        added = self._unused_ids(sync, ids)
         for column in ("headers", "attributes"):  # NULL when left out: fewer values to bind and send
             if all(r[column] is None for r in rows):
                 for r in rows:
                     del r[column]
         sync.flush()  # rows added before (add()) get their ids first: the relay sends in id order
         sync.execute(self._insert, rows)
-        written = _Written(sync.get_transaction() if sync.get_nested_transaction() is None
-                           else sync.get_nested_transaction())
-        added = self._added_ids(sync)
+        written = _Written(sync.get_nested_transaction() or sync.get_transaction())
         for mid in ids:
             added[(self._table_key, mid)] = written
         if self.notify:
             self._arm_notify(sync)
 
-    def _claim_ids(self, sync: Session, ids: list[uuid.UUID], rows: list[_OutboxRow] | None) -> None:
-        """Refuse an id already added in this transaction; else note the ids (with their rows, if ORM)."""
+    def _unused_ids(self, sync: Session, ids: list[uuid.UUID]) -> dict[tuple[str, uuid.UUID], _OutboxRow | _Written]:
+        """Refuse an id already added in this session's transaction; return the ids added so far
+        (:meth:`_added_ids`), for the caller to note these in once they are added."""
         added = self._added_ids(sync)
         key = self._table_key
         for i, mid in enumerate(ids):
@@ -301,9 +303,7 @@ class Outbox:
                     f"{where}message_id {mid} was already added in this session's transaction: "
                     "every message needs its own id"
                 )
-        if rows is not None:
-            for mid, row in zip(ids, rows, strict=True):
-                added[(key, mid)] = row
+        return added
 
     def _added_ids(self, sync: Session) -> dict[tuple[str, uuid.UUID], _OutboxRow | _Written]:
         """The outbox rows this session's transaction holds, by id (kept until commit or rollback).
