@@ -280,17 +280,27 @@ def _insert_statement(table: sa.Table, key_column: str, columns: tuple[str, ...]
     return pg.insert(table).from_select([key_column, *columns], select).on_conflict_do_nothing()
 
 
-_READING: weakref.WeakKeyDictionary[sa.Table, dict[tuple[Any, ...], Any]] = weakref.WeakKeyDictionary()
+#: the dedup statements, built once per table and form (every value is a bind parameter): building
+#: one for every batch cost 0.3 ms
+_STATEMENTS: weakref.WeakKeyDictionary[sa.Table, dict[tuple[Any, ...], Any]] = weakref.WeakKeyDictionary()
+
+
+def _once(table: sa.Table, form: tuple[Any, ...], build: Callable[[], Any]) -> Any:
+    """The statement ``build()`` makes for ``table`` in this ``form``, built the first time only."""
+    per_table = _STATEMENTS.setdefault(table, {})
+    stmt = per_table.get(form)
+    if stmt is None:
+        stmt = per_table[form] = build()
+    return stmt
 
 
 def _reading_statement(table: sa.Table, key_column: str, columns: tuple[str, ...], read_column: str) -> Any:
-    """The statement of :meth:`PostgreSQLDialect.insert_new_keys_reading`, built once per table and
-    columns (every value is a bind parameter), which saves building it for every batch (0.3 ms)."""
-    per_table = _READING.setdefault(table, {})
-    cache_key = (key_column, columns, read_column)
-    stmt = per_table.get(cache_key)
-    if stmt is not None:
-        return stmt
+    """The statement of :meth:`PostgreSQLDialect.insert_new_keys_reading` (built once, see :func:`_once`)."""
+    return _once(table, ("reading", key_column, columns, read_column),
+                 lambda: _build_reading(table, key_column, columns, read_column))
+
+
+def _build_reading(table: sa.Table, key_column: str, columns: tuple[str, ...], read_column: str) -> Any:
     key, read = table.c[key_column], table.c[read_column]
     ins = _insert_statement(table, key_column, columns).returning(key).cte("inserted")
     # the keys joined row by row (index lookups), not `key = ANY(:keys)`, which without statistics
@@ -304,32 +314,25 @@ def _reading_statement(table: sa.Table, key_column: str, columns: tuple[str, ...
     per_key = (sa.select(key, read).where(*(c == sa.bindparam(f"_v_{c.name}", type_=c.type) for c in others),
                                           key == rest.c.k)
                .limit(1).lateral("p"))
-    stmt = sa.union_all(
+    return sa.union_all(
         sa.select(ins.c[key_column], sa.true(), sa.cast(sa.null(), read.type)),
         sa.select(per_key.c[key_column], sa.false(), per_key.c[read_column])
         .select_from(rest).join(per_key, sa.true()),
     )
-    per_table[cache_key] = stmt
-    return stmt
-
-
-_UPDATES: weakref.WeakKeyDictionary[sa.Table, dict[tuple[Any, ...], Any]] = weakref.WeakKeyDictionary()
 
 
 def _update_statement(table: sa.Table, key_column: str, columns: tuple[str, ...], column: str) -> Any:
-    """The statement of :meth:`PostgreSQLDialect.update_by_keys`, built once per table and columns."""
-    per_table = _UPDATES.setdefault(table, {})
-    cache_key = (key_column, columns, column)
-    stmt = per_table.get(cache_key)
-    if stmt is None:
+    """The statement of :meth:`PostgreSQLDialect.update_by_keys` (built once, see :func:`_once`)."""
+
+    def build() -> Any:
         rows = (sa.func.jsonb_array_elements(sa.bindparam("_rows", type_=pg.JSONB(none_as_null=True)))
                 .table_valued(sa.column("value", pg.JSONB())).render_derived(name="r"))
-        stmt = per_table[cache_key] = (
-            table.update()
-            .where(*(table.c[c] == sa.bindparam(f"_w_{c}", type_=table.c[c].type) for c in columns),
-                   table.c[key_column] == rows.c.value["k"].astext)
-            .values({column: rows.c.value["v"]}))
-    return stmt
+        return (table.update()
+                .where(*(table.c[c] == sa.bindparam(f"_w_{c}", type_=table.c[c].type) for c in columns),
+                       table.c[key_column] == rows.c.value["k"].astext)
+                .values({column: rows.c.value["v"]}))
+
+    return _once(table, ("update", key_column, columns, column), build)
 
 
 def _id_array(ids: Sequence[int]) -> Any:
