@@ -78,10 +78,12 @@ class PostgreSQLDialect(Dialect):
         from the toolkit's), the savepoint is rolled back and the rows go through the ``executemany``
         after all, so that a bad row's error is SQLAlchemy's, explained as any other statement's;
         should that one succeed, COPY is not tried again for this table. Statement event listeners
-        (``before_cursor_execute``) do not see the COPY.
+        (``before_cursor_execute``) do not see the COPY; a connection with a ``schema_translate_map``
+        gets the ``executemany``, which applies it.
         """
         plan = None
-        if len(rows) >= _COPY_MIN_ROWS and connection.dialect.driver == "psycopg":
+        if (len(rows) >= _COPY_MIN_ROWS and connection.dialect.driver == "psycopg"
+                and not connection.get_execution_options().get("schema_translate_map")):
             plan = _copy_plan(insert.table, tuple(rows[0]), connection.dialect)
         if not plan:
             connection.execute(insert, rows)

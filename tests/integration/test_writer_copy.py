@@ -114,3 +114,13 @@ def test_a_copy_that_fails_where_the_insert_does_not_is_not_tried_again(
         assert n == 24
     finally:
         tables.outbox.drop(engine)
+
+
+def test_a_schema_translate_map_is_honoured(engine: sa.Engine, inserts: list[int]) -> None:
+    box = Outbox()
+    mapped = engine.execution_options(schema_translate_map={None: "public"})
+    with Session(mapped) as s, s.begin():
+        box.add_many(s, _messages(10))
+    assert inserts == [10]  # the executemany, which applies the map (the COPY would not)
+    with engine.connect() as c:
+        assert c.execute(sa.select(sa.func.count()).select_from(T).where(T.c.topic == "copy")).scalar_one() == 10
