@@ -284,7 +284,8 @@ class Outbox:
                 for r in rows:
                     del r[column]
         sync.flush()  # rows added before (add()) get their ids first: the relay sends in id order
-        sync.execute(self._insert, rows)
+        connection = sync.connection(bind_arguments={"clause": self._insert})
+        dialects.dialect_for(connection).insert_rows(connection, self._insert, rows)
         written = _Written(sync.get_nested_transaction() or sync.get_transaction())
         for mid in ids:
             added[(self._table_key, mid)] = written

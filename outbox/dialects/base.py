@@ -285,6 +285,10 @@ class Dialect:
         clauses.extend(table.c.topic.startswith(p, autoescape=True) for p in prefixes)
         return sa.or_(*clauses)
 
+    def insert_rows(self, connection: Connection, insert: Insert, rows: list[dict[str, Any]]) -> None:
+        """Insert ``rows`` (dicts with the same keys) in ``connection``'s transaction: one ``executemany``."""
+        connection.execute(insert, rows)
+
     def delete_ids(self, connection: Connection, table: sa.Table, ids: Sequence[int]) -> None:
         """Delete rows by primary key ``id``, touching (and locking) no other row."""
         connection.execute(table.delete().where(table.c.id.in_(ids)))

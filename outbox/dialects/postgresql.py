@@ -21,6 +21,7 @@ from .base import Blocker, Dialect
 from .pg_partitions import insert_processed, is_partitioned, maintain
 
 log = logging.getLogger("outbox.relay")
+writer_log = logging.getLogger("outbox.writer")
 
 
 #: SQLSTATE classes / codes a retry can fix: connection exceptions, transaction rollbacks
@@ -67,6 +68,50 @@ class PostgreSQLDialect(Dialect):
             "uuid": pg.UUID(as_uuid=True),
             "timestamp": pg.TIMESTAMP(timezone=True),
         }
+
+    def insert_rows(self, connection: Connection, insert: Insert, rows: list[dict[str, Any]]) -> None:
+        """``COPY ... FROM STDIN (FORMAT BINARY)`` on psycopg, from ``_COPY_MIN_ROWS`` rows up.
+
+        It sends the rows in one stream, encoded by psycopg's C code: 1,000 outbox rows take about a
+        fifth of an ``executemany``'s client CPU and half its time. The COPY runs in a savepoint of
+        its own. If it fails (a duplicate id, a lost connection, a table whose column types differ
+        from the toolkit's), the savepoint is rolled back and the rows go through the ``executemany``
+        after all, so that a bad row's error is SQLAlchemy's, explained as any other statement's;
+        should that one succeed, COPY is not tried again for this table. Statement event listeners
+        (``before_cursor_execute``) do not see the COPY; a connection with a ``schema_translate_map``
+        gets the ``executemany``, which applies it.
+        """
+        plan = None
+        if (len(rows) >= _COPY_MIN_ROWS and connection.dialect.driver == "psycopg"
+                and not connection.get_execution_options().get("schema_translate_map")):
+            plan = _copy_plan(insert.table, tuple(rows[0]), connection.dialect)
+        if not plan:
+            connection.execute(insert, rows)
+            return
+        import psycopg
+
+        statement, types, values = plan
+        with connection.connection.dbapi_connection.cursor() as cur:  # type: ignore[union-attr]
+            cur.execute("SAVEPOINT outbox_copy")
+            try:
+                with cur.copy(statement) as copy:
+                    copy.set_types(types)
+                    write = copy.write_row
+                    for row in rows:
+                        write(values(row))
+            except psycopg.Error:
+                try:
+                    cur.execute("ROLLBACK TO SAVEPOINT outbox_copy")
+                    cur.execute("RELEASE SAVEPOINT outbox_copy")
+                except psycopg.Error:
+                    pass  # the connection is gone: the executemany below says so, in SQLAlchemy's terms
+                connection.execute(insert, rows)
+                _no_copy(insert.table, tuple(rows[0]))
+                writer_log.warning("COPY into %s failed where an INSERT of the same rows did not (do its column "
+                                   "types differ from the toolkit's?): add_many uses INSERT for it from now on",
+                                   insert.table.name)
+                return
+            cur.execute("RELEASE SAVEPOINT outbox_copy")
 
     def insert_ignore(self, table: sa.Table) -> Insert:
         return pg.insert(table).on_conflict_do_nothing()
@@ -283,6 +328,41 @@ def _insert_statement(table: sa.Table, key_column: str, columns: tuple[str, ...]
 #: the dedup statements, built once per table and form (every value is a bind parameter): building
 #: one for every batch cost 0.3 ms
 _STATEMENTS: weakref.WeakKeyDictionary[sa.Table, dict[tuple[Any, ...], Any]] = weakref.WeakKeyDictionary()
+
+
+#: below this many rows an ``executemany`` is as quick as a COPY and its savepoint (measured: equal at 1-5 rows)
+_COPY_MIN_ROWS = 10
+#: PostgreSQL type names for binary COPY, by the SQLAlchemy type's name as PostgreSQL compiles it
+_COPY_TYPES = {"UUID": "uuid", "VARCHAR": "varchar", "TEXT": "text", "BYTEA": "bytea", "JSONB": "jsonb",
+               "JSON": "json", "SMALLINT": "int2", "INTEGER": "int4", "BIGINT": "int8",
+               "TIMESTAMP WITH TIME ZONE": "timestamptz"}
+
+
+def _copy_plan(table: sa.Table, columns: tuple[str, ...], dialect: sa.engine.Dialect) -> Any:
+    """The COPY statement, its columns' binary types and a row-to-tuple getter; None where not to COPY."""
+    return _once(table, ("copy", columns), lambda: _build_copy(table, columns, dialect))
+
+
+def _no_copy(table: sa.Table, columns: tuple[str, ...]) -> None:
+    _STATEMENTS.setdefault(table, {})[("copy", columns)] = False
+
+
+def _build_copy(table: sa.Table, columns: tuple[str, ...], dialect: sa.engine.Dialect) -> Any:
+    import operator
+
+    types = []
+    for name in columns:
+        compiled = table.c[name].type.compile(dialect=dialect).split("(")[0].split(" COLLATE")[0].strip()
+        pg_type = _COPY_TYPES.get(compiled.upper())
+        if pg_type is None:
+            return False
+        types.append(pg_type)
+    prep = dialect.identifier_preparer
+    cols = ", ".join(prep.format_column(table.c[name]) for name in columns)
+    statement = f"COPY {prep.format_table(table)} ({cols}) FROM STDIN (FORMAT BINARY)"
+    getter = operator.itemgetter(*columns)
+    values = getter if len(columns) > 1 else (lambda row: (getter(row),))
+    return statement, types, values
 
 
 def _once(table: sa.Table, form: tuple[Any, ...], build: Callable[[], Any]) -> Any:

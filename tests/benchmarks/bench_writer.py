@@ -11,7 +11,9 @@ times; each figure is the median over the rounds and each ratio the median of th
 
 Target: add / plain <= 1.05. Also, on the same database: ``add_many`` of 1,000 and 10,000 messages
 per transaction against a raw ``session.execute(insert(outbox_table), rows)`` of the same rows (target
->= 0.9 x its rate); the same three variants on an ``AsyncSession``; and, on PostgreSQL when
+>= 0.9 x its rate), and on PostgreSQL also against a hand-written binary ``COPY`` of the same rows
+(what ``add_many`` does there from 10 rows, so the tightest raw loop); the same three variants on
+an ``AsyncSession``; and, on PostgreSQL when
 ``txoutbox`` and ``asyncpg`` are installed (``pip install -e '.[bench]'``), the peer's writer
 (``PostgresStorage.insert`` in an asyncpg transaction) against the same transaction without it, in
 the same alternation. ``--dbs`` adds SQLite and MariaDB runs (``writer_<db>_*`` lines).
@@ -232,6 +234,22 @@ def many_rows(engine: sa.Engine, outbox: Outbox, payload: bytes, args: Any, pref
             outbox.add_many(s, msgs)
 
     variants = {"raw": raw, "add_many": add_many}
+    if engine.dialect.name == "postgresql" and engine.dialect.driver == "psycopg":
+        columns = [c for c in raw_rows(0, 1, payload)[0]]
+        types = {"message_id": "uuid", "payload": "bytea", "partition": "int2", "created_at": "timestamptz",
+                 "available_at": "timestamptz", "attempts": "int4"}
+        copy_sql = f"COPY {table.name} ({', '.join(columns)}) FROM STDIN (FORMAT BINARY)"
+
+        def raw_copy(i: int) -> None:
+            rows = raw_rows(i, size, payload)
+            with Session(engine) as s, s.begin():
+                with s.connection().connection.dbapi_connection.cursor() as cur:  # type: ignore[union-attr]
+                    with cur.copy(copy_sql) as cp:
+                        cp.set_types([types.get(c, "varchar") for c in columns])
+                        for r in rows:
+                            cp.write_row([r[c] for c in columns])
+
+        variants["raw_copy"] = raw_copy
     alternate(variants, n=2, block=1, rounds=1, per=size)
     res = alternate(variants, n=txs, block=1, rounds=args.rounds, per=size)
     cpu = {}  # this process's CPU per row (best of 3): what the client adds, whatever the load elsewhere
@@ -249,6 +267,10 @@ def many_rows(engine: sa.Engine, outbox: Outbox, payload: bytes, args: Any, pref
     b.emit(f"{prefix}add_many_{size}_rows_per_s", ours_rate)
     b.emit(f"{prefix}raw_executemany_{size}_rows_per_s", raw_rate)
     b.emit(f"{prefix}add_many_{size}_vs_raw_executemany_ratio", 1 / med_ratio(res["add_many"], res["raw"]))
+    if "raw_copy" in res:
+        b.emit(f"{prefix}raw_copy_{size}_client_cpu_us_per_row", cpu["raw_copy"])
+        b.emit(f"{prefix}raw_copy_{size}_rows_per_s", med([size / (us / 1e6) for us in res["raw_copy"]]))
+        b.emit(f"{prefix}add_many_{size}_vs_raw_copy_ratio", 1 / med_ratio(res["add_many"], res["raw_copy"]))
 
 
 def async_rows(engine: sa.Engine, outbox: Outbox, payload: bytes, args: Any, prefix: str) -> None:
