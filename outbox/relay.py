@@ -73,7 +73,8 @@ PARTITIONS_INTERVAL = 3600.0
 WATERMARK_RESET = 5.0
 #: longest wait between two calls of the publisher's ``idle()`` while the relay sleeps
 IDLE_SERVICE = 1.0
-#: fewest rows a claim may take from one partition (its share of the batch is never smaller)
+#: fewest rows the portable claim (joined back by id) may take from one partition (its share of the
+#: batch is never smaller); a claim by quotas (PostgreSQL, see Relay._quotas) asks idle partitions for one
 MIN_PER_PARTITION = 16
 
 
@@ -140,6 +141,8 @@ class Relay:
         self._busy = 0.0  # seconds spent in rounds that published since the last progress line
         self._listener: Any = None
         self._active_partitions: set[int] = set()
+        # partitions that gave the last claim its whole quota of them (see _quotas)
+        self._saturated: set[int] = set()
         self._blocked: set[Blocker] = set()
         # partition -> lease generation seen at the last claim, and partitions acquired since
         # whose claims still get the gap check (see _may_have_gaps)
@@ -519,21 +522,70 @@ class Relay:
                     self._after.pop(p, None)
             self._last_refresh, self._refresh_due, self._held_set = mono, False, list(held)
         blocked = sorted(self._blocked)
-        # share the batch among the partitions that had rows last time, so a few busy keys still
-        # fill a batch, while each partition is read through the claim index in id order
-        active = len(self._active_partitions & set(held)) or len(held)
-        per_partition = max(MIN_PER_PARTITION, -(-self.config.batch_size // active))
         cols = claim_columns(o)
-        ids = self.dialect.due_ids(o, held, per_partition, DUE_NOW, blocked, self._after, topics=self.config.topics)
-        stmt = sa.select(*cols).join_from(o, ids, o.c.id == ids.c.id).order_by(o.c.id).limit(self.config.batch_size)
-        rows = conn.execute(self.dialect.lock_claim(stmt, o)).all()
+        quotas = self._quotas(held)
+        stmt = None if quotas is None else self.dialect.claim_by_quota(
+            o, cols, held, quotas, DUE_NOW, blocked, self._after, topics=self.config.topics)
+        if stmt is not None:  # each partition's share read and locked in place (PostgreSQL)
+            per_partition = max(quotas or [1])
+            rows = conn.execute(stmt).all()
+            ids = None
+        else:
+            # share the batch among the partitions that had rows last time, so a few busy keys still
+            # fill a batch, while each partition is read through the claim index in id order
+            active = len(self._active_partitions & set(held)) or len(held)
+            per_partition = max(MIN_PER_PARTITION, -(-self.config.batch_size // active))
+            ids = self.dialect.due_ids(o, held, per_partition, DUE_NOW, blocked, self._after,
+                                       topics=self.config.topics)
+            stmt = (sa.select(*cols).join_from(o, ids, o.c.id == ids.c.id).order_by(o.c.id)
+                    .limit(self.config.batch_size))
+            rows = conn.execute(self.dialect.lock_claim(stmt, o)).all()
         self._claimed_at = time.monotonic()
         if rows and self.dialect.supports_skip_locked and self._may_have_gaps(rows):
+            if ids is None:  # the same rows' ids, unlocked: what the claim would have taken without SKIP LOCKED
+                ids = self.dialect.due_ids(o, held, per_partition, DUE_NOW, blocked, self._after,
+                                           topics=self.config.topics)
             rows = self._without_gaps(conn, rows, sa.select(ids.c.id, ids.c.partition))
         self._active_partitions = {r.partition for r in rows}
-        if len(rows) < self.config.batch_size:  # not a full drain: look for delayed rows next time
+        if quotas is not None and stmt is not None:
+            # the partitions that gave their whole quota: they may have more, and share the next batch
+            taken: dict[int, int] = defaultdict(int)
+            for r in rows:
+                taken[r.partition] += 1
+            self._saturated = {p for p, q in zip(held, quotas, strict=True) if taken[p] >= q}
+            drained = not self._saturated
+        else:
+            drained = len(rows) < self.config.batch_size
+        if drained:  # the claim took all that was due: look for delayed rows next time
             self._refresh_due = True
         return self._decode(conn, rows, on_commit)
+
+    def _quotas(self, held: list[int]) -> list[int] | None:
+        """How many rows the claim takes at most from each of ``held``, adding up to ``batch_size``;
+        ``None`` when the batch is smaller than the partition count (no share for each of them).
+
+        The partitions that gave the last claim all it asked of them (they may have more) share the
+        batch; the others are asked for one row each, so rows that appear there are claimed at once
+        and the partition shares the next batch. Without such partitions (the first claim, or the
+        last one took everything due), the batch is shared evenly.
+        """
+        batch, n = self.config.batch_size, len(held)
+        if batch < n:
+            return None
+        busy = [p in self._saturated for p in held]
+        n_busy = sum(busy)
+        if n_busy == 0:
+            base, extra = divmod(batch, n)
+            return [base + (i < extra) for i in range(n)]
+        base, extra = divmod(batch - (n - n_busy), n_busy)
+        quotas = []
+        for b in busy:
+            if b:
+                quotas.append(base + (extra > 0))
+                extra -= 1
+            else:
+                quotas.append(1)
+        return quotas
 
     def _note_acquired(self) -> None:
         """Partitions (re)acquired since the last claim, from anyone, become suspect (see below)."""

@@ -120,6 +120,19 @@ class PostgreSQLDialect(Dialect):
         # milliseconds; ends the session (FATAL 25P03), which releases its row locks
         return [f"SET idle_in_transaction_session_timeout = {max(1, math.ceil(seconds * 1000))}"]
 
+    def relay_session_statements(self) -> list[str]:
+        """``random_page_cost`` at most 1.1 in the relay's sessions (the common value for SSDs and cached data).
+
+        The claim (:meth:`claim_by_quota`) reads each partition's first due rows, whole, through
+        the claim index. At the default 4.0 the planner expects those rows' heap pages to cost a
+        disk seek each and prefers walking the primary key in id order, filtering out the other
+        partitions' rows: 6.7 ms instead of 1.7 ms for 1,000 rows of 32 partitions, and a walk over
+        the whole table for a partition with few rows. The relay reads rows written moments ago,
+        which are in memory. A lower setting is kept.
+        """
+        return ["SELECT set_config('random_page_cost', "
+                "least(current_setting('random_page_cost')::float8, 1.1)::text, false)"]
+
     def lock_rows(self, select: sa.Select[Any]) -> sa.Select[Any]:
         return select.with_for_update(skip_locked=True)
 
@@ -133,12 +146,34 @@ class PostgreSQLDialect(Dialect):
         (topic, key) pairs are blocked (arrays, not IN lists), so psycopg can prepare it once and
         the server plans it once (one form without blockers, one with).
         """
-        after = after or {}
-        parts = sa.func.unnest(
-            sa.bindparam("claim_partitions", list(partitions), type_=pg.ARRAY(sa.SmallInteger())),
-            sa.bindparam("claim_after", [after.get(p, 0) for p in partitions], type_=pg.ARRAY(sa.BigInteger())),
-        ).table_valued("part", "after_id").render_derived(name="held")
-        q = sa.select(table.c.id, table.c.partition).where(
+        parts = _held(partitions, after or {})
+        per = (self._per_partition(table, [table.c.id, table.c.partition], parts, due, blocked, topics)
+               .limit(per_partition).lateral("per_partition"))
+        return sa.select(per.c.id, per.c.partition).select_from(parts.join(per, sa.true())).subquery("claimable")
+
+    def claim_by_quota(
+        self, table: sa.Table, columns: Sequence[sa.ColumnElement[Any]], partitions: Sequence[int],
+        quotas: Sequence[int], due: Any, blocked: Sequence[Blocker], after: Mapping[int, int] | None = None,
+        topics: Sequence[str] | None = None,
+    ) -> sa.Select[Any] | None:
+        """The rows :meth:`due_ids` picks, their ``columns`` read and locked in the per-partition read.
+
+        ``FOR UPDATE SKIP LOCKED`` sits inside each partition's ``LATERAL (... LIMIT quota)``: every
+        row it locks is returned (no LIMIT above it that could leave locked rows unclaimed, which a
+        claim made ahead would then skip, publishing later rows of their partition first), and no
+        row is looked up again by id through the primary key.
+        """
+        parts = _held(partitions, after or {}, quotas)
+        per = (self._per_partition(table, columns, parts, due, blocked, topics)
+               .limit(parts.c.quota).with_for_update(skip_locked=True, of=table).lateral("per_partition"))
+        return sa.select(*per.c).select_from(parts.join(per, sa.true())).order_by(per.c.id)
+
+    def _per_partition(
+        self, table: sa.Table, columns: Sequence[sa.ColumnElement[Any]], parts: Any, due: Any,
+        blocked: Sequence[Blocker], topics: Sequence[str] | None,
+    ) -> sa.Select[Any]:
+        """The due rows of the partition ``parts.c.part`` after ``parts.c.after_id``, in id order."""
+        q = sa.select(*columns).where(
             table.c.partition == parts.c.part, table.c.status == "pending", table.c.available_at == due,
             table.c.id > parts.c.after_id)
         # --- relay group's topics (its own clause, independent of the blocked keys below)
@@ -157,8 +192,7 @@ class PostgreSQLDialect(Dialect):
             keys = sa.bindparam("claim_blocked_keys", sorted({b.key for b in blocked}), type_=pg.ARRAY(sa.String()))
             q = q.where(sa.or_(table.c.key != sa.all_(keys), ~sa.exists().where(
                 blk.c.topic == table.c.topic, blk.c.key == table.c.key, table.c.id > blk.c.id)))
-        per = q.order_by(table.c.id).limit(per_partition).lateral("per_partition")
-        return sa.select(per.c.id, per.c.partition).select_from(parts.join(per, sa.true())).subquery("claimable")
+        return q.order_by(table.c.id)
 
     def delete_ids(self, connection: Connection, table: sa.Table, ids: Sequence[int]) -> None:
         connection.execute(table.delete().where(table.c.id == sa.any_(_id_array(ids))))
@@ -413,6 +447,19 @@ def _update_statement(table: sa.Table, key_column: str, columns: tuple[str, ...]
                 .values({column: rows.c.value["v"]}))
 
     return _once(table, ("update", key_column, columns, column), build)
+
+
+def _held(partitions: Sequence[int], after: Mapping[int, int], quotas: Sequence[int] | None = None) -> Any:
+    """``unnest(:partitions, :after[, :quotas]) AS held(part, after_id[, quota])``: one row per partition."""
+    arrays = [
+        sa.bindparam("claim_partitions", list(partitions), type_=pg.ARRAY(sa.SmallInteger())),
+        sa.bindparam("claim_after", [after.get(p, 0) for p in partitions], type_=pg.ARRAY(sa.BigInteger())),
+    ]
+    names = ["part", "after_id"]
+    if quotas is not None:
+        arrays.append(sa.bindparam("claim_quotas", list(quotas), type_=pg.ARRAY(sa.Integer())))
+        names.append("quota")
+    return sa.func.unnest(*arrays).table_valued(*names).render_derived(name="held")
 
 
 def _id_array(ids: Sequence[int]) -> Any:

@@ -415,5 +415,5 @@ def test_a_delivered_batch_costs_the_lease_lock_the_claim_and_the_delete(engine:
     relay.close()
     assert len(pub.messages) == 300 and pending_rows(engine) == []
     assert not [s for s in seen if "SAVEPOINT" in s], seen
-    assert len([s for s in seen if s.startswith("DELETE")]) == 3  # one a batch
+    assert len([s for s in seen if s.startswith("DELETE")]) == relay.stats.rounds >= 3  # one a batch
     assert not [s for s in seen if s.startswith("UPDATE")], seen  # no lease renewal (fence) per batch
