@@ -46,7 +46,7 @@ from . import _tracing, dialects
 from ._dberrors import is_permanent
 from ._logging import log_context
 from ._redact import mask_secrets
-from ._rows import RowError, claim_columns, decode_row, unclaimable_rows
+from ._rows import ROW_ID, ROW_KEY, ROW_PARTITION, ROW_TOPIC, RowError, claim_columns, decode_row, unclaimable_rows
 from ._sqlerrors import ADDED_COLUMNS, missing_column_error
 from .config import RelayConfig
 from .dialects.base import Blocker
@@ -524,11 +524,12 @@ class Relay:
         blocked = sorted(self._blocked)
         cols = claim_columns(o)
         quotas = self._quotas(held)
-        stmt = None if quotas is None else self.dialect.claim_by_quota(
-            o, cols, held, quotas, DUE_NOW, blocked, self._after, topics=self.config.topics)
-        if stmt is not None:  # each partition's share read and locked in place (PostgreSQL)
+        claimed = None if quotas is None else self.dialect.claim_by_quota(
+            conn, o, cols, held, quotas, DUE_NOW, blocked, self._after, topics=self.config.topics)
+        rows: Sequence[Any]
+        if claimed is not None:  # each partition's share read and locked in place (PostgreSQL)
             per_partition = max(quotas or [1])
-            rows = conn.execute(stmt).all()
+            rows = claimed
             ids = None
         else:
             # share the batch among the partitions that had rows last time, so a few busy keys still
@@ -546,12 +547,12 @@ class Relay:
                 ids = self.dialect.due_ids(o, held, per_partition, DUE_NOW, blocked, self._after,
                                            topics=self.config.topics)
             rows = self._without_gaps(conn, rows, sa.select(ids.c.id, ids.c.partition))
-        self._active_partitions = {r.partition for r in rows}
-        if quotas is not None and stmt is not None:
+        self._active_partitions = {r[ROW_PARTITION] for r in rows}
+        if quotas is not None and claimed is not None:
             # the partitions that gave their whole quota: they may have more, and share the next batch
             taken: dict[int, int] = defaultdict(int)
             for r in rows:
-                taken[r.partition] += 1
+                taken[r[ROW_PARTITION]] += 1
             self._saturated = {p for p, q in zip(held, quotas, strict=True) if taken[p] >= q}
             drained = not self._saturated
         else:
@@ -609,7 +610,7 @@ class Relay:
         """
         if self.dialect.skip_locked_reaches_neighbours:
             return True
-        return bool(self._suspect) and any(r.partition in self._suspect for r in rows)
+        return bool(self._suspect) and any(r[ROW_PARTITION] in self._suspect for r in rows)
 
     def _without_gaps(self, conn: Connection, rows: Sequence[Any], due_ids: sa.Select[Any]) -> list[Any]:
         """Keep, per partition, only the claimed rows before the first row SKIP LOCKED passed over.
@@ -619,10 +620,10 @@ class Relay:
         neighbouring partition's first row. Publishing past a skipped row would break per-key
         order, so the rest of that partition waits for the next round.
         """
-        by_id = {r.id: r for r in rows}
+        by_id = {r[ROW_ID]: r for r in rows}
         claimed_parts: dict[int, list[int]] = defaultdict(list)
         for r in rows:
-            claimed_parts[r.partition].append(r.id)
+            claimed_parts[r[ROW_PARTITION]].append(r[ROW_ID])
         expected: dict[int, list[int]] = defaultdict(list)
         for i, p in sorted(tuple(r) for r in conn.execute(due_ids)):
             expected[p].append(i)
@@ -639,7 +640,7 @@ class Relay:
                 self._suspect.discard(p)
         if cut:
             log.debug("left %d claimed row(s) for the next round: an earlier row of their partition was locked", cut)
-        keep.sort(key=lambda r: r.id)
+        keep.sort(key=lambda r: r[ROW_ID])
         return keep
 
     def _blockers(self, conn: Connection, held: list[int]) -> list[Blocker]:
@@ -922,19 +923,19 @@ class Relay:
         held_back: set[tuple[Any, Any]] = set()
         strict = self.config.ordering == "strict"
         unmarkable, as_text = self._unmarkable, self.dialect.json_as_text
-        for r in rows:
-            if unmarkable and r.id in unmarkable:
-                if strict and not unmarkable[r.id] and isinstance(r.key, str):
-                    held_back.add((r.topic, r.key))
+        for r in rows:  # claimed rows, indexed by position (ROW_ID ...)
+            if unmarkable and r[ROW_ID] in unmarkable:
+                if strict and not unmarkable[r[ROW_ID]] and isinstance(r[ROW_KEY], str):
+                    held_back.add((r[ROW_TOPIC], r[ROW_KEY]))
                 continue
-            if held_back and (r.topic, r.key) in held_back:
+            if held_back and (r[ROW_TOPIC], r[ROW_KEY]) in held_back:
                 continue
             try:
                 records.append(decode_row(r, json_as_text=as_text))
             except RowError as exc:
-                bad.append((r.id, _short(str(exc))))
-                if strict and isinstance(r.key, str):
-                    held_back.add((r.topic, r.key))
+                bad.append((r[ROW_ID], _short(str(exc))))
+                if strict and isinstance(r[ROW_KEY], str):
+                    held_back.add((r[ROW_TOPIC], r[ROW_KEY]))
         for rid, reason in bad:
             self._give_up_row(conn, rid, reason, on_commit=on_commit)
         if bad or held_back:

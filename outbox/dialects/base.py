@@ -219,14 +219,15 @@ class Dialect:
         return select
 
     def claim_by_quota(
-        self, table: sa.Table, columns: Sequence[sa.ColumnElement[Any]], partitions: Sequence[int],
-        quotas: Sequence[int], due: Any, blocked: Sequence[Blocker], after: Mapping[int, int] | None = None,
-        topics: Sequence[str] | None = None,
-    ) -> sa.Select[Any] | None:
-        """One locking SELECT of ``columns`` of up to ``quotas[i]`` due rows of ``partitions[i]`` (the
-        rows :meth:`due_ids` picks, in id order), read and locked where they are found, with no join
-        back by id and no LIMIT over the whole (the quotas add up to the batch); ``None`` where the
-        database has no such form (the relay then joins :meth:`due_ids` back to the table)."""
+        self, connection: Connection, table: sa.Table, columns: Sequence[sa.ColumnElement[Any]],
+        partitions: Sequence[int], quotas: Sequence[int], due: Any, blocked: Sequence[Blocker],
+        after: Mapping[int, int] | None = None, topics: Sequence[str] | None = None,
+    ) -> Sequence[Sequence[Any]] | None:
+        """Claim (lock and return, as rows of ``columns`` in id order) up to ``quotas[i]`` due rows of
+        ``partitions[i]``, the rows :meth:`due_ids` picks, read and locked where they are found, with
+        no join back by id and no LIMIT over the whole (the quotas add up to the batch). Rows are
+        indexed by position. ``None`` where the database has no such form (the relay then joins
+        :meth:`due_ids` back to the table)."""
         return None
 
     #: SKIP LOCKED may pass over rows of partitions this relay owns even outside a lease
