@@ -490,7 +490,9 @@ class _RawSelect:
 
     def __init__(self, stmt: sa.Select[Any], dialect: sa.engine.Dialect) -> None:
         self.stmt = stmt
-        compiled = stmt.compile(dialect=dialect)
+        # expanding parameters (the topic filter's IN list) rendered as the plain ones they hold:
+        # their values are part of the claim's form (see claim_by_quota), fixed for the relay
+        compiled = stmt.compile(dialect=dialect, compile_kwargs={"render_postcompile": True})
         self.sql = compiled.string
         self.defaults = compiled.construct_params()
         self.processors: dict[str, Callable[[Any], Any]] = {}
