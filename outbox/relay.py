@@ -450,14 +450,16 @@ class Relay:
             self._dispose_quietly()  # other pooled connections of the frozen process may be dead too
 
     # ------------------------------------------------------------------ steps
-    def _promote(self, conn: Connection, held: list[int], now: dt.datetime, *, look_only: bool = False) -> set[int]:
-        """Rows whose delay or backoff has run out become due (``available_at = DUE_NOW``).
+    def _promote(self, conn: Connection, held: list[int], now: dt.datetime, *,
+                 look_only: bool = False) -> dict[int, int]:
+        """Rows whose delay or backoff has run out become due (``available_at = DUE_NOW``); returns
+        their ids, each with its partition.
 
         Read first, then update by primary key: a range UPDATE on InnoDB would lock the next
         index record too, which is another partition's (another relay's) first due row.
-        ``look_only``: return their partitions without updating (a claim made ahead must not
-        write rows that the batch in flight's transaction may have just updated: it would wait
-        on that transaction, which waits on it).
+        ``look_only``: return them without updating (a claim made ahead must not write rows
+        that the batch in flight's transaction may have just updated: it would wait on that
+        transaction, which waits on it).
         """
         o = self.tables.outbox
         q = (
@@ -468,13 +470,11 @@ class Relay:
         topic_clause = self.dialect.topic_filter(o, self.config.topics)
         if topic_clause is not None:  # this relay group's rows only
             q = q.where(topic_clause)
-        rows = conn.execute(q).all()
-        if look_only:
-            return {r[1] for r in rows}
-        ids = [r[0] for r in rows]
-        for chunk in _chunks(ids, 1000):
-            self.dialect.update_ids(conn, o, chunk, {"available_at": DUE_NOW})
-        return {r[1] for r in rows}
+        found = {r[0]: r[1] for r in conn.execute(q)}
+        if not look_only:
+            for chunk in _chunks(sorted(found), 1000):
+                self.dialect.update_ids(conn, o, chunk, {"available_at": DUE_NOW})
+        return found
 
     def _claim(self, conn: Connection, held: list[int], now: dt.datetime,
                on_commit: list[Callable[[], None]]) -> list[OutboxRecord]:
@@ -500,6 +500,7 @@ class Relay:
         # Delayed rows and the keys held back behind failing ones change slowly: look them up at
         # most every REFRESH seconds (and after any failure), not in every round of a busy drain.
         mono = time.monotonic()
+        promoted: dict[int, int] = {}
         if self._refresh_due or mono - self._last_refresh >= REFRESH or self._held_set != held:
             promoted = self._promote(conn, held, now, look_only=ahead)
             blocked_before = self._blocked
@@ -518,7 +519,7 @@ class Relay:
                 self._after.clear()
                 self._last_watermark_reset = mono
             else:
-                for p in promoted:
+                for p in set(promoted.values()):
                     self._after.pop(p, None)
             self._last_refresh, self._refresh_due, self._held_set = mono, False, list(held)
         blocked = sorted(self._blocked)
@@ -558,6 +559,14 @@ class Relay:
         else:
             drained = len(rows) < self.config.batch_size
         if drained:  # the claim took all that was due: look for delayed rows next time
+            self._refresh_due = True
+        elif promoted and not promoted.keys() <= {r[ROW_ID] for r in rows}:
+            # Rows this transaction made due but did not claim (beyond a partition's share, or past
+            # the batch) are due only in its own snapshot until it commits. A claim made ahead while
+            # this batch is out reads after the batch's last row of each partition, finds them still
+            # delayed (not locked: SKIP LOCKED and the gap check see nothing) and would take their
+            # partition's later rows, of the same keys, first. No claim ahead this round; the next
+            # claim reads the partitions from their start.
             self._refresh_due = True
         return self._decode(conn, rows, on_commit)
 
