@@ -25,7 +25,8 @@ from .message import NO_ATTRIBUTES, OutboxRecord, claimed_record
 from .schema import KEY_LENGTH, TOPIC_LENGTH
 
 __all__ = [
-    "KNOWN_STATUSES", "MAX_ATTEMPTS_VALUE", "MAX_PARTITION", "RowError", "claim_columns", "decode_row",
+    "KNOWN_STATUSES", "MAX_ATTEMPTS_VALUE", "MAX_PARTITION", "ROW_ID", "ROW_KEY", "ROW_PARTITION", "ROW_TOPIC",
+    "RowError", "claim_columns", "decode_row",
     "unclaimable_rows",
 ]
 
@@ -40,6 +41,8 @@ _SHORT_KEY = KEY_LENGTH // 4
 _RAW = ("message_id", "payload", "headers", "created_at", "attributes")
 _COLUMNS = ("id", "message_id", "topic", "key", "payload", "headers", "content_type", "partition", "attempts",
             "created_at", "attributes")
+#: positions in a claimed row (the claim's columns are in _COLUMNS order)
+ROW_ID, ROW_TOPIC, ROW_KEY, ROW_PARTITION = 0, 2, 3, 7
 _UTC = dt.timezone.utc
 #: IANA names of zones that are UTC at every instant, and the zone objects seen with one of them
 _UTC_NAMES = frozenset({"UTC", "Etc/UTC", "Etc/UCT", "UCT", "Etc/Universal", "Universal", "Etc/Zulu", "Zulu"})

@@ -46,7 +46,7 @@ from . import _tracing, dialects
 from ._dberrors import is_permanent
 from ._logging import log_context
 from ._redact import mask_secrets
-from ._rows import RowError, claim_columns, decode_row, unclaimable_rows
+from ._rows import ROW_ID, ROW_KEY, ROW_PARTITION, ROW_TOPIC, RowError, claim_columns, decode_row, unclaimable_rows
 from ._sqlerrors import ADDED_COLUMNS, missing_column_error
 from .config import RelayConfig
 from .dialects.base import Blocker
@@ -73,7 +73,8 @@ PARTITIONS_INTERVAL = 3600.0
 WATERMARK_RESET = 5.0
 #: longest wait between two calls of the publisher's ``idle()`` while the relay sleeps
 IDLE_SERVICE = 1.0
-#: fewest rows a claim may take from one partition (its share of the batch is never smaller)
+#: fewest rows the portable claim (joined back by id) may take from one partition (its share of the
+#: batch is never smaller); a claim by quotas (PostgreSQL, see Relay._quotas) asks idle partitions for one
 MIN_PER_PARTITION = 16
 
 
@@ -140,6 +141,8 @@ class Relay:
         self._busy = 0.0  # seconds spent in rounds that published since the last progress line
         self._listener: Any = None
         self._active_partitions: set[int] = set()
+        # partitions that gave the last claim its whole quota of them (see _quotas)
+        self._saturated: set[int] = set()
         self._blocked: set[Blocker] = set()
         # partition -> lease generation seen at the last claim, and partitions acquired since
         # whose claims still get the gap check (see _may_have_gaps)
@@ -447,14 +450,16 @@ class Relay:
             self._dispose_quietly()  # other pooled connections of the frozen process may be dead too
 
     # ------------------------------------------------------------------ steps
-    def _promote(self, conn: Connection, held: list[int], now: dt.datetime, *, look_only: bool = False) -> set[int]:
-        """Rows whose delay or backoff has run out become due (``available_at = DUE_NOW``).
+    def _promote(self, conn: Connection, held: list[int], now: dt.datetime, *,
+                 look_only: bool = False) -> dict[int, int]:
+        """Rows whose delay or backoff has run out become due (``available_at = DUE_NOW``); returns
+        their ids, each with its partition.
 
         Read first, then update by primary key: a range UPDATE on InnoDB would lock the next
         index record too, which is another partition's (another relay's) first due row.
-        ``look_only``: return their partitions without updating (a claim made ahead must not
-        write rows that the batch in flight's transaction may have just updated: it would wait
-        on that transaction, which waits on it).
+        ``look_only``: return them without updating (a claim made ahead must not write rows
+        that the batch in flight's transaction may have just updated: it would wait on that
+        transaction, which waits on it).
         """
         o = self.tables.outbox
         q = (
@@ -465,13 +470,11 @@ class Relay:
         topic_clause = self.dialect.topic_filter(o, self.config.topics)
         if topic_clause is not None:  # this relay group's rows only
             q = q.where(topic_clause)
-        rows = conn.execute(q).all()
-        if look_only:
-            return {r[1] for r in rows}
-        ids = [r[0] for r in rows]
-        for chunk in _chunks(ids, 1000):
-            self.dialect.update_ids(conn, o, chunk, {"available_at": DUE_NOW})
-        return {r[1] for r in rows}
+        found = {r[0]: r[1] for r in conn.execute(q)}
+        if not look_only:
+            for chunk in _chunks(sorted(found), 1000):
+                self.dialect.update_ids(conn, o, chunk, {"available_at": DUE_NOW})
+        return found
 
     def _claim(self, conn: Connection, held: list[int], now: dt.datetime,
                on_commit: list[Callable[[], None]]) -> list[OutboxRecord]:
@@ -497,6 +500,7 @@ class Relay:
         # Delayed rows and the keys held back behind failing ones change slowly: look them up at
         # most every REFRESH seconds (and after any failure), not in every round of a busy drain.
         mono = time.monotonic()
+        promoted: dict[int, int] = {}
         if self._refresh_due or mono - self._last_refresh >= REFRESH or self._held_set != held:
             promoted = self._promote(conn, held, now, look_only=ahead)
             blocked_before = self._blocked
@@ -515,25 +519,83 @@ class Relay:
                 self._after.clear()
                 self._last_watermark_reset = mono
             else:
-                for p in promoted:
+                for p in set(promoted.values()):
                     self._after.pop(p, None)
             self._last_refresh, self._refresh_due, self._held_set = mono, False, list(held)
         blocked = sorted(self._blocked)
-        # share the batch among the partitions that had rows last time, so a few busy keys still
-        # fill a batch, while each partition is read through the claim index in id order
-        active = len(self._active_partitions & set(held)) or len(held)
-        per_partition = max(MIN_PER_PARTITION, -(-self.config.batch_size // active))
         cols = claim_columns(o)
-        ids = self.dialect.due_ids(o, held, per_partition, DUE_NOW, blocked, self._after, topics=self.config.topics)
-        stmt = sa.select(*cols).join_from(o, ids, o.c.id == ids.c.id).order_by(o.c.id).limit(self.config.batch_size)
-        rows = conn.execute(self.dialect.lock_claim(stmt, o)).all()
+        quotas = self._quotas(held)
+        claimed = None if quotas is None else self.dialect.claim_by_quota(
+            conn, o, cols, held, quotas, DUE_NOW, blocked, self._after, topics=self.config.topics)
+        rows: Sequence[Any]
+        if claimed is not None:  # each partition's share read and locked in place (PostgreSQL)
+            per_partition = max(quotas or [1])
+            rows = claimed
+            ids = None
+        else:
+            # share the batch among the partitions that had rows last time, so a few busy keys still
+            # fill a batch, while each partition is read through the claim index in id order
+            active = len(self._active_partitions & set(held)) or len(held)
+            per_partition = max(MIN_PER_PARTITION, -(-self.config.batch_size // active))
+            ids = self.dialect.due_ids(o, held, per_partition, DUE_NOW, blocked, self._after,
+                                       topics=self.config.topics)
+            stmt = (sa.select(*cols).join_from(o, ids, o.c.id == ids.c.id).order_by(o.c.id)
+                    .limit(self.config.batch_size))
+            rows = conn.execute(self.dialect.lock_claim(stmt, o)).all()
         self._claimed_at = time.monotonic()
         if rows and self.dialect.supports_skip_locked and self._may_have_gaps(rows):
+            if ids is None:  # the same rows' ids, unlocked: what the claim would have taken without SKIP LOCKED
+                ids = self.dialect.due_ids(o, held, per_partition, DUE_NOW, blocked, self._after,
+                                           topics=self.config.topics)
             rows = self._without_gaps(conn, rows, sa.select(ids.c.id, ids.c.partition))
-        self._active_partitions = {r.partition for r in rows}
-        if len(rows) < self.config.batch_size:  # not a full drain: look for delayed rows next time
+        self._active_partitions = {r[ROW_PARTITION] for r in rows}
+        if quotas is not None and claimed is not None:
+            # the partitions that gave their whole quota: they may have more, and share the next batch
+            taken: dict[int, int] = defaultdict(int)
+            for r in rows:
+                taken[r[ROW_PARTITION]] += 1
+            self._saturated = {p for p, q in zip(held, quotas, strict=True) if taken[p] >= q}
+            drained = not self._saturated
+        else:
+            drained = len(rows) < self.config.batch_size
+        if drained:  # the claim took all that was due: look for delayed rows next time
+            self._refresh_due = True
+        elif promoted and not promoted.keys() <= {r[ROW_ID] for r in rows}:
+            # Rows this transaction made due but did not claim (beyond a partition's share, or past
+            # the batch) are due only in its own snapshot until it commits. A claim made ahead while
+            # this batch is out reads after the batch's last row of each partition, finds them still
+            # delayed (not locked: SKIP LOCKED and the gap check see nothing) and would take their
+            # partition's later rows, of the same keys, first. No claim ahead this round; the next
+            # claim reads the partitions from their start.
             self._refresh_due = True
         return self._decode(conn, rows, on_commit)
+
+    def _quotas(self, held: list[int]) -> list[int] | None:
+        """How many rows the claim takes at most from each of ``held``, adding up to ``batch_size``;
+        ``None`` when the batch is smaller than the partition count (no share for each of them).
+
+        The partitions that gave the last claim all it asked of them (they may have more) share the
+        batch; the others are asked for one row each, so rows that appear there are claimed at once
+        and the partition shares the next batch. Without such partitions (the first claim, or the
+        last one took everything due), the batch is shared evenly.
+        """
+        batch, n = self.config.batch_size, len(held)
+        if batch < n:
+            return None
+        busy = [p in self._saturated for p in held]
+        n_busy = sum(busy)
+        if n_busy == 0:
+            base, extra = divmod(batch, n)
+            return [base + (i < extra) for i in range(n)]
+        base, extra = divmod(batch - (n - n_busy), n_busy)
+        quotas = []
+        for b in busy:
+            if b:
+                quotas.append(base + (extra > 0))
+                extra -= 1
+            else:
+                quotas.append(1)
+        return quotas
 
     def _note_acquired(self) -> None:
         """Partitions (re)acquired since the last claim, from anyone, become suspect (see below)."""
@@ -557,7 +619,7 @@ class Relay:
         """
         if self.dialect.skip_locked_reaches_neighbours:
             return True
-        return bool(self._suspect) and any(r.partition in self._suspect for r in rows)
+        return bool(self._suspect) and any(r[ROW_PARTITION] in self._suspect for r in rows)
 
     def _without_gaps(self, conn: Connection, rows: Sequence[Any], due_ids: sa.Select[Any]) -> list[Any]:
         """Keep, per partition, only the claimed rows before the first row SKIP LOCKED passed over.
@@ -567,10 +629,10 @@ class Relay:
         neighbouring partition's first row. Publishing past a skipped row would break per-key
         order, so the rest of that partition waits for the next round.
         """
-        by_id = {r.id: r for r in rows}
+        by_id = {r[ROW_ID]: r for r in rows}
         claimed_parts: dict[int, list[int]] = defaultdict(list)
         for r in rows:
-            claimed_parts[r.partition].append(r.id)
+            claimed_parts[r[ROW_PARTITION]].append(r[ROW_ID])
         expected: dict[int, list[int]] = defaultdict(list)
         for i, p in sorted(tuple(r) for r in conn.execute(due_ids)):
             expected[p].append(i)
@@ -587,7 +649,7 @@ class Relay:
                 self._suspect.discard(p)
         if cut:
             log.debug("left %d claimed row(s) for the next round: an earlier row of their partition was locked", cut)
-        keep.sort(key=lambda r: r.id)
+        keep.sort(key=lambda r: r[ROW_ID])
         return keep
 
     def _blockers(self, conn: Connection, held: list[int]) -> list[Blocker]:
@@ -870,19 +932,19 @@ class Relay:
         held_back: set[tuple[Any, Any]] = set()
         strict = self.config.ordering == "strict"
         unmarkable, as_text = self._unmarkable, self.dialect.json_as_text
-        for r in rows:
-            if unmarkable and r.id in unmarkable:
-                if strict and not unmarkable[r.id] and isinstance(r.key, str):
-                    held_back.add((r.topic, r.key))
+        for r in rows:  # claimed rows, indexed by position (ROW_ID ...)
+            if unmarkable and r[ROW_ID] in unmarkable:
+                if strict and not unmarkable[r[ROW_ID]] and isinstance(r[ROW_KEY], str):
+                    held_back.add((r[ROW_TOPIC], r[ROW_KEY]))
                 continue
-            if held_back and (r.topic, r.key) in held_back:
+            if held_back and (r[ROW_TOPIC], r[ROW_KEY]) in held_back:
                 continue
             try:
                 records.append(decode_row(r, json_as_text=as_text))
             except RowError as exc:
-                bad.append((r.id, _short(str(exc))))
-                if strict and isinstance(r.key, str):
-                    held_back.add((r.topic, r.key))
+                bad.append((r[ROW_ID], _short(str(exc))))
+                if strict and isinstance(r[ROW_KEY], str):
+                    held_back.add((r[ROW_TOPIC], r[ROW_KEY]))
         for rid, reason in bad:
             self._give_up_row(conn, rid, reason, on_commit=on_commit)
         if bad or held_back:

@@ -218,6 +218,18 @@ class Dialect:
         """Lock the outbox rows a relay claims (``select`` may join ``table`` to a subquery)."""
         return select
 
+    def claim_by_quota(
+        self, connection: Connection, table: sa.Table, columns: Sequence[sa.ColumnElement[Any]],
+        partitions: Sequence[int], quotas: Sequence[int], due: Any, blocked: Sequence[Blocker],
+        after: Mapping[int, int] | None = None, topics: Sequence[str] | None = None,
+    ) -> Sequence[Sequence[Any]] | None:
+        """Claim (lock and return, as rows of ``columns`` in id order) up to ``quotas[i]`` due rows of
+        ``partitions[i]``, the rows :meth:`due_ids` picks, read and locked where they are found, with
+        no join back by id and no LIMIT over the whole (the quotas add up to the batch). Rows are
+        indexed by position. ``None`` where the database has no such form (the relay then joins
+        :meth:`due_ids` back to the table)."""
+        return None
+
     #: SKIP LOCKED may pass over rows of partitions this relay owns even outside a lease
     #: handover (InnoDB's next-key locks reach into neighbouring index ranges), so every claim
     #: must be checked for gaps, not only claims from freshly taken partitions.
@@ -305,6 +317,11 @@ class Dialect:
         """
         return []
 
+    def relay_session_statements(self) -> list[str]:
+        """Further statements for each new connection of the relay's own engine (planner settings for
+        the relay's queries); never run on the application's connections."""
+        return []
+
     def relay_engine(self, engine: Engine, idle_transaction_timeout: float) -> Engine:
         """The relay's own engine: ``engine``'s URL, driver arguments and pool listeners, on a pool of
         its own whose new connections run :meth:`idle_transaction_statements` (and are pre-pinged).
@@ -316,6 +333,7 @@ class Dialect:
         statements = self.idle_transaction_statements(idle_transaction_timeout, engine.dialect)
         if not statements:
             return engine
+        statements = [*statements, *self.relay_session_statements()]
         # same creator (URL, connect_args) and listeners; the pool's own settings, pre-ping on
         pool = engine.pool.recreate()
         pool._pre_ping = True

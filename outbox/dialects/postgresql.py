@@ -50,6 +50,10 @@ class PostgreSQLDialect(Dialect):
         # insert (one unique-index insert per message) about 10 % cheaper (docs/benchmarks.md).
         return sa.String(length, collation="C")
 
+    def __init__(self) -> None:
+        # the relay's claim statements, compiled once per form (see claim_by_quota)
+        self._claims: dict[tuple[Any, ...], _RawSelect] = {}
+
     def error_kind(self, exc: sa.exc.DBAPIError) -> str | None:
         state = getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None)
         if not isinstance(state, str):
@@ -120,6 +124,19 @@ class PostgreSQLDialect(Dialect):
         # milliseconds; ends the session (FATAL 25P03), which releases its row locks
         return [f"SET idle_in_transaction_session_timeout = {max(1, math.ceil(seconds * 1000))}"]
 
+    def relay_session_statements(self) -> list[str]:
+        """``random_page_cost`` at most 1.1 in the relay's sessions (the common value for SSDs and cached data).
+
+        The claim (:meth:`claim_by_quota`) reads each partition's first due rows, whole, through
+        the claim index. At the default 4.0 the planner expects those rows' heap pages to cost a
+        disk seek each and prefers walking the primary key in id order, filtering out the other
+        partitions' rows: 6.7 ms instead of 1.7 ms for 1,000 rows of 32 partitions, and a walk over
+        the whole table for a partition with few rows. The relay reads rows written moments ago,
+        which are in memory. A lower setting is kept.
+        """
+        return ["SELECT set_config('random_page_cost', "
+                "least(current_setting('random_page_cost')::float8, 1.1)::text, false)"]
+
     def lock_rows(self, select: sa.Select[Any]) -> sa.Select[Any]:
         return select.with_for_update(skip_locked=True)
 
@@ -133,12 +150,51 @@ class PostgreSQLDialect(Dialect):
         (topic, key) pairs are blocked (arrays, not IN lists), so psycopg can prepare it once and
         the server plans it once (one form without blockers, one with).
         """
+        parts = _held(partitions, after or {})
+        per = (self._per_partition(table, [table.c.id, table.c.partition], parts, due, blocked, topics)
+               .limit(per_partition).lateral("per_partition"))
+        return sa.select(per.c.id, per.c.partition).select_from(parts.join(per, sa.true())).subquery("claimable")
+
+    def claim_by_quota(
+        self, connection: Connection, table: sa.Table, columns: Sequence[sa.ColumnElement[Any]],
+        partitions: Sequence[int], quotas: Sequence[int], due: Any, blocked: Sequence[Blocker],
+        after: Mapping[int, int] | None = None, topics: Sequence[str] | None = None,
+    ) -> Sequence[Sequence[Any]] | None:
+        """The rows :meth:`due_ids` picks, their ``columns`` read and locked in the per-partition read.
+
+        ``FOR UPDATE SKIP LOCKED`` sits inside each partition's ``LATERAL (... LIMIT quota)``: every
+        row it locks is returned (no LIMIT above it that could leave locked rows unclaimed, which a
+        claim made ahead would then skip, publishing later rows of their partition first), and no
+        row is looked up again by id through the primary key.
+
+        The statement is built and compiled once per form (with or without blocked keys), its
+        arrays passed as parameters; on psycopg it runs on the driver's cursor with binary results
+        (:class:`_RawSelect`): no statement to build and cache-key, no result rows to wrap, and
+        no hex to decode for the payloads, about 2 ms of the 4.6 ms a 1,000-row claim took.
+        """
+        key = (table.fullname, tuple(c.name for c in columns), bool(blocked), tuple(topics or ()), due)
+        select = self._claims.get(key)
+        if select is None:
+            parts = _held([], {}, [])
+            per = (self._per_partition(table, columns, parts, due, [Blocker(0, "", "", 0)] if blocked else [],
+                                       topics)
+                   .limit(parts.c.quota).with_for_update(skip_locked=True, of=table).lateral("per_partition"))
+            stmt = sa.select(*per.c).select_from(parts.join(per, sa.true())).order_by(per.c.id)
+            select = self._claims[key] = _RawSelect(stmt, connection.dialect)
         after = after or {}
-        parts = sa.func.unnest(
-            sa.bindparam("claim_partitions", list(partitions), type_=pg.ARRAY(sa.SmallInteger())),
-            sa.bindparam("claim_after", [after.get(p, 0) for p in partitions], type_=pg.ARRAY(sa.BigInteger())),
-        ).table_valued("part", "after_id").render_derived(name="held")
-        q = sa.select(table.c.id, table.c.partition).where(
+        params: dict[str, Any] = {"claim_partitions": list(partitions),
+                                  "claim_after": [after.get(p, 0) for p in partitions],
+                                  "claim_quotas": list(quotas)}
+        if blocked:
+            params.update(_blocked_params(blocked))
+        return select.run(connection, params)
+
+    def _per_partition(
+        self, table: sa.Table, columns: Sequence[sa.ColumnElement[Any]], parts: Any, due: Any,
+        blocked: Sequence[Blocker], topics: Sequence[str] | None,
+    ) -> sa.Select[Any]:
+        """The due rows of the partition ``parts.c.part`` after ``parts.c.after_id``, in id order."""
+        q = sa.select(*columns).where(
             table.c.partition == parts.c.part, table.c.status == "pending", table.c.available_at == due,
             table.c.id > parts.c.after_id)
         # --- relay group's topics (its own clause, independent of the blocked keys below)
@@ -147,18 +203,18 @@ class PostgreSQLDialect(Dialect):
             q = q.where(topic_clause)
         # --- blocked keys
         if blocked:
+            values = _blocked_params(blocked)
             blk = sa.func.unnest(
-                sa.bindparam("claim_block_topics", [b.topic for b in blocked], type_=pg.ARRAY(sa.String())),
-                sa.bindparam("claim_block_keys", [b.key for b in blocked], type_=pg.ARRAY(sa.String())),
-                sa.bindparam("claim_block_ids", [b.id for b in blocked], type_=pg.ARRAY(sa.BigInteger())),
+                sa.bindparam("claim_block_topics", values["claim_block_topics"], type_=pg.ARRAY(sa.String())),
+                sa.bindparam("claim_block_keys", values["claim_block_keys"], type_=pg.ARRAY(sa.String())),
+                sa.bindparam("claim_block_ids", values["claim_block_ids"], type_=pg.ARRAY(sa.BigInteger())),
             ).table_valued("topic", "key", "id").render_derived(name="blocker")
             # cheap test first: most rows' keys block nothing, so the correlated NOT EXISTS runs
             # only for rows of a blocked key
-            keys = sa.bindparam("claim_blocked_keys", sorted({b.key for b in blocked}), type_=pg.ARRAY(sa.String()))
+            keys = sa.bindparam("claim_blocked_keys", values["claim_blocked_keys"], type_=pg.ARRAY(sa.String()))
             q = q.where(sa.or_(table.c.key != sa.all_(keys), ~sa.exists().where(
                 blk.c.topic == table.c.topic, blk.c.key == table.c.key, table.c.id > blk.c.id)))
-        per = q.order_by(table.c.id).limit(per_partition).lateral("per_partition")
-        return sa.select(per.c.id, per.c.partition).select_from(parts.join(per, sa.true())).subquery("claimable")
+        return q.order_by(table.c.id)
 
     def delete_ids(self, connection: Connection, table: sa.Table, ids: Sequence[int]) -> None:
         connection.execute(table.delete().where(table.c.id == sa.any_(_id_array(ids))))
@@ -413,6 +469,67 @@ def _update_statement(table: sa.Table, key_column: str, columns: tuple[str, ...]
                 .values({column: rows.c.value["v"]}))
 
     return _once(table, ("update", key_column, columns, column), build)
+
+
+def _blocked_params(blocked: Sequence[Blocker]) -> dict[str, list[Any]]:
+    """The blocked keys of a claim as its array parameters."""
+    return {"claim_block_topics": [b.topic for b in blocked], "claim_block_keys": [b.key for b in blocked],
+            "claim_block_ids": [b.id for b in blocked], "claim_blocked_keys": sorted({b.key for b in blocked})}
+
+
+class _RawSelect:
+    """A SELECT compiled once by SQLAlchemy, run on psycopg's own cursor with binary results.
+
+    For the statement the relay runs every batch: the SQL text and the bind processing are
+    SQLAlchemy's (nothing is written by hand, nothing comes from user strings); only the execution
+    skips the per-call statement cache look-up and result wrapping, and asks for binary rows.
+    The rows are plain tuples. Driver errors are raised as SQLAlchemy's ``DBAPIError`` subclasses,
+    as ``Connection.execute`` raises them (the relay classifies those), and a lost connection is
+    invalidated. Other drivers go through ``Connection.execute``.
+    """
+
+    def __init__(self, stmt: sa.Select[Any], dialect: sa.engine.Dialect) -> None:
+        self.stmt = stmt
+        # expanding parameters (the topic filter's IN list) rendered as the plain ones they hold:
+        # their values are part of the claim's form (see claim_by_quota), fixed for the relay
+        compiled = stmt.compile(dialect=dialect, compile_kwargs={"render_postcompile": True})
+        self.sql = compiled.string
+        self.defaults = compiled.construct_params()
+        self.processors: dict[str, Callable[[Any], Any]] = {}
+        for bind, name in compiled.bind_names.items():
+            proc = bind.type.dialect_impl(dialect).bind_processor(dialect)
+            if proc is not None:
+                self.processors[name] = proc
+
+    def run(self, connection: Connection, params: Mapping[str, Any]) -> Sequence[Sequence[Any]]:
+        if connection.dialect.driver != "psycopg":
+            return connection.execute(self.stmt, dict(params)).all()
+        values = {**self.defaults, **params}
+        for name, proc in self.processors.items():
+            values[name] = proc(values[name])
+        driver = connection.connection.driver_connection
+        dbapi = connection.dialect.loaded_dbapi
+        try:
+            with driver.cursor(binary=True) as cursor:  # type: ignore[union-attr]
+                cursor.execute(self.sql, values)
+                return cursor.fetchall()
+        except dbapi.Error as exc:
+            if connection.dialect.is_disconnect(exc, connection.connection.dbapi_connection, None):
+                connection.invalidate(exc)
+            raise sa.exc.DBAPIError.instance(self.sql, values, exc, dbapi.Error) from exc
+
+
+def _held(partitions: Sequence[int], after: Mapping[int, int], quotas: Sequence[int] | None = None) -> Any:
+    """``unnest(:partitions, :after[, :quotas]) AS held(part, after_id[, quota])``: one row per partition."""
+    arrays = [
+        sa.bindparam("claim_partitions", list(partitions), type_=pg.ARRAY(sa.SmallInteger())),
+        sa.bindparam("claim_after", [after.get(p, 0) for p in partitions], type_=pg.ARRAY(sa.BigInteger())),
+    ]
+    names = ["part", "after_id"]
+    if quotas is not None:
+        arrays.append(sa.bindparam("claim_quotas", list(quotas), type_=pg.ARRAY(sa.Integer())))
+        names.append("quota")
+    return sa.func.unnest(*arrays).table_valued(*names).render_derived(name="held")
 
 
 def _id_array(ids: Sequence[int]) -> Any:

@@ -400,7 +400,9 @@ def test_a_delivered_batch_costs_the_lease_lock_the_claim_and_the_delete(engine:
     (issue 14, P1: the relay's own statements a batch, against the raw loop's SELECT + DELETE)."""
     write(engine, 300, keys=30)
     pub = MemoryPublisher()
-    relay = Relay(engine, pub, config=cfg(batch_size=100, pipeline=False))
+    # leases renewed every lease_ttl / 3: at FAST's 3 s a drain slowed past 1 s by a loaded machine
+    # ran a rebalance in between (its UPDATEs, and the DELETE of long-expired members)
+    relay = Relay(engine, pub, config=cfg(batch_size=100, pipeline=False, lease_ttl=60.0))
     relay.start()
     seen: list[str] = []
 
@@ -415,5 +417,5 @@ def test_a_delivered_batch_costs_the_lease_lock_the_claim_and_the_delete(engine:
     relay.close()
     assert len(pub.messages) == 300 and pending_rows(engine) == []
     assert not [s for s in seen if "SAVEPOINT" in s], seen
-    assert len([s for s in seen if s.startswith("DELETE")]) == 3  # one a batch
+    assert len([s for s in seen if s.startswith("DELETE")]) == relay.stats.rounds >= 3  # one a batch
     assert not [s for s in seen if s.startswith("UPDATE")], seen  # no lease renewal (fence) per batch

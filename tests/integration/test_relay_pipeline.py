@@ -234,3 +234,30 @@ def test_a_claim_made_ahead_never_waits_on_a_row_the_batch_in_flight_promoted(pg
     assert relay.resumed >= 1, "nothing was claimed ahead: the test did not exercise the pipeline"
     seqs = sorted(json.loads(m.payload)["seq"] for m in pub.snapshot())
     assert seqs == list(range(300))
+
+
+@pytest.mark.parametrize("batch_size", [2, 32], ids=["full_batch", "quota_of_one"])
+def test_rows_the_batch_in_flight_promoted_but_did_not_claim_are_not_overtaken_by_a_claim_made_ahead(
+        pg: sa.Engine, batch_size: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rows 0-2 of key k0 were retried and their backoff is over; rows 3-5 were never tried.
+
+    The first claim promotes 0-2 (``available_at = DUE_NOW``, its transaction holds their locks)
+    and takes fewer of them than it promoted: a full batch of 2 (``full_batch``, the claim joined
+    back by id, as on main), or the one row the claim by quotas asks of each of 32 partitions when
+    ``batch_size`` equals the partition count (``quota_of_one``). The claim made ahead while that
+    batch is out reads the partition after the batch's last row under its own snapshot, in which
+    the rest of the promoted rows are still delayed: not locked, simply not due, so SKIP LOCKED
+    and the gap check see nothing. It must not take 3-5 past them.
+
+    ``REFRESH`` is raised so that the claim made ahead never looks for delayed rows itself (which
+    would make it step back by chance, on a slow machine)."""
+    monkeypatch.setattr("outbox.relay.REFRESH", 3600.0)
+    ids = add(pg, 6, keys=1)
+    with pg.begin() as c:
+        c.execute(T.update().where(T.c.id.in_([ids[0], ids[1], ids[2]])).values(
+            attempts=1, available_at=dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=1)))
+    pub = TwoStepPublisher()
+    relay = CountingRelay(pg, pub, config=RelayConfig(**{**FAST, "batch_size": batch_size}))
+    assert relay.drain(timeout=60) == 6
+    relay.close()
+    assert k0_sends(pub) == list(range(6)), "a claim made ahead overtook rows the batch in flight promoted"
