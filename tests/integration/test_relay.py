@@ -419,3 +419,84 @@ def test_a_delivered_batch_costs_the_lease_lock_the_claim_and_the_delete(engine:
     assert not [s for s in seen if "SAVEPOINT" in s], seen
     assert len([s for s in seen if s.startswith("DELETE")]) == relay.stats.rounds >= 3  # one a batch
     assert not [s for s in seen if s.startswith("UPDATE")], seen  # no lease renewal (fence) per batch
+
+
+@pytest.mark.parametrize("dialect_name", ["postgresql"], indirect=True)
+def test_an_idle_round_is_the_lease_lock_the_claim_and_the_delete(engine: sa.Engine, monkeypatch) -> None:
+    """A round after a claim that took all that was due (the idle relay NOTIFY wakes for one row):
+    no look-up of delayed rows or blocked keys (they run on their own REFRESH clock, here made
+    long), and still every partition is read from its start (issue 14, P3: 5 statements before)."""
+    import outbox.relay as relay_module
+
+    monkeypatch.setattr(relay_module, "REFRESH", 3600.0)
+    pub = MemoryPublisher()
+    relay = Relay(engine, pub, config=cfg(relay_id="idle"))
+    relay.start()
+    write(engine, 1, keys=1)
+    assert relay.run_once() == 1  # the first round after start looks everything up
+    seen: list[str] = []
+
+    def note(conn, cursor, statement, params, context, executemany) -> None:
+        seen.append(statement)
+
+    sa.event.listen(relay.engine, "before_cursor_execute", note)
+    try:
+        for i in range(3):
+            write(engine, 1, keys=1, start=1 + i)
+            assert relay.run_once() == 1
+    finally:
+        sa.event.remove(relay.engine, "before_cursor_execute", note)
+    relay.close()
+    assert [json.loads(m.payload)["seq"] for m in pub.snapshot()] == [0, 1, 2, 3]
+    assert len(seen) == 9, seen  # 3 a round: lease lock, claim, delete
+    assert [s.split()[0].upper() for s in seen[:3]] == ["SELECT", "SELECT", "DELETE"], seen
+
+
+@pytest.mark.parametrize("dialect_name", ["postgresql"], indirect=True)
+def test_a_late_lower_id_after_an_idle_round_goes_out_in_the_next_round(engine: sa.Engine, monkeypatch) -> None:
+    """Without the per-round look-ups, a claim that took all that was due still makes the next one
+    read its partitions from their start: a row committed late with a lower id is not left for the
+    WATERMARK_RESET re-read."""
+    import outbox.relay as relay_module
+
+    monkeypatch.setattr(relay_module, "REFRESH", 3600.0)
+    monkeypatch.setattr(relay_module, "WATERMARK_RESET", 3600.0)
+    pub = MemoryPublisher()
+    relay = Relay(engine, pub, config=cfg(relay_id="late"))
+    relay.start()
+    box = Outbox()
+    late = Session(engine)
+    late.begin()
+    box.add(late, "t", {"seq": 0, "key": "k0"}, key="k0")
+    late.flush()  # a lower id, committed after the next row went out
+    try:
+        write(engine, 1, keys=1, start=1)
+        assert relay.run_once() == 1
+        late.commit()
+    finally:
+        late.close()
+    assert relay.run_once() == 1
+    relay.close()
+    assert [json.loads(m.payload)["seq"] for m in pub.snapshot()] == [1, 0]
+
+
+@pytest.mark.parametrize("dialect_name", ["postgresql", "sqlite"], indirect=True)
+def test_the_periodic_renewal_is_one_transaction(engine: sa.Engine) -> None:
+    """Membership heartbeat, lease rows for new partitions and rebalance commit together: one WAL
+    flush in the relay's loop every renew interval instead of three (issue 14, P3)."""
+    relay = Relay(engine, MemoryPublisher(), config=cfg(relay_id="beat"))
+    relay.start()
+    commits: list[int] = []
+
+    def note(conn) -> None:
+        commits.append(1)
+
+    sa.event.listen(relay.engine, "commit", note)
+    try:
+        relay._last_rebalance = 0.0  # due
+        relay._maybe_rebalance(overdue_only=True)  # overdue too: renews
+        assert relay._last_rebalance > 0.0
+    finally:
+        sa.event.remove(relay.engine, "commit", note)
+    relay.close()
+    assert len(commits) == 1, commits

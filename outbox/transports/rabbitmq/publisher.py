@@ -8,7 +8,9 @@ Every record is published to the exchange named by its topic, with its key as ro
 Throughput comes from not waiting for each confirm: up to ``confirm_window`` messages are in
 flight, and RabbitMQ's (often ``multiple``) acks settle them. The adapter drives a
 ``pika.SelectConnection`` I/O loop itself (``IOLoop.poll`` / ``process_timeouts``) on the
-calling thread, so there is no background thread and no shared state.
+calling thread, so there is no background thread and no shared state. Before each round of the
+loop the frames pika buffered since the last one (three per message) are joined into writes of up
+to 256 KiB, so a window of messages costs a few ``send()`` calls instead of three per message.
 
 Outcomes:
 
@@ -72,6 +74,8 @@ _EXCHANGE_TYPES = ("direct", "fanout", "topic", "headers")
 # "NOT_FOUND - no exchange 'x' in vhost '/'", "ACCESS_REFUSED - access to exchange 'x' in vhost ..."
 _EXCHANGE_IN_TEXT = re.compile(r"exchange '((?:[^']|'(?! in vhost))*)' in vhost")
 _MAX_REOPENS = 20
+#: Buffered frames are joined into socket writes of up to this many bytes (see _coalesce_writes).
+_JOIN_BYTES = 256 * 1024
 #: What a dead connection or channel raises from pika calls (reset, heartbeat missed, closed).
 _LINK_ERRORS: tuple[type[BaseException], ...] = (
     pika.exceptions.AMQPConnectionError,
@@ -89,6 +93,33 @@ _EMPTY_EXCHANGE = (
 
 def _noop() -> None:
     return None
+
+
+def _coalesce_writes(conn: pika.SelectConnection) -> None:
+    """Join the frames pika has buffered for the socket into chunks of up to :data:`_JOIN_BYTES`.
+
+    pika writes each buffered frame with its own ``send()``: three system calls per message
+    (method, content header, body), most of a small message's cost. Joined, the frames of the
+    messages published since the last poll go out in one call (a frame over the limit stays as it
+    is, and a chunk stays small enough that re-queuing the rest of a partial send copies little).
+    This reads pika's transport buffer (``_transport._tx_buffers``, a deque of bytes in pika 1.3);
+    where that is not there, nothing is joined and pika sends as before.
+    """
+    buffers = getattr(getattr(conn, "_transport", None), "_tx_buffers", None)
+    if not isinstance(buffers, collections.deque) or len(buffers) < 2:
+        return
+    chunks: list[bytes] = []
+    group: list[bytes] = []
+    size = 0
+    for frame in buffers:
+        if group and size + len(frame) > _JOIN_BYTES:
+            chunks.append(b"".join(group))
+            group, size = [], 0
+        group.append(frame)
+        size += len(frame)
+    chunks.append(b"".join(group))
+    buffers.clear()
+    buffers.extend(chunks)
 
 
 def _bool_setting(name: str, value: object) -> bool:
@@ -305,6 +336,7 @@ class RabbitMQPublisher:
             return
         ioloop = conn.ioloop
         try:
+            _coalesce_writes(conn)
             timer = ioloop.call_later(max(0.0, min(deadline - time.monotonic(), 1.0)), _noop)
             try:
                 ioloop.poll()
@@ -657,6 +689,29 @@ class RabbitMQPublisher:
         """Settle, check or publish the next record of ``send.todo``."""
         i = send.todo[0]
         rec = send.batch.records[i]
+        if self._settled_unsent(send, i, rec):
+            return True
+        topic = rec.topic
+        if topic and topic not in self._known_exchanges:
+            self._check_new_exchange(send, topic)
+            return True
+        size = len(rec.payload)
+        if size > self.max_message_bytes:
+            send.todo.popleft()
+            send.settle(i, Outcome.FAILED,
+                        f"message size {size:,} bytes is over max_message_bytes {self.max_message_bytes:,}")
+            return True
+        unconfirmed = self._unconfirmed
+        if len(unconfirmed) >= self.confirm_window or (
+                unconfirmed and self._unconfirmed_bytes + size > self.max_unconfirmed_bytes):
+            return self._wait_for_room(send)
+        self._publish_one(send, i, rec)
+        return True
+
+    def _settled_unsent(self, send: _Send, i: int, rec: OutboxRecord) -> bool:
+        """Settle a record that is not to be sent: held back behind its key's failed message, with an
+        empty topic (unless the default exchange is allowed), or for an exchange known to fail.
+        ``False`` if it is to be sent."""
         if rec.key is not None and rec.key in send.held:
             send.todo.popleft()
             why = f"held back: message {send.held[rec.key]} with the same key was not sent"
@@ -670,31 +725,27 @@ class RabbitMQPublisher:
             send.todo.popleft()
             send.settle(i, *send.blocked[rec.topic])
             return True
-        if rec.topic and rec.topic not in self._known_exchanges:
-            # Not checked yet (new since a reconnect): check now. A failed check closes the
-            # channel, so what is in flight is sent again, in order, on a new one.
-            problem = self._check_exchange(rec.topic)
-            if problem is not None:
-                send.blocked[rec.topic] = problem
-                if self._chan_closed is not None and self._conn_lost is None:
-                    send.again(self._forget_unconfirmed())
-                    send.reopens += 1
-                    self._reopen_channel()
-            return True
-        if len(rec.payload) > self.max_message_bytes:
-            send.todo.popleft()
-            send.settle(i, Outcome.FAILED, f"message size {len(rec.payload):,} bytes is over "
-                                           f"max_message_bytes {self.max_message_bytes:,}")
-            return True
-        over_bytes = self._unconfirmed_bytes + len(rec.payload) > self.max_unconfirmed_bytes
-        if len(self._unconfirmed) >= self.confirm_window or (self._unconfirmed and over_bytes):
-            if time.monotonic() >= send.deadline:
-                send.unsent_reason = f"not sent: confirm window still full after {send.timeout:g} s"
-                return False
-            limit = len(self._unconfirmed)
-            self._run_until(lambda: len(self._unconfirmed) < limit or self._chan_closed is not None, send.deadline)
-            return True
-        self._publish_one(send, i, rec)
+        return False
+
+    def _check_new_exchange(self, send: _Send, topic: str) -> None:
+        """Not checked yet (new since a reconnect): check now. A failed check closes the channel, so
+        what is in flight is sent again, in order, on a new one."""
+        problem = self._check_exchange(topic)
+        if problem is not None:
+            send.blocked[topic] = problem
+            if self._chan_closed is not None and self._conn_lost is None:
+                send.again(self._forget_unconfirmed())
+                send.reopens += 1
+                self._reopen_channel()
+
+    def _wait_for_room(self, send: _Send) -> bool:
+        """The confirm window (or its byte bound) is full: wait until a confirm frees room; ``False``
+        (the batch ends) once the deadline has passed."""
+        if time.monotonic() >= send.deadline:
+            send.unsent_reason = f"not sent: confirm window still full after {send.timeout:g} s"
+            return False
+        limit = len(self._unconfirmed)
+        self._run_until(lambda: len(self._unconfirmed) < limit or self._chan_closed is not None, send.deadline)
         return True
 
     def _publish_one(self, send: _Send, i: int, rec: OutboxRecord) -> None:
