@@ -8,7 +8,8 @@ claim's transaction, and never reaches a publisher.
 
 The columns that SQLAlchemy would convert on the way out (``message_id``, ``payload``,
 ``headers``) are read raw (see :func:`claim_columns`), so one undecodable value fails its own row
-here, not the whole claim inside the driver's result processing.
+here, not the whole claim inside the driver's result processing; ``created_at`` is read as the
+dialect says (:meth:`~outbox.dialects.base.Dialect.readable_timestamp`) for the same reason.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import sqlalchemy as sa
@@ -52,9 +53,23 @@ class RowError(ValueError):
     """A claimed row whose values the relay cannot use; ``str()`` is the reason stored in ``last_error``."""
 
 
-def claim_columns(table: sa.Table) -> list[sa.ColumnElement[Any]]:
-    """The columns a claim reads, in :func:`decode_row`'s order; converting types are read raw."""
-    return [sa.type_coerce(table.c[n], sa.types.NullType()).label(n) if n in _RAW else table.c[n] for n in _COLUMNS]
+def claim_columns(
+    table: sa.Table, timestamp: Callable[[sa.ColumnElement[Any]], sa.ColumnElement[Any]] | None = None
+) -> list[sa.ColumnElement[Any]]:
+    """The columns a claim reads, in :func:`decode_row`'s order; converting types are read raw.
+
+    ``timestamp``: how the dialect reads ``created_at`` so that no stored value fails the driver
+    (:meth:`~outbox.dialects.base.Dialect.readable_timestamp`); raw by default.
+    """
+    cols: list[sa.ColumnElement[Any]] = []
+    for n in _COLUMNS:
+        if n == "created_at" and timestamp is not None:
+            cols.append(timestamp(table.c[n]).label(n))
+        elif n in _RAW:
+            cols.append(sa.type_coerce(table.c[n], sa.types.NullType()).label(n))
+        else:
+            cols.append(table.c[n])
+    return cols
 
 
 def decode_row(row: Any, *, json_as_text: bool) -> OutboxRecord:
@@ -89,16 +104,18 @@ def decode_row(row: Any, *, json_as_text: bool) -> OutboxRecord:
         if type(attempts) is not int or not 0 <= attempts <= MAX_ATTEMPTS_VALUE:
             attempts = _int("attempts", attempts, 0, MAX_ATTEMPTS_VALUE)
         attrs = NO_ATTRIBUTES if attrs is None else _attributes(attrs, json_as_text)
+        created = _created_at(created)
     except RowError as exc:
         raise RowError(f"row {rid}: {exc}") from None
-    return claimed_record(rid, mid, topic, key, payload, headers, ctype, part, attempts, _created_at(created), attrs)
+    return claimed_record(rid, mid, topic, key, payload, headers, ctype, part, attempts, created, attrs)
 
 
 def _created_at(value: Any) -> dt.datetime | None:
-    """The row's ``created_at`` as an aware UTC datetime (the broker timestamp), ``None`` if unreadable.
+    """The row's ``created_at`` as an aware UTC datetime (the broker timestamp), ``None`` if absent.
 
-    Read raw: a hand-made value the driver cannot convert costs the message its timestamp (the
-    broker then stamps the send time), never the row or the claim.
+    Read raw (PostgreSQL: ISO text, see :meth:`~outbox.dialects.base.Dialect.readable_timestamp`):
+    a hand-made value no datetime holds (PostgreSQL's ``'infinity'``, year 10000, BC, MariaDB's zero
+    date) raises :class:`RowError` naming it, so its row alone is refused, never the claim.
     """
     if type(value) is dt.datetime:
         tz = value.tzinfo
@@ -110,13 +127,16 @@ def _created_at(value: Any) -> dt.datetime | None:
             _UTC_ZONES.add(tz)
             return value
         return value.astimezone(_UTC)
+    if value is None:
+        return None
     if isinstance(value, (str, bytes)):
         try:
             parsed = dt.datetime.fromisoformat(value.decode("ascii") if isinstance(value, bytes) else value)
         except (ValueError, UnicodeDecodeError):
-            return None
+            raise RowError(f"created_at must be a date and time between the years 1 and 9999, got "
+                           f"{_short_repr(value)}; set it to a real time (or delete the row)") from None
         return parsed.replace(tzinfo=_UTC) if parsed.tzinfo is None else parsed.astimezone(_UTC)
-    return None
+    raise RowError(f"created_at must be a date and time, got {_kind(value)}")
 
 
 def _kind(value: Any) -> str:

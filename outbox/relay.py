@@ -523,7 +523,7 @@ class Relay:
         # fill a batch, while each partition is read through the claim index in id order
         active = len(self._active_partitions & set(held)) or len(held)
         per_partition = max(MIN_PER_PARTITION, -(-self.config.batch_size // active))
-        cols = claim_columns(o)
+        cols = claim_columns(o, self.dialect.readable_timestamp)
         ids = self.dialect.due_ids(o, held, per_partition, DUE_NOW, blocked, self._after, topics=self.config.topics)
         stmt = sa.select(*cols).join_from(o, ids, o.c.id == ids.c.id).order_by(o.c.id).limit(self.config.batch_size)
         rows = conn.execute(self.dialect.lock_claim(stmt, o)).all()

@@ -75,6 +75,15 @@ class Dialect:
     #: the driver returns JSON columns as text (parsed by the toolkit), not as Python objects
     json_as_text: ClassVar[bool] = True
 
+    @staticmethod
+    def readable_timestamp(column: sa.ColumnElement[Any]) -> sa.ColumnElement[Any]:
+        """``column`` (a timestamp) as the relay reads it without the driver failing on any stored value.
+
+        The default reads it raw: the drivers here hand over a value they cannot map (MariaDB's zero
+        date) as text, which :func:`outbox._rows.decode_row` refuses for its row alone.
+        """
+        return sa.type_coerce(column, sa.types.NullType())
+
     def error_kind(self, exc: sa.exc.DBAPIError) -> str | None:
         """``"transient"``, ``"permanent"`` or ``None`` (let the generic rules decide) for a driver error.
 

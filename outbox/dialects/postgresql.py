@@ -31,6 +31,9 @@ _TRANSIENT_STATES = ("08", "25P03", "40", "53", "55P03", "55006", "57", "58")
 #: data exceptions (value too long, numeric out of range, invalid text), integrity constraint
 #: violations, and PL/pgSQL raise_exception (a trigger refusing the row).
 _PERMANENT_STATES = ("22", "23", "P0")
+#: the instants a Python datetime holds: from year 1 to the end of year 9999, UTC
+_FIRST = sa.literal_column("timestamptz '0001-01-01 00:00:00+00'")
+_PAST_LAST = sa.literal_column("timestamptz '10000-01-01 00:00:00+00'")
 
 
 class PostgreSQLDialect(Dialect):
@@ -70,6 +73,15 @@ class PostgreSQLDialect(Dialect):
 
     def insert_ignore(self, table: sa.Table) -> Insert:
         return pg.insert(table).on_conflict_do_nothing()
+
+    @staticmethod
+    def readable_timestamp(column: sa.ColumnElement[Any]) -> sa.ColumnElement[Any]:
+        # psycopg fails the whole result on a timestamptz Python cannot hold ('infinity',
+        # '-infinity', year 10000 or later, BC), so the claim reads ISO text in UTC instead, and
+        # a value out of that range as PostgreSQL writes it, for its row to be refused alone.
+        text = sa.func.to_char(sa.func.timezone("UTC", column), 'YYYY-MM-DD"T"HH24:MI:SS.US')
+        return sa.case((sa.and_(column >= _FIRST, column < _PAST_LAST), text),
+                       else_=sa.cast(column, sa.Text)).label(getattr(column, "name", None))
 
     def idle_transaction_statements(self, seconds: float, dialect: sa.engine.Dialect) -> list[str]:
         # milliseconds; ends the session (FATAL 25P03), which releases its row locks
