@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 from typing import Any
 
 from .._redact import mask_secrets
@@ -74,7 +75,10 @@ def _blocker_line(b: dict[str, Any]) -> str:
 
 
 def _when(ts: Any) -> str:
-    return "-" if ts is None else ts.isoformat(timespec="seconds")
+    """A time, or the text a stored time no datetime holds was read as (PostgreSQL's 'infinity')."""
+    if ts is None:
+        return "-"
+    return ts.isoformat(timespec="seconds") if isinstance(ts, dt.datetime) else str(ts)
 
 
 def check(st: dict[str, Any], *, max_age: float | None = None, max_dead: int | None = None,
