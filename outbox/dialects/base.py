@@ -213,6 +213,15 @@ class Dialect:
         """Make sure the database transaction has really begun, so that a first SAVEPOINT neither
         starts it nor, on its RELEASE, commits it (a no-op where the driver begins transactions itself)."""
 
+    def lock_name(self, connection: Connection, name: bytes) -> None:
+        """Hold ``name`` until this transaction ends: another transaction locking it waits till then.
+
+        For an insert-if-absent without a unique key (a consumer's dead letter): the first one's
+        row is committed, and seen, before the second one looks. The default does nothing: SQLite
+        runs one write transaction at a time, and MySQL/MariaDB's locking read of the rows looked at
+        (``SELECT ... FOR UPDATE``) waits for a concurrent insert into them.
+        """
+
     def lock_rows(self, select: sa.Select[Any]) -> sa.Select[Any]:
         """Apply the row-claiming lock to a SELECT (``FOR UPDATE SKIP LOCKED`` where available)."""
         return select

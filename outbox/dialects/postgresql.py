@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -32,6 +33,7 @@ _TRANSIENT_STATES = ("08", "25P03", "40", "53", "55P03", "55006", "57", "58")
 #: violations, and PL/pgSQL raise_exception (a trigger refusing the row).
 _PERMANENT_STATES = ("22", "23", "P0")
 #: the instants a Python datetime holds: from year 1 to the end of year 9999, UTC
+_ADVISORY_XACT_LOCK = sa.text("SELECT pg_advisory_xact_lock(:key)")
 _FIRST = sa.literal_column("timestamptz '0001-01-01 00:00:00+00'")
 _PAST_LAST = sa.literal_column("timestamptz '10000-01-01 00:00:00+00'")
 
@@ -89,6 +91,12 @@ class PostgreSQLDialect(Dialect):
 
     def lock_rows(self, select: sa.Select[Any]) -> sa.Select[Any]:
         return select.with_for_update(skip_locked=True)
+
+    def lock_name(self, connection: Connection, name: bytes) -> None:
+        # a transaction-level advisory lock on 64 bits of the name's SHA-256 (a collision only
+        # makes two names wait for each other)
+        key = int.from_bytes(hashlib.sha256(name).digest()[:8], "big", signed=True)
+        connection.execute(_ADVISORY_XACT_LOCK, {"key": key})
 
     def due_ids(
         self, table: sa.Table, partitions: Sequence[int], per_partition: int, due: Any, blocked: Sequence[Blocker],
