@@ -204,6 +204,20 @@ class DedupCore:
         """
         if message.dead_letter_id is not None and message.id:
             return message.id  # as stored with the dead letter
+        known = message._identified
+        if known is not None and known[0] is self:  # found before (a runner's bookkeeping): not again
+            if isinstance(known[1], MessageIdMissing):
+                raise known[1]
+            return known[1]  # type: ignore[no-any-return]
+        try:
+            found = self._identify(message)
+        except MessageIdMissing as exc:
+            message._identified = (self, exc)
+            raise
+        message._identified = (self, found)
+        return found
+
+    def _identify(self, message: IncomingMessage) -> str:
         value: object = None
         if self.message_id is not None:
             value: object = self.message_id(message)

@@ -62,7 +62,7 @@ def test_two_consumers_dead_lettering_one_message_at_once_write_one_row(dialect_
         try:
             outcomes["second"] = [o.status for o in second.process_batch(engine, [make_message(
                 msg_id=poison.id, payload=poison.payload)])]
-        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+        except BaseException as exc:  # reported by the assertion below
             outcomes["second"] = exc
 
     def while_first_is_open() -> None:
