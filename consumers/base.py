@@ -220,7 +220,12 @@ class DedupCore:
     def _identify(self, message: IncomingMessage) -> str:
         value: object = None
         if self.message_id is not None:
-            value: object = self.message_id(message)
+            try:
+                value = self.message_id(message)
+            except Exception as exc:  # one message's problem (a missing header, bad JSON), never the batch's
+                raise MessageIdMissing(
+                    f"no message id: the message_id extractor raised {mask_secrets(f'{type(exc).__name__}: {exc}')}"
+                ) from exc
             if isinstance(value, (bytes, bytearray, memoryview)) and bytes(value).strip():
                 return id_text(value)
             if isinstance(value, str) and value.strip():
