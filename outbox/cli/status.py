@@ -163,8 +163,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"unknown status: {st['unknown_status']}  (not sent; the relay marks them dead with the reason)")
     if st.get("published"):
         archive = PartitionNames.of(tables.names).archive if st["archived"] else ""
-        print(f"published:      {st['published']}  (kept in audit mode"
-              + (f"; {st['archived']} of them in {archive})" if archive else ")"))
+        about = "~" if st.get("published_estimate") else ""
+        archived = f"~{st['archived']}" if st.get("archived_estimate") else str(st["archived"])
+        print(f"published:      {about}{st['published']}  (kept in audit mode"
+              + (f"; {archived} of them in {archive}" if archive else "")
+              + ("; the database's estimate, not an exact count" if about else "") + ")")
     print(f"partitions:     {st['partitions']}")
     live = [r for r in st["relays"] if r["alive"]]
     print(f"relays:         {len(live)} alive" + (f", {len(st['relays']) - len(live)} expired"

@@ -186,7 +186,8 @@ def test_an_id_extractor_that_raises_dead_letters_that_message_only(engine, effe
         return m.body["event"]  # KeyError for a message without it
 
     consumer = recorder_cls(message_id=by_body)
-    good, bad, after = make_message(payload=b'{"event": "e-1"}'), make_message(), make_message(payload=b'{"event": "e-2"}')
+    good, bad = make_message(payload=b'{"event": "e-1"}'), make_message()
+    after = make_message(payload=b'{"event": "e-2"}')
     out = consumer.process_batch(engine, [good, bad, after])
     assert [o.status for o in out] == [Status.PROCESSED, Status.DEAD, Status.PROCESSED]
     assert count_effects() == 2
