@@ -27,7 +27,7 @@ from .schema import KEY_LENGTH, TOPIC_LENGTH
 
 __all__ = [
     "KNOWN_STATUSES", "MAX_ATTEMPTS_VALUE", "MAX_PARTITION", "RowError", "claim_columns", "decode_row",
-    "unclaimable_rows",
+    "overdue_rows", "unclaimable_rows",
 ]
 
 #: largest ``attempts`` the relay can still count up from (the column is a 32-bit INTEGER)
@@ -276,8 +276,14 @@ def _short_repr(value: Any, limit: int = 60) -> str:
 KNOWN_STATUSES = ("dead", "pending", "published")
 
 
+#: later than any time a writer sets (``deliver_at`` ends at 9999-12-31 23:59:59 UTC): PostgreSQL's
+#: ``'infinity'`` and years from 10000, or (SQLite) text that sorts after every time
+_LAST = dt.datetime.max.replace(tzinfo=_UTC)
+
+
 def unclaimable_rows(
-    conn: Any, table: sa.Table, held: list[int], partition_count: int, limit: int = 1000
+    conn: Any, table: sa.Table, held: list[int], partition_count: int, limit: int = 1000,
+    timestamp: Callable[[sa.ColumnElement[Any]], sa.ColumnElement[Any]] | None = None,
 ) -> list[tuple[int, dict[str, Any], str]]:
     """Rows no relay will ever claim: ``(id, the values they were found with, the reason)``.
 
@@ -285,7 +291,13 @@ def unclaimable_rows(
       lease will ever cover it. A partition from ``partition_count`` up to 32767 is not one of them:
       a writer may use more partitions than the relays know yet, and the relays extend their
       leases to it (:meth:`~outbox.leases.LeaseManager.ensure_partitions`), so its rows are claimed;
-    - rows of the ``held`` partitions with a status the toolkit does not know.
+    - rows of the ``held`` partitions with a status the toolkit does not know;
+    - pending rows of the ``held`` partitions whose ``available_at`` is after any time a writer
+      sets (a hand-written ``'infinity'``): never due, and under strict ordering, if tried, holding
+      back their key for good. ``timestamp`` reads the value for the reason (see :func:`claim_columns`).
+
+    A found row's values are conditions to mark it with (``column == value``, or an SQL
+    condition where the value is one), so an operator's fix in between is not overwritten.
 
     Every query is a range read of the claim index (partition, status, ...): the partition
     ranges below 0 and from ``partition_count``, and the four status ranges around the known
@@ -316,4 +328,25 @@ def unclaimable_rows(
                 found.append((rid, {"status": status},
                               f"row {rid}: unknown status {status!r} (only 'pending' rows are sent); "
                               "fix the row, or `outbox dead requeue` it"))
+    if held and len(found) < limit:
+        at = o.c.available_at
+        shown = (timestamp or (lambda c: sa.type_coerce(c, sa.types.NullType())))(at).label("available_at")
+        q = (sa.select(o.c.id, shown).where(o.c.partition.in_(held), o.c.status == "pending", at > _LAST)
+             .limit(limit - len(found)))
+        for rid, value in conn.execute(q):
+            found.append((rid, {"status": "pending", "available_at": at > _LAST},
+                          f"row {rid}: available_at {_short_repr(value)} is never reached, so no relay will "
+                          "send it (nor, under strict ordering, if it was tried, the later rows of its key); "
+                          "set it to a real time, or `outbox dead requeue` it"))
     return found
+
+
+def overdue_rows(conn: Any, table: sa.Table, held: list[int], due: dt.datetime, limit: int = 1000) -> list[int]:
+    """Pending rows of the ``held`` partitions with an ``available_at`` before ``due`` (the due-now
+    mark, 1970): a hand-written old time (``'-infinity'``, 1960) that neither the promotion of
+    delayed rows (after the mark) nor the claim (at it) ever reaches. They are long due: the relay
+    sets them to the mark."""
+    o = table
+    q = (sa.select(o.c.id).where(o.c.partition.in_(held), o.c.status == "pending", o.c.available_at < due)
+         .limit(limit))
+    return [rid for (rid,) in conn.execute(q)]

@@ -46,7 +46,7 @@ from . import _tracing, dialects
 from ._dberrors import is_permanent
 from ._logging import log_context
 from ._redact import mask_secrets
-from ._rows import RowError, claim_columns, decode_row, unclaimable_rows
+from ._rows import RowError, claim_columns, decode_row, overdue_rows, unclaimable_rows
 from ._sqlerrors import ADDED_COLUMNS, missing_column_error
 from .config import RelayConfig
 from .dialects.base import Blocker
@@ -938,16 +938,25 @@ class Relay:
             return
         self._last_sweep = mono
         o = self.tables.outbox
+        held = sorted(self.leases.held)
         with self.engine.begin() as conn:
-            found = unclaimable_rows(conn, o, sorted(self.leases.held), self.leases.partition_count)
+            found = unclaimable_rows(conn, o, held, self.leases.partition_count,
+                                     timestamp=self.dialect.readable_timestamp)
             for rid, was, reason in found:
                 # only if the row still is as found: an operator may have fixed it meanwhile
-                n = conn.execute(o.update().where(o.c.id == rid, *(o.c[k] == v for k, v in was.items()))
+                still = (v if isinstance(v, sa.ColumnElement) else o.c[k] == v for k, v in was.items())
+                n = conn.execute(o.update().where(o.c.id == rid, *still)
                                  .values(status=STATUS_DEAD, last_error=reason)).rowcount
                 if n:
                     self.stats.dead += 1
                     log.error("%s; marked dead (see `outbox dead list`)", reason)
-        if found:
+            overdue = overdue_rows(conn, o, held, DUE_NOW) if held else []
+            for chunk in _chunks(overdue, 1000):  # by id, as _promote does (no InnoDB range lock)
+                self.dialect.update_ids(conn, o, chunk, {"available_at": DUE_NOW})
+            if overdue:
+                log.warning("%d pending row(s) had an available_at before 1970 (written by hand?): made due now",
+                            len(overdue))
+        if found or overdue:
             self._refresh_due = True
 
     def _sleep(self, seconds: float) -> None:
