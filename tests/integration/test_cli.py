@@ -514,7 +514,7 @@ def test_the_relay_daemon_freezes_its_start_up_objects_before_the_loop(engine: s
 @pytest.mark.parametrize("dialect_name", ["postgresql"])
 def test_status_and_dead_commands_on_times_no_datetime_holds(engine: sa.Engine, db_url: str, capsys) -> None:
     """A hand-written 'infinity' in created_at / available_at: status and dead list/show still answer,
-    showing the value as PostgreSQL writes it, and the relay marks the created_at row dead."""
+    showing the value as PostgreSQL writes it, and the relay marks both rows dead with the reason."""
     box = Outbox()
     with Session(engine) as s, s.begin():
         bad = box.add(s, "orders", {"n": 1}, key="a")
@@ -531,11 +531,12 @@ def test_status_and_dead_commands_on_times_no_datetime_holds(engine: sa.Engine, 
     relay.drain()
     relay.close()
     code, out, err = run_cli(capsys, "status", "--db", db_url)
-    assert code == 0 and "dead:           1" in out, (out, err)
+    assert code == 0 and "dead:           2" in out, (out, err)  # both: neither would ever be sent
     code, out, err = run_cli(capsys, "dead", "list", "--db", db_url, "--json")
     assert code == 0, err
-    rows = json.loads(out)
-    assert [r["created_at"] for r in rows] == ["infinity"] and "got 'infinity'" in rows[0]["last_error"]
+    rows = {r["message_id"]: r for r in json.loads(out)}
+    assert rows[str(bad)]["created_at"] == "infinity" and "got 'infinity'" in rows[str(bad)]["last_error"]
+    assert "available_at 'infinity' is never reached" in rows[str(late)]["last_error"]
     code, out, err = run_cli(capsys, "dead", "list", "--db", db_url)
     assert code == 0 and "infinity" in out, err
     with engine.connect() as c:
