@@ -204,9 +204,28 @@ class DedupCore:
         """
         if message.dead_letter_id is not None and message.id:
             return message.id  # as stored with the dead letter
+        known = message._identified
+        if known is not None and known[0] is self:  # found before (a runner's bookkeeping): not again
+            if isinstance(known[1], MessageIdMissing):
+                raise known[1]
+            return known[1]  # type: ignore[no-any-return]
+        try:
+            found = self._identify(message)
+        except MessageIdMissing as exc:
+            message._identified = (self, exc)
+            raise
+        message._identified = (self, found)
+        return found
+
+    def _identify(self, message: IncomingMessage) -> str:
         value: object = None
         if self.message_id is not None:
-            value: object = self.message_id(message)
+            try:
+                value = self.message_id(message)
+            except Exception as exc:  # one message's problem (a missing header, bad JSON), never the batch's
+                raise MessageIdMissing(
+                    f"no message id: the message_id extractor raised {mask_secrets(f'{type(exc).__name__}: {exc}')}"
+                ) from exc
             if isinstance(value, (bytes, bytearray, memoryview)) and bytes(value).strip():
                 return id_text(value)
             if isinstance(value, str) and value.strip():

@@ -135,18 +135,29 @@ def dead_letter_values(
 
 
 def _existing(conn: Connection, t: sa.Table, values: dict[str, Any]) -> int | None:
-    """The open (dead or requeued) dead letter of the same message and consumer, if there is one."""
+    """The open (dead or requeued) dead letter of the same message and consumer, if there is one.
+
+    The table has no unique key for it, so concurrent dead letters of one message (two processes
+    of the consumer, a redelivery while the first one's transaction is open) are serialized: a lock
+    on the (consumer, message) name (PostgreSQL), and a locking read (MySQL/MariaDB, which waits for
+    a concurrent insert it meets; two reads both before either insert end in a deadlock, a transient
+    error the runner retries). The second one then finds the first one's committed row.
+    """
     open_ = (t.c.consumer == values["consumer"], t.c.status.in_((STATUS_DEAD, STATUS_REQUEUED)))
-    if values["message_id"] is not None:
+    mid = values["message_id"]
+    fp = values["source"].get("fingerprint") if mid is None else None
+    dialect_for(conn).lock_name(conn, "\x00".join(
+        (t.fullname, values["consumer"], "id" if mid is not None else "fingerprint", mid or fp or "")
+    ).encode("utf-8", "surrogatepass"))
+    if mid is not None:
         return conn.execute(
-            sa.select(t.c.id).where(*open_, t.c.message_id == values["message_id"]).order_by(t.c.id).limit(1)
+            sa.select(t.c.id).where(*open_, t.c.message_id == mid).order_by(t.c.id).limit(1).with_for_update()
         ).scalar()
     key = t.c.key.is_(None) if values["key"] is None else t.c.key == values["key"]
     rows = conn.execute(
         sa.select(t.c.id, t.c.source).where(*open_, t.c.message_id.is_(None), t.c.topic == values["topic"], key)
-        .order_by(t.c.id)
+        .order_by(t.c.id).with_for_update()
     )
-    fp = values["source"]["fingerprint"]
     for dead_id, source in rows:
         if isinstance(source, dict) and source.get("fingerprint") == fp:
             return int(dead_id)

@@ -8,7 +8,8 @@ claim's transaction, and never reaches a publisher.
 
 The columns that SQLAlchemy would convert on the way out (``message_id``, ``payload``,
 ``headers``) are read raw (see :func:`claim_columns`), so one undecodable value fails its own row
-here, not the whole claim inside the driver's result processing.
+here, not the whole claim inside the driver's result processing; ``created_at`` is read as the
+dialect says (:meth:`~outbox.dialects.base.Dialect.readable_timestamp`) for the same reason.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import sqlalchemy as sa
@@ -26,8 +27,7 @@ from .schema import KEY_LENGTH, TOPIC_LENGTH
 
 __all__ = [
     "KNOWN_STATUSES", "MAX_ATTEMPTS_VALUE", "MAX_PARTITION", "ROW_ID", "ROW_KEY", "ROW_PARTITION", "ROW_TOPIC",
-    "RowError", "claim_columns", "decode_row",
-    "unclaimable_rows",
+    "RowError", "claim_columns", "decode_row", "overdue_rows", "unclaimable_rows",
 ]
 
 #: largest ``attempts`` the relay can still count up from (the column is a 32-bit INTEGER)
@@ -55,9 +55,23 @@ class RowError(ValueError):
     """A claimed row whose values the relay cannot use; ``str()`` is the reason stored in ``last_error``."""
 
 
-def claim_columns(table: sa.Table) -> list[sa.ColumnElement[Any]]:
-    """The columns a claim reads, in :func:`decode_row`'s order; converting types are read raw."""
-    return [sa.type_coerce(table.c[n], sa.types.NullType()).label(n) if n in _RAW else table.c[n] for n in _COLUMNS]
+def claim_columns(
+    table: sa.Table, timestamp: Callable[[sa.ColumnElement[Any]], sa.ColumnElement[Any]] | None = None
+) -> list[sa.ColumnElement[Any]]:
+    """The columns a claim reads, in :func:`decode_row`'s order; converting types are read raw.
+
+    ``timestamp``: how the dialect reads ``created_at`` so that no stored value fails the driver
+    (:meth:`~outbox.dialects.base.Dialect.readable_timestamp`); raw by default.
+    """
+    cols: list[sa.ColumnElement[Any]] = []
+    for n in _COLUMNS:
+        if n == "created_at" and timestamp is not None:
+            cols.append(timestamp(table.c[n]).label(n))
+        elif n in _RAW:
+            cols.append(sa.type_coerce(table.c[n], sa.types.NullType()).label(n))
+        else:
+            cols.append(table.c[n])
+    return cols
 
 
 def decode_row(row: Any, *, json_as_text: bool) -> OutboxRecord:
@@ -92,16 +106,18 @@ def decode_row(row: Any, *, json_as_text: bool) -> OutboxRecord:
         if type(attempts) is not int or not 0 <= attempts <= MAX_ATTEMPTS_VALUE:
             attempts = _int("attempts", attempts, 0, MAX_ATTEMPTS_VALUE)
         attrs = NO_ATTRIBUTES if attrs is None else _attributes(attrs, json_as_text)
+        created = _created_at(created)
     except RowError as exc:
         raise RowError(f"row {rid}: {exc}") from None
-    return claimed_record(rid, mid, topic, key, payload, headers, ctype, part, attempts, _created_at(created), attrs)
+    return claimed_record(rid, mid, topic, key, payload, headers, ctype, part, attempts, created, attrs)
 
 
 def _created_at(value: Any) -> dt.datetime | None:
-    """The row's ``created_at`` as an aware UTC datetime (the broker timestamp), ``None`` if unreadable.
+    """The row's ``created_at`` as an aware UTC datetime (the broker timestamp), ``None`` if absent.
 
-    Read raw: a hand-made value the driver cannot convert costs the message its timestamp (the
-    broker then stamps the send time), never the row or the claim.
+    Read raw (PostgreSQL: ISO text, see :meth:`~outbox.dialects.base.Dialect.readable_timestamp`):
+    a hand-made value no datetime holds (PostgreSQL's ``'infinity'``, year 10000, BC, MariaDB's zero
+    date) raises :class:`RowError` naming it, so its row alone is refused, never the claim.
     """
     if type(value) is dt.datetime:
         tz = value.tzinfo
@@ -113,13 +129,16 @@ def _created_at(value: Any) -> dt.datetime | None:
             _UTC_ZONES.add(tz)
             return value
         return value.astimezone(_UTC)
+    if value is None:
+        return None
     if isinstance(value, (str, bytes)):
         try:
             parsed = dt.datetime.fromisoformat(value.decode("ascii") if isinstance(value, bytes) else value)
         except (ValueError, UnicodeDecodeError):
-            return None
+            raise RowError(f"created_at must be a date and time between the years 1 and 9999, got "
+                           f"{_short_repr(value)}; set it to a real time (or delete the row)") from None
         return parsed.replace(tzinfo=_UTC) if parsed.tzinfo is None else parsed.astimezone(_UTC)
-    return None
+    raise RowError(f"created_at must be a date and time, got {_kind(value)}")
 
 
 def _kind(value: Any) -> str:
@@ -259,8 +278,14 @@ def _short_repr(value: Any, limit: int = 60) -> str:
 KNOWN_STATUSES = ("dead", "pending", "published")
 
 
+#: later than any time a writer sets (``deliver_at`` ends at 9999-12-31 23:59:59 UTC): PostgreSQL's
+#: ``'infinity'`` and years from 10000, or (SQLite) text that sorts after every time
+_LAST = dt.datetime.max.replace(tzinfo=_UTC)
+
+
 def unclaimable_rows(
-    conn: Any, table: sa.Table, held: list[int], partition_count: int, limit: int = 1000
+    conn: Any, table: sa.Table, held: list[int], partition_count: int, limit: int = 1000,
+    timestamp: Callable[[sa.ColumnElement[Any]], sa.ColumnElement[Any]] | None = None,
 ) -> list[tuple[int, dict[str, Any], str]]:
     """Rows no relay will ever claim: ``(id, the values they were found with, the reason)``.
 
@@ -268,7 +293,13 @@ def unclaimable_rows(
       lease will ever cover it. A partition from ``partition_count`` up to 32767 is not one of them:
       a writer may use more partitions than the relays know yet, and the relays extend their
       leases to it (:meth:`~outbox.leases.LeaseManager.ensure_partitions`), so its rows are claimed;
-    - rows of the ``held`` partitions with a status the toolkit does not know.
+    - rows of the ``held`` partitions with a status the toolkit does not know;
+    - pending rows of the ``held`` partitions whose ``available_at`` is after any time a writer
+      sets (a hand-written ``'infinity'``): never due, and under strict ordering, if tried, holding
+      back their key for good. ``timestamp`` reads the value for the reason (see :func:`claim_columns`).
+
+    A found row's values are conditions to mark it with (``column == value``, or an SQL
+    condition where the value is one), so an operator's fix in between is not overwritten.
 
     Every query is a range read of the claim index (partition, status, ...): the partition
     ranges below 0 and from ``partition_count``, and the four status ranges around the known
@@ -299,4 +330,25 @@ def unclaimable_rows(
                 found.append((rid, {"status": status},
                               f"row {rid}: unknown status {status!r} (only 'pending' rows are sent); "
                               "fix the row, or `outbox dead requeue` it"))
+    if held and len(found) < limit:
+        at = o.c.available_at
+        shown = (timestamp or (lambda c: sa.type_coerce(c, sa.types.NullType())))(at).label("available_at")
+        q = (sa.select(o.c.id, shown).where(o.c.partition.in_(held), o.c.status == "pending", at > _LAST)
+             .limit(limit - len(found)))
+        for rid, value in conn.execute(q):
+            found.append((rid, {"status": "pending", "available_at": at > _LAST},
+                          f"row {rid}: available_at {_short_repr(value)} is never reached, so no relay will "
+                          "send it (nor, under strict ordering, if it was tried, the later rows of its key); "
+                          "set it to a real time, or `outbox dead requeue` it"))
     return found
+
+
+def overdue_rows(conn: Any, table: sa.Table, held: list[int], due: dt.datetime, limit: int = 1000) -> list[int]:
+    """Pending rows of the ``held`` partitions with an ``available_at`` before ``due`` (the due-now
+    mark, 1970): a hand-written old time (``'-infinity'``, 1960) that neither the promotion of
+    delayed rows (after the mark) nor the claim (at it) ever reaches. They are long due: the relay
+    sets them to the mark."""
+    o = table
+    q = (sa.select(o.c.id).where(o.c.partition.in_(held), o.c.status == "pending", o.c.available_at < due)
+         .limit(limit))
+    return [rid for (rid,) in conn.execute(q)]

@@ -16,7 +16,12 @@ from types import TracebackType
 
 from .errors import BrokerUnavailable, ConfigurationError
 
-__all__ = ["DevKafkaBroker", "find_tansu", "free_port", "kafka_or_dev_broker"]
+__all__ = ["STOP_GRACE", "DevKafkaBroker", "find_tansu", "free_port", "kafka_or_dev_broker"]
+
+#: seconds :meth:`DevKafkaBroker.stop` lets tansu end by itself before it kills it
+STOP_GRACE = 0.3
+#: tansu's storage here: memory, whatever ``STORAGE_ENGINE`` the environment sets
+MEMORY = "memory://tansu/"
 
 
 def free_port() -> int:
@@ -70,7 +75,7 @@ class DevKafkaBroker:
         out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
         self._log = out
         self._proc = subprocess.Popen(
-            [binary, "broker", "--listener-url", url, "--advertised-listener-url", url],
+            [binary, "broker", "--listener-url", url, "--advertised-listener-url", url, "--storage-engine", MEMORY],
             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             env={**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "warn")},
         )
@@ -87,11 +92,17 @@ class DevKafkaBroker:
         raise BrokerUnavailable(f"tansu did not listen on port {self.port} within {timeout} s")
 
     def stop(self) -> None:
+        """End the broker: SIGTERM, then SIGKILL after :data:`STOP_GRACE` seconds.
+
+        tansu's graceful shutdown waits for its clients to close their connections (5 s and more
+        with a producer or consumer still connected); its storage is memory, so there is nothing
+        for it to flush and the kill loses nothing that stopping would have kept.
+        """
         proc, self._proc = self._proc, None
         if proc is not None and proc.poll() is None:
             proc.terminate()
             try:
-                proc.wait(5)
+                proc.wait(STOP_GRACE)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(5)

@@ -152,6 +152,9 @@ class IncomingMessage:
     stage_results: dict[str, Any] = field(default_factory=dict, repr=False)
     """For :class:`~consumers.StagedConsumer`: results of the stages already finished."""
     _body: Any = field(default=_UNSET, repr=False)
+    _identified: Any = field(default=None, init=False, repr=False)
+    """``(consumer, id or MessageIdMissing)``: what that consumer's ``identify`` found, so a runner's
+    bookkeeping and ``process_batch`` run a ``message_id`` callable once per message."""
 
     @property
     def body(self) -> Any:

@@ -46,7 +46,17 @@ from . import _tracing, dialects
 from ._dberrors import is_permanent
 from ._logging import log_context
 from ._redact import mask_secrets
-from ._rows import ROW_ID, ROW_KEY, ROW_PARTITION, ROW_TOPIC, RowError, claim_columns, decode_row, unclaimable_rows
+from ._rows import (
+    ROW_ID,
+    ROW_KEY,
+    ROW_PARTITION,
+    ROW_TOPIC,
+    RowError,
+    claim_columns,
+    decode_row,
+    overdue_rows,
+    unclaimable_rows,
+)
 from ._sqlerrors import ADDED_COLUMNS, missing_column_error
 from .config import RelayConfig
 from .dialects.base import Blocker
@@ -543,7 +553,7 @@ class Relay:
             self._reread_due = False
         blocked = sorted(self._blocked)
         o = self.tables.outbox
-        cols = claim_columns(o)
+        cols = claim_columns(o, self.dialect.readable_timestamp)
         quotas = self._quotas(held)
         claimed = None if quotas is None else self.dialect.claim_by_quota(
             conn, o, cols, held, quotas, DUE_NOW, blocked, self._after, topics=self.config.topics)
@@ -633,7 +643,8 @@ class Relay:
             return cached[1], cached[2]
         o = self.tables.outbox
         ids = self.dialect.due_ids(o, held, per_partition, DUE_NOW, blocked, self._after, topics=self.config.topics)
-        stmt = sa.select(*claim_columns(o)).join_from(o, ids, o.c.id == ids.c.id).order_by(o.c.id)
+        cols = claim_columns(o, self.dialect.readable_timestamp)
+        stmt = sa.select(*cols).join_from(o, ids, o.c.id == ids.c.id).order_by(o.c.id)
         stmt = self.dialect.lock_claim(stmt.limit(self.config.batch_size), o)
         due_ids = sa.select(ids.c.id, ids.c.partition)
         self._claim_cache = (key, stmt, due_ids)
@@ -1049,16 +1060,25 @@ class Relay:
             return
         self._last_sweep = mono
         o = self.tables.outbox
+        held = sorted(self.leases.held)
         with self.engine.begin() as conn:
-            found = unclaimable_rows(conn, o, sorted(self.leases.held), self.leases.partition_count)
+            found = unclaimable_rows(conn, o, held, self.leases.partition_count,
+                                     timestamp=self.dialect.readable_timestamp)
             for rid, was, reason in found:
                 # only if the row still is as found: an operator may have fixed it meanwhile
-                n = conn.execute(o.update().where(o.c.id == rid, *(o.c[k] == v for k, v in was.items()))
+                still = (v if isinstance(v, sa.ColumnElement) else o.c[k] == v for k, v in was.items())
+                n = conn.execute(o.update().where(o.c.id == rid, *still)
                                  .values(status=STATUS_DEAD, last_error=reason)).rowcount
                 if n:
                     self.stats.dead += 1
                     log.error("%s; marked dead (see `outbox dead list`)", reason)
-        if found:
+            overdue = overdue_rows(conn, o, held, DUE_NOW) if held else []
+            for chunk in _chunks(overdue, 1000):  # by id, as _promote does (no InnoDB range lock)
+                self.dialect.update_ids(conn, o, chunk, {"available_at": DUE_NOW})
+            if overdue:
+                log.warning("%d pending row(s) had an available_at before 1970 (written by hand?): made due now",
+                            len(overdue))
+        if found or overdue:
             self._refresh_due = True
 
     def _sleep(self, seconds: float) -> bool:

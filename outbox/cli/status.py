@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 from typing import Any
 
 from .._redact import mask_secrets
@@ -74,7 +75,10 @@ def _blocker_line(b: dict[str, Any]) -> str:
 
 
 def _when(ts: Any) -> str:
-    return "-" if ts is None else ts.isoformat(timespec="seconds")
+    """A time, or the text a stored time no datetime holds was read as (PostgreSQL's 'infinity')."""
+    if ts is None:
+        return "-"
+    return ts.isoformat(timespec="seconds") if isinstance(ts, dt.datetime) else str(ts)
 
 
 def check(st: dict[str, Any], *, max_age: float | None = None, max_dead: int | None = None,
@@ -159,8 +163,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"unknown status: {st['unknown_status']}  (not sent; the relay marks them dead with the reason)")
     if st.get("published"):
         archive = PartitionNames.of(tables.names).archive if st["archived"] else ""
-        print(f"published:      {st['published']}  (kept in audit mode"
-              + (f"; {st['archived']} of them in {archive})" if archive else ")"))
+        about = "~" if st.get("published_estimate") else ""
+        archived = f"~{st['archived']}" if st.get("archived_estimate") else str(st["archived"])
+        print(f"published:      {about}{st['published']}  (kept in audit mode"
+              + (f"; {archived} of them in {archive}" if archive else "")
+              + ("; the database's estimate, not an exact count" if about else "") + ")")
     print(f"partitions:     {st['partitions']}")
     live = [r for r in st["relays"] if r["alive"]]
     print(f"relays:         {len(live)} alive" + (f", {len(st['relays']) - len(live)} expired"

@@ -75,6 +75,15 @@ class Dialect:
     #: the driver returns JSON columns as text (parsed by the toolkit), not as Python objects
     json_as_text: ClassVar[bool] = True
 
+    @staticmethod
+    def readable_timestamp(column: sa.ColumnElement[Any]) -> sa.ColumnElement[Any]:
+        """``column`` (a timestamp) as the relay reads it without the driver failing on any stored value.
+
+        The default reads it raw: the drivers here hand over a value they cannot map (MariaDB's zero
+        date) as text, which :func:`outbox._rows.decode_row` refuses for its row alone.
+        """
+        return sa.type_coerce(column, sa.types.NullType())
+
     def error_kind(self, exc: sa.exc.DBAPIError) -> str | None:
         """``"transient"``, ``"permanent"`` or ``None`` (let the generic rules decide) for a driver error.
 
@@ -203,6 +212,15 @@ class Dialect:
     def ensure_transaction(self, connection: Connection) -> None:
         """Make sure the database transaction has really begun, so that a first SAVEPOINT neither
         starts it nor, on its RELEASE, commits it (a no-op where the driver begins transactions itself)."""
+
+    def lock_name(self, connection: Connection, name: bytes) -> None:
+        """Hold ``name`` until this transaction ends: another transaction locking it waits till then.
+
+        For an insert-if-absent without a unique key (a consumer's dead letter): the first one's
+        row is committed, and seen, before the second one looks. The default does nothing: SQLite
+        runs one write transaction at a time, and MySQL/MariaDB's locking read of the rows looked at
+        (``SELECT ... FOR UPDATE``) waits for a concurrent insert into them.
+        """
 
     def lock_rows(self, select: sa.Select[Any]) -> sa.Select[Any]:
         """Apply the row-claiming lock to a SELECT (``FOR UPDATE SKIP LOCKED`` where available)."""

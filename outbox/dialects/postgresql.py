@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -32,6 +33,10 @@ _TRANSIENT_STATES = ("08", "25P03", "40", "53", "55P03", "55006", "57", "58")
 #: data exceptions (value too long, numeric out of range, invalid text), integrity constraint
 #: violations, and PL/pgSQL raise_exception (a trigger refusing the row).
 _PERMANENT_STATES = ("22", "23", "P0")
+#: the instants a Python datetime holds: from year 1 to the end of year 9999, UTC
+_ADVISORY_XACT_LOCK = sa.text("SELECT pg_advisory_xact_lock(:key)")
+_FIRST = sa.literal_column("timestamptz '0001-01-01 00:00:00+00'")
+_PAST_LAST = sa.literal_column("timestamptz '10000-01-01 00:00:00+00'")
 
 
 class PostgreSQLDialect(Dialect):
@@ -120,6 +125,15 @@ class PostgreSQLDialect(Dialect):
     def insert_ignore(self, table: sa.Table) -> Insert:
         return pg.insert(table).on_conflict_do_nothing()
 
+    @staticmethod
+    def readable_timestamp(column: sa.ColumnElement[Any]) -> sa.ColumnElement[Any]:
+        # psycopg fails the whole result on a timestamptz Python cannot hold ('infinity',
+        # '-infinity', year 10000 or later, BC), so the claim reads ISO text in UTC instead, and
+        # a value out of that range as PostgreSQL writes it, for its row to be refused alone.
+        text = sa.func.to_char(sa.func.timezone("UTC", column), 'YYYY-MM-DD"T"HH24:MI:SS.US')
+        return sa.case((sa.and_(column >= _FIRST, column < _PAST_LAST), text),
+                       else_=sa.cast(column, sa.Text)).label(getattr(column, "name", None))
+
     def idle_transaction_statements(self, seconds: float, dialect: sa.engine.Dialect) -> list[str]:
         # milliseconds; ends the session (FATAL 25P03), which releases its row locks
         return [f"SET idle_in_transaction_session_timeout = {max(1, math.ceil(seconds * 1000))}"]
@@ -139,6 +153,12 @@ class PostgreSQLDialect(Dialect):
 
     def lock_rows(self, select: sa.Select[Any]) -> sa.Select[Any]:
         return select.with_for_update(skip_locked=True)
+
+    def lock_name(self, connection: Connection, name: bytes) -> None:
+        # a transaction-level advisory lock on 64 bits of the name's SHA-256 (a collision only
+        # makes two names wait for each other)
+        key = int.from_bytes(hashlib.sha256(name).digest()[:8], "big", signed=True)
+        connection.execute(_ADVISORY_XACT_LOCK, {"key": key})
 
     def due_ids(
         self, table: sa.Table, partitions: Sequence[int], per_partition: int, due: Any, blocked: Sequence[Blocker],

@@ -27,6 +27,7 @@ FAST = {"min_poll_interval": 0.01, "poll_interval": 0.05, "backoff_initial": 0.0
         "progress_interval": 0, "lease_ttl": 3.0}
 BAD = 2  # index of the corrupted row among the six
 DELIVERED = "delivered"
+BAD_TIME = "created_at must be a date and time between the years 1 and 9999, got "
 
 
 def case(cid: str, set_sql: str, expected: str, what: str, *, dialect: str = "sqlite",
@@ -96,6 +97,39 @@ CASES = [
     case("mariadb-headers-json-array", "headers = '[1]'",
          "headers must be a JSON object of strings, got a JSON array", "JSON headers an array", dialect="mariadb"),
     case("mariadb-status-unknown", "status = 'sent'", "unknown status 'sent'", "unknown status",
+         dialect="mariadb"),
+    case("pg-created-at-infinity", "created_at = 'infinity'", BAD_TIME + "'infinity'", "created_at 'infinity'",
+         dialect="postgresql"),
+    case("pg-created-at-minus-infinity", "created_at = '-infinity'", BAD_TIME + "'-infinity'", "created_at '-infinity'",
+         dialect="postgresql"),
+    case("pg-created-at-year-10000", "created_at = '10000-01-01 00:00:00+00'",
+         BAD_TIME + "'10000-01-01 00:00:00+00'",
+         "created_at in year 10000", dialect="postgresql"),
+    case("pg-created-at-bc", "created_at = '0001-01-01 00:00:00+00'::timestamptz - interval '1 day'",
+         BAD_TIME + "'0001-12-31 00:00:00+00 BC'",
+         "created_at before year 1", dialect="postgresql"),
+    case("pg-attributes-json-array", "attributes = '[1]'::jsonb",
+         "attributes must be a JSON object of strings, got a JSON array", "JSONB attributes an array",
+         dialect="postgresql"),
+    case("pg-headers-number-value", "headers = '{\"n\": 1}'::jsonb",
+         "got a JSON number for header 'n'", "JSONB header value a number", dialect="postgresql"),
+    case("pg-available-at-infinity", "available_at = 'infinity'",
+         "available_at 'infinity' is never reached", "available_at 'infinity' (never due)", dialect="postgresql"),
+    case("pg-available-at-infinity-retrying", "available_at = 'infinity', attempts = 1",
+         "available_at 'infinity' is never reached", "available_at 'infinity' on a retried row (blocks its key)",
+         dialect="postgresql"),
+    case("pg-available-at-minus-infinity", "available_at = '-infinity'", DELIVERED,
+         "available_at '-infinity' (long due)", dialect="postgresql"),
+    case("available-at-before-1970", "available_at = '1960-01-01 00:00:00.000000'", DELIVERED,
+         "available_at before the due-now mark (1970)"),
+    case("available-at-text", "available_at = 'infinity'", "available_at 'infinity' is never reached",
+         "available_at text that is no time"),
+    case("mariadb-available-at-1000", "available_at = '1000-01-01 00:00:00'", DELIVERED,
+         "available_at in year 1000 (long due)", dialect="mariadb"),
+    case("mariadb-created-at-zero", "created_at = '0000-00-00 00:00:00'", BAD_TIME + "'0000-00-00 00:00:00",
+         "created_at zero date", dialect="mariadb"),
+    case("mariadb-attributes-json-string", "attributes = '\"x\"'",
+         "attributes must be a JSON object of strings, got a JSON string", "JSON attributes a string",
          dialect="mariadb"),
 ]
 

@@ -108,7 +108,10 @@ def test_unroutable_message_fails_with_no_route_while_others_deliver(publisher, 
              make_record(exchange, b"2", key="b")]
     results = publisher().publish(batch)
     assert [r.outcome for r in results] == [Outcome.DELIVERED, Outcome.FAILED, Outcome.DELIVERED]
-    assert results[1].error == f"unroutable: NO_ROUTE (exchange={lonely!r}, routing_key='nowhere')"
+    error = results[1].error
+    assert error.startswith(f"unroutable: NO_ROUTE (exchange={lonely!r}, routing_key='nowhere'): "), error
+    assert f"no queue is bound to exchange {lonely!r} with a binding that matches routing key 'nowhere'" in error
+    assert "bind a queue to the exchange with a matching routing key" in error and "alternate exchange" in error
     assert sorted(body for _, _, body in _drain(rabbit_admin, queue)) == [b"1", b"2"]
 
 

@@ -509,3 +509,37 @@ def test_the_relay_daemon_freezes_its_start_up_objects_before_the_loop(engine: s
     finally:
         gc.unfreeze()  # the rest of the test session collects as usual
     assert seen and seen[0] > 10_000  # the modules, SQLAlchemy and the relay's own objects
+
+
+@pytest.mark.parametrize("dialect_name", ["postgresql"])
+def test_status_and_dead_commands_on_times_no_datetime_holds(engine: sa.Engine, db_url: str, capsys) -> None:
+    """A hand-written 'infinity' in created_at / available_at: status and dead list/show still answer,
+    showing the value as PostgreSQL writes it, and the relay marks both rows dead with the reason."""
+    box = Outbox()
+    with Session(engine) as s, s.begin():
+        bad = box.add(s, "orders", {"n": 1}, key="a")
+        late = box.add(s, "orders", {"n": 2}, key="b")
+    o = T.outbox
+    with engine.begin() as c:
+        c.execute(sa.text("UPDATE outbox_messages SET created_at = 'infinity' WHERE message_id = :m"), {"m": bad})
+        c.execute(sa.text("UPDATE outbox_messages SET available_at = 'infinity', attempts = 1 WHERE message_id = :m"),
+                  {"m": late})
+    code, out, err = run_cli(capsys, "status", "--db", db_url, "--json")
+    assert code == 0, err
+    assert json.loads(out)["pending"] == 2
+    relay = Relay(engine, MemoryPublisher(), config=RelayConfig(progress_interval=0))
+    relay.drain()
+    relay.close()
+    code, out, err = run_cli(capsys, "status", "--db", db_url)
+    assert code == 0 and "dead:           2" in out, (out, err)  # both: neither would ever be sent
+    code, out, err = run_cli(capsys, "dead", "list", "--db", db_url, "--json")
+    assert code == 0, err
+    rows = {r["message_id"]: r for r in json.loads(out)}
+    assert rows[str(bad)]["created_at"] == "infinity" and "got 'infinity'" in rows[str(bad)]["last_error"]
+    assert "available_at 'infinity' is never reached" in rows[str(late)]["last_error"]
+    code, out, err = run_cli(capsys, "dead", "list", "--db", db_url)
+    assert code == 0 and "infinity" in out, err
+    with engine.connect() as c:
+        rid = c.execute(sa.select(o.c.id).where(o.c.message_id == bad)).scalar_one()
+    code, out, err = run_cli(capsys, "dead", "show", "--db", db_url, str(rid))
+    assert code == 0 and "infinity" in out, err

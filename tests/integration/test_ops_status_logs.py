@@ -64,7 +64,7 @@ STATUS_KEYS = {
     "pending", "due", "retrying", "blocked", "blocked_by", "blocked_by_topic", "waiting", "waiting_next_due_at",
     "delayed", "delayed_next_due_at", "dead", "published", "unknown_status", "oldest_pending_at",
     "oldest_pending_age_s", "relays", "relays_by_group", "partitions", "partition_owners", "unowned_partitions",
-    "unowned_partitions_by_group", "layout", "archived",
+    "unowned_partitions_by_group", "layout", "archived", "archived_estimate", "published_estimate",
 }
 BLOCKER_KEYS = {"topic", "key", "blocking_id", "message_id", "blocking_status", "reason", "attempts", "retry_at",
                 "blocking_created_at", "blocked", "waiting_since"}
@@ -485,3 +485,34 @@ def test_repeats_not_reported_yet_are_reported_at_exit() -> None:
     lines = _json_lines(out.getvalue())
     assert [o["message"] for o in lines] == ["broker down, retrying in 0 s",
                                              "broker down, retrying in 4 s (repeated 4 times in 4 s)"]
+
+
+@pytest.mark.parametrize("dialect_name", ["postgresql", "mariadb"], indirect=True)
+def test_status_estimates_published_rows_of_a_big_audit_table(engine: sa.Engine, db_url: str, capsys) -> None:
+    """Plain layout in audit mode: from ESTIMATE_ABOVE published rows, ``published`` is the table's
+    estimated rows less the exact pending/dead counts (``published_estimate``), not a count(*) of them."""
+    from outbox import admin
+
+    n = admin.ESTIMATE_ABOVE + 500
+    pg = engine.dialect.name == "postgresql"
+    rows = ("SELECT gen_random_uuid(), 't', '\\x00'::bytea, 0, now(), now(), 'published' FROM generate_series(1, :n)"
+            if pg else "SELECT REPLACE(UUID(), '-', ''), 't', X'00', 0, NOW(6), NOW(6), 'published' "
+                       "FROM seq_1_to_100000000 WHERE seq <= :n")
+    col = '"partition"' if pg else "`partition`"
+    with engine.begin() as c:
+        c.execute(sa.text(f"INSERT INTO outbox_messages (message_id, topic, payload, {col}, created_at, available_at, "
+                          f"status) {rows}"), {"n": n})
+    with Session(engine) as s, s.begin():
+        Outbox().add(s, "orders", {"n": 1})  # one pending row, counted exactly
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as c:
+        c.execute(sa.text("ANALYZE outbox_messages" if pg else "ANALYZE TABLE outbox_messages"))
+    st = admin.outbox_status(engine)
+    assert st["pending"] == 1 and st["published_estimate"] is True and st["archived_estimate"] is False
+    assert abs(st["published"] - n) <= n // 2, st["published"]  # InnoDB's table_rows is a rough estimate
+    exact = admin.outbox_status(engine, estimate_above=None)
+    assert (exact["published"], exact["published_estimate"]) == (n, False)
+    code, out, _ = run_cli(capsys, "status", "--db", db_url)
+    assert code == 0 and f"published:      ~{st['published']}  (kept in audit mode; the database's estimate, " \
+        "not an exact count)" in out, out
+    code, out, _ = run_cli(capsys, "status", "--db", db_url, "--json")
+    assert code == 0 and json.loads(out)["published_estimate"] is True

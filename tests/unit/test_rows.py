@@ -97,3 +97,22 @@ def test_created_at_is_aware_utc_whatever_zone_the_driver_used() -> None:
                   when.replace(tzinfo=None), when.isoformat()):
         got = decode_row(raw(created_at=value), json_as_text=True).created_at
         assert got == when and got is not None and got.utcoffset() == dt.timedelta(0), value
+
+
+@pytest.mark.parametrize("value, fragment", [
+    ("infinity", "created_at must be a date and time between the years 1 and 9999, got 'infinity'"),
+    ("10000-01-01 00:00:00+00", "got '10000-01-01 00:00:00+00'"),
+    ("0000-00-00 00:00:00", "got '0000-00-00 00:00:00'"),
+    (b"\xff", "got b'\\xff'"),
+    (12345, "created_at must be a date and time, got a number"),
+])
+def test_unreadable_created_at_refuses_its_row_naming_the_value(value: object, fragment: str) -> None:
+    """A value no datetime holds is refused (the row goes dead), not sent with the send time instead."""
+    with pytest.raises(RowError) as err:
+        decode_row(raw(created_at=value), json_as_text=True)
+    assert str(err.value).startswith("row 7: ") and fragment in str(err.value)
+
+
+def test_created_at_absent_or_null_is_no_timestamp() -> None:
+    assert decode_row(raw(), json_as_text=True).created_at is None
+    assert decode_row(raw(created_at=None), json_as_text=True).created_at is None

@@ -15,7 +15,8 @@ to 256 KiB, so a window of messages costs a few ``send()`` calls instead of thre
 Outcomes:
 
 - ``DELIVERED``: ``basic.ack`` and no ``basic.return``.
-- ``FAILED``: returned as unroutable (``unroutable: NO_ROUTE (exchange=..., routing_key=...)``),
+- ``FAILED``: returned as unroutable (``unroutable: NO_ROUTE (exchange=..., routing_key=...): no queue
+  is bound ...``, with what to do: bind a queue or set an alternate exchange, then requeue),
   the exchange does not exist (the broker's ``404 NOT_FOUND`` text) or may not be used
   (``403 ACCESS_REFUSED``), the topic is empty (``empty exchange name: ...``; the default exchange
   only with ``allow_default_exchange=True``), or the payload is over ``max_message_bytes``.
@@ -491,10 +492,7 @@ class RabbitMQPublisher:
         for entry in self._unconfirmed.values():  # the return comes before the message's ack
             batch = entry.batch
             if entry.message_id == props.message_id and not batch.done and entry.index not in batch.returned:
-                batch.returned[entry.index] = (
-                    f"unroutable: {method.reply_text} "
-                    f"(exchange={method.exchange!r}, routing_key={method.routing_key!r})"
-                )
+                batch.returned[entry.index] = _unroutable(method.reply_text, method.exchange, method.routing_key)
                 return
 
     def _on_confirm(self, frame: pika.frame.Method) -> None:
@@ -852,3 +850,12 @@ class RabbitMQPublisher:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _unroutable(reply_text: str, exchange: str, routing_key: str) -> str:
+    """The dead reason of a message the broker returned: what happened, and what to do about it."""
+    where = f"exchange={exchange!r}, routing_key={routing_key!r}"
+    return (f"unroutable: {reply_text} ({where}): no queue is bound to exchange {exchange!r} with a binding "
+            f"that matches routing key {routing_key!r}, so the broker returned the message; bind a queue to "
+            "the exchange with a matching routing key, or give the exchange an alternate exchange "
+            "(policy or argument 'alternate-exchange'), then `outbox dead requeue` the row")

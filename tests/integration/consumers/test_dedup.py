@@ -178,6 +178,23 @@ def test_custom_id_extractor(engine, effects, count_effects, make_message):
     assert count_effects("evt-1") == 1 and count_effects() == 1
 
 
+def test_an_id_extractor_that_raises_dead_letters_that_message_only(engine, effects, count_effects, make_message,
+                                                                     recorder_cls):
+    """A user's message_id callable failing on one message (a missing header, bad JSON) is that
+    message's problem: it goes to the dead letters with the error, the rest of the batch is processed."""
+    def by_body(m):
+        return m.body["event"]  # KeyError for a message without it
+
+    consumer = recorder_cls(message_id=by_body)
+    good, bad = make_message(payload=b'{"event": "e-1"}'), make_message()
+    after = make_message(payload=b'{"event": "e-2"}')
+    out = consumer.process_batch(engine, [good, bad, after])
+    assert [o.status for o in out] == [Status.PROCESSED, Status.DEAD, Status.PROCESSED]
+    assert count_effects() == 2
+    [dead] = list_dead_letters(engine)
+    assert "the message_id extractor raised KeyError: 'event'" in dead["error"], dead["error"]
+
+
 def test_lane_holds_later_messages_of_the_same_partition(engine, effects, count_effects, make_message,
                                                          recorder_cls):
     consumer = recorder_cls()

@@ -139,3 +139,25 @@ def test_connection_lost_mid_batch_writes_each_dead_letter_once(engine, effects,
     assert sorted(d["message_id"] or "" for d in dead) == sorted(["", poison[0]])  # ... but written once
     assert {d["message_id"]: d["attempts"] for d in dead}[poison[0]] == 2
     assert count_effects() == 10
+
+
+def test_a_message_id_extractor_runs_once_per_delivery(engine, effects, count_effects, recorder_cls, helpers,
+                                                       rabbitmq_url, queue):
+    """The runner's retry bookkeeping and process_batch share one resolution of each message's id: a
+    user's ``message_id`` callable (which may be costly, or count) runs once per delivery, retries
+    included only as new tries of the held message, not twice per message."""
+    calls: list[str] = []
+
+    def from_body(message):
+        calls.append(message.payload.decode())
+        return json.loads(message.payload)["id"]
+
+    consumer = recorder_cls(message_id=from_body)
+    sent = [(None, json.dumps({"id": f"m-{i}", "n": i}).encode()) for i in range(10)]
+    publish(rabbitmq_url, queue["exchange"], sent)
+    runner = RabbitMQRunner(consumer, engine=engine, url=rabbitmq_url, queue=queue["queue"], batch_size=4,
+                            batch_timeout=0.1)
+    with helpers.threaded(runner):
+        helpers.wait(lambda: count_effects() == 10, 60, "10 effects")
+        helpers.wait(lambda: queue_depth(rabbitmq_url, queue["queue"]) == 0, 30, "an empty queue")
+    assert sorted(calls) == sorted(body.decode() for _, body in sent), calls

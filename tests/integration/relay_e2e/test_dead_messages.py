@@ -94,7 +94,11 @@ def test_rabbitmq_unroutable_message_dead_others_flow_then_requeue(db, rabbitmq_
     wait_until(lambda: _one_dead(d, "lost.1"), 30, "the unroutable message to be marked dead")
     listed = cli_json("dead", "list", "--db", d.url)
     assert [r["key"] for r in listed] == ["lost.1"]
-    assert "NO_ROUTE" in listed[0]["last_error"]
+    reason = listed[0]["last_error"]
+    assert "NO_ROUTE" in reason and f"exchange={exchange!r}, routing_key='lost.1'" in reason, reason
+    # says what to do, and nothing of the broker URL's credentials
+    assert "bind a queue to the exchange with a matching routing key" in reason and "alternate exchange" in reason
+    assert "guest" not in reason and "amqp://" not in reason
     text = run_cli("status", "--db", d.url)
     assert text.returncode == 0, text.stderr
     dead_line = [line.split() for line in text.stdout.splitlines() if line.startswith("dead:")]
