@@ -377,12 +377,34 @@ def _row_count(conn: Connection, qualified: str) -> int:
     return int(conn.execute(sa.text(f"SELECT count(*) FROM {qualified}")).scalar_one())  # noqa: S608 - validated, quoted names
 
 
+def _doomed(parent: str, day: dt.date) -> str:
+    """The name a partition of ``parent`` takes when it is detached to be dropped (see :func:`drop_expired`)."""
+    return _derived(parent, f"_d{day:%Y%m%d}")
+
+
+def _left_doomed(conn: Connection, n: PartitionNames, parent: str) -> list[str]:
+    """Tables a purge detached and renamed for dropping but did not drop (it stopped in between)."""
+    prefix = _doomed(parent, dt.date.min)[: -len("00010101")]
+    return list(conn.execute(sa.text(
+        "SELECT c.relname FROM pg_class c JOIN pg_namespace s ON s.oid = c.relnamespace "
+        "WHERE s.nspname = COALESCE(CAST(:schema AS text), current_schema()) AND c.relkind = 'r' "
+        "AND NOT c.relispartition AND left(c.relname, :len) = :prefix AND substr(c.relname, :len + 1) ~ '^[0-9]{8}$'"),
+        {"schema": n.schema, "len": len(prefix), "prefix": prefix}).scalars())
+
+
 def drop_expired(engine: Engine, tables: OutboxTables, what: str, cutoff: dt.datetime) -> dict[str, Any]:
     """Drop the partitions of ``what`` (``"published"`` or ``"processed"``) whose every row is older than ``cutoff``.
 
     Never a live partition: an archive day whose end is after the cutoff stays; a dedup bucket stays
     while it is the current one or holds a row processed at or after the cutoff. Returns the dropped
     partitions and how many rows they held (see :func:`_row_count`).
+
+    Each partition goes in two short transactions. The first detaches it and renames it (to
+    ``<parent>_dYYYYMMDD``): it holds the parent's lock for a catalog change only. The second drops
+    it, and the files are unlinked at that commit (file-system work: a tenth of a second per 400 MB
+    here, seconds on a busy disk) with the parent free, so dedup inserts and the relay's archive
+    trigger do not wait for it. A table left renamed by a purge that stopped in between is dropped
+    by the next one.
     """
     n = PartitionNames.of(tables.names)
     parent = n.archive if what == "published" else n.processed
@@ -391,24 +413,28 @@ def drop_expired(engine: Engine, tables: OutboxTables, what: str, cutoff: dt.dat
     with engine.connect() as conn:
         children = _children(conn, n, parent)
         current = conn.execute(sa.text(f"SELECT bucket FROM {n.q(n.bucket)}")).scalar_one()  # noqa: S608 - validated, quoted names
-        conn.rollback()
-    for name, day in sorted(children.items(), key=lambda kv: (kv[1] or dt.date.max)):
-        if day is None:
-            continue
-        end = dt.datetime.combine(day + dt.timedelta(days=1), dt.time(), dt.timezone.utc)
-        with engine.begin() as conn:
-            if what == "published":
-                if end > cutoff:
-                    continue
-            else:
-                if day >= current:
-                    continue
-                newest = conn.execute(sa.text(f"SELECT max(processed_at) FROM {n.q(name)}")).scalar()  # noqa: S608 - validated, quoted names
-                if newest is not None and newest >= cutoff:
-                    continue
-            _ddl(conn, f"SET LOCAL lock_timeout = {_LOCK_TIMEOUT_MS}")
-            rows += _row_count(conn, n.q(name))
-            _ddl(conn, f"ALTER TABLE {n.q(parent)} DETACH PARTITION {n.q(name)}")
-            _ddl(conn, f"DROP TABLE {n.q(name)}")
+        doomed = _left_doomed(conn, n, parent)
+        conn.commit()
+        for name, day in sorted(children.items(), key=lambda kv: (kv[1] or dt.date.max)):
+            if day is None:
+                continue
+            end = dt.datetime.combine(day + dt.timedelta(days=1), dt.time(), dt.timezone.utc)
+            if (end > cutoff) if what == "published" else (day >= current):
+                continue
+            with conn.begin():
+                if what == "processed":
+                    newest = conn.execute(sa.text(f"SELECT max(processed_at) FROM {n.q(name)}")).scalar()  # noqa: S608 - validated, quoted names
+                    if newest is not None and newest >= cutoff:
+                        continue
+                _ddl(conn, f"SET LOCAL lock_timeout = {_LOCK_TIMEOUT_MS}")
+                count = _row_count(conn, n.q(name))
+                _ddl(conn, f"ALTER TABLE {n.q(parent)} DETACH PARTITION {n.q(name)}")
+                to = pg.dialect().identifier_preparer.quote(_doomed(parent, day))
+                _ddl(conn, f"ALTER TABLE {n.q(name)} RENAME TO {to}")
+            rows += count
             dropped.append(name)
+            doomed.append(_doomed(parent, day))
+        for name in doomed:
+            with conn.begin():
+                _ddl(conn, f"DROP TABLE IF EXISTS {n.q(name)}")
     return {"dropped": dropped, "rows": rows}

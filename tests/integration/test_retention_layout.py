@@ -330,3 +330,55 @@ def test_status_counts_the_archived_rows(parted: sa.Engine, capsys) -> None:
     assert (out["layout"], out["published"], out["archived"], out["pending"]) == ("partitioned", 12, 12, 2)
     assert main(["status", "--db", url]) == 0
     assert f"published:      12  (kept in audit mode; 12 of them in {N.archive})" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("what", ["processed", "published"])
+def test_purge_frees_the_parent_before_the_drop_unlinks_the_files(parted: sa.Engine, what: str) -> None:
+    """Dropping a partition's files is file-system work (hundreds of ms per GB, seconds on a busy disk) done
+    at commit. The parent must not be locked meanwhile: dedup inserts (which read every partition)
+    and the relay's archive trigger would wait for it. So when the ``DROP TABLE`` runs, its ``DETACH``
+    has already committed, and a writer of the parent, with a short lock timeout, gets through."""
+    old = TODAY - dt.timedelta(days=20)
+    maintain(parted, T, now=_midday(old), ahead=0)
+    parent = T.processed.name if what == "processed" else N.archive
+    with parted.begin() as c:
+        if what == "processed":
+            c.execute(sa.text(f"INSERT INTO {parent} (consumer, message_id, processed_at, bucket) "
+                              "VALUES ('c', 'old', :at, :d)"), {"at": _midday(old), "d": old})
+        else:
+            c.execute(sa.text(f"INSERT INTO {parent} (id, message_id, topic, payload, partition, created_at, "
+                              "available_at, status, published_at) VALUES (1, :m, 't', '\\x00', 0, now(), now(), "
+                              "'published', :at)"), {"m": uuid.uuid4(), "at": _midday(old)})
+    other = sa.create_engine(parted.url)
+    seen: list[str] = []
+
+    def write_meanwhile(conn, cursor, statement, params, context, executemany) -> None:
+        if not statement.lstrip().upper().startswith("DROP TABLE"):
+            return
+        try:
+            with other.begin() as c:
+                c.execute(sa.text("SET LOCAL lock_timeout = 300"))
+                if what == "processed":
+                    _insert(c, [f"new-{uuid.uuid4()}"])
+                else:
+                    c.execute(sa.text(f"INSERT INTO {parent} (id, message_id, topic, payload, partition, "
+                                      "created_at, available_at, status, published_at) VALUES (2, :m, 't', "
+                                      "'\\x00', 0, now(), now(), 'published', now())"), {"m": uuid.uuid4()})
+            seen.append("written")
+        except sa.exc.OperationalError as e:
+            seen.append(f"blocked: {e.orig}")
+
+    sa.event.listen(parted, "before_cursor_execute", write_meanwhile)
+    try:
+        if what == "processed":
+            assert purge_processed(parted, older_than=dt.timedelta(days=14)) == 1
+        else:
+            assert purge_published(parted, older_than=dt.timedelta(days=14)) == 1
+    finally:
+        sa.event.remove(parted, "before_cursor_execute", write_meanwhile)
+        other.dispose()
+    assert seen == ["written"]
+    assert N.partition(parent, old) not in _partitions(parted, parent)
+    # nothing of the dropped partition is left behind, attached or not
+    assert _scalar(parted, "SELECT count(*) FROM pg_class WHERE relname LIKE :p AND relkind = 'r'",
+                   p=f"{parent}\\_%{old:%Y%m%d}") == 0
