@@ -384,7 +384,7 @@ def _doomed(parent: str, day: dt.date) -> str:
 
 def _left_doomed(conn: Connection, n: PartitionNames, parent: str) -> list[str]:
     """Tables a purge detached and renamed for dropping but did not drop (it stopped in between)."""
-    prefix = _doomed(parent, dt.date.min)[: -len("00010101")]
+    prefix = _derived(parent, "_d00000000")[:-8]  # what _doomed puts before the day
     return list(conn.execute(sa.text(
         "SELECT c.relname FROM pg_class c JOIN pg_namespace s ON s.oid = c.relnamespace "
         "WHERE s.nspname = COALESCE(CAST(:schema AS text), current_schema()) AND c.relkind = 'r' "

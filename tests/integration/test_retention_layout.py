@@ -382,3 +382,18 @@ def test_purge_frees_the_parent_before_the_drop_unlinks_the_files(parted: sa.Eng
     # nothing of the dropped partition is left behind, attached or not
     assert _scalar(parted, "SELECT count(*) FROM pg_class WHERE relname LIKE :p AND relkind = 'r'",
                    p=f"{parent}\\_%{old:%Y%m%d}") == 0
+
+
+def test_a_partition_left_detached_by_a_stopped_purge_is_dropped_by_the_next(parted: sa.Engine) -> None:
+    old = TODAY - dt.timedelta(days=20)
+    maintain(parted, T, now=_midday(old), ahead=0)
+    name = N.partition(T.processed.name, old)
+    doomed = f"{T.processed.name}_d{old:%Y%m%d}"
+    with parted.begin() as c:  # what the first of drop_expired's two transactions leaves
+        c.execute(sa.text(f"ALTER TABLE {T.processed.name} DETACH PARTITION {name}"))
+        c.execute(sa.text(f"ALTER TABLE {name} RENAME TO {doomed}"))
+        c.execute(sa.text(f"CREATE TABLE {T.processed.name}_d2026 (x int)"))  # not one of ours: kept
+    assert _relkind(parted, doomed) == "r"
+    assert purge_processed(parted, older_than=dt.timedelta(days=14)) == 0
+    assert _relkind(parted, doomed) is None
+    assert _relkind(parted, f"{T.processed.name}_d2026") == "r"
