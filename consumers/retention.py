@@ -47,7 +47,7 @@ def purge_processed(
         with engine.connect() as conn:
             partitioned = is_partitioned(conn, t.names, cached=False)
         if partitioned:
-            maintain(engine, t)
+            maintain(engine, t, checked=True)
             return int(drop_expired(engine, t, "processed", cutoff)["rows"])
     p = t.processed
     with engine.connect() as conn:

@@ -61,9 +61,9 @@ def purge_published(
     t = tables or default_tables()
     cutoff = dt.datetime.now(dt.timezone.utc) - older_than
     if _partitioned(engine, t):
-        from .dialects.pg_partitions import PartitionNames, drop_expired
+        from .dialects.pg_partitions import PartitionNames, drop_expired, maintain
 
-        maintain_partitions(engine, tables=t)
+        maintain(engine, t, checked=True)
         total = int(drop_expired(engine, t, "published", cutoff)["rows"])
         default = sa.Table(PartitionNames.of(t.names).archive_default, sa.MetaData(),
                            *(c._copy() for c in t.outbox.columns), schema=t.names.schema)

@@ -346,7 +346,7 @@ CHILD = HERE / "_relay_child.py"
 
 def relay_child(url: str, *, publisher: str = "null", bootstrap: str | None = None, mode: str = "drain",
                 batch_size: int = 1000, notify: bool = False, poll_interval: float = 1.0,
-                barrier: bool = False, published_log: str | None = None) -> subprocess.Popen[str]:
+                barrier: bool = False, published_log: str | None = None, timeline: int = 0) -> subprocess.Popen[str]:
     cmd = [sys.executable, str(CHILD), "--url", url, "--publisher", publisher, "--mode", mode,
            "--batch-size", str(batch_size), "--poll-interval", str(poll_interval)]
     if bootstrap:
@@ -357,6 +357,8 @@ def relay_child(url: str, *, publisher: str = "null", bootstrap: str | None = No
         cmd.append("--barrier")
     if published_log:
         cmd += ["--published-log", published_log]
+    if timeline:
+        cmd += ["--timeline", str(timeline)]
     return subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
 
 

@@ -45,6 +45,8 @@ def main() -> None:
     p.add_argument("--notify", action="store_true")
     p.add_argument("--barrier", action="store_true")
     p.add_argument("--published-log", help="write {message_id: time acked} as JSON here at the end")
+    p.add_argument("--timeline", type=int, default=0,
+                   help="report the time (time.time()) at every N rows published, in done's 'timeline'")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
 
@@ -68,7 +70,17 @@ def main() -> None:
         for r in records:
             acked[str(r.message_id)] = now
 
-    relay = Relay(engine, publisher, config=cfg, on_published=on_published if args.published_log else None)
+    timeline: list[float] = []
+    count = [0, args.timeline]
+
+    def on_timeline(records) -> None:
+        count[0] += len(records)
+        if count[0] >= count[1]:
+            timeline.append(time.time())
+            count[1] += args.timeline
+
+    hook = on_published if args.published_log else on_timeline if args.timeline else None
+    relay = Relay(engine, publisher, config=cfg, on_published=hook)
 
     if args.barrier:
         relay.leases.register()
@@ -89,7 +101,7 @@ def main() -> None:
         relay.close()
     end = time.time()
     say("done", published=published, start=start, end=end, rounds=relay.stats.rounds,
-        maxrss_kb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+        maxrss_kb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, timeline=timeline)
     engine.dispose()
     if args.published_log:
         Path(args.published_log).write_text(json.dumps(acked))

@@ -359,3 +359,70 @@ def test_status_estimates_a_big_archive_and_says_so(parted: sa.Engine, capsys) -
     text = capsys.readouterr().out
     assert f"published:      ~{st['published']}  (kept in audit mode; ~{st['archived']} of them in {N.archive}; " \
            "the database's estimate, not an exact count)" in text, text
+
+
+@pytest.mark.parametrize("what", ["processed", "published"])
+def test_purge_frees_the_parent_before_the_drop_unlinks_the_files(parted: sa.Engine, what: str) -> None:
+    """Dropping a partition's files is file-system work (hundreds of ms per GB, seconds on a busy disk) done
+    at commit. The parent must not be locked meanwhile: dedup inserts (which read every partition)
+    and the relay's archive trigger would wait for it. So when the ``DROP TABLE`` runs, its ``DETACH``
+    has already committed, and a writer of the parent, with a short lock timeout, gets through."""
+    old = TODAY - dt.timedelta(days=20)
+    maintain(parted, T, now=_midday(old), ahead=0)
+    parent = T.processed.name if what == "processed" else N.archive
+    with parted.begin() as c:
+        if what == "processed":
+            c.execute(sa.text(f"INSERT INTO {parent} (consumer, message_id, processed_at, bucket) "
+                              "VALUES ('c', 'old', :at, :d)"), {"at": _midday(old), "d": old})
+        else:
+            c.execute(sa.text(f"INSERT INTO {parent} (id, message_id, topic, payload, partition, created_at, "
+                              "available_at, status, published_at) VALUES (1, :m, 't', '\\x00', 0, now(), now(), "
+                              "'published', :at)"), {"m": uuid.uuid4(), "at": _midday(old)})
+    other = sa.create_engine(parted.url)
+    seen: list[str] = []
+
+    def write_meanwhile(conn, cursor, statement, params, context, executemany) -> None:
+        if not statement.lstrip().upper().startswith("DROP TABLE"):
+            return
+        try:
+            with other.begin() as c:
+                c.execute(sa.text("SET LOCAL lock_timeout = 300"))
+                if what == "processed":
+                    _insert(c, [f"new-{uuid.uuid4()}"])
+                else:
+                    c.execute(sa.text(f"INSERT INTO {parent} (id, message_id, topic, payload, partition, "
+                                      "created_at, available_at, status, published_at) VALUES (2, :m, 't', "
+                                      "'\\x00', 0, now(), now(), 'published', now())"), {"m": uuid.uuid4()})
+            seen.append("written")
+        except sa.exc.OperationalError as e:
+            seen.append(f"blocked: {e.orig}")
+
+    sa.event.listen(parted, "before_cursor_execute", write_meanwhile)
+    try:
+        if what == "processed":
+            assert purge_processed(parted, older_than=dt.timedelta(days=14)) == 1
+        else:
+            assert purge_published(parted, older_than=dt.timedelta(days=14)) == 1
+    finally:
+        sa.event.remove(parted, "before_cursor_execute", write_meanwhile)
+        other.dispose()
+    assert seen == ["written"]
+    assert N.partition(parent, old) not in _partitions(parted, parent)
+    # nothing of the dropped partition is left behind, attached or not
+    assert _scalar(parted, "SELECT count(*) FROM pg_class WHERE relname LIKE :p AND relkind = 'r'",
+                   p=f"{parent}\\_%{old:%Y%m%d}") == 0
+
+
+def test_a_partition_left_detached_by_a_stopped_purge_is_dropped_by_the_next(parted: sa.Engine) -> None:
+    old = TODAY - dt.timedelta(days=20)
+    maintain(parted, T, now=_midday(old), ahead=0)
+    name = N.partition(T.processed.name, old)
+    doomed = f"{T.processed.name}_d{old:%Y%m%d}"
+    with parted.begin() as c:  # what the first of drop_expired's two transactions leaves
+        c.execute(sa.text(f"ALTER TABLE {T.processed.name} DETACH PARTITION {name}"))
+        c.execute(sa.text(f"ALTER TABLE {name} RENAME TO {doomed}"))
+        c.execute(sa.text(f"CREATE TABLE {T.processed.name}_d2026 (x int)"))  # not one of ours: kept
+    assert _relkind(parted, doomed) == "r"
+    assert purge_processed(parted, older_than=dt.timedelta(days=14)) == 0
+    assert _relkind(parted, doomed) is None
+    assert _relkind(parted, f"{T.processed.name}_d2026") == "r"
