@@ -86,6 +86,11 @@ class _FastPathFailed(Exception):
     pass
 
 
+class _InsertAtEndFailed(Exception):
+    """The read-first fast path's dedup insert failed: most likely a concurrent transaction
+    committed one of the ids after the read (a unique violation)."""
+
+
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
 
@@ -287,7 +292,12 @@ class DedupCore:
                 work.append(i)
         if self.savepoints == "on-failure" and work:
             try:
-                self._fast(engine, messages, work, no_id, outcomes, now, before_commit)
+                try:
+                    self._fast(engine, messages, work, no_id, outcomes, now, before_commit, read_first=True)
+                except _InsertAtEndFailed as exc:
+                    log.debug("consumer %s: the dedup insert at the end of the batch failed (%s); redoing the "
+                              "batch inserting the ids first", self.name, mask_secrets(exc.__cause__))
+                    self._fast(engine, messages, work, no_id, outcomes, now, before_commit, read_first=False)
             except _FastPathFailed as exc:
                 log.debug("consumer %s: a handler failed (%s); redoing the batch with savepoints", self.name,
                           mask_secrets(exc.__cause__))
@@ -308,17 +318,37 @@ class DedupCore:
         outcomes: list[Outcome | None],
         now: dt.datetime,
         before_commit: Callable[[], None] | None,
+        *,
+        read_first: bool,
     ) -> None:
+        """The batch in one transaction, without savepoints; raises :class:`_FastPathFailed` (rolled
+        back) when a handler or a statement fails, for :meth:`_slow` to redo the batch.
+
+        ``read_first`` (where the dialect allows it, :meth:`Dialect.inserts_keys_at_end`): one read
+        of which ids are stored already (duplicates then cost a read and leave nothing behind), the
+        handlers, then one plain INSERT of the new ids with their results (no insert-if-absent, no
+        results UPDATE). An id a concurrent transaction committed after the read makes that INSERT
+        fail (the unique constraint still decides): everything rolls back and
+        :class:`_InsertAtEndFailed` has the batch redone with ``read_first=False``: the ids inserted
+        if absent first (a concurrent insert of the same id then waits for the other transaction),
+        the results stored by UPDATE.
+        """
         with self._session_for(engine) as session:
             with session.begin():
                 conn = session.connection()
                 dialect = self.dialect(conn)
                 handle = self._bound(self.handle, session)
                 ids = list(dict.fromkeys(messages[i].id for i in work))  # type: ignore[misc]
-                try:  # one round trip on PostgreSQL: the new ids, and the stored results of those seen before
-                    new, stored = dialect.insert_new_keys_reading(
-                        conn, self.tables.processed, "message_id", ids, {"consumer": self.name, "processed_at": now},
-                        "result")
+                processed = self.tables.processed
+                read_first = read_first and dialect.inserts_keys_at_end(conn, processed)
+                try:
+                    if read_first:
+                        stored = dialect.read_existing(conn, processed, "message_id", ids, {"consumer": self.name},
+                                                       "result")
+                        new = set(ids).difference(stored)
+                    else:  # one round trip on PostgreSQL: the new ids, and the stored results of those seen before
+                        new, stored = dialect.insert_new_keys_reading(
+                            conn, processed, "message_id", ids, {"consumer": self.name, "processed_at": now}, "result")
                 except Exception as exc:
                     if is_transient(exc):
                         raise
@@ -344,9 +374,18 @@ class DedupCore:
                         dups.append(i)
                 try:
                     session.flush()
-                    self._store_results(conn, results)
+                    if not read_first:
+                        self._store_results(conn, results)
                 except Exception as exc:
                     raise _FastPathFailed("flush") from exc
+                if read_first and fresh:
+                    try:
+                        dialect.insert_keys(conn, processed, "message_id", {"consumer": self.name, "processed_at": now},
+                                            "result", fresh)
+                    except Exception as exc:
+                        if is_transient(exc):
+                            raise
+                        raise _InsertAtEndFailed("dedup insert") from exc
                 # a second copy of an id handled in this batch with a result: the result as stored (its JSON form)
                 again = [messages[i].id for i in dups
                          if messages[i].id not in stored and fresh.get(messages[i].id) is not None]  # type: ignore[arg-type]
