@@ -4,12 +4,17 @@ Subclass :class:`DedupConsumer`, give it a ``name`` and a ``handle`` method; a r
 RabbitMQ) or your own code calls :meth:`DedupConsumer.process_batch`. For each batch, in ONE
 database transaction:
 
-1. every message id is inserted into the processed-messages table with the database's
-   insert-if-absent (``ON CONFLICT DO NOTHING RETURNING`` / ``INSERT IGNORE`` / ``INSERT OR
-   IGNORE``): a duplicate never raises, never aborts the transaction and, on PostgreSQL, leaves
-   no dead tuple;
-2. ``handle`` runs for the ids that were new; its result (JSON) is stored with the id;
-3. duplicates skip ``handle`` and get the stored result back;
+1. one read of which of the batch's message ids the processed-messages table holds already, with
+   their stored results (a duplicate costs that read: it writes nothing, so on PostgreSQL it leaves
+   no dead tuple);
+2. ``handle`` runs for the ids that were new; duplicates skip it and get the stored result back;
+3. one plain INSERT of the new ids with their results (JSON). The table's unique key still
+   decides: an id a concurrent consumer committed after the read makes this INSERT fail, the
+   whole transaction rolls back and the batch is redone inserting the ids first, with the
+   database's insert-if-absent (``ON CONFLICT DO NOTHING RETURNING`` / ``INSERT IGNORE`` /
+   ``INSERT OR IGNORE``), which never raises for a duplicate and leaves no dead tuple. SQLite and
+   the PostgreSQL partitioned layout always insert first
+   (:meth:`outbox.dialects.Dialect.inserts_keys_at_end`);
 4. the transaction commits; only then does the runner commit offsets / ack.
 
 Fast path: the batch runs without savepoints. If a handler raises, the whole transaction rolls
