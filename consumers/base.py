@@ -267,6 +267,21 @@ class DedupCore:
         """``fn`` (``handle``, a stage, ``finish``) as a plain ``(session, message) -> result`` callable."""
         raise NotImplementedError
 
+    def _handle_all(self, session: Session, messages: Sequence[IncomingMessage]) -> list[Any]:
+        """``handle`` for each of ``messages`` in order (the fast path), their results; the first that
+        raises stops the rest: :class:`_FastPathFailed` from it. Here one call a message; the asyncio
+        driver awaits them all in one coroutine on the event loop (one greenlet switch a batch)."""
+        handle = self._bound(self.handle, session)
+        spans = _tracing.process_spans()  # None without OpenTelemetry: looked up once per batch
+        out = []
+        for m in messages:
+            try:
+                out.append(handle(session, m) if spans is None else _tracing.traced(spans, handle, session, m,
+                                                                                      self.name))
+            except Exception as exc:
+                raise _FastPathFailed(m.id) from exc
+        return out
+
     # ------------------------------------------------------------------ the algorithm
     def dialect(self, bind: Any) -> Dialect:
         name = bind.dialect.name
@@ -342,7 +357,6 @@ class DedupCore:
             with session.begin():
                 conn = session.connection()
                 dialect = self.dialect(conn)
-                handle = self._bound(self.handle, session)
                 ids = list(dict.fromkeys(messages[i].id for i in work))  # type: ignore[misc]
                 processed = self.tables.processed
                 read_first = read_first and dialect.inserts_keys_at_end(conn, processed)
@@ -361,22 +375,20 @@ class DedupCore:
                 results: dict[str, Any] = {}  # id -> result, of those with a result to store
                 dups: list[int] = []
                 fresh: dict[str, Any] = {}  # id -> result, of the messages handled in this batch
-                spans = _tracing.process_spans()  # None without OpenTelemetry: looked up once per batch
+                todo: list[int] = []
                 for i in work:
-                    m = messages[i]
-                    if m.id in new:
-                        new.discard(m.id)  # a second copy in the same batch is a duplicate
-                        try:
-                            result = (handle(session, m) if spans is None
-                                      else _tracing.traced(spans, handle, session, m, self.name))
-                        except Exception as exc:
-                            raise _FastPathFailed(m.id) from exc
-                        outcomes[i] = Outcome(m, Status.PROCESSED, result)
-                        fresh[m.id] = result  # type: ignore[index]
-                        if result is not None:
-                            results[m.id] = result  # type: ignore[index]
+                    if messages[i].id in new:
+                        new.discard(messages[i].id)  # type: ignore[arg-type]  # a second copy in the batch is a duplicate
+                        todo.append(i)
                     else:
                         dups.append(i)
+                handled = self._handle_all(session, [messages[i] for i in todo])
+                for i, result in zip(todo, handled, strict=True):
+                    m = messages[i]
+                    outcomes[i] = Outcome(m, Status.PROCESSED, result)
+                    fresh[m.id] = result  # type: ignore[index]
+                    if result is not None:
+                        results[m.id] = result  # type: ignore[index]
                 try:
                     session.flush()
                     if not read_first:
