@@ -37,10 +37,11 @@ from typing import Any, overload
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
+from outbox import _tracing
 from outbox.errors import ConfigurationError
 from outbox.incoming import IncomingMessage
 
-from .base import DedupCore, Outcome, Status, as_batch, settle
+from .base import DedupCore, Outcome, Status, _FastPathFailed, as_batch, settle
 from .staged import StagedCore, stage_results
 
 try:
@@ -113,6 +114,28 @@ class AsyncDedupConsumer(DedupCore):
             return _await(fn(asession, message))
 
         return call
+
+    def _handle_all(self, session: Session, messages: Sequence[IncomingMessage]) -> list[Any]:
+        """The fast path's handler calls in ONE coroutine awaited on the event loop: one greenlet
+        switch a batch instead of one a message (4.8 us a message against 0.5 us for a plain await)."""
+        if not messages:
+            return []
+        return _await(self._ahandle_all(session.info[_ASYNC_SESSION], messages))  # type: ignore[no-any-return]
+
+    async def _ahandle_all(self, asession: AsyncSession, messages: Sequence[IncomingMessage]) -> list[Any]:
+        handle = self.handle
+        spans = _tracing.process_spans()  # None without OpenTelemetry: looked up once per batch
+        out = []
+        for m in messages:
+            try:
+                if spans is None:
+                    out.append(await handle(asession, m))
+                else:
+                    with spans.span(m, self.name):
+                        out.append(await handle(asession, m))
+            except Exception as exc:
+                raise _FastPathFailed(m.id) from exc
+        return out
 
     @staticmethod
     def _engine(engine: object) -> AsyncEngine:

@@ -4,12 +4,17 @@ Subclass :class:`DedupConsumer`, give it a ``name`` and a ``handle`` method; a r
 RabbitMQ) or your own code calls :meth:`DedupConsumer.process_batch`. For each batch, in ONE
 database transaction:
 
-1. every message id is inserted into the processed-messages table with the database's
-   insert-if-absent (``ON CONFLICT DO NOTHING RETURNING`` / ``INSERT IGNORE`` / ``INSERT OR
-   IGNORE``): a duplicate never raises, never aborts the transaction and, on PostgreSQL, leaves
-   no dead tuple;
-2. ``handle`` runs for the ids that were new; its result (JSON) is stored with the id;
-3. duplicates skip ``handle`` and get the stored result back;
+1. one read of which of the batch's message ids the processed-messages table holds already, with
+   their stored results (a duplicate costs that read: it writes nothing, so on PostgreSQL it leaves
+   no dead tuple);
+2. ``handle`` runs for the ids that were new; duplicates skip it and get the stored result back;
+3. one plain INSERT of the new ids with their results (JSON). The table's unique key still
+   decides: an id a concurrent consumer committed after the read makes this INSERT fail, the
+   whole transaction rolls back and the batch is redone inserting the ids first, with the
+   database's insert-if-absent (``ON CONFLICT DO NOTHING RETURNING`` / ``INSERT IGNORE`` /
+   ``INSERT OR IGNORE``), which never raises for a duplicate and leaves no dead tuple. SQLite and
+   the PostgreSQL partitioned layout always insert first
+   (:meth:`outbox.dialects.Dialect.inserts_keys_at_end`);
 4. the transaction commits; only then does the runner commit offsets / ack.
 
 Fast path: the batch runs without savepoints. If a handler raises, the whole transaction rolls
@@ -84,6 +89,11 @@ class Outcome:
 
 class _FastPathFailed(Exception):
     pass
+
+
+class _InsertAtEndFailed(Exception):
+    """The read-first fast path's dedup insert failed: most likely a concurrent transaction
+    committed one of the ids after the read (a unique violation)."""
 
 
 def _now() -> dt.datetime:
@@ -276,6 +286,21 @@ class DedupCore:
         """``fn`` (``handle``, a stage, ``finish``) as a plain ``(session, message) -> result`` callable."""
         raise NotImplementedError
 
+    def _handle_all(self, session: Session, messages: Sequence[IncomingMessage]) -> list[Any]:
+        """``handle`` for each of ``messages`` in order (the fast path), their results; the first that
+        raises stops the rest: :class:`_FastPathFailed` from it. Here one call a message; the asyncio
+        driver awaits them all in one coroutine on the event loop (one greenlet switch a batch)."""
+        handle = self._bound(self.handle, session)
+        spans = _tracing.process_spans()  # None without OpenTelemetry: looked up once per batch
+        out = []
+        for m in messages:
+            try:
+                out.append(handle(session, m) if spans is None else _tracing.traced(spans, handle, session, m,
+                                                                                      self.name))
+            except Exception as exc:
+                raise _FastPathFailed(m.id) from exc
+        return out
+
     # ------------------------------------------------------------------ the algorithm
     def dialect(self, bind: Any) -> Dialect:
         name = bind.dialect.name
@@ -306,7 +331,12 @@ class DedupCore:
                 work.append(i)
         if self.savepoints == "on-failure" and work:
             try:
-                self._fast(engine, messages, work, no_id, outcomes, now, before_commit)
+                try:
+                    self._fast(engine, messages, work, no_id, outcomes, now, before_commit, read_first=True)
+                except _InsertAtEndFailed as exc:
+                    log.debug("consumer %s: the dedup insert at the end of the batch failed (%s); redoing the "
+                              "batch inserting the ids first", self.name, mask_secrets(exc.__cause__))
+                    self._fast(engine, messages, work, no_id, outcomes, now, before_commit, read_first=False)
             except _FastPathFailed as exc:
                 log.debug("consumer %s: a handler failed (%s); redoing the batch with savepoints", self.name,
                           mask_secrets(exc.__cause__))
@@ -327,17 +357,36 @@ class DedupCore:
         outcomes: list[Outcome | None],
         now: dt.datetime,
         before_commit: Callable[[], None] | None,
+        *,
+        read_first: bool,
     ) -> None:
+        """The batch in one transaction, without savepoints; raises :class:`_FastPathFailed` (rolled
+        back) when a handler or a statement fails, for :meth:`_slow` to redo the batch.
+
+        ``read_first`` (where the dialect allows it, :meth:`Dialect.inserts_keys_at_end`): one read
+        of which ids are stored already (duplicates then cost a read and leave nothing behind), the
+        handlers, then one plain INSERT of the new ids with their results (no insert-if-absent, no
+        results UPDATE). An id a concurrent transaction committed after the read makes that INSERT
+        fail (the unique constraint still decides): everything rolls back and
+        :class:`_InsertAtEndFailed` has the batch redone with ``read_first=False``: the ids inserted
+        if absent first (a concurrent insert of the same id then waits for the other transaction),
+        the results stored by UPDATE.
+        """
         with self._session_for(engine) as session:
             with session.begin():
                 conn = session.connection()
                 dialect = self.dialect(conn)
-                handle = self._bound(self.handle, session)
                 ids = list(dict.fromkeys(messages[i].id for i in work))  # type: ignore[misc]
-                try:  # one round trip on PostgreSQL: the new ids, and the stored results of those seen before
-                    new, stored = dialect.insert_new_keys_reading(
-                        conn, self.tables.processed, "message_id", ids, {"consumer": self.name, "processed_at": now},
-                        "result")
+                processed = self.tables.processed
+                read_first = read_first and dialect.inserts_keys_at_end(conn, processed)
+                try:
+                    if read_first:
+                        stored = dialect.read_existing(conn, processed, "message_id", ids, {"consumer": self.name},
+                                                       "result")
+                        new = set(ids).difference(stored)
+                    else:  # one round trip on PostgreSQL: the new ids, and the stored results of those seen before
+                        new, stored = dialect.insert_new_keys_reading(
+                            conn, processed, "message_id", ids, {"consumer": self.name, "processed_at": now}, "result")
                 except Exception as exc:
                     if is_transient(exc):
                         raise
@@ -345,27 +394,34 @@ class DedupCore:
                 results: dict[str, Any] = {}  # id -> result, of those with a result to store
                 dups: list[int] = []
                 fresh: dict[str, Any] = {}  # id -> result, of the messages handled in this batch
-                spans = _tracing.process_spans()  # None without OpenTelemetry: looked up once per batch
+                todo: list[int] = []
                 for i in work:
-                    m = messages[i]
-                    if m.id in new:
-                        new.discard(m.id)  # a second copy in the same batch is a duplicate
-                        try:
-                            result = (handle(session, m) if spans is None
-                                      else _tracing.traced(spans, handle, session, m, self.name))
-                        except Exception as exc:
-                            raise _FastPathFailed(m.id) from exc
-                        outcomes[i] = Outcome(m, Status.PROCESSED, result)
-                        fresh[m.id] = result  # type: ignore[index]
-                        if result is not None:
-                            results[m.id] = result  # type: ignore[index]
+                    if messages[i].id in new:
+                        new.discard(messages[i].id)  # type: ignore[arg-type]  # a second copy in the batch is a duplicate
+                        todo.append(i)
                     else:
                         dups.append(i)
+                handled = self._handle_all(session, [messages[i] for i in todo])
+                for i, result in zip(todo, handled, strict=True):
+                    m = messages[i]
+                    outcomes[i] = Outcome(m, Status.PROCESSED, result)
+                    fresh[m.id] = result  # type: ignore[index]
+                    if result is not None:
+                        results[m.id] = result  # type: ignore[index]
                 try:
                     session.flush()
-                    self._store_results(conn, results)
+                    if not read_first:
+                        self._store_results(conn, results)
                 except Exception as exc:
                     raise _FastPathFailed("flush") from exc
+                if read_first and fresh:
+                    try:
+                        dialect.insert_keys(conn, processed, "message_id", {"consumer": self.name, "processed_at": now},
+                                            "result", fresh)
+                    except Exception as exc:
+                        if is_transient(exc):
+                            raise
+                        raise _InsertAtEndFailed("dedup insert") from exc
                 # a second copy of an id handled in this batch with a result: the result as stored (its JSON form)
                 again = [messages[i].id for i in dups
                          if messages[i].id not in stored and fresh.get(messages[i].id) is not None]  # type: ignore[arg-type]

@@ -190,6 +190,30 @@ class Dialect:
         fixed = {f"_w_{c.name}": values[c.name] for c in others}
         connection.execute(stmt, [{**fixed, "_w_key": k, "_w_value": v} for k, v in by_key.items()])
 
+    def inserts_keys_at_end(self, connection: Connection, table: sa.Table) -> bool:
+        """Whether the dedup consumer may read the seen keys of ``table`` first and insert the new
+        ones at the end of the batch with :meth:`insert_keys` (a key a concurrent transaction
+        inserted meanwhile then raises there, and the consumer redoes the batch inserting first).
+
+        Not on SQLite: its writers are serialised, so inserting first costs nothing, and a
+        transaction that reads first and writes later cannot always take the write lock."""
+        return False
+
+    def insert_keys(
+        self,
+        connection: Connection,
+        table: sa.Table,
+        key_column: str,
+        values: Mapping[str, Any],
+        column: str,
+        by_key: Mapping[Any, Any],
+    ) -> None:
+        """Insert one row per key of ``by_key``: the key, ``values`` and ``column`` = the key's value
+        (``None``: SQL NULL). A plain INSERT: a key already there raises the unique violation."""
+        if not by_key:
+            return
+        connection.execute(table.insert(), [{key_column: k, **values, column: v} for k, v in by_key.items()])
+
     def read_existing(
         self,
         connection: Connection,

@@ -121,6 +121,9 @@ class MySQLDialect(Dialect):
         )
         connection.execute(stmt, {"ids": json.dumps([int(i) for i in ids])})
 
+    def inserts_keys_at_end(self, connection: Connection, table: sa.Table) -> bool:
+        return True
+
     def check_server(self, connection: Connection) -> None:
         info = connection.dialect.server_version_info or (0,)
         is_mariadb = bool(getattr(connection.dialect, "is_mariadb", False))

@@ -16,12 +16,18 @@ each batch), and each side's rate is its batch size over the median time of its 
 burst of load from other processes then hits every side alike, which a run of a second or two
 on a shared 2-core machine cannot promise.
 
+``--cpu`` (PostgreSQL on this machine): also the CPU each side costs a message, this process's
+(``time.process_time``) plus the server backends' its engines opened (``/proc/<pid>/stat``), and
+the ratios of those: on a shared machine the wall clock of a side moves with everyone else's load,
+its CPU much less (waits, e.g. the commit's WAL flush, are not in it).
+
 Targets: async_dedup >= 0.9 x async_plain.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import statistics
 import sys
@@ -93,6 +99,34 @@ def sync_plain(engine: sa.Engine, work: list[list[IncomingMessage]]) -> None:
                 effect(s, m)
 
 
+class BackendCPU:
+    """CPU seconds of the PostgreSQL backends the watched engines connected to (this machine's server)."""
+
+    def __init__(self) -> None:
+        self.pids: list[int] = []
+        self.tick = os.sysconf("SC_CLK_TCK")
+
+    def watch(self, engine: sa.Engine) -> None:
+        def on_connect(dbapi_connection: object, _record: object) -> None:
+            cur = dbapi_connection.cursor()  # type: ignore[attr-defined]
+            cur.execute("SELECT pg_backend_pid()")
+            self.pids.append(int(cur.fetchone()[0]))
+            cur.close()
+
+        sa.event.listen(engine, "connect", on_connect)
+
+    def seconds(self) -> float:
+        total = 0
+        for pid in self.pids:
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:  # the backend ended (a connection the pool dropped)
+                continue
+            total += int(fields[11]) + int(fields[12])  # utime + stime, in clock ticks
+        return total / self.tick
+
+
 def main() -> None:
     p = b.parser(__doc__ or "", n=20_000, keys=1000)
     p.add_argument("--consumer-batch", type=int, default=500, help="messages per DB transaction (every side)")
@@ -103,12 +137,21 @@ def main() -> None:
     p.add_argument("--only", choices=SIDES, help="run one side only")
     p.add_argument("--interleave", action="store_true",
                    help="sides take turns batch by batch; rates from the median batch time")
+    p.add_argument("--cpu", action="store_true",
+                   help="also report the CPU a message costs each side (this process + its server backends)")
     args = b.parse(p)
     sides = (args.only,) if args.only else SIDES
     rates: dict[str, list[float]] = {s: [] for s in sides}
+    cpu: dict[str, list[float]] = {s: [0.0, 0] for s in sides}  # seconds, messages
+    if args.cpu and args.db != "postgresql":
+        p.error("--cpu reads the PostgreSQL backends' CPU")
     with b.bench_database(args.db) as engine:
         Base.metadata.create_all(engine)
         aengine = create_async_engine(engine.url.set(drivername=ASYNC_DRIVERS[args.db]), pool_size=10)
+        backends = BackendCPU()
+        if args.cpu:
+            backends.watch(engine)
+            backends.watch(aengine.sync_engine)
         loop = asyncio.new_event_loop()
         sync_sink, async_sink = SyncSink(), (async_sink_class()() if "async_dedup" in sides else None)
         runs: dict[str, Callable[[list[list[IncomingMessage]]], object]] = {
@@ -125,18 +168,26 @@ def main() -> None:
                 times: dict[str, list[float]] = {s: [] for s in sides}
                 for j in range(len(work_of[sides[0]])):
                     for side in order[j % len(order):] + order[:j % len(order)]:
+                        c0 = (backends.seconds() + time.process_time()) if args.cpu else 0.0
                         t0 = time.perf_counter()
                         runs[side]([work_of[side][j]])
                         times[side].append((time.perf_counter() - t0) / len(work_of[side][j]))
+                        if args.cpu:
+                            cpu[side][0] += time.process_time() + backends.seconds() - c0
+                            cpu[side][1] += len(work_of[side][j])
                 for side in order:
                     rates[side].append(1 / statistics.median(times[side]))
                     b.note(f"round {r + 1} {side}: {rates[side][-1]:.0f} msg/s (median batch)")
                 continue
             for side in order:
                 work = batches(messages(args.n, args.dup_share, args.keys, args.ids), args.consumer_batch)
+                c0 = (backends.seconds() + time.process_time()) if args.cpu else 0.0
                 t0 = time.perf_counter()
                 runs[side](work)
                 rates[side].append(args.n / (time.perf_counter() - t0))
+                if args.cpu:
+                    cpu[side][0] += time.process_time() + backends.seconds() - c0
+                    cpu[side][1] += args.n
                 b.note(f"round {r + 1} {side}: {rates[side][-1]:.0f} msg/s")
         loop.run_until_complete(aengine.dispose())
         loop.close()
@@ -147,11 +198,17 @@ def main() -> None:
     b.emit("async_consumer_batch", args.consumer_batch)
     for side in sides:
         b.emit(f"{side}_msgs_per_s", med[side])
+    per_msg = {s: cpu[s][0] / cpu[s][1] * 1e6 for s in sides if cpu[s][1]}
+    for side, us in per_msg.items():
+        b.emit(f"{side}_cpu_us_per_msg", us)
     if args.only:
         return
     b.emit("async_dedup_vs_async_plain_ratio", b.ratio(med["async_dedup"], med["async_plain"]))
     b.emit("async_dedup_vs_sync_dedup_ratio", b.ratio(med["async_dedup"], med["sync_dedup"]))
     b.emit("sync_dedup_vs_sync_plain_ratio", b.ratio(med["sync_dedup"], med["sync_plain"]))
+    if per_msg:  # rates by CPU: the plain side's CPU a message over the dedup side's
+        b.emit("async_dedup_vs_async_plain_cpu_ratio", b.ratio(per_msg["async_plain"], per_msg["async_dedup"]))
+        b.emit("sync_dedup_vs_sync_plain_cpu_ratio", b.ratio(per_msg["sync_plain"], per_msg["sync_dedup"]))
 
 
 def async_sink_class() -> type:

@@ -299,3 +299,43 @@ async def test_stored_results_read_one_index_entry_per_duplicate(aengine, engine
         with engine.begin() as conn:
             conn.execute(sa.text(f"ALTER TABLE {table} RESET (autovacuum_enabled)"))
         nullpool.dispose()
+
+
+async def test_an_id_a_concurrent_consumer_commits_after_the_read_is_redone_under_asyncio(
+        aengine, engine, count_effects):
+    """The asyncio consumer runs the same read-first path: a sync consumer on another connection
+    commits the racing id while the async handler runs; the async batch's insert at the end hits the
+    unique key, rolls back and is redone inserting first: a duplicate with the other's result."""
+    import asyncio
+
+    from consumers import DedupConsumer
+    from outbox.dialects import dialect_for
+
+    with engine.connect() as conn:
+        if not dialect_for(engine).inserts_keys_at_end(conn, T.processed):
+            pytest.skip("this dialect inserts the ids first (no read first)")
+
+    class Other(DedupConsumer):
+        name = AsyncRecorder.name
+
+        def handle(self, session, message):
+            session.execute(EFFECTS.insert().values(message_id=message.id, value="other"))
+            return {"by": "other"}
+
+    racing, rest = msg(payload=b'{"n": 7}'), msg(payload=b'{"n": 8}')
+    other_out: list[object] = []
+
+    class A(AsyncRecorder):
+        async def handle(self, session, message):
+            result = await super().handle(session, message)
+            if message.id == racing.id and not other_out:
+                other_out.append(await asyncio.to_thread(Other().process_batch, engine, [msg(racing.id)]))
+            return result
+
+    a = A()
+    out = await a.process_batch(aengine, [racing, rest])
+    assert [o.status for o in other_out[0]] == [Status.PROCESSED]  # type: ignore[index]
+    assert [o.status for o in out] == [Status.DUPLICATE, Status.PROCESSED]
+    assert out[0].result == {"by": "other"}
+    assert sorted(a.calls) == sorted([racing.id, rest.id, rest.id])
+    assert count_effects(racing.id) == 1 and count_effects(rest.id) == 1

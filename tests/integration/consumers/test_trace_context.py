@@ -186,3 +186,48 @@ def test_rabbitmq_writer_span_continues_in_handle(exporter, engine, effects, hel
     span = process_span(exporter, exchange, mid)
     check_continued(span, writer, "rabbitmq")
     assert span.attributes["messaging.rabbitmq.destination.routing_key"] == "orders.created"
+
+
+async def test_async_handlers_run_inside_their_process_spans(exporter, engine, effects, db_url) -> None:
+    """The asyncio consumer awaits a batch's handlers in one coroutine: each handler still runs with
+    its own "process" span current, and a failing one marks its span failed (the batch then redoes
+    with savepoints, where the message gets a span of its own again)."""
+    from opentelemetry import trace
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    from consumers import AsyncDedupConsumer, IncomingMessage, Status
+
+    seen: dict[str, list[int]] = {}
+    failing = str(uuid.uuid4())
+
+    class AsyncTraced(AsyncDedupConsumer):
+        name = "test.trace-async"
+        max_attempts = 1
+
+        async def handle(self, session, message):
+            seen.setdefault(message.id, []).append(trace.get_current_span().get_span_context().span_id)
+            await session.execute(EFFECTS.insert().values(message_id=message.id, value=message.topic))
+            if message.id == failing:
+                raise RuntimeError("handler failed")
+
+    ids = [str(uuid.uuid4()) for _ in range(3)]
+    msgs = [IncomingMessage(id=i, topic="orders.async", key="k", payload=b"{}", content_type="application/json")
+            for i in [*ids, failing]]
+    aengine = create_async_engine(make_url(db_url).set(drivername="postgresql+psycopg"))
+    try:
+        out = await AsyncTraced().process(aengine, msgs[:3])
+        assert [o.status for o in out] == [Status.PROCESSED] * 3
+        for mid in ids:
+            span = process_span(exporter, "orders.async", mid)
+            assert seen[mid] == [span.context.span_id]
+        bad = await AsyncTraced().process(aengine, IncomingMessage(id=failing, topic="orders.async", key="k",
+                                                                   payload=b"{}", content_type="application/json"))
+        assert bad.status is Status.DEAD
+    finally:
+        await aengine.dispose()
+    spans = [s for s in exporter.get_finished_spans()
+             if s.name == "process orders.async" and s.attributes.get("messaging.message.id") == failing]
+    assert len(spans) == 2 and all(not s.status.is_ok for s in spans), spans  # the fast try and the savepoint try
+    assert sorted(seen[failing]) == sorted(s.context.span_id for s in spans)
+    assert count(engine, failing) == 0 and all(count(engine, i) == 1 for i in ids)
