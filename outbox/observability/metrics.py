@@ -389,11 +389,13 @@ class StatusPoller:
         import sqlalchemy as sa
 
         from .. import migrations
-        from ..admin import _blocked_select
+        from ..admin import _aware as _readable_aware
+        from ..admin import _blocked_select, _reader
         from ..schema import STATUS_DEAD, STATUS_PENDING
 
         o, le = self.tables.outbox, self.tables.leases
         now = dt.datetime.now(dt.timezone.utc)
+        ts = _reader(self.engine)  # a hand-written created_at no datetime holds must not fail the poll
         counts: dict[str, dict[str, int]] = {}
         blocked_keys: dict[str, int] = {}
         with self.engine.connect() as conn:
@@ -407,7 +409,8 @@ class StatusPoller:
                 sa.select(o.c.topic, o.c.status, sa.func.count(), sa.func.sum(due_col))
                 .where(o.c.status.in_((STATUS_PENDING, STATUS_DEAD))).group_by(o.c.topic, o.c.status)
             ).all()
-            oldest = conn.execute(sa.select(sa.func.min(o.c.created_at)).where(o.c.status == STATUS_PENDING)).scalar()
+            oldest = _readable_aware(conn.execute(
+                sa.select(ts(sa.func.min(o.c.created_at))).where(o.c.status == STATUS_PENDING)).scalar())
             for topic, status, n, due in rows:
                 c = counts.setdefault(str(topic), dict.fromkeys(ROW_STATES, 0))
                 if status == STATUS_DEAD:
@@ -417,7 +420,7 @@ class StatusPoller:
                     c["due"] += int(due or 0)
                     c["delayed"] += int(n) - int(due or 0)
             blockers: list[tuple[int, str, str, str]] = []
-            for topic, key, bid, n, due, _since in conn.execute(_blocked_select(self.tables, now)):
+            for topic, key, bid, n, due, _since in conn.execute(_blocked_select(self.tables, now, ts)):
                 blockers.append((int(n), str(topic), "" if key is None else text_form(key)[:_KEY_LABEL], str(bid)))
                 c = counts.setdefault(str(topic), dict.fromkeys(ROW_STATES, 0))
                 c["blocked"] += int(n)
@@ -439,7 +442,8 @@ class StatusPoller:
         m.blocking.clear()  # a blocker requeued or purged since the last poll goes away
         for n, topic, key, bid in sorted(blockers, reverse=True)[:MAX_BLOCKER_SERIES]:
             m.blocking.labels(topic=topic, key=key, blocking_id=bid).set(n)
-        m.oldest_age.set(max(0.0, (now - _aware(oldest)).total_seconds()) if oldest is not None else 0.0)
+        # ('-infinity' and such stay text: no age; the relay marks that row dead when it claims it)
+        m.oldest_age.set(max(0.0, (now - oldest).total_seconds()) if isinstance(oldest, dt.datetime) else 0.0)
 
     def database_check(self) -> str | None:
         if self.db_problem:

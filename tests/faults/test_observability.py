@@ -249,6 +249,35 @@ def test_metrics_show_rows_blocked_behind_a_dead_message(pg_engine: tuple[sa.Eng
     assert value(text, "outbox_relay_rows", topic=topic, state="blocked") == 0
 
 
+def test_a_created_at_no_datetime_holds_does_not_fail_the_poll(pg_engine: tuple[sa.Engine, str]) -> None:
+    """A hand-written '-infinity' created_at (the minimum: it is what the oldest-age query reads) in a
+    pending row, and an 'infinity' one behind a dead row: the poll still counts, and reports the database up."""
+    from outbox.observability.metrics import RelayMetrics, StatusPoller
+
+    engine, _ = pg_engine
+    topic = f"inf-{uuid.uuid4().hex[:8]}"
+    box = Outbox()
+    with Session(engine) as s, s.begin():
+        box.add_many(s, [OutgoingMessage(topic, {"i": i}, key="k") for i in range(3)])
+    o = default_tables().outbox
+    with engine.begin() as c:
+        ids = sorted(c.execute(sa.select(o.c.id).where(o.c.topic == topic)).scalars())
+        c.execute(o.update().where(o.c.id == ids[0]).values(status="dead", last_error="x", attempts=1))
+        c.execute(sa.text("UPDATE outbox_messages SET created_at = '-infinity' WHERE id = :i"), {"i": ids[1]})
+        c.execute(sa.text("UPDATE outbox_messages SET created_at = 'infinity' WHERE id = :i"), {"i": ids[2]})
+    metrics = RelayMetrics()
+    poller = StatusPoller(engine, metrics, interval=60)
+    try:
+        poller.poll_once()
+        assert poller.db_problem is None
+        text = metrics_text(metrics)
+        assert value(text, "outbox_relay_rows", topic=topic, state="blocked") == 2
+        assert value(text, "outbox_relay_oldest_pending_age_seconds") >= 0
+    finally:
+        with engine.begin() as c:
+            c.execute(o.delete().where(o.c.topic == topic))
+
+
 def metrics_text(metrics) -> str:
     from prometheus_client import generate_latest
 
