@@ -553,10 +553,10 @@ class Relay:
             self._reread_due = False
         blocked = sorted(self._blocked)
         o = self.tables.outbox
-        cols = claim_columns(o, self.dialect.readable_timestamp)
         quotas = self._quotas(held)
         claimed = None if quotas is None else self.dialect.claim_by_quota(
-            conn, o, cols, held, quotas, DUE_NOW, blocked, self._after, topics=self.config.topics)
+            conn, o, claim_columns(o, self.dialect.readable_timestamp), held, quotas, DUE_NOW, blocked,
+            self._after, topics=self.config.topics)
         rows: Sequence[Any]
         due_ids: sa.Select[Any] | None
         if claimed is not None:  # each partition's share read and locked in place (PostgreSQL)
@@ -573,9 +573,7 @@ class Relay:
         self._claimed_at = time.monotonic()
         if rows and self.dialect.supports_skip_locked and self._may_have_gaps(rows):
             if due_ids is None:  # the same rows' ids, unlocked: what the claim would have taken without SKIP LOCKED
-                ids = self.dialect.due_ids(o, held, per_partition, DUE_NOW, blocked, self._after,
-                                           topics=self.config.topics)
-                due_ids = sa.select(ids.c.id, ids.c.partition)
+                due_ids = self._due_ids(held, per_partition, blocked)[1]
             rows = self._without_gaps(conn, rows, due_ids)
         self._active_partitions = {r[ROW_PARTITION] for r in rows}
         if quotas is not None and claimed is not None:
@@ -642,13 +640,19 @@ class Relay:
         if cached is not None and cached[0] == key:
             return cached[1], cached[2]
         o = self.tables.outbox
-        ids = self.dialect.due_ids(o, held, per_partition, DUE_NOW, blocked, self._after, topics=self.config.topics)
+        ids, due_ids = self._due_ids(held, per_partition, blocked)
         cols = claim_columns(o, self.dialect.readable_timestamp)
         stmt = sa.select(*cols).join_from(o, ids, o.c.id == ids.c.id).order_by(o.c.id)
         stmt = self.dialect.lock_claim(stmt.limit(self.config.batch_size), o)
-        due_ids = sa.select(ids.c.id, ids.c.partition)
         self._claim_cache = (key, stmt, due_ids)
         return stmt, due_ids
+
+    def _due_ids(self, held: list[int], per_partition: int,
+                 blocked: list[Blocker]) -> tuple[sa.Subquery, sa.Select[Any]]:
+        """The due ids of ``held`` (at most ``per_partition`` a partition), and their (id, partition) look-up."""
+        ids = self.dialect.due_ids(self.tables.outbox, held, per_partition, DUE_NOW, blocked, self._after,
+                                   topics=self.config.topics)
+        return ids, sa.select(ids.c.id, ids.c.partition)
 
     def _note_acquired(self) -> None:
         """Partitions (re)acquired since the last claim, from anyone, become suspect (see below)."""
