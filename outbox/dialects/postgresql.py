@@ -79,7 +79,8 @@ class PostgreSQLDialect(Dialect):
         }
 
     def insert_rows(self, connection: Connection, insert: Insert, rows: list[dict[str, Any]]) -> None:
-        """``COPY ... FROM STDIN (FORMAT BINARY)`` on psycopg, from ``_COPY_MIN_ROWS`` rows up.
+        """``COPY ... FROM STDIN (FORMAT BINARY)`` on psycopg, from ``_COPY_MIN_ROWS`` rows up; fewer rows
+        (the writer's ``add()``) as one INSERT on psycopg's own cursor (:class:`_RawInsert`).
 
         It sends the rows in one stream, encoded by psycopg's C code: 1,000 outbox rows take about a
         fifth of an ``executemany``'s client CPU and half its time. The COPY runs in a savepoint of
@@ -88,11 +89,16 @@ class PostgreSQLDialect(Dialect):
         after all, so that a bad row's error is SQLAlchemy's, explained as any other statement's;
         should that one succeed, COPY is not tried again for this table. Statement event listeners
         (``before_cursor_execute``) do not see the COPY; a connection with a ``schema_translate_map``
-        gets the ``executemany``, which applies it.
+        gets the ``executemany``, which applies it. The small INSERT is used only where nothing
+        watches the statements (:func:`_unwatched`), so that SQL logs and tracing show every ``add()``.
         """
         plan = None
-        if (len(rows) >= _COPY_MIN_ROWS and connection.dialect.driver == "psycopg"
-                and not connection.get_execution_options().get("schema_translate_map")):
+        if len(rows) < _COPY_MIN_ROWS:
+            if _unwatched(connection):
+                _raw_insert(insert.table, tuple(rows[0]), connection.dialect).run(connection, rows)
+                return
+        elif (connection.dialect.driver == "psycopg" and not connection.dialect.is_async
+              and not connection.get_execution_options().get("schema_translate_map")):
             plan = _copy_plan(insert.table, tuple(rows[0]), connection.dialect)
         if not plan:
             connection.execute(insert, rows)
@@ -578,6 +584,67 @@ def _blocked_params(blocked: Sequence[Blocker]) -> dict[str, list[Any]]:
     """The blocked keys of a claim as its array parameters."""
     return {"claim_block_topics": [b.topic for b in blocked], "claim_block_keys": [b.key for b in blocked],
             "claim_block_ids": [b.id for b in blocked], "claim_blocked_keys": sorted({b.key for b in blocked})}
+
+
+def _unwatched(connection: Connection) -> bool:
+    """Whether a statement may skip ``Connection.execute`` here: sync psycopg, and nothing that would
+    miss it (``before_cursor_execute`` / ``after_cursor_execute`` listeners such as OpenTelemetry's
+    SQLAlchemy instrumentation, ``echo`` or ``sqlalchemy.engine`` INFO logging, a
+    ``schema_translate_map``)."""
+    dispatch = connection.dispatch
+    return (connection.dialect.driver == "psycopg" and not connection.dialect.is_async
+            and not getattr(connection, "_echo", True)
+            and not dispatch.before_cursor_execute and not dispatch.after_cursor_execute
+            and not connection.get_execution_options().get("schema_translate_map"))
+
+
+def _raw_insert(table: sa.Table, columns: tuple[str, ...], dialect: sa.engine.Dialect) -> _RawInsert:
+    return _once(table, ("raw-insert", columns), lambda: _RawInsert(table, columns, dialect))  # type: ignore[no-any-return]
+
+
+class _RawInsert:
+    """``INSERT INTO table (columns) VALUES (...)`` compiled once by SQLAlchemy, run on psycopg's own cursor.
+
+    The writer's ``add()`` sends one row a flush: through ``Connection.execute`` the statement's
+    set-up (cache look-up, parameter construction, result wrapping) cost about as much client CPU
+    as the rest of the outbox row (the ORM's INSERT of it twice that). The SQL text and the bind
+    processing are SQLAlchemy's, as for :class:`_RawSelect`. A driver error goes through
+    SQLAlchemy's own handling (``handle_error`` listeners, so the toolkit's explanations of a
+    forgotten ``db upgrade`` or a duplicate id; invalidation of a lost connection), and is raised
+    as the ``DBAPIError`` ``Connection.execute`` would raise.
+    """
+
+    def __init__(self, table: sa.Table, columns: tuple[str, ...], dialect: sa.engine.Dialect) -> None:
+        compiled = sa.insert(table).compile(dialect=dialect, column_keys=list(columns))
+        self.sql = compiled.string
+        names = compiled.positiontup
+        if names is not None:  # pragma: no cover - psycopg's paramstyle is pyformat (named)
+            raise ConfigurationError("a positional paramstyle for psycopg")
+        self.processors: list[tuple[str, Callable[[Any], Any]]] = []
+        for bind, name in compiled.bind_names.items():
+            proc = bind.type.dialect_impl(dialect).bind_processor(dialect)
+            if proc is not None:
+                self.processors.append((name, proc))
+        self.names = {bind.key: name for bind, name in compiled.bind_names.items()}
+
+    def run(self, connection: Connection, rows: list[dict[str, Any]]) -> None:
+        params = []
+        names, processors = self.names, self.processors
+        for row in rows:
+            values = {names[k]: v for k, v in row.items()}
+            for name, proc in processors:
+                values[name] = proc(values[name])
+            params.append(values)
+        cursor = connection.connection.driver_connection.cursor()  # type: ignore[union-attr]
+        try:
+            if len(params) == 1:
+                cursor.execute(self.sql, params[0])
+            else:
+                cursor.executemany(self.sql, params)
+        except connection.dialect.loaded_dbapi.Error as exc:
+            connection._handle_dbapi_exception(exc, self.sql, params, cursor, None)
+        finally:
+            cursor.close()
 
 
 class _RawSelect:

@@ -95,3 +95,91 @@ def test_notify_is_one_statement_per_transaction_and_none_when_off(engine: sa.En
         for i in range(5):
             off.add(s, "cost", b"x", key=f"k{i}")
     assert not any("pg_notify" in st for st, _, _ in statements)
+
+
+def test_add_rows_leave_the_orm_at_flush_written_by_one_core_insert(engine: sa.Engine, statements: list) -> None:
+    """``add()``'s rows are pending ORM objects until the flush, which writes them with one INSERT
+    of all their values and takes them out of the session: no unit-of-work INSERT, nothing kept in
+    the identity map or expired at commit."""
+    box = Outbox()
+    with Session(engine) as s, s.begin():
+        ids = [box.add(s, "cost.flush", b"x", key="k") for _ in range(3)]
+        assert len(s.new) == 3  # pending until the flush, as before
+        s.flush()
+        assert not s.new and not list(s.identity_map.values())
+        inserts = _outbox_inserts(statements)
+        assert len(inserts) == 1 and inserts[0][2] == 3, inserts  # the listener sees it: Connection.execute
+        assert s.execute(sa.select(sa.func.count()).select_from(T).where(T.c.topic == "cost.flush")).scalar_one() == 3
+    with engine.connect() as c:
+        assert list(c.execute(sa.select(T.c.message_id).where(T.c.topic == "cost.flush").order_by(T.c.id))
+                    .scalars()) == ids
+
+
+@pytest.mark.parametrize("dialect_name", ["postgresql"], indirect=True)
+def test_add_on_psycopg_skips_connection_execute_when_no_listener_watches(
+    engine: sa.Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With no cursor-execute listener (nothing that would miss it), the INSERT goes to psycopg's
+    cursor directly; the statement-level ``before_execute`` event, which is not a cursor event,
+    shows that ``Connection.execute`` did not run it."""
+    import psycopg
+
+    sent: list[str] = []
+    real = psycopg.Cursor.execute
+
+    def execute(self: Any, query: Any, *args: Any, **kwargs: Any) -> Any:
+        sent.append(str(query))
+        return real(self, query, *args, **kwargs)
+
+    monkeypatch.setattr(psycopg.Cursor, "execute", execute)
+    core: list[str] = []
+
+    def note(conn: Any, clause: Any, *_: Any) -> None:
+        core.append(str(clause))
+
+    event.listen(engine, "before_execute", note)
+    try:
+        box = Outbox()
+        with Session(engine) as s, s.begin():
+            mid = box.add(s, "cost.raw", b"x", key="k")
+    finally:
+        event.remove(engine, "before_execute", note)
+    assert [q for q in sent if q.startswith(f"INSERT INTO {T.name}")], sent
+    assert not [c for c in core if T.name in c], core
+    with engine.connect() as c:
+        assert c.execute(sa.select(T.c.message_id).where(T.c.topic == "cost.raw")).scalar_one() == mid
+
+
+@pytest.mark.parametrize("dialect_name", ["postgresql"], indirect=True)
+def test_the_direct_insert_explains_a_duplicate_id_and_leaves_the_session_usable(engine: sa.Engine) -> None:
+    from outbox import InvalidMessageId
+
+    box = Outbox()
+    with Session(engine) as s, s.begin():
+        mid = box.add(s, "cost.dup", b"x")
+    with Session(engine) as s:
+        box.add(s, "cost.dup", b"again", message_id=mid)
+        with pytest.raises(InvalidMessageId, match="committed earlier"):
+            s.flush()
+        s.rollback()
+        box.add(s, "cost.dup", b"fine")
+        s.commit()
+    with engine.connect() as c:
+        assert sorted(bytes(p) for p in c.execute(sa.select(T.c.payload).where(T.c.topic == "cost.dup")).scalars()) \
+            == [b"fine", b"x"]
+
+
+def test_savepoints_keep_the_rows_of_the_transaction_they_were_added_in(engine: sa.Engine) -> None:
+    """A row added before ``begin_nested()`` is written before the SAVEPOINT (begin_nested flushes):
+    rolling the savepoint back keeps it and drops only the rows added inside."""
+    box = Outbox()
+    with Session(engine) as s, s.begin():
+        before = box.add(s, "cost.sp", b"before")
+        nested = s.begin_nested()
+        box.add(s, "cost.sp", b"inside")
+        s.flush()
+        nested.rollback()
+        after = box.add(s, "cost.sp", b"after")
+    with engine.connect() as c:
+        assert list(c.execute(sa.select(T.c.message_id).where(T.c.topic == "cost.sp").order_by(T.c.id))
+                    .scalars()) == [before, after]
