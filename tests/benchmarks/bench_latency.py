@@ -303,8 +303,11 @@ def main() -> None:
             b.emit(f"latency_{rate}_{tag}_relay_added_p99_ms", added(rate, tag, "p99"))
         if "notify_on" in modes:
             a = added(rate, "notify_on", "p99")
-            b.emit(f"latency_{rate}_target_relay_added_p99_le_{TARGET_ADDED_P99_MS:g}ms",
-                   "met" if a <= TARGET_ADDED_P99_MS else "not met")
+            # below zero, the floor's own p99 was the larger: that run's noise, not a relay faster
+            # than the broker alone, so the difference says nothing either way
+            verdict = ("not measurable (the broker floor's p99 exceeded the relay run's)" if a < 0
+                       else "met" if a <= TARGET_ADDED_P99_MS else "not met")
+            b.emit(f"latency_{rate}_target_relay_added_p99_le_{TARGET_ADDED_P99_MS:g}ms", verdict)
 
 
 if __name__ == "__main__":

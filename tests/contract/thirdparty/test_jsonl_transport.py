@@ -83,6 +83,8 @@ def test_outboxkit_itself_never_names_the_transport() -> None:
 
 
 CONSUMER = """
+import gc
+
 import sqlalchemy as sa
 from consumers import DedupConsumer
 
@@ -91,7 +93,8 @@ class Counter(DedupConsumer):
     name = "jsonl.counter"
 
     def handle(self, session, message):
-        session.execute(sa.text("INSERT INTO jsonl_effects (message_id) VALUES (:m)"), {"m": message.id})
+        session.execute(sa.text("INSERT INTO jsonl_effects (message_id, frozen) VALUES (:m, :f)"),
+                        {"m": message.id, "f": gc.get_freeze_count()})
 """
 
 
@@ -134,7 +137,7 @@ def test_outbox_relay_and_outbox_consume_find_it_by_name(installed: Path, tmp_pa
     path.write_text(path.read_text() * 2)
     (tmp_path / "app_jsonl.py").write_text(CONSUMER)
     with engine.begin() as c:
-        c.execute(sa.text("CREATE TABLE jsonl_effects (message_id VARCHAR(64) NOT NULL)"))
+        c.execute(sa.text("CREATE TABLE jsonl_effects (message_id VARCHAR(64) NOT NULL, frozen INTEGER NOT NULL)"))
 
     def effects() -> list[str]:
         with engine.connect() as c:
@@ -145,6 +148,8 @@ def test_outbox_relay_and_outbox_consume_find_it_by_name(installed: Path, tmp_pa
                 "--broker-url", str(broker), "--topic", "orders", "--group", "billing", "--batch-timeout", "0.1"],
                env, tmp_path, lambda: offset.exists() and offset.read_text() == "6", "all 6 lines settled")
     assert effects() == sorted(str(i) for i in ids)  # each once
+    with engine.connect() as c:  # the daemon froze its start-up heap: later collections skip it
+        assert c.execute(sa.text("SELECT min(frozen) FROM jsonl_effects")).scalar_one() > 0
     engine.dispose()
 
 
