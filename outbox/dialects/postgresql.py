@@ -97,8 +97,7 @@ class PostgreSQLDialect(Dialect):
             if _unwatched(connection):
                 _raw_insert(insert.table, tuple(rows[0]), connection.dialect).run(connection, rows)
                 return
-        elif (connection.dialect.driver == "psycopg" and not connection.dialect.is_async
-              and not connection.get_execution_options().get("schema_translate_map")):
+        elif _sync_psycopg(connection):
             plan = _copy_plan(insert.table, tuple(rows[0]), connection.dialect)
         if not plan:
             connection.execute(insert, rows)
@@ -586,16 +585,30 @@ def _blocked_params(blocked: Sequence[Blocker]) -> dict[str, list[Any]]:
             "claim_block_ids": [b.id for b in blocked], "claim_blocked_keys": sorted({b.key for b in blocked})}
 
 
-def _unwatched(connection: Connection) -> bool:
-    """Whether a statement may skip ``Connection.execute`` here: sync psycopg, and nothing that would
-    miss it (``before_cursor_execute`` / ``after_cursor_execute`` listeners such as OpenTelemetry's
-    SQLAlchemy instrumentation, ``echo`` or ``sqlalchemy.engine`` INFO logging, a
-    ``schema_translate_map``)."""
-    dispatch = connection.dispatch
+def _sync_psycopg(connection: Connection) -> bool:
+    """Whether psycopg's own (sync) cursor may run a statement for ``connection``: the sync driver,
+    and no ``schema_translate_map`` (which only ``Connection.execute`` applies)."""
     return (connection.dialect.driver == "psycopg" and not connection.dialect.is_async
-            and not getattr(connection, "_echo", True)
-            and not dispatch.before_cursor_execute and not dispatch.after_cursor_execute
             and not connection.get_execution_options().get("schema_translate_map"))
+
+
+def _unwatched(connection: Connection) -> bool:
+    """:func:`_sync_psycopg`, and nothing that would miss a statement run past ``Connection.execute``
+    (``before_cursor_execute`` / ``after_cursor_execute`` listeners such as OpenTelemetry's
+    SQLAlchemy instrumentation, ``echo`` or ``sqlalchemy.engine`` INFO logging)."""
+    dispatch = connection.dispatch
+    return (_sync_psycopg(connection) and not getattr(connection, "_echo", True)
+            and not dispatch.before_cursor_execute and not dispatch.after_cursor_execute)
+
+
+def _bind_processors(compiled: Any, dialect: sa.engine.Dialect) -> dict[str, Callable[[Any], Any]]:
+    """The bind processing SQLAlchemy would apply to each parameter of ``compiled``, by parameter name."""
+    out: dict[str, Callable[[Any], Any]] = {}
+    for bind, name in compiled.bind_names.items():
+        proc = bind.type.dialect_impl(dialect).bind_processor(dialect)
+        if proc is not None:
+            out[name] = proc
+    return out
 
 
 def _raw_insert(table: sa.Table, columns: tuple[str, ...], dialect: sa.engine.Dialect) -> _RawInsert:
@@ -617,14 +630,7 @@ class _RawInsert:
     def __init__(self, table: sa.Table, columns: tuple[str, ...], dialect: sa.engine.Dialect) -> None:
         compiled = sa.insert(table).compile(dialect=dialect, column_keys=list(columns))
         self.sql = compiled.string
-        names = compiled.positiontup
-        if names is not None:  # pragma: no cover - psycopg's paramstyle is pyformat (named)
-            raise ConfigurationError("a positional paramstyle for psycopg")
-        self.processors: list[tuple[str, Callable[[Any], Any]]] = []
-        for bind, name in compiled.bind_names.items():
-            proc = bind.type.dialect_impl(dialect).bind_processor(dialect)
-            if proc is not None:
-                self.processors.append((name, proc))
+        self.processors = _bind_processors(compiled, dialect)
         self.names = {bind.key: name for bind, name in compiled.bind_names.items()}
 
     def run(self, connection: Connection, rows: list[dict[str, Any]]) -> None:
@@ -632,7 +638,7 @@ class _RawInsert:
         names, processors = self.names, self.processors
         for row in rows:
             values = {names[k]: v for k, v in row.items()}
-            for name, proc in processors:
+            for name, proc in processors.items():
                 values[name] = proc(values[name])
             params.append(values)
         cursor = connection.connection.driver_connection.cursor()  # type: ignore[union-attr]
@@ -665,11 +671,7 @@ class _RawSelect:
         compiled = stmt.compile(dialect=dialect, compile_kwargs={"render_postcompile": True})
         self.sql = compiled.string
         self.defaults = compiled.construct_params()
-        self.processors: dict[str, Callable[[Any], Any]] = {}
-        for bind, name in compiled.bind_names.items():
-            proc = bind.type.dialect_impl(dialect).bind_processor(dialect)
-            if proc is not None:
-                self.processors[name] = proc
+        self.processors = _bind_processors(compiled, dialect)
 
     def run(self, connection: Connection, params: Mapping[str, Any]) -> Sequence[Sequence[Any]]:
         if connection.dialect.driver != "psycopg":
