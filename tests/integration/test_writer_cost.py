@@ -115,6 +115,24 @@ def test_add_rows_leave_the_orm_at_flush_written_by_one_core_insert(engine: sa.E
                     .scalars()) == ids
 
 
+def test_the_pending_row_maps_only_its_id_and_keeps_every_value(engine: sa.Engine) -> None:
+    """The ORM walks every mapped property of a pending object at ``session.add`` and at ``expunge``:
+    the row's mapper holds ``message_id`` alone, its other values are plain attributes, and those are
+    what the flush writes (all of them)."""
+    box = Outbox()
+    with Session(engine) as s, s.begin():
+        mid = box.add(s, "cost.mapped", b"payload", key="k", headers={"h": "v"}, type="t")
+        (row,) = s.new
+        assert [p.key for p in sa.inspect(type(row)).attrs] == ["message_id"]
+        assert (row.message_id, row.topic, row.key, row.payload) == (mid, "cost.mapped", "k", b"payload")
+    with engine.connect() as c:
+        got = c.execute(sa.select(T.c.topic, T.c.key, T.c.payload, T.c.headers, T.c.attributes, T.c.status,
+                                  T.c.attempts, T.c.partition).where(T.c.message_id == mid)).one()
+    assert got[:4] == ("cost.mapped", "k", b"payload", {"h": "v"})
+    assert got.attributes["type"] == "t" and (got.status, got.attempts) == ("pending", 0)
+    assert got.partition == row.partition
+
+
 @pytest.mark.parametrize("dialect_name", ["postgresql"], indirect=True)
 def test_add_on_psycopg_skips_connection_execute_when_no_listener_watches(
     engine: sa.Engine, monkeypatch: pytest.MonkeyPatch
