@@ -75,6 +75,19 @@ def _has_surrogates(text: str) -> bool:
 def header_text(value: object) -> str:
     """A header name or value of any broker type as lossless text: bytes and str by :func:`text_form`,
     AMQP tables and arrays by their repr, numbers and other values by their ``str``."""
+    # the usual cases first, as text_form would return them (every received header name and value,
+    # topic and key goes through here: a few per message)
+    kind = type(value)
+    if kind is bytes:
+        try:
+            text = value.decode("utf-8")  # type: ignore[attr-defined]
+        except UnicodeDecodeError:
+            return text_form(value)  # type: ignore[arg-type]
+        if "\x00" not in text and not text.startswith(_RESERVED):
+            return text  # type: ignore[no-any-return]
+        return text_form(value)  # type: ignore[arg-type]
+    if kind is str and value.isascii() and "\x00" not in value and not value.startswith(_RESERVED):  # type: ignore[attr-defined]
+        return value  # type: ignore[return-value]
     if isinstance(value, (bytes, bytearray, memoryview, str)):
         return text_form(value)
     if isinstance(value, (dict, list, tuple)):

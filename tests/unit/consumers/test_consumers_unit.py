@@ -214,6 +214,18 @@ def test_id_text_keeps_plain_ids():
     assert text_form("100%\x00") == "~x:100%25%00"
 
 
+@pytest.mark.parametrize("value", [
+    b"plain", "plain", b"", "", "order:42/\u00e9".encode(), "order:42/\u00e9", b"\xff-x", b"a\x00b", "a\x00b",
+    b"~x:a", "~x:a", b"~h:a", "~h:a", "\udcff", "caf\u00e9\x00", "x" * 300, b"x" * 300,
+    bytearray(b"ba"), memoryview(b"mv"), bytearray(b"\xfe"),
+])
+def test_header_text_is_text_form_for_bytes_and_str(value: object) -> None:
+    """header_text's shortcuts for the usual bytes and str give exactly text_form's answer."""
+    from outbox.incoming import header_text, text_form
+
+    assert header_text(value) == text_form(value)  # type: ignore[arg-type]
+
+
 # ------------------------------------------------------------------ error classification (outbox._dberrors)
 
 
