@@ -408,20 +408,24 @@ class DedupCore:
                     fresh[m.id] = result  # type: ignore[index]
                     if result is not None:
                         results[m.id] = result  # type: ignore[index]
+                keys_values = {"consumer": self.name, "processed_at": now}
+                # an asyncio driver sends the dedup insert now and the server runs it while the flush
+                # below prepares the handlers' rows (their statements then wait for it on the connection)
+                started = (dialect.start_insert_keys(conn, processed, "message_id", keys_values, "result", fresh)
+                           if read_first and fresh else None)
                 try:
                     session.flush()
                     if not read_first:
                         self._store_results(conn, results)
                 except Exception as exc:
+                    if started is not None:  # its failure (an id a concurrent consumer committed) aborted the flush
+                        _dedup_insert(started)
                     raise _FastPathFailed("flush") from exc
-                if read_first and fresh:
-                    try:
-                        dialect.insert_keys(conn, processed, "message_id", {"consumer": self.name, "processed_at": now},
-                                            "result", fresh)
-                    except Exception as exc:
-                        if is_transient(exc):
-                            raise
-                        raise _InsertAtEndFailed("dedup insert") from exc
+                if started is not None:
+                    _dedup_insert(started)
+                elif read_first and fresh:
+                    _dedup_insert(lambda: dialect.insert_keys(conn, processed, "message_id", keys_values, "result",
+                                                              fresh))
                 # a second copy of an id handled in this batch with a result: the result as stored (its JSON form)
                 again = [messages[i].id for i in dups
                          if messages[i].id not in stored and fresh.get(messages[i].id) is not None]  # type: ignore[arg-type]
@@ -632,6 +636,17 @@ class DedupConsumer(DedupCore):
         ``dead`` with the new error.
         """
         return self._requeued(engine, limit)
+
+
+def _dedup_insert(run: Callable[[], None]) -> None:
+    """Run (or wait for) the fast path's dedup insert at the end: a transient error is raised as it is,
+    any other (a unique violation) has the batch redone inserting the ids first."""
+    try:
+        run()
+    except Exception as exc:
+        if is_transient(exc):
+            raise
+        raise _InsertAtEndFailed("dedup insert") from exc
 
 
 def as_batch(messages: IncomingMessage | Sequence[IncomingMessage]) -> list[IncomingMessage]:

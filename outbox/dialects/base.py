@@ -214,6 +214,24 @@ class Dialect:
             return
         connection.execute(table.insert(), [{key_column: k, **values, column: v} for k, v in by_key.items()])
 
+    def start_insert_keys(
+        self,
+        connection: Connection,
+        table: sa.Table,
+        key_column: str,
+        values: Mapping[str, Any],
+        column: str,
+        by_key: Mapping[Any, Any],
+    ) -> Callable[[], None] | None:
+        """Send :meth:`insert_keys`'s statement without waiting for it, where the driver can: return a
+        callable that waits for it and raises what :meth:`insert_keys` would have raised, or ``None``
+        (the default) when the statement cannot run apart; the caller then calls :meth:`insert_keys`.
+
+        An asyncio driver can: the caller goes on with its own work (the dedup consumer's flush of the
+        handlers' rows) while the server runs the insert, and the connection's next statement waits
+        for it. Until the callable returns, only statements of the same transaction may follow."""
+        return None
+
     def read_existing(
         self,
         connection: Connection,

@@ -345,19 +345,32 @@ class PostgreSQLDialect(Dialect):
         descents then walk the primary key's pages in order (12 % less server CPU for 450 random
         ids), and two transactions inserting overlapping ids wait for each other instead of
         deadlocking."""
-        if len(by_key) < 2 or not isinstance(table.c[column].type, sa.JSON) or not all(
-                isinstance(k, str) for k in by_key):
+        plan = _keys_insert(table, key_column, values, column, by_key)
+        if plan is None:
             return super().insert_keys(connection, table, key_column, values, column, by_key)
-        columns = tuple(values)
-        keys = sorted(by_key)
-        if all(v is None for v in by_key.values()):
-            connection.execute(_once(table, ("insert", key_column, columns),
-                                     lambda: _insert_statement(table, key_column, columns, ignore=False)),
-                               _insert_params(keys, values))
-            return
-        connection.execute(_insert_rows_statement(table, key_column, columns, column),
-                           {"_rows": [{"k": k, "v": by_key[k]} for k in keys],
-                            **{f"_v_{c}": v for c, v in values.items()}})
+        connection.execute(*plan)
+
+    def start_insert_keys(
+        self,
+        connection: Connection,
+        table: sa.Table,
+        key_column: str,
+        values: Mapping[str, Any],
+        column: str,
+        by_key: Mapping[Any, Any],
+    ) -> Callable[[], None] | None:
+        """:meth:`insert_keys`'s statement sent on psycopg's asyncio connection, not waited for
+        (:class:`_Started`), where nothing watches the statements (:func:`_unwatched`, as for the
+        writer's direct INSERT): the dedup consumer then flushes the handlers' rows meanwhile, and
+        psycopg's connection lock makes that flush's first statement wait for this one."""
+        if not (_async_psycopg(connection) and _unwatched_by(connection)):
+            return None
+        plan = _keys_insert(table, key_column, values, column, by_key)
+        if plan is None:
+            return None
+        stmt, params = plan
+        started = _once(table, ("started", stmt, connection.dialect), lambda: _Started(stmt, connection.dialect))
+        return started.start(connection, params)  # type: ignore[no-any-return]
 
     def read_existing(
         self,
@@ -460,6 +473,23 @@ def _insert_statement(table: sa.Table, key_column: str, columns: tuple[str, ...]
     select = sa.select(_keys_param(), *(sa.bindparam(f"_v_{c}", type_=table.c[c].type) for c in columns))
     stmt = pg.insert(table).from_select([key_column, *columns], select)
     return stmt.on_conflict_do_nothing() if ignore else stmt
+
+
+def _keys_insert(
+    table: sa.Table, key_column: str, values: Mapping[str, Any], column: str, by_key: Mapping[Any, Any]
+) -> tuple[Any, dict[str, Any]] | None:
+    """The statement and parameters of :meth:`PostgreSQLDialect.insert_keys`, or ``None`` where the
+    generic form applies (one key, a column that is not JSON, keys that are not all str)."""
+    if len(by_key) < 2 or not isinstance(table.c[column].type, sa.JSON) or not all(isinstance(k, str) for k in by_key):
+        return None
+    columns = tuple(values)
+    keys = sorted(by_key)
+    if all(v is None for v in by_key.values()):
+        return (_once(table, ("insert", key_column, columns),
+                      lambda: _insert_statement(table, key_column, columns, ignore=False)),
+                _insert_params(keys, values))
+    return (_insert_rows_statement(table, key_column, columns, column),
+            {"_rows": [{"k": k, "v": by_key[k]} for k in keys], **{f"_v_{c}": v for c, v in values.items()}})
 
 
 def _insert_rows_statement(table: sa.Table, key_column: str, columns: tuple[str, ...], column: str) -> Any:
@@ -592,13 +622,24 @@ def _sync_psycopg(connection: Connection) -> bool:
             and not connection.get_execution_options().get("schema_translate_map"))
 
 
-def _unwatched(connection: Connection) -> bool:
-    """:func:`_sync_psycopg`, and nothing that would miss a statement run past ``Connection.execute``
-    (``before_cursor_execute`` / ``after_cursor_execute`` listeners such as OpenTelemetry's
-    SQLAlchemy instrumentation, ``echo`` or ``sqlalchemy.engine`` INFO logging)."""
+def _async_psycopg(connection: Connection) -> bool:
+    """:func:`_sync_psycopg` for psycopg's asyncio driver (``postgresql+psycopg`` on an ``AsyncEngine``)."""
+    return (connection.dialect.driver == "psycopg" and connection.dialect.is_async
+            and not connection.get_execution_options().get("schema_translate_map"))
+
+
+def _unwatched_by(connection: Connection) -> bool:
+    """Nothing that would miss a statement run past ``Connection.execute``: no ``before_cursor_execute``
+    / ``after_cursor_execute`` listener (such as OpenTelemetry's SQLAlchemy instrumentation), no
+    ``echo`` or ``sqlalchemy.engine`` INFO logging."""
     dispatch = connection.dispatch
-    return (_sync_psycopg(connection) and not getattr(connection, "_echo", True)
+    return (not getattr(connection, "_echo", True)
             and not dispatch.before_cursor_execute and not dispatch.after_cursor_execute)
+
+
+def _unwatched(connection: Connection) -> bool:
+    """:func:`_sync_psycopg`, and nothing watching the statements (:func:`_unwatched_by`)."""
+    return _sync_psycopg(connection) and _unwatched_by(connection)
 
 
 def _bind_processors(compiled: Any, dialect: sa.engine.Dialect) -> dict[str, Callable[[Any], Any]]:
@@ -651,6 +692,59 @@ class _RawInsert:
             connection._handle_dbapi_exception(exc, self.sql, params, cursor, None)
         finally:
             cursor.close()
+
+
+class _Started:
+    """A statement compiled once by SQLAlchemy, sent on psycopg's asyncio connection without waiting for it.
+
+    :meth:`start` schedules the execution as a task on the running event loop and lets it run up
+    to the point where it waits for the server's answer (the statement is then on its way), and
+    returns; the caller goes on with its own work on the same connection, whose next statement
+    waits for this one behind psycopg's connection lock. The callable it returns waits for the
+    task; a driver error is raised as ``Connection.execute`` would raise it (SQLAlchemy's
+    ``DBAPIError`` subclasses, through its ``handle_error`` and invalidation). It is called from
+    SQLAlchemy's greenlet (an ``AsyncSession``'s synchronous code), like every asyncio driver call.
+    """
+
+    def __init__(self, stmt: Any, dialect: sa.engine.Dialect) -> None:
+        self.compiled = stmt.compile(dialect=dialect)
+        self.sql = self.compiled.string
+        self.processors = _bind_processors(self.compiled, dialect)
+
+    def start(self, connection: Connection, params: Mapping[str, Any]) -> Callable[[], None]:
+        import asyncio
+
+        try:
+            from sqlalchemy.util import await_ as wait_for  # SQLAlchemy >= 2.1
+        except ImportError:  # pragma: no cover - SQLAlchemy 2.0
+            from sqlalchemy.util import await_only as wait_for
+
+        values = self.compiled.construct_params(dict(params))
+        for name, proc in self.processors.items():
+            values[name] = proc(values[name])
+        driver = connection.connection.driver_connection
+        sql = self.sql
+
+        async def run() -> None:
+            async with driver.cursor() as cursor:  # type: ignore[union-attr]
+                await cursor.execute(sql, values)
+
+        task = asyncio.get_running_loop().create_task(run())
+        task.add_done_callback(_retrieve)  # an error nobody waited for (the batch given up) is not logged as lost
+        wait_for(asyncio.sleep(0))  # one turn of the loop: the task sends the statement and waits for its answer
+
+        def finish() -> None:
+            try:
+                wait_for(task)
+            except connection.dialect.loaded_dbapi.Error as exc:
+                connection._handle_dbapi_exception(exc, sql, values, None, None)
+
+        return finish
+
+
+def _retrieve(task: Any) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 class _RawSelect:

@@ -339,3 +339,114 @@ async def test_an_id_a_concurrent_consumer_commits_after_the_read_is_redone_unde
     assert out[0].result == {"by": "other"}
     assert sorted(a.calls) == sorted([racing.id, rest.id, rest.id])
     assert count_effects(racing.id) == 1 and count_effects(rest.id) == 1
+
+
+# ------------------------------------------------------------------ the dedup insert sent ahead of the flush
+class _Effect:
+    """The effects table as an ORM class: a handler's ``session.add`` leaves its row to the flush."""
+
+    def __init__(self, message_id: str, value: str) -> None:
+        self.message_id = message_id
+        self.value = value
+
+
+sa.orm.registry().map_imperatively(_Effect, EFFECTS)
+
+
+class OrmRecorder(AsyncRecorder):
+    """:class:`AsyncRecorder` whose effect is a pending ORM row, written by the batch's flush."""
+
+    async def handle(self, session, message):
+        self.calls.append(message.id)
+        session.add(_Effect(message.id, str(message.body)))
+        return {"seen": message.id}
+
+
+@pytest.fixture
+def sent(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The statements psycopg's asyncio cursors send, in the order they reach the driver (first words)."""
+    import psycopg
+
+    seen: list[str] = []
+    original = psycopg.AsyncCursor.execute
+
+    async def execute(self, query, *args, **kwargs):  # type: ignore[no-untyped-def]
+        text = query if isinstance(query, str) else str(query)
+        seen.append(" ".join(text.split()[:3]))
+        return await original(self, query, *args, **kwargs)
+
+    monkeypatch.setattr(psycopg.AsyncCursor, "execute", execute)
+    return seen
+
+
+def _psycopg_only(driver: tuple[str, str]) -> None:
+    if driver[1] != "postgresql+psycopg":
+        pytest.skip("the dedup insert is sent ahead of the flush on psycopg's asyncio driver only")
+
+
+async def test_the_dedup_insert_is_sent_before_the_flush_and_awaited_after_it(aengine, driver, sent, count_effects):
+    """On psycopg's asyncio driver the ids are inserted while the flush prepares the handlers' rows:
+    the INSERT of the processed ids reaches the driver before the flush's INSERT of the effects."""
+    _psycopg_only(driver)
+    c = OrmRecorder()
+    batch = [msg(), msg(), msg()]
+    out = await c.process_batch(aengine, batch)
+    assert [o.status for o in out] == [Status.PROCESSED] * 3
+    inserts = [s for s in sent if s.startswith("INSERT INTO")]
+    assert inserts == [f"INSERT INTO {T.processed.name}", f"INSERT INTO {EFFECTS.name}"], sent
+    assert all(count_effects(m.id) == 1 for m in batch)
+    again = await c.process_batch(aengine, [msg(m.id) for m in batch])
+    assert [(o.status, o.result) for o in again] == [(Status.DUPLICATE, {"seen": m.id}) for m in batch]
+
+
+async def test_a_concurrent_id_fails_the_insert_sent_ahead_and_the_batch_is_redone(
+        aengine, driver, engine, sent, count_effects):
+    """The insert sent ahead of the flush hits an id a sync consumer committed while the async
+    handlers ran; the flush then fails in the aborted transaction, and it is the insert's unique
+    violation that has the batch redone inserting first: a duplicate with the other's result, one
+    effect each."""
+    _psycopg_only(driver)
+    from consumers import DedupConsumer
+
+    class Other(DedupConsumer):
+        name = OrmRecorder.name
+
+        def handle(self, session, message):
+            session.execute(EFFECTS.insert().values(message_id=message.id, value="other"))
+            return {"by": "other"}
+
+    racing, rest, third = msg(), msg(), msg()
+    other_out: list[object] = []
+
+    class A(OrmRecorder):
+        async def handle(self, session, message):
+            result = await super().handle(session, message)
+            if message.id == racing.id and not other_out:
+                other_out.append(await asyncio.to_thread(Other().process_batch, engine, [msg(racing.id)]))
+            return result
+
+    a = A()
+    out = await a.process_batch(aengine, [racing, rest, third])
+    assert [o.status for o in other_out[0]] == [Status.PROCESSED]  # type: ignore[index]
+    assert [o.status for o in out] == [Status.DUPLICATE, Status.PROCESSED, Status.PROCESSED]
+    assert out[0].result == {"by": "other"}
+    assert sent.index(f"INSERT INTO {T.processed.name}") < sent.index(f"INSERT INTO {EFFECTS.name}")
+    assert a.calls.count(rest.id) == 2  # once in the attempt that rolled back, once in the redo
+    assert count_effects(racing.id) == 1 and count_effects(rest.id) == 1 and count_effects(third.id) == 1
+
+
+async def test_a_statement_listener_sees_the_dedup_insert_after_the_flush(aengine, driver, sent):
+    """With a ``before_cursor_execute`` listener (OpenTelemetry's SQLAlchemy instrumentation, SQL
+    logging) the insert goes through ``Connection.execute`` after the flush, where the listener sees it."""
+    _psycopg_only(driver)
+    seen: list[str] = []
+
+    def note(conn, cursor, statement, parameters, context, executemany):  # type: ignore[no-untyped-def]
+        seen.append(" ".join(statement.split()[:3]))
+
+    sa.event.listen(aengine.sync_engine, "before_cursor_execute", note)
+    out = await OrmRecorder().process_batch(aengine, [msg(), msg()])
+    assert [o.status for o in out] == [Status.PROCESSED] * 2
+    want = [f"INSERT INTO {EFFECTS.name}", f"INSERT INTO {T.processed.name}"]
+    assert [s for s in seen if s.startswith("INSERT INTO")] == want
+    assert [s for s in sent if s.startswith("INSERT INTO")] == want
