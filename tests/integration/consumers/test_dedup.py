@@ -435,3 +435,31 @@ def test_an_id_a_concurrent_consumer_commits_after_the_read_rolls_the_batch_back
     stored = dedup_rows(engine)
     assert stored[racing.id] == {"seen": racing.id, "n": 7}
     assert [stored[m.id] for m in others] == [{"seen": m.id, "n": i} for i, m in enumerate(others)]
+
+
+@pytest.mark.parametrize("dialect_name", ["postgresql"], indirect=True)
+def test_the_read_of_stored_ids_and_the_insert_at_the_end_go_in_key_order(engine, effects, make_message,
+                                                                          recorder_cls):
+    """PostgreSQL: both dedup statements send their ids sorted, so the index descents walk the
+    primary key's pages in order (docs/benchmarks.md)."""
+    import json
+
+    keys: list[list[str]] = []
+
+    def note(conn, cursor, statement, parameters, context, executemany):  # type: ignore[no-untyped-def]
+        if T.processed.name in statement and isinstance(parameters, dict):
+            if "_keys" in parameters:
+                keys.append(json.loads(parameters["_keys"]))
+            elif "_rows" in parameters:
+                rows = getattr(parameters["_rows"], "obj", parameters["_rows"])  # psycopg's Jsonb wrapper
+                keys.append([r["k"] for r in rows])
+
+    msgs = [make_message() for _ in range(20)]
+    sa.event.listen(engine, "before_cursor_execute", note)
+    try:
+        out = recorder_cls().process_batch(engine, msgs)
+    finally:
+        sa.event.remove(engine, "before_cursor_execute", note)
+    assert [o.status for o in out] == [Status.PROCESSED] * 20
+    assert len(keys) == 2, keys  # the read, then the insert at the end
+    assert keys[0] == sorted(m.id for m in msgs) == keys[1]
