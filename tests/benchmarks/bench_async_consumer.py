@@ -137,6 +137,11 @@ def main() -> None:
     p.add_argument("--only", choices=SIDES, help="run one side only")
     p.add_argument("--interleave", action="store_true",
                    help="sides take turns batch by batch; rates from the median batch time")
+    p.add_argument("--no-prepare", action="store_true",
+                   help="PostgreSQL: psycopg's server-side prepared statements off on every side (prepare_threshold "
+                        "None): the plain side's business INSERT always has --consumer-batch rows, so psycopg prepares "
+                        "it after five batches; the dedup side's has that many minus the batch's duplicates, a "
+                        "different statement almost every batch, parsed and planned each time")
     p.add_argument("--cpu", action="store_true",
                    help="also report the CPU a message costs each side (this process + its server backends)")
     args = b.parse(p)
@@ -145,9 +150,14 @@ def main() -> None:
     cpu: dict[str, list[float]] = {s: [0.0, 0] for s in sides}  # seconds, messages
     if args.cpu and args.db != "postgresql":
         p.error("--cpu reads the PostgreSQL backends' CPU")
-    with b.bench_database(args.db) as engine:
-        Base.metadata.create_all(engine)
-        aengine = create_async_engine(engine.url.set(drivername=ASYNC_DRIVERS[args.db]), pool_size=10)
+    if args.no_prepare and args.db != "postgresql":
+        p.error("--no-prepare is psycopg's (PostgreSQL)")
+    connect_args = {"prepare_threshold": None} if args.no_prepare else {}
+    with b.bench_database(args.db) as created:
+        Base.metadata.create_all(created)
+        engine = sa.create_engine(created.url, pool_size=10, connect_args=connect_args) if connect_args else created
+        aengine = create_async_engine(engine.url.set(drivername=ASYNC_DRIVERS[args.db]), pool_size=10,
+                                      connect_args=connect_args)
         backends = BackendCPU()
         if args.cpu:
             backends.watch(engine)
@@ -191,11 +201,14 @@ def main() -> None:
                 b.note(f"round {r + 1} {side}: {rates[side][-1]:.0f} msg/s")
         loop.run_until_complete(aengine.dispose())
         loop.close()
+        if engine is not created:
+            engine.dispose()
     med = {s: statistics.median(v) for s, v in rates.items()}
     b.emit("async_consumer_db", args.db)
     b.emit("async_consumer_messages", args.n)
     b.emit("async_consumer_ids", args.ids)
     b.emit("async_consumer_batch", args.consumer_batch)
+    b.emit("async_consumer_prepared_statements", "off" if args.no_prepare else "psycopg default (after 5 runs)")
     for side in sides:
         b.emit(f"{side}_msgs_per_s", med[side])
     per_msg = {s: cpu[s][0] / cpu[s][1] * 1e6 for s in sides if cpu[s][1]}
