@@ -301,38 +301,44 @@ async def test_stored_results_read_one_index_entry_per_duplicate(aengine, engine
         nullpool.dispose()
 
 
+def _raced(base: type, engine: sa.Engine, racing_id: str) -> tuple[AsyncDedupConsumer, list[object]]:
+    """A ``base`` consumer whose handler of ``racing_id`` first has a sync consumer of the same name
+    commit that id on another connection (its outcomes go into the list returned)."""
+    from consumers import DedupConsumer
+
+    class Other(DedupConsumer):
+        name = base.name
+
+        def handle(self, session, message):
+            session.execute(EFFECTS.insert().values(message_id=message.id, value="other"))
+            return {"by": "other"}
+
+    other_out: list[object] = []
+
+    class Raced(base):  # type: ignore[misc,valid-type]
+        async def handle(self, session, message):
+            result = await super().handle(session, message)
+            if message.id == racing_id and not other_out:
+                other_out.append(await asyncio.to_thread(Other().process_batch, engine, [msg(racing_id)]))
+            return result
+
+    return Raced(), other_out
+
+
 async def test_an_id_a_concurrent_consumer_commits_after_the_read_is_redone_under_asyncio(
         aengine, engine, count_effects):
     """The asyncio consumer runs the same read-first path: a sync consumer on another connection
     commits the racing id while the async handler runs; the async batch's insert at the end hits the
     unique key, rolls back and is redone inserting first: a duplicate with the other's result."""
-    import asyncio
 
-    from consumers import DedupConsumer
     from outbox.dialects import dialect_for
 
     with engine.connect() as conn:
         if not dialect_for(engine).inserts_keys_at_end(conn, T.processed):
             pytest.skip("this dialect inserts the ids first (no read first)")
 
-    class Other(DedupConsumer):
-        name = AsyncRecorder.name
-
-        def handle(self, session, message):
-            session.execute(EFFECTS.insert().values(message_id=message.id, value="other"))
-            return {"by": "other"}
-
     racing, rest = msg(payload=b'{"n": 7}'), msg(payload=b'{"n": 8}')
-    other_out: list[object] = []
-
-    class A(AsyncRecorder):
-        async def handle(self, session, message):
-            result = await super().handle(session, message)
-            if message.id == racing.id and not other_out:
-                other_out.append(await asyncio.to_thread(Other().process_batch, engine, [msg(racing.id)]))
-            return result
-
-    a = A()
+    a, other_out = _raced(AsyncRecorder, engine, racing.id)
     out = await a.process_batch(aengine, [racing, rest])
     assert [o.status for o in other_out[0]] == [Status.PROCESSED]  # type: ignore[index]
     assert [o.status for o in out] == [Status.DUPLICATE, Status.PROCESSED]
@@ -406,26 +412,8 @@ async def test_a_concurrent_id_fails_the_insert_sent_ahead_and_the_batch_is_redo
     violation that has the batch redone inserting first: a duplicate with the other's result, one
     effect each."""
     _psycopg_only(driver)
-    from consumers import DedupConsumer
-
-    class Other(DedupConsumer):
-        name = OrmRecorder.name
-
-        def handle(self, session, message):
-            session.execute(EFFECTS.insert().values(message_id=message.id, value="other"))
-            return {"by": "other"}
-
     racing, rest, third = msg(), msg(), msg()
-    other_out: list[object] = []
-
-    class A(OrmRecorder):
-        async def handle(self, session, message):
-            result = await super().handle(session, message)
-            if message.id == racing.id and not other_out:
-                other_out.append(await asyncio.to_thread(Other().process_batch, engine, [msg(racing.id)]))
-            return result
-
-    a = A()
+    a, other_out = _raced(OrmRecorder, engine, racing.id)
     out = await a.process_batch(aengine, [racing, rest, third])
     assert [o.status for o in other_out[0]] == [Status.PROCESSED]  # type: ignore[index]
     assert [o.status for o in out] == [Status.DUPLICATE, Status.PROCESSED, Status.PROCESSED]
