@@ -8,7 +8,9 @@ database transaction:
    their stored results (a duplicate costs that read: it writes nothing, so on PostgreSQL it leaves
    no dead tuple);
 2. ``handle`` runs for the ids that were new; duplicates skip it and get the stored result back;
-3. one plain INSERT of the new ids with their results (JSON). The table's unique key still
+3. one plain INSERT of the new ids with their results (JSON; on an asyncio driver that can, sent
+   before the flush of the handlers' rows and waited for after it:
+   :meth:`outbox.dialects.Dialect.start_insert_keys`). The table's unique key still
    decides: an id a concurrent consumer committed after the read makes this INSERT fail, the
    whole transaction rolls back and the batch is redone inserting the ids first, with the
    database's insert-if-absent (``ON CONFLICT DO NOTHING RETURNING`` / ``INSERT IGNORE`` /
