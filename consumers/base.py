@@ -8,7 +8,7 @@ database transaction:
    their stored results (a duplicate costs that read: it writes nothing, so on PostgreSQL it leaves
    no dead tuple);
 2. ``handle`` runs for the ids that were new; duplicates skip it and get the stored result back;
-3. one plain INSERT of the new ids with their results (JSON; on an asyncio driver that can, sent
+3. one plain INSERT of the new ids with their results (JSON; where the driver can, psycopg, sent
    before the flush of the handlers' rows and waited for after it:
    :meth:`outbox.dialects.Dialect.start_insert_keys`). The table's unique key still
    decides: an id a concurrent consumer committed after the read makes this INSERT fail, the
@@ -411,8 +411,8 @@ class DedupCore:
                     if result is not None:
                         results[m.id] = result  # type: ignore[index]
                 keys_values = {"consumer": self.name, "processed_at": now}
-                # an asyncio driver sends the dedup insert now and the server runs it while the flush
-                # below prepares the handlers' rows (their statements then wait for it on the connection)
+                # where the driver can (psycopg), the dedup insert goes out now and the server runs it while
+                # the flush below prepares the handlers' rows (their statements then wait for it on the connection)
                 started = (dialect.start_insert_keys(conn, processed, "message_id", keys_values, "result", fresh)
                            if read_first and fresh else None)
                 try:

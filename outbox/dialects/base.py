@@ -227,9 +227,10 @@ class Dialect:
         callable that waits for it and raises what :meth:`insert_keys` would have raised, or ``None``
         (the default) when the statement cannot run apart; the caller then calls :meth:`insert_keys`.
 
-        An asyncio driver can: the caller goes on with its own work (the dedup consumer's flush of the
-        handlers' rows) while the server runs the insert, and the connection's next statement waits
-        for it. Until the callable returns, only statements of the same transaction may follow."""
+        psycopg can (an asyncio task, or a worker thread for the sync driver): the caller goes on with
+        its own work (the dedup consumer's flush of the handlers' rows) while the server runs the
+        insert, and the connection's next statement waits for it. Until the callable returns, only
+        statements of the same transaction may follow."""
         return None
 
     def read_existing(

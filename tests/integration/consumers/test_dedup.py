@@ -17,6 +17,7 @@ from consumers import (
     requeue_dead_letters,
 )
 from outbox.schema import default_tables
+from tests.integration.consumers.conftest import EFFECTS
 
 T = default_tables()
 
@@ -463,3 +464,85 @@ def test_the_read_of_stored_ids_and_the_insert_at_the_end_go_in_key_order(engine
     assert [o.status for o in out] == [Status.PROCESSED] * 20
     assert len(keys) == 2, keys  # the read, then the insert at the end
     assert keys[0] == sorted(m.id for m in msgs) == keys[1]
+
+
+# ------------------------------------------------------------------ the dedup insert sent ahead of the flush (psycopg)
+class _SyncEffect:
+    """The effects table as an ORM class: a handler's ``session.add`` leaves its row to the flush."""
+
+    def __init__(self, message_id: str, value: str) -> None:
+        self.message_id = message_id
+        self.value = value
+
+
+sa.orm.registry().map_imperatively(_SyncEffect, EFFECTS)
+
+
+@pytest.fixture
+def sent(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The statements psycopg's sync cursors send, in the order they reach the driver (first words)."""
+    import threading
+
+    import psycopg
+
+    seen: list[str] = []
+    lock = threading.Lock()
+    original = psycopg.Cursor.execute
+
+    def execute(self, query, *args, **kwargs):  # type: ignore[no-untyped-def]
+        with lock:
+            seen.append(" ".join(str(query).split()[:3]))
+        return original(self, query, *args, **kwargs)
+
+    monkeypatch.setattr(psycopg.Cursor, "execute", execute)
+    return seen
+
+
+@pytest.mark.parametrize("dialect_name", ["postgresql"], indirect=True)
+def test_the_dedup_insert_goes_out_before_the_flush_on_sync_psycopg(engine, effects, make_message, recorder_cls,
+                                                                    sent, count_effects):
+    """The sync consumer on psycopg sends the new ids' INSERT from a worker thread before the flush
+    of the handlers' rows (the flush waits for it on the connection); results stored, one effect each."""
+
+    class Orm(recorder_cls):  # type: ignore[misc, valid-type]
+        def handle(self, session, message):
+            self.calls.append(message.id)
+            session.add(_SyncEffect(message.id, "orm"))
+            return {"seen": message.id}
+
+    batch = [make_message() for _ in range(3)]
+    c = Orm()
+    out = c.process_batch(engine, batch)
+    assert [o.status for o in out] == [Status.PROCESSED] * 3
+    inserts = [s for s in sent if s.startswith("INSERT INTO")]
+    assert inserts == [f"INSERT INTO {T.processed.name}", f"INSERT INTO {EFFECTS.name}"], sent
+    assert all(count_effects(m.id) == 1 for m in batch)
+    again = c.process_batch(engine, [make_message(m.id) for m in batch])
+    assert [(o.status, o.result) for o in again] == [(Status.DUPLICATE, {"seen": m.id}) for m in batch]
+
+
+@pytest.mark.parametrize("dialect_name", ["postgresql"], indirect=True)
+def test_a_concurrent_id_fails_the_insert_sent_ahead_of_a_pending_flush_and_the_batch_is_redone(
+        engine, effects, make_message, recorder_cls, sent, count_effects):
+    """The worker thread's INSERT hits an id another consumer committed while the handlers ran; the
+    flush of the pending rows then fails in the aborted transaction, and the insert's unique
+    violation has the batch redone inserting first: one effect each, the racing id a duplicate."""
+
+    class Orm(recorder_cls):  # type: ignore[misc, valid-type]
+        def handle(self, session, message):
+            self.calls.append(message.id)
+            session.add(_SyncEffect(message.id, "orm"))
+            if message.id == racing.id and not b_out:
+                b_out.append(recorder_cls().process_batch(engine, [make_message(racing.id)]))
+                sent.clear()  # from here on, A's statements only
+            return {"seen": message.id}
+
+    racing, rest, third = make_message(), make_message(), make_message()
+    b_out: list[object] = []
+    a = Orm()
+    out = a.process_batch(engine, [racing, rest, third])
+    assert [o.status for o in b_out[0]] == [Status.PROCESSED]  # type: ignore[index]
+    assert [o.status for o in out] == [Status.DUPLICATE, Status.PROCESSED, Status.PROCESSED]
+    assert sent.index(f"INSERT INTO {T.processed.name}") < sent.index(f"INSERT INTO {EFFECTS.name}")
+    assert a.calls.count(rest.id) == 2  # once in the attempt that rolled back, once in the redo
+    assert count_effects(racing.id) == 1 and count_effects(rest.id) == 1 and count_effects(third.id) == 1
