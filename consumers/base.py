@@ -34,7 +34,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 import tenacity
@@ -57,6 +57,7 @@ from .ids import DEFAULT_ID_SOURCES, IdSource, describe_id_sources, parse_id_sou
 __all__ = ["DedupConsumer", "DedupCore", "Outcome", "Status"]
 
 log = logging.getLogger("consumers")
+_T = TypeVar("_T")
 
 ID_STRATEGIES = ("message-id", "content-hash")
 SAVEPOINT_MODES = ("on-failure", "always")
@@ -413,7 +414,8 @@ class DedupCore:
                 keys_values = {"consumer": self.name, "processed_at": now}
                 # where the driver can (psycopg), the dedup insert goes out now and the server runs it while
                 # the flush below prepares the handlers' rows (their statements then wait for it on the connection)
-                started = (dialect.start_insert_keys(conn, processed, "message_id", keys_values, "result", fresh)
+                started = (_dedup_insert(lambda: dialect.start_insert_keys(conn, processed, "message_id", keys_values,
+                                                                           "result", fresh))
                            if read_first and fresh else None)
                 try:
                     session.flush()
@@ -640,11 +642,12 @@ class DedupConsumer(DedupCore):
         return self._requeued(engine, limit)
 
 
-def _dedup_insert(run: Callable[[], None]) -> None:
-    """Run (or wait for) the fast path's dedup insert at the end: a transient error is raised as it is,
-    any other (a unique violation) has the batch redone inserting the ids first."""
+def _dedup_insert(run: Callable[[], _T]) -> _T:
+    """Run, start or wait for the fast path's dedup insert at the end: a transient error is raised as
+    it is, any other (a unique violation, a result the column cannot take) has the batch redone
+    inserting the ids first."""
     try:
-        run()
+        return run()
     except Exception as exc:
         if is_transient(exc):
             raise

@@ -438,3 +438,17 @@ async def test_a_statement_listener_sees_the_dedup_insert_after_the_flush(aengin
     want = [f"INSERT INTO {EFFECTS.name}", f"INSERT INTO {T.processed.name}"]
     assert [s for s in seen if s.startswith("INSERT INTO")] == want
     assert [s for s in sent if s.startswith("INSERT INTO")] == want
+
+
+async def test_a_result_that_cannot_be_stored_fails_its_message_only_under_asyncio(aengine, count_effects):
+    """As the sync consumer: an ``object()`` result is its message's failure, retried; the others pass."""
+    bad, good = msg(), [msg(), msg(), msg()]
+
+    class Bad(AsyncRecorder):
+        async def handle(self, session, message):
+            result = await super().handle(session, message)
+            return object() if message.id == bad.id else result
+
+    out = await Bad().process_batch(aengine, [good[0], bad, *good[1:]])
+    assert [o.status for o in out] == [Status.PROCESSED, Status.RETRY, Status.PROCESSED, Status.PROCESSED]
+    assert count_effects(bad.id) == 0 and all(count_effects(m.id) == 1 for m in good)

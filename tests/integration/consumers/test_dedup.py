@@ -546,3 +546,21 @@ def test_a_concurrent_id_fails_the_insert_sent_ahead_of_a_pending_flush_and_the_
     assert sent.index(f"INSERT INTO {T.processed.name}") < sent.index(f"INSERT INTO {EFFECTS.name}")
     assert a.calls.count(rest.id) == 2  # once in the attempt that rolled back, once in the redo
     assert count_effects(racing.id) == 1 and count_effects(rest.id) == 1 and count_effects(third.id) == 1
+
+
+def test_a_result_that_cannot_be_stored_fails_its_message_only(engine, effects, make_message, recorder_cls,
+                                                                count_effects):
+    """A handler result the JSON column cannot take (an ``object()``) is that message's failure: it
+    is retried (its effects rolled back with it), the others of the batch are processed."""
+
+    class Bad(recorder_cls):  # type: ignore[misc, valid-type]
+        def handle(self, session, message):
+            result = super().handle(session, message)
+            return object() if message.id == bad.id else result
+
+    bad = make_message()
+    good = [make_message() for _ in range(3)]
+    out = Bad().process_batch(engine, [good[0], bad, *good[1:]])
+    assert [o.status for o in out] == [Status.PROCESSED, Status.RETRY, Status.PROCESSED, Status.PROCESSED]
+    assert "JSON" in str(out[1].error) or "serializ" in str(out[1].error).lower(), out[1].error
+    assert count_effects(bad.id) == 0 and all(count_effects(m.id) == 1 for m in good)
