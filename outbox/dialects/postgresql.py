@@ -364,15 +364,14 @@ class PostgreSQLDialect(Dialect):
         watches the statements (:func:`_unwatched_by`, as for the writer's direct INSERT): the dedup
         consumer then flushes the handlers' rows meanwhile, and psycopg's connection lock makes that
         flush's first statement wait for this one."""
-        asyncio_driver = _async_psycopg(connection)
-        if not ((asyncio_driver or _sync_psycopg(connection)) and _unwatched_by(connection)):
+        if not (_own_psycopg(connection) and _unwatched_by(connection)):
             return None
         plan = _keys_insert(table, key_column, values, column, by_key)
         if plan is None:
             return None
         stmt, params = plan
         started = _once(table, ("started", stmt, connection.dialect), lambda: _Started(stmt, connection.dialect))
-        if asyncio_driver:
+        if connection.dialect.is_async:
             return started.start(connection, params)  # type: ignore[no-any-return]
         return started.start_in_thread(connection, params)  # type: ignore[no-any-return]
 
@@ -621,17 +620,16 @@ def _blocked_params(blocked: Sequence[Blocker]) -> dict[str, list[Any]]:
             "claim_block_ids": [b.id for b in blocked], "claim_blocked_keys": sorted({b.key for b in blocked})}
 
 
+def _own_psycopg(connection: Connection) -> bool:
+    """Whether psycopg's own cursor (sync or asyncio driver) may run a statement for ``connection``:
+    psycopg, and no ``schema_translate_map`` (which only ``Connection.execute`` applies)."""
+    return (connection.dialect.driver == "psycopg"
+            and not connection.get_execution_options().get("schema_translate_map"))
+
+
 def _sync_psycopg(connection: Connection) -> bool:
-    """Whether psycopg's own (sync) cursor may run a statement for ``connection``: the sync driver,
-    and no ``schema_translate_map`` (which only ``Connection.execute`` applies)."""
-    return (connection.dialect.driver == "psycopg" and not connection.dialect.is_async
-            and not connection.get_execution_options().get("schema_translate_map"))
-
-
-def _async_psycopg(connection: Connection) -> bool:
-    """:func:`_sync_psycopg` for psycopg's asyncio driver (``postgresql+psycopg`` on an ``AsyncEngine``)."""
-    return (connection.dialect.driver == "psycopg" and connection.dialect.is_async
-            and not connection.get_execution_options().get("schema_translate_map"))
+    """:func:`_own_psycopg` on the sync driver."""
+    return not connection.dialect.is_async and _own_psycopg(connection)
 
 
 def _unwatched_by(connection: Connection) -> bool:
@@ -708,7 +706,7 @@ class _Started:
     (:meth:`start`) it runs as a task on the event loop, which is let run up to the point where it
     waits for the server's answer; on the sync driver (:meth:`start_in_thread`) in a worker thread,
     which holds the GIL until it waits on the socket, i.e. until the statement has been sent. The
-    callable either returns waits for the statement; a driver error is raised as
+    callable that either returns waits for the statement; a driver error is raised as
     ``Connection.execute`` would raise it (SQLAlchemy's ``DBAPIError`` subclasses, through its
     ``handle_error`` and invalidation). The asyncio form is called from SQLAlchemy's greenlet (an
     ``AsyncSession``'s synchronous code), like every asyncio driver call.
@@ -768,17 +766,13 @@ class _Started:
 
         def run() -> None:
             try:
-                cursor = driver.cursor()  # type: ignore[union-attr]
-            except BaseException as exc:
-                failed.append(exc)
-                return
-            finally:
-                sending.set()  # the thread keeps the GIL from here until it waits for the server's answer
-            try:
-                with cursor:
+                with driver.cursor() as cursor:  # type: ignore[union-attr]
+                    sending.set()  # the thread keeps the GIL from here until it waits for the server's answer
                     cursor.execute(sql, values)
             except BaseException as exc:
                 failed.append(exc)
+            finally:
+                sending.set()  # also when no cursor could be made
 
         thread = threading.Thread(target=run, name="outboxkit-send", daemon=True)
         thread.start()
