@@ -9,12 +9,22 @@ ORM effect (``session.add``) and commits once per batch:
 - ``async_dedup``: ``await consumer.process_batch(async_engine, batch)``;
 - ``sync_plain`` / ``sync_dedup``: the same with a sync Session and :class:`DedupConsumer`.
 
-The four run alternately, ``--rounds`` times (default 3), each on fresh ids; medians are printed.
+The sides take turns batch by batch, the order rotating each batch, and each side's rate is its
+batch size over the median time of its batches: a burst of load from other processes then hits
+every side alike, which a run of a second or two a side on a shared 2-core machine cannot promise
+(run by run, one such burst swung a side by 2x). ``--rounds`` (default 3) such runs, each on fresh
+ids; medians are printed. ``--run-by-run``: each side runs its whole ``--n`` in turn instead.
 ``--only sync_dedup`` runs one side (to compare two versions of the code in one shell loop).
-``--interleave``: the sides take turns batch by batch instead of run by run (the order rotating
-each batch), and each side's rate is its batch size over the median time of its batches: a
-burst of load from other processes then hits every side alike, which a run of a second or two
-on a shared 2-core machine cannot promise.
+
+``--warmup`` batches (default 300) run on every side first, untimed, on ids of their own: the
+figures are a running consumer's, not its first minute's. psycopg prepares a statement once it has
+run five times (``prepare_threshold``). The plain side's business INSERT has ``--consumer-batch``
+rows every batch, so it is prepared after five batches. The dedup side's has that many minus the
+batch's duplicates, a row count that varies from batch to batch (30 to 40 counts at 10 %
+duplicates). Each count is prepared after its own fifth batch, and all of them only after a few
+hundred batches, which a consumer passes in its first seconds. Without the warm-up, a run of 40
+batches compares a prepared statement with one parsed and planned each time (6.6 ms against
+8.8 ms for 450 rows). ``--warmup 0`` shows that.
 
 ``--cpu`` (PostgreSQL on this machine): also the CPU each side costs a message, this process's
 (``time.process_time``) plus the server backends' its engines opened (``/proc/<pid>/stat``), and
@@ -35,6 +45,7 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -47,6 +58,7 @@ from sqlalchemy.orm import Session
 from consumers import DedupConsumer, IncomingMessage
 from outbox.ids import uuid7
 
+_T = TypeVar("_T")
 SIDES = ("async_plain", "async_dedup", "sync_plain", "sync_dedup")
 ASYNC_DRIVERS = {"postgresql": "postgresql+psycopg", "mariadb": "mysql+asyncmy"}
 
@@ -63,9 +75,10 @@ class SyncSink(DedupConsumer):
         effect(session, message)
 
 
-def messages(n: int, dup_share: float, keys: int, id_kind: str = "v4") -> list[IncomingMessage]:
-    """``n`` messages, ``dup_share`` of them repeating an earlier id. ``id_kind`` ``v7``: time-ordered
-    ids, what ``Outbox.add`` gives every message the relay sends; ``v4``: random ids (a foreign producer)."""
+def message_specs(n: int, dup_share: float, keys: int, id_kind: str = "v4") -> list[tuple[str, str, bytes]]:
+    """``n`` messages as ``(id, key, payload)``, ``dup_share`` of them repeating an earlier id.
+    ``id_kind`` ``v7``: time-ordered ids, what ``Outbox.add`` gives every message the relay sends;
+    ``v4``: random ids (a foreign producer)."""
     rnd = random.Random(n)
     make = (lambda: str(uuid7())) if id_kind == "v7" else (lambda: str(uuid.uuid4()))
     ids: list[str] = []
@@ -73,12 +86,24 @@ def messages(n: int, dup_share: float, keys: int, id_kind: str = "v4") -> list[I
     for i in range(n):
         mid = rnd.choice(ids) if ids and rnd.random() < dup_share else make()
         ids.append(mid)
-        out.append(IncomingMessage(id=mid, topic="bench", key=b.key_of(i, keys), payload=b.payload_bytes(i),
-                                   content_type="application/octet-stream"))
+        out.append((mid, b.key_of(i, keys), b.payload_bytes(i)))
     return out
 
 
-def batches(msgs: list[IncomingMessage], size: int) -> list[list[IncomingMessage]]:
+def build(specs: list[tuple[str, str, bytes]]) -> list[IncomingMessage]:
+    """The messages of ``specs``. Built batch by batch, just before the batch runs (untimed): a
+    consumer holds one batch, and the whole run's messages held at once (80,000 objects) made every
+    full garbage collection scan them, in whichever side's batch it fell."""
+    return [IncomingMessage(id=mid, topic="bench", key=key, payload=payload, content_type="application/octet-stream")
+            for mid, key, payload in specs]
+
+
+def messages(n: int, dup_share: float, keys: int, id_kind: str = "v4") -> list[IncomingMessage]:
+    """:func:`message_specs` as messages."""
+    return build(message_specs(n, dup_share, keys, id_kind))
+
+
+def batches(msgs: list[_T], size: int) -> list[list[_T]]:
     return [msgs[i:i + size] for i in range(0, len(msgs), size)]
 
 
@@ -135,8 +160,12 @@ def main() -> None:
                    help="message ids: v4 random (a foreign producer's), v7 time-ordered (what Outbox.add makes)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--only", choices=SIDES, help="run one side only")
-    p.add_argument("--interleave", action="store_true",
-                   help="sides take turns batch by batch; rates from the median batch time")
+    p.add_argument("--run-by-run", action="store_true",
+                   help="each side runs all its batches in turn (default: the sides take turns batch by batch, "
+                        "rates from the median batch time)")
+    p.add_argument("--interleave", action="store_true", help="the default (kept for older commands)")
+    p.add_argument("--warmup", type=int, default=None,
+                   help="batches each side runs first, untimed (default 300, --quick 30; see above)")
     p.add_argument("--no-prepare", action="store_true",
                    help="PostgreSQL: psycopg's server-side prepared statements off on every side (prepare_threshold "
                         "None): the plain side's business INSERT always has --consumer-batch rows, so psycopg prepares "
@@ -170,21 +199,29 @@ def main() -> None:
             "sync_plain": lambda w: sync_plain(engine, w),
             "sync_dedup": lambda w: [sync_sink.process_batch(engine, batch) for batch in w],
         }
+        warmup = args.warmup if args.warmup is not None else (30 if args.quick else 300)
+        for side in sides:
+            if warmup:
+                b.note(f"warm-up {side}: {warmup} batches")
+                for chunk in batches(message_specs(warmup * args.consumer_batch, args.dup_share, args.keys,
+                                                   args.ids), args.consumer_batch):
+                    runs[side]([build(chunk)])
         for r in range(args.rounds):
             order = list(sides) if r % 2 == 0 else list(reversed(sides))
-            if args.interleave:
-                work_of = {s: batches(messages(args.n, args.dup_share, args.keys, args.ids), args.consumer_batch)
-                           for s in sides}
+            if not args.run_by_run:
+                specs_of = {s: batches(message_specs(args.n, args.dup_share, args.keys, args.ids), args.consumer_batch)
+                            for s in sides}
                 times: dict[str, list[float]] = {s: [] for s in sides}
-                for j in range(len(work_of[sides[0]])):
+                for j in range(len(specs_of[sides[0]])):
                     for side in order[j % len(order):] + order[:j % len(order)]:
+                        batch = build(specs_of[side][j])
                         c0 = (backends.seconds() + time.process_time()) if args.cpu else 0.0
                         t0 = time.perf_counter()
-                        runs[side]([work_of[side][j]])
-                        times[side].append((time.perf_counter() - t0) / len(work_of[side][j]))
+                        runs[side]([batch])
+                        times[side].append((time.perf_counter() - t0) / len(batch))
                         if args.cpu:
                             cpu[side][0] += time.process_time() + backends.seconds() - c0
-                            cpu[side][1] += len(work_of[side][j])
+                            cpu[side][1] += len(batch)
                 for side in order:
                     rates[side].append(1 / statistics.median(times[side]))
                     b.note(f"round {r + 1} {side}: {rates[side][-1]:.0f} msg/s (median batch)")
@@ -208,6 +245,8 @@ def main() -> None:
     b.emit("async_consumer_messages", args.n)
     b.emit("async_consumer_ids", args.ids)
     b.emit("async_consumer_batch", args.consumer_batch)
+    b.emit("async_consumer_warmup_batches", warmup)
+    b.emit("async_consumer_timing", "run by run" if args.run_by_run else "interleaved, median batch")
     b.emit("async_consumer_prepared_statements", "off" if args.no_prepare else "psycopg default (after 5 runs)")
     for side in sides:
         b.emit(f"{side}_msgs_per_s", med[side])
