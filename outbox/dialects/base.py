@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, ClassVar, NamedTuple
 
 import sqlalchemy as sa
@@ -251,6 +251,29 @@ class Dialect:
         found = self.rows_by_keys(connection, table, [key, table.c[read_column]],
                                   [c == values[c.name] for c in others], key_column, keys)
         return {r[0]: r[1] for r in found}
+
+    def read_existing_in_parts(
+        self,
+        connection: Connection,
+        table: sa.Table,
+        key_column: str,
+        parts: Sequence[Sequence[Any]],
+        values: Mapping[str, Any],
+        read_column: str,
+    ) -> Iterator[dict[Any, Any]]:
+        """:meth:`read_existing` for ``parts`` of the keys, one dict a part, in order: the caller
+        handles a part's messages before it asks for the next part's rows. Each dict holds rows of
+        that part's keys or of an earlier part's (the caller keeps them all), so the default reads
+        every key at once for the first part and yields an empty dict for each later one.
+
+        Where the driver can send a statement without waiting for it (psycopg), the next part's
+        read goes out before a part's rows are handed over, and the server looks its keys up while
+        the caller works. Until the generator is exhausted or closed, only statements of the same
+        transaction may follow (they wait for the read on the connection); close it when stopping
+        early: it waits for a read still under way."""
+        yield self.read_existing(connection, table, key_column, [k for p in parts for k in p], values, read_column)
+        for _ in parts[1:]:
+            yield {}
 
     def ensure_transaction(self, connection: Connection) -> None:
         """Make sure the database transaction has really begun, so that a first SAVEPOINT neither

@@ -452,3 +452,96 @@ async def test_a_result_that_cannot_be_stored_fails_its_message_only_under_async
     out = await Bad().process_batch(aengine, [good[0], bad, *good[1:]])
     assert [o.status for o in out] == [Status.PROCESSED, Status.RETRY, Status.PROCESSED, Status.PROCESSED]
     assert count_effects(bad.id) == 0 and all(count_effects(m.id) == 1 for m in good)
+
+
+# ------------------------------------------------------------------ the stored ids read in parts (psycopg)
+class Echo(AsyncRecorder):
+    """Stores the payload's ``r`` as the result (any JSON value, ``None`` included); an ORM effect row."""
+
+    async def handle(self, session, message):
+        self.calls.append(message.id)
+        session.add(_Effect(message.id, str(message.body)))
+        if message.id in self.failing:
+            raise RuntimeError(f"handler failed for {message.id}")
+        return message.body["r"]
+
+
+def _r(value: object) -> IncomingMessage:
+    import json
+
+    return msg(payload=json.dumps({"r": value}).encode())
+
+
+#: results of every JSON kind, non-ASCII text among them
+RESULTS = [{"a": [1, 2.5, None]}, [1, "two"], "h\u00e9llo \u2603", 7, True, None]
+
+
+async def test_a_batch_read_in_parts_finds_every_stored_id_and_runs_each_new_one_once(aengine, count_effects):
+    """400 messages, more than one read part (consumers.base._read_parts): ids stored earlier sit in
+    every part and come back DUPLICATE with their results as stored; a second copy in a later part of
+    an id first seen in an earlier part is a duplicate of it; every new id is handled once, in message
+    order."""
+    c = Echo()
+    stored = [_r(v) for v in RESULTS] * 1
+    assert [o.status for o in await c.process_batch(aengine, stored)] == [Status.PROCESSED] * len(stored)
+    c.calls.clear()
+    batch = [_r(i) for i in range(400)]
+    for pos, m in zip((3, 140, 150, 290, 300, 399), stored, strict=True):
+        batch[pos] = msg(m.id, payload=m.payload)
+    batch[350] = msg(batch[20].id, payload=batch[20].payload)  # first copy in the first part, second in the last
+    out = await c.process_batch(aengine, batch)
+    dup_at = {3: RESULTS[0], 140: RESULTS[1], 150: RESULTS[2], 290: RESULTS[3], 300: RESULTS[4], 399: RESULTS[5],
+              350: 20}
+    assert [(i, o.status, o.result) for i, o in enumerate(out) if o.status is not Status.PROCESSED] == [
+        (i, Status.DUPLICATE, r) for i, r in sorted(dup_at.items())]
+    assert [o.result for i, o in enumerate(out) if i not in dup_at] == [i for i in range(400) if i not in dup_at]
+    assert c.calls == [m.id for i, m in enumerate(batch) if i not in dup_at]
+    assert all(count_effects(m.id) == 1 for m in batch)
+
+
+async def test_later_parts_are_read_while_the_earlier_parts_handlers_run(aengine, driver, monkeypatch):
+    """On psycopg's asyncio driver a part's read goes out before the handlers of the part before it:
+    the second read reaches the driver before the first handler runs, the third before the second
+    part's first handler, and after the first part's last handler started (3 parts of 134, 133, 133)."""
+    _psycopg_only(driver)
+    import psycopg
+
+    events: list[str] = []
+    original = psycopg.AsyncCursor.execute
+
+    async def execute(self, query, *args, **kwargs):  # type: ignore[no-untyped-def]
+        text = query if isinstance(query, str) else str(query)
+        if text.startswith("SELECT") and T.processed.name in text:
+            events.append("read")
+        return await original(self, query, *args, **kwargs)
+
+    monkeypatch.setattr(psycopg.AsyncCursor, "execute", execute)
+
+    class Marking(Echo):
+        async def handle(self, session, message):
+            events.append(f"handle {message.body['r']}")
+            return await super().handle(session, message)
+
+    out = await Marking().process_batch(aengine, [_r(i) for i in range(400)])
+    assert [o.status for o in out] == [Status.PROCESSED] * 400
+    reads = [i for i, e in enumerate(events) if e == "read"]
+    assert len(reads) == 3, events[:3]
+    at = {n: events.index(f"handle {n}") for n in (0, 133, 134, 266, 267)}
+    assert reads[0] < reads[1] < at[0] < at[133] < reads[2] < at[134] < at[266] < at[267]
+
+
+async def test_a_handler_failing_while_the_next_part_is_read_redoes_the_batch(aengine, count_effects):
+    """A handler of the first part fails while the second part's read is under way: the read is let
+    finish, the batch is redone with savepoints, only the failing message is retried, and the
+    connection is fine for the next batch."""
+    c = Echo()
+    batch = [_r(i) for i in range(400)]
+    c.failing.add(batch[10].id)
+    out = await c.process_batch(aengine, batch)
+    assert [i for i, o in enumerate(out) if o.status is Status.RETRY] == [10]
+    assert all(o.status is Status.PROCESSED for i, o in enumerate(out) if i != 10)
+    assert count_effects(batch[10].id) == 0 and all(count_effects(m.id) == 1 for i, m in enumerate(batch) if i != 10)
+    c.failing.clear()
+    again = await c.process_batch(aengine, [msg(m.id, payload=m.payload) for m in batch[:300]] + [_r("new")])
+    assert [o.status for o in again] == [Status.DUPLICATE] * 10 + [Status.PROCESSED] + [Status.DUPLICATE] * 289 + [
+        Status.PROCESSED]

@@ -564,3 +564,25 @@ def test_a_result_that_cannot_be_stored_fails_its_message_only(engine, effects, 
     assert [o.status for o in out] == [Status.PROCESSED, Status.RETRY, Status.PROCESSED, Status.PROCESSED]
     assert "JSON" in str(out[1].error) or "serializ" in str(out[1].error).lower(), out[1].error
     assert count_effects(bad.id) == 0 and all(count_effects(m.id) == 1 for m in good)
+
+
+def test_a_batch_of_several_read_parts_finds_every_stored_id(engine, effects, count_effects, make_message,
+                                                              recorder_cls):
+    """400 messages (several parts of consumers.base._read_parts, read at once where the driver
+    cannot overlap them): ids stored earlier, in every part, are DUPLICATE with their stored
+    results; a second copy in a later part of an id first seen in the first part is a duplicate of
+    it; each new id is handled once, in message order."""
+    consumer = recorder_cls()
+    stored = [make_message(payload=b'{"n": %d}' % n) for n in range(1000, 1004)]
+    assert [o.status for o in consumer.process_batch(engine, stored)] == [Status.PROCESSED] * 4
+    consumer.calls.clear()
+    batch = [make_message(payload=b'{"n": %d}' % n) for n in range(400)]
+    for pos, m in zip((3, 150, 290, 399), stored, strict=True):
+        batch[pos] = make_message(m.id, payload=m.payload)
+    batch[350] = make_message(batch[20].id, payload=batch[20].payload)
+    out = consumer.process_batch(engine, batch)
+    dups = {3: 1000, 150: 1001, 290: 1002, 399: 1003, 350: 20}
+    assert [(i, o.status, o.result["n"]) for i, o in enumerate(out) if o.status is not Status.PROCESSED] == [
+        (i, Status.DUPLICATE, n) for i, n in sorted(dups.items())]
+    assert consumer.calls == [m.id for i, m in enumerate(batch) if i not in dups]
+    assert count_effects() == 4 + 400 - len(dups)
