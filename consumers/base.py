@@ -453,6 +453,7 @@ class DedupCore:
         Returns the handled and the duplicate indices, the handlers' results and the stored results."""
         parts = _read_parts(work)
         seen: set[str] = set()
+        first: set[int] = set()  # the indices of each id's first copy in the batch
         keys: list[list[str]] = []
         for part in parts:
             ids = []
@@ -460,12 +461,12 @@ class DedupCore:
                 mid: str = messages[i].id  # type: ignore[assignment]
                 if mid not in seen:
                     seen.add(mid)
+                    first.add(i)
                     ids.append(mid)
             keys.append(ids)
         reads = dialect.read_existing_in_parts(conn, self.tables.processed, "message_id", keys,
                                                {"consumer": self.name}, "result")
         stored: dict[str, Any] = {}
-        handled_ids: set[str] = set()
         todo: list[int] = []
         dups: list[int] = []
         handled: list[Any] = []
@@ -477,14 +478,8 @@ class DedupCore:
                     if is_transient(exc):
                         raise
                     raise _FastPathFailed("dedup read") from exc  # isolate the message it is about
-                now_todo = []
-                for i in part:
-                    mid = messages[i].id  # type: ignore[assignment]
-                    if mid in stored or mid in handled_ids:  # a second copy in the batch is a duplicate
-                        dups.append(i)
-                    else:
-                        handled_ids.add(mid)
-                        now_todo.append(i)
+                now_todo = [i for i in part if i in first and messages[i].id not in stored]  # later copies: duplicates
+                dups.extend(i for i in part if i not in first or messages[i].id in stored)
                 handled.extend(self._handle_all(session, [messages[i] for i in now_todo]))
                 todo.extend(now_todo)
         finally:

@@ -756,8 +756,9 @@ class _Started:
         self.compiled = stmt.compile(dialect=dialect)
         self.sql = self.compiled.string
         self.processors = _bind_processors(self.compiled, dialect)
-        #: whether the statement returns rows; then the waiting callable returns them (plain tuples,
-        #: through each column type's result processing, as Connection.execute would hand them over)
+        #: whether the statement returns rows; then the callable :meth:`start` returns gives them (plain
+        #: tuples, through each column type's result processing, as Connection.execute would hand them
+        #: over). Only :meth:`start`: nothing reads rows from a worker thread
         self.rows = rows
         self.results = [c[3].dialect_impl(dialect).result_processor(dialect, None)
                         for c in self.compiled._result_columns] if rows else []
@@ -809,18 +810,15 @@ class _Started:
         a microsecond a message of a 500-message batch; no pool whose threads a fork would lose)."""
         values = self._values(params)
         driver = connection.connection.driver_connection
-        sql, rows = self.sql, self.rows
+        sql = self.sql
         sending = threading.Event()
         failed: list[BaseException] = []
-        got: list[Any] = [None]
 
         def run() -> None:
             try:
                 with driver.cursor() as cursor:  # type: ignore[union-attr]
                     sending.set()  # the thread keeps the GIL from here until it waits for the server's answer
                     cursor.execute(sql, values)
-                    if rows:
-                        got[0] = cursor.fetchall()
             except BaseException as exc:
                 failed.append(exc)
             finally:
@@ -830,11 +828,10 @@ class _Started:
         thread.start()
         sending.wait()
 
-        def wait() -> Any:
+        def wait() -> None:
             thread.join()
             if failed:
                 raise failed[0]
-            return got[0]
 
         return self._finish(connection, wait, values)
 
