@@ -25,12 +25,20 @@ The DELETE leaves its dead tuples for a vacuum: ``VACUUM`` of the table right af
 (``retention_pg_*_delete_then_vacuum_s``), and the ratio (DELETE + VACUUM) / drop, the two ways to
 the same end state (no dead tuple), as ``*_drop_vs_delete_and_vacuum_ratio``.
 
+The drop's own cost is the file system's: its commit truncates the partition's files (PostgreSQL
+unlinks them at the next checkpoint), freeing as many megabytes as the partition held. When the
+server's data directory is on this machine, the same bytes are written to a file on its file system
+(fsynced, as the checkpointed partition is) and truncated, then another file ``fdatasync``-ed (the
+commit's WAL flush), medians of ``--runs``: ``retention_pg_*_fs_truncate_floor_s``, the floor no
+drop can go under here, and ``*_delete_vs_fs_floor_ratio``, the largest speedup any drop could show.
+
 Targets (PostgreSQL): drop >= 50 x faster than DELETE, 0 dead tuples, size back to near zero.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import os
 import statistics
 import sys
 import tempfile
@@ -155,6 +163,56 @@ def one_pg_run(rows: int, batch_size: int, partitioned: bool,
     return out
 
 
+def _fs_truncate_floor(url: str, mb: float, runs: int) -> float | None:
+    """Seconds to truncate a fsynced file of ``mb`` megabytes on the file system of the server's data
+    directory, plus one ``fdatasync`` of another file: what a drop's commit does to the file system
+    (median of ``runs``). None when that directory is not on this machine or not writable here."""
+    engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
+    try:
+        with engine.connect() as c:
+            data = Path(c.execute(sa.text("SHOW data_directory")).scalar_one())
+    except sa.exc.DBAPIError:  # not a superuser nor in pg_read_all_settings: the path is not shown
+        return None
+    finally:
+        engine.dispose()
+    parent = data.parent
+    try:
+        if not data.is_dir() or parent.stat().st_dev != data.stat().st_dev:
+            b.note(f"fs floor: the data directory {data} is not on this machine's file system here; not measured")
+            return None
+        work = Path(tempfile.mkdtemp(prefix="bench-fs-floor-", dir=parent))
+    except OSError as exc:
+        b.note(f"fs floor: cannot write beside {data} ({exc.strerror}); not measured")
+        return None
+    chunk = os.urandom(1 << 20)
+    times = []
+    try:
+        for _ in range(runs):
+            big, small = work / "partition", work / "wal"
+            with big.open("wb") as f:
+                for _ in range(max(1, round(mb))):
+                    f.write(chunk)
+                f.flush()
+                os.fsync(f.fileno())
+            fd_small = os.open(small, os.O_WRONLY | os.O_CREAT, 0o600)
+            try:
+                t0 = time.perf_counter()
+                fd = os.open(big, os.O_RDWR)
+                os.ftruncate(fd, 0)
+                os.close(fd)
+                os.write(fd_small, b"x")
+                os.fdatasync(fd_small)
+                times.append(time.perf_counter() - t0)
+            finally:
+                os.close(fd_small)
+            big.unlink()
+    finally:
+        for f in work.iterdir():
+            f.unlink()
+        work.rmdir()
+    return statistics.median(times)
+
+
 def postgresql(args) -> None:
     runs: dict[bool, list[dict[str, tuple[float, ...]]]] = {False: [], True: []}
     for i in range(args.runs):
@@ -177,6 +235,10 @@ def postgresql(args) -> None:
                 b.emit(f"retention_pg_{what}_delete_then_vacuum_s", vacuum_s)
                 b.emit(f"retention_pg_{what}_delete_size_after_vacuum_mb", vacuumed)
         b.emit(f"retention_pg_{what}_drop_speedup_ratio", b.ratio(med[False][0], med[True][0]))
+        floor = _fs_truncate_floor(b.PG_URL, med[True][2], args.runs)
+        if floor is not None:
+            b.emit(f"retention_pg_{what}_fs_truncate_floor_s", floor)
+            b.emit(f"retention_pg_{what}_delete_vs_fs_floor_ratio", b.ratio(med[False][0], floor))
         # the same end state (no dead tuples): DELETE plus the VACUUM it leaves owed, against the drop
         b.emit(f"retention_pg_{what}_drop_vs_delete_and_vacuum_ratio",
                b.ratio(med[False][0] + med[False][4], med[True][0]))
