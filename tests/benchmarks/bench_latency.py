@@ -301,12 +301,21 @@ def main() -> None:
             b.emit(f"latency_{rate}_{tag}_commit_to_ack_p99_ms", r["ack_p99"])
             b.emit(f"latency_{rate}_{tag}_relay_added_p50_ms", added(rate, tag, "p50"))
             b.emit(f"latency_{rate}_{tag}_relay_added_p99_ms", added(rate, tag, "p99"))
+        floor_p99s = [r[(rate, "floor")]["p99"] for r in runs]
+        spread = max(floor_p99s) - min(floor_p99s)
+        b.emit(f"baseline_latency_{rate}_raw_produce_to_receive_p99_spread_ms", spread)
         if "notify_on" in modes:
             a = added(rate, "notify_on", "p99")
             # below zero, the floor's own p99 was the larger: that run's noise, not a relay faster
-            # than the broker alone, so the difference says nothing either way
-            verdict = ("not measurable (the broker floor's p99 exceeded the relay run's)" if a < 0
-                       else "met" if a <= TARGET_ADDED_P99_MS else "not met")
+            # than the broker alone, so the difference says nothing either way. Nor does a difference
+            # under the target while the floor's own p99 moves between runs by more than the target.
+            if a < 0:
+                verdict = "not measurable (the broker floor's p99 exceeded the relay run's)"
+            elif a <= TARGET_ADDED_P99_MS and spread > TARGET_ADDED_P99_MS:
+                verdict = (f"not measurable (the broker floor's p99 moved by {spread:.1f} ms between runs, "
+                           f"more than the {TARGET_ADDED_P99_MS:g} ms target)")
+            else:
+                verdict = "met" if a <= TARGET_ADDED_P99_MS else "not met"
             b.emit(f"latency_{rate}_target_relay_added_p99_le_{TARGET_ADDED_P99_MS:g}ms", verdict)
 
 
