@@ -275,9 +275,10 @@ def dedup_run(engine, bootstrap: str, topic: str, args, conf: dict, name: str, d
     runner = TimedRunner(Sink(name=name), engine=engine, bootstrap_servers=bootstrap, topics=[topic],
                          group_id=f"bench-dedup-{uuid.uuid4().hex[:6]}", config=conf,
                          batch_size=args.consumer_batch, requeue_interval=None)
+    profile = args.profile if n is None else None  # the timed rounds only, not the warm-up
     n = args.n if n is None else n
     runner.target = n
-    with b.profiled(args.profile if n == args.n else None):
+    with b.profiled(profile):
         runner.run()
     stats = runner.stats
     if stats.processed != n - dups or stats.duplicates != dups:

@@ -163,24 +163,33 @@ def one_pg_run(rows: int, batch_size: int, partitioned: bool,
     return out
 
 
-def _fs_truncate_floor(url: str, mb: float, runs: int) -> float | None:
-    """Seconds to truncate a fsynced file of ``mb`` megabytes on the file system of the server's data
-    directory, plus one ``fdatasync`` of another file: what a drop's commit does to the file system
-    (median of ``runs``). None when that directory is not on this machine or not writable here."""
+def _local_data_directory(url: str) -> Path | None:
+    """The server's data directory when it is on this machine (its parent on the same file system),
+    else None (a note says why)."""
     engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
     try:
         with engine.connect() as c:
             data = Path(c.execute(sa.text("SHOW data_directory")).scalar_one())
     except sa.exc.DBAPIError:  # not a superuser nor in pg_read_all_settings: the path is not shown
+        b.note("fs floor: the server does not show its data directory; not measured")
         return None
     finally:
         engine.dispose()
-    parent = data.parent
     try:
-        if not data.is_dir() or parent.stat().st_dev != data.stat().st_dev:
-            b.note(f"fs floor: the data directory {data} is not on this machine's file system here; not measured")
-            return None
-        work = Path(tempfile.mkdtemp(prefix="bench-fs-floor-", dir=parent))
+        if data.is_dir() and data.parent.stat().st_dev == data.stat().st_dev:
+            return data
+    except OSError:
+        pass
+    b.note(f"fs floor: the data directory {data} is not on this machine's file system here; not measured")
+    return None
+
+
+def _fs_truncate_floor(data: Path, mb: float, runs: int) -> float | None:
+    """Seconds to truncate a fsynced file of ``mb`` megabytes beside the server's data directory
+    ``data``, plus one ``fdatasync`` of another file: what a drop's commit does to the file system
+    (median of ``runs``). None when nothing can be written there."""
+    try:
+        work = Path(tempfile.mkdtemp(prefix="bench-fs-floor-", dir=data.parent))
     except OSError as exc:
         b.note(f"fs floor: cannot write beside {data} ({exc.strerror}); not measured")
         return None
@@ -220,6 +229,7 @@ def postgresql(args) -> None:
             b.note(f"run {i + 1}: {'partition drop' if partitioned else 'batched DELETE'}")
             runs[partitioned].append(one_pg_run(args.rows, args.purge_batch, partitioned, not args.no_checkpoint))
     b.emit("retention_pg_rows", args.rows)
+    data = _local_data_directory(b.PG_URL)
     for what in WHAT:
         med: dict[bool, list[float]] = {}
         for partitioned, label in ((False, "delete"), (True, "drop")):
@@ -235,7 +245,7 @@ def postgresql(args) -> None:
                 b.emit(f"retention_pg_{what}_delete_then_vacuum_s", vacuum_s)
                 b.emit(f"retention_pg_{what}_delete_size_after_vacuum_mb", vacuumed)
         b.emit(f"retention_pg_{what}_drop_speedup_ratio", b.ratio(med[False][0], med[True][0]))
-        floor = _fs_truncate_floor(b.PG_URL, med[True][2], args.runs)
+        floor = None if data is None else _fs_truncate_floor(data, med[True][2], args.runs)
         if floor is not None:
             b.emit(f"retention_pg_{what}_fs_truncate_floor_s", floor)
             b.emit(f"retention_pg_{what}_delete_vs_fs_floor_ratio", b.ratio(med[False][0], floor))
