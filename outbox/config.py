@@ -69,7 +69,9 @@ class RelayConfig:
     """On SIGTERM/SIGINT, longest wait for outstanding confirms before leaving."""
     pipeline: bool = True
     """Claim the next batch while the broker acknowledges the previous one (PostgreSQL, with a
-    publisher that has ``begin_publish``: Kafka's and RabbitMQ's). Off: one batch at a time."""
+    publisher that has ``begin_publish``: Kafka's and RabbitMQ's), on a second connection of the
+    relay's pool: an engine with ``pool_size=1, max_overflow=0`` gets no pipelining (and a warning).
+    Off: one batch at a time."""
     notify: bool = False
     """Wake up on PostgreSQL NOTIFY (the writer must use ``Outbox(notify=True)``)."""
     relay_id: str | None = None

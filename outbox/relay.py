@@ -174,6 +174,7 @@ class Relay:
         self._last_sweep = 0.0
         self._claimed_at = 0.0  # monotonic time the last claim statement returned
         self._locked: list[int] = []  # partitions whose lease rows the last claim locked
+        self._warned_pool = False  # warned once that the pool cannot lend a connection for claims ahead
         self.db_label = mask_secrets(engine.url.render_as_string(hide_password=True))
 
     # ------------------------------------------------------------------ lifecycle
@@ -393,18 +394,29 @@ class Relay:
         if (not self._pipelined() or self._refresh_due or self._reread_due or self._stop.is_set()
                 or self._rebalance_due()):
             return None
-        if self._held_set != batch.held:
+        if self._held_set != batch.held or not self._spare_connection():
             return None
         for rec in batch.records:  # the next claim starts after this batch's rows in each partition
             if rec.id > self._after.get(rec.partition, 0):
                 self._after[rec.partition] = rec.id
-        conn = self.engine.connect()
-        ahead = _Batch(conn, conn.begin(), batch.held)
+        ahead: _Batch | None = None
         try:
+            conn = self.engine.connect()
+            ahead = _Batch(conn, conn.begin(), batch.held)
             records = self._claim_rows(conn, batch.held, _now(), ahead.on_commit, ahead=True)
             ahead.claimed_at = self._claimed_at
+        except (sa.exc.DBAPIError, sa.exc.TimeoutError) as exc:
+            # Claiming ahead is an optimisation on a second connection: its failure must not undo
+            # the batch in flight, which is waited for and marked on its own connection (and fails
+            # there in turn if the database is gone). The next claim re-reads from the start.
+            if ahead is not None:
+                ahead.abandon()
+            self._refresh_due = True
+            log.warning("claiming the next batch ahead failed, the batch in flight goes on: %s", _short(exc))
+            return None
         except BaseException:
-            ahead.abandon()
+            if ahead is not None:
+                ahead.abandon()
             raise
         if records is None:  # the next claim re-reads partitions from before the watermark
             ahead.abandon()
@@ -448,6 +460,24 @@ class Relay:
         if getattr(type(publisher), "begin_publish", None) is None:
             return None
         return publisher.begin_publish  # type: ignore[attr-defined,no-any-return]
+
+    def _spare_connection(self) -> bool:
+        """Whether the relay's pool can lend a second connection now, without waiting.
+
+        The batch in flight holds one. The relay's pool copies the application engine's settings,
+        which may allow a single connection (``pool_size=1, max_overflow=0``): then a claim ahead
+        would wait out the pool timeout in every round. It is skipped instead, with one warning.
+        """
+        pool = self.engine.pool
+        limit = getattr(pool, "_max_overflow", -1)
+        if not isinstance(pool, sa.pool.QueuePool) or limit < 0 or pool.checkedout() < pool.size() + limit:
+            return True
+        if not self._warned_pool:
+            self._warned_pool = True
+            log.warning("the relay's connection pool (pool_size=%d, max_overflow=%d) has no connection to spare for "
+                        "claiming the next batch while one is in flight: pipelining is off; give the engine "
+                        "pool_size=2 or more", pool.size(), limit)
+        return False
 
     def _pipelined(self) -> bool:
         return self.config.pipeline and self.dialect.supports_pipelined_claims and self._begin() is not None

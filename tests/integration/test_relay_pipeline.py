@@ -261,3 +261,62 @@ def test_rows_the_batch_in_flight_promoted_but_did_not_claim_are_not_overtaken_b
     assert relay.drain(timeout=60) == 6
     relay.close()
     assert k0_sends(pub) == list(range(6)), "a claim made ahead overtook rows the batch in flight promoted"
+
+
+def test_a_pool_of_one_connection_drains_without_claiming_ahead(
+        pg: sa.Engine, caplog: pytest.LogCaptureFixture) -> None:
+    """The application's engine may have a pool of one connection (``pool_size=1, max_overflow=0``),
+    and the relay's own pool copies its settings. The batch in flight holds that connection, so a
+    claim made ahead cannot get a second one: it must be skipped, not fail the round. Before, the
+    claim waited out the pool timeout and raised, the batch already sent was rolled back, and every
+    later round did the same: nothing was ever marked and the first batch went out again and again."""
+    add(pg, 500, keys=7)
+    small = sa.create_engine(pg.url, pool_size=1, max_overflow=0, pool_timeout=0.5)
+    pub = TwoStepPublisher()
+    relay = CountingRelay(small, pub, config=RelayConfig(**FAST))
+    try:
+        began = time.monotonic()
+        with caplog.at_level(logging.WARNING, logger="outbox.relay"):
+            assert relay.drain(timeout=20) == 500
+        took = time.monotonic() - began
+    finally:
+        relay.close()
+        small.dispose()
+    sent = [json.loads(m.payload)["seq"] for m in pub.snapshot()]
+    assert sorted(sent) == list(range(500)), f"{len(sent)} sends for 500 rows"  # each once
+    assert relay.claimed_ahead == 0
+    assert took < 5, f"the drain took {took:.1f} s: each round waited for a connection"
+    warned = [r.getMessage() for r in caplog.records if "no connection to spare" in r.getMessage()]
+    assert len(warned) == 1 and "pool_size=2" in warned[0], warned
+    with pg.connect() as c:
+        assert c.execute(sa.select(sa.func.count()).select_from(T)).scalar_one() == 0
+
+
+def test_a_claim_ahead_that_fails_leaves_the_batch_in_flight_to_be_marked(
+        pg: sa.Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A claim made ahead runs on a second connection. If it fails (here: the server ends that
+    connection's session as it starts), the batch already sent is still waited for and marked on its
+    own connection, as a relay without pipelining would: nothing is sent twice, and the drain goes on."""
+    add(pg, 500, keys=7)
+    pub = TwoStepPublisher()
+    relay = CountingRelay(pg, pub, config=RelayConfig(**FAST))
+    real = relay._claim_rows
+    killed: list[int] = []
+
+    def claim_rows(conn: Any, *args: Any, ahead: bool = False, **kwargs: Any) -> Any:
+        if ahead and not killed:  # the first claim made ahead: its session is ended by the server
+            killed.append(conn.exec_driver_sql("SELECT pg_backend_pid()").scalar_one())
+            with pg.connect() as other:
+                other.exec_driver_sql(f"SELECT pg_terminate_backend({killed[0]})")
+        return real(conn, *args, ahead=ahead, **kwargs)
+
+    monkeypatch.setattr(relay, "_claim_rows", claim_rows)
+    try:
+        assert relay.drain(timeout=20) == 500
+    finally:
+        relay.close()
+    assert killed, "no claim was made ahead"
+    sent = [json.loads(m.payload)["seq"] for m in pub.snapshot()]
+    assert sorted(sent) == list(range(500)), f"{len(sent)} sends for 500 rows: a batch went out twice"
+    for key, got in sends_by_key(pub).items():
+        assert got == sorted(got), f"key {key} out of order"
