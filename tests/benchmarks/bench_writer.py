@@ -201,14 +201,23 @@ def single_row(engine: sa.Engine, outbox: Outbox, payload: bytes, args: Any, pre
             s.add(Order(customer=f"c{i % 1000}", amount=i, note="benchmark order"))
             outbox.add(s, TOPIC, payload, key=f"c{i % 1000}")
 
-    variants = {"bare": bare, "plain": plain, "add": add}
+    variants: dict[str, Callable[[int], None]] = {"bare": bare, "plain": plain, "add": add}
+    if engine.dialect.name == "postgresql":  # the wake-up a relay with --notify listens for
+        notifying = Outbox(notify=True)
+
+        def add_notify(i: int) -> None:
+            with Session(engine) as s, s.begin():
+                s.add(Order(customer=f"c{i % 1000}", amount=i, note="benchmark order"))
+                notifying.add(s, TOPIC, payload, key=f"c{i % 1000}")
+
+        variants["add_notify"] = add_notify
     alternate(variants, n=300, block=50, rounds=1)  # warm up: pool, statement caches
     before = count(engine, default_tables().outbox)
     res = alternate(variants, n=args.n, block=args.block, rounds=args.rounds)
     written = count(engine, default_tables().outbox) - before
     expected = max(1, args.n // args.block) * args.block * args.rounds
-    if written != expected:
-        raise SystemExit(f"{written} outbox rows written, expected {expected}")
+    if written != expected * (len(variants) - 2):  # add and add_notify write one row per transaction
+        raise SystemExit(f"{written} outbox rows written, expected {expected * (len(variants) - 2)}")
     b.emit(f"{prefix}transactions_each", expected)
     b.emit(f"{prefix}bare_us_per_tx", med(res["bare"]))
     b.emit(f"{prefix}plain_row_us_per_tx", med(res["plain"]))
@@ -217,6 +226,10 @@ def single_row(engine: sa.Engine, outbox: Outbox, payload: bytes, args: Any, pre
     b.emit(f"{prefix}add_vs_bare_ratio", med_ratio(res["add"], res["bare"]))
     b.emit(f"{prefix}plain_row_vs_bare_ratio", med_ratio(res["plain"], res["bare"]))
     b.emit(f"{prefix}add_minus_plain_row_us", med(res["add"]) - med(res["plain"]))
+    if "add_notify" in res:
+        b.emit(f"{prefix}add_notify_us_per_tx", med(res["add_notify"]))
+        b.emit(f"{prefix}add_notify_vs_add_ratio", med_ratio(res["add_notify"], res["add"]))
+        b.emit(f"{prefix}add_notify_vs_plain_row_ratio", med_ratio(res["add_notify"], res["plain"]))
 
 
 def many_rows(engine: sa.Engine, outbox: Outbox, payload: bytes, args: Any, prefix: str, size: int,

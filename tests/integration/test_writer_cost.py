@@ -37,6 +37,10 @@ def statements(engine: sa.Engine) -> Iterator[list[tuple[str, bool, int]]]:
     event.remove(engine, "before_cursor_execute", note)
 
 
+def _is_notify(statement: str) -> bool:
+    return statement.lstrip().upper().startswith("NOTIFY")
+
+
 def _outbox_inserts(seen: list[tuple[str, bool, int]]) -> list[tuple[str, bool, int]]:
     return [s for s in seen if s[0].lstrip().upper().startswith(f"INSERT INTO {T.name.upper()}")]
 
@@ -89,12 +93,12 @@ def test_notify_is_one_statement_per_transaction_and_none_when_off(engine: sa.En
     with Session(engine) as s, s.begin():
         for i in range(5):
             on.add(s, "cost", b"x", key=f"k{i}")
-    assert sum("pg_notify" in st for st, _, _ in statements) == 1
+    assert sum(_is_notify(st) for st, _, _ in statements) == 1
     statements.clear()
     with Session(engine) as s, s.begin():
         for i in range(5):
             off.add(s, "cost", b"x", key=f"k{i}")
-    assert not any("pg_notify" in st for st, _, _ in statements)
+    assert not any(_is_notify(st) for st, _, _ in statements)
 
 
 def test_add_rows_leave_the_orm_at_flush_written_by_one_core_insert(engine: sa.Engine, statements: list) -> None:
@@ -201,3 +205,21 @@ def test_savepoints_keep_the_rows_of_the_transaction_they_were_added_in(engine: 
     with engine.connect() as c:
         assert list(c.execute(sa.select(T.c.message_id).where(T.c.topic == "cost.sp").order_by(T.c.id))
                     .scalars()) == [before, after]
+
+
+@pytest.mark.parametrize("dialect_name", ["postgresql"], indirect=True)
+def test_the_notification_reaches_a_listener_of_a_mixed_case_channel(engine: sa.Engine) -> None:
+    """The writer sends ``NOTIFY "<table name>"``, quoted as the relay's ``LISTEN`` quotes it: a table
+    name with capitals (a valid identifier) still wakes the relay, and only after the commit."""
+    import psycopg
+
+    from outbox import dialects
+
+    params = engine.url.translate_connect_args(username="user", database="dbname")
+    with psycopg.connect(autocommit=True, **params) as listener:
+        listener.execute('LISTEN "Outbox_Mixed"')
+        with engine.begin() as c:
+            dialects.dialect_for(c).notify(c, "Outbox_Mixed")
+            assert list(listener.notifies(timeout=0.2, stop_after=1)) == []  # not before the commit
+        got = [n.channel for n in listener.notifies(timeout=10, stop_after=1)]
+    assert got == ["Outbox_Mixed"]
