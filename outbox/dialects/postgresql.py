@@ -253,7 +253,7 @@ class PostgreSQLDialect(Dialect):
 
     def notify(self, connection: Connection, channel: str) -> None:
         # NOTIFY, a utility statement: no result set for the driver and SQLAlchemy to build, about
-        # half the client time of SELECT pg_notify(...) on each writer transaction (measured in docs/benchmarks.md, ninth session).
+        # half the client time of SELECT pg_notify(...) per writer transaction (bench_writer's add_notify).
         # The channel is a validated table name (schema.TableNames), quoted as LISTEN quotes it.
         quoted = connection.dialect.identifier_preparer.quote_identifier(channel)
         connection.exec_driver_sql(f"NOTIFY {quoted}")
