@@ -405,19 +405,17 @@ class Relay:
             ahead = _Batch(conn, conn.begin(), batch.held)
             records = self._claim_rows(conn, batch.held, _now(), ahead.on_commit, ahead=True)
             ahead.claimed_at = self._claimed_at
-        except (sa.exc.DBAPIError, sa.exc.TimeoutError) as exc:
+        except BaseException as exc:
+            if ahead is not None:
+                ahead.abandon()
+            if not isinstance(exc, TRANSIENT_ERRORS):
+                raise
             # Claiming ahead is an optimisation on a second connection: its failure must not undo
             # the batch in flight, which is waited for and marked on its own connection (and fails
             # there in turn if the database is gone). The next claim re-reads from the start.
-            if ahead is not None:
-                ahead.abandon()
             self._refresh_due = True
             log.warning("claiming the next batch ahead failed, the batch in flight goes on: %s", _short(exc))
             return None
-        except BaseException:
-            if ahead is not None:
-                ahead.abandon()
-            raise
         if records is None:  # the next claim re-reads partitions from before the watermark
             ahead.abandon()
             return None

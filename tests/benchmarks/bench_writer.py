@@ -216,8 +216,9 @@ def single_row(engine: sa.Engine, outbox: Outbox, payload: bytes, args: Any, pre
     res = alternate(variants, n=args.n, block=args.block, rounds=args.rounds)
     written = count(engine, default_tables().outbox) - before
     expected = max(1, args.n // args.block) * args.block * args.rounds
-    if written != expected * (len(variants) - 2):  # add and add_notify write one row per transaction
-        raise SystemExit(f"{written} outbox rows written, expected {expected * (len(variants) - 2)}")
+    rows = expected * (len(variants) - 2)  # add and add_notify write one outbox row per transaction
+    if written != rows:
+        raise SystemExit(f"{written} outbox rows written, expected {rows}")
     b.emit(f"{prefix}transactions_each", expected)
     b.emit(f"{prefix}bare_us_per_tx", med(res["bare"]))
     b.emit(f"{prefix}plain_row_us_per_tx", med(res["plain"]))
