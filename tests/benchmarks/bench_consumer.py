@@ -22,6 +22,11 @@ has been running for a minute no longer has (``--warmup 0`` for the old shape).
 The plain loop handles every record, duplicates included (it cannot tell them apart), so it
 inserts ``--dup-share`` more business rows than the dedup consumer.
 
+``--ids v7``: the message ids are UUIDv7 (time-ordered), what ``Outbox.add`` gives every message the
+relay sends, and the seeded history holds earlier v7 ids; the lines printed then start with
+``consumer_v7_``. The default, ``v4``, is random ids (a foreign producer's), the harder case for the
+processed-messages index: every insert lands on a random leaf page.
+
 Targets (issue 14, P5): dedup >= 0.9 x baseline; no dead tuples from duplicates.
 """
 
@@ -43,6 +48,7 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from consumers import DedupConsumer, KafkaRunner
+from outbox.ids import uuid7
 from outbox.schema import default_tables
 
 
@@ -91,7 +97,12 @@ class TimedRunner(KafkaRunner):
             self.stop()
 
 
-def produce(bootstrap: str, topic: str, n: int, keys: int, dup_share: float) -> int:
+def new_id(id_kind: str) -> str:
+    """A message id: ``v7`` time-ordered (what ``Outbox.add`` makes), ``v4`` random."""
+    return str(uuid7()) if id_kind == "v7" else str(uuid.uuid4())
+
+
+def produce(bootstrap: str, topic: str, n: int, keys: int, dup_share: float, id_kind: str = "v4") -> int:
     rnd = random.Random(42)
     sent: list[tuple[bytes, bytes, bytes]] = []
     dups = 0
@@ -101,7 +112,7 @@ def produce(bootstrap: str, topic: str, n: int, keys: int, dup_share: float) -> 
             k, v, mid = sent[rnd.randrange(len(sent))]
             dups += 1
         else:
-            k, v, mid = b.key_of(i, keys).encode(), b.payload_bytes(i), str(uuid.uuid4()).encode()
+            k, v, mid = b.key_of(i, keys).encode(), b.payload_bytes(i), new_id(id_kind).encode()
             sent.append((k, v, mid))
         while True:
             try:
@@ -171,8 +182,11 @@ def dead_tuples(engine) -> dict[str, int]:
     return out
 
 
-def seed_history(engine, consumer: str, rows: int) -> None:
+def seed_history(engine, consumer: str, rows: int, id_kind: str = "v4") -> None:
     """Give the processed-messages table ``rows`` earlier ids of this consumer, then ANALYZE it.
+
+    ``v7``: ids of the last ``rows`` milliseconds before now (one a millisecond, the rest of each
+    random), so they sort before the run's ids as a consumer's history does.
 
     A production table has history and statistics. Without statistics (a new table, or autovacuum
     off) PostgreSQL reads the duplicates' stored results by scanning every row of the consumer, so
@@ -180,8 +194,19 @@ def seed_history(engine, consumer: str, rows: int) -> None:
     """
     t = default_tables().processed
     if rows:
-        sel = sa.select(sa.literal(consumer), sa.cast(sa.func.gen_random_uuid(), sa.String),
-                        sa.func.now()).select_from(sa.func.generate_series(1, rows))
+        if id_kind == "v7":
+            # the random uuid with its first 48 bits (8 + 4 hex digits) replaced by a millisecond
+            # timestamp, and its version digit by 7
+            g = sa.func.generate_series(1, rows).column_valued("g")
+            ms = sa.func.lpad(sa.func.to_hex(
+                sa.cast(sa.extract("epoch", sa.func.now()) * 1000, sa.BigInteger) - rows + g), 12, "0")
+            rand = sa.cast(sa.func.gen_random_uuid(), sa.String)
+            mid = (sa.func.substr(ms, 1, 8) + "-" + sa.func.substr(ms, 9, 4) + "-7"
+                   + sa.func.substr(rand, 16, 21))
+            sel = sa.select(sa.literal(consumer), mid, sa.func.now())
+        else:
+            sel = sa.select(sa.literal(consumer), sa.cast(sa.func.gen_random_uuid(), sa.String),
+                            sa.func.now()).select_from(sa.func.generate_series(1, rows))
         with engine.begin() as conn:
             conn.execute(t.insert().from_select(["consumer", "message_id", "processed_at"], sel))
     b.vacuum(engine)
@@ -202,6 +227,8 @@ def main() -> None:
     p.add_argument("--profile", metavar="PATH", help="sample the dedup consumer run with py-spy into PATH")
     p.add_argument("--rounds", type=int, default=3, help="dedup and plain passes over the topic, alternating "
                    "which goes first; medians are printed")
+    p.add_argument("--ids", choices=["v4", "v7"], default="v4",
+                   help="message ids: v4 random (a foreign producer's), v7 time-ordered (what Outbox.add makes)")
     args = b.parse(p)
     if args.db != "postgresql":
         b.note("dead-tuple counts are PostgreSQL-only; throughput is still measured")
@@ -212,13 +239,13 @@ def main() -> None:
         names = [Sink.name if r == 0 else f"{Sink.name}.{r + 1}" for r in range(args.rounds)]
         if pg:
             for name in names:  # all before the first dead-tuple reading (seeding ends with VACUUM ANALYZE)
-                seed_history(engine, name, args.history)
+                seed_history(engine, name, args.history, args.ids)
             with engine.begin() as conn:
                 for t in (default_tables().processed.name, Event.__tablename__):
                     conn.execute(sa.text(f'ALTER TABLE "{t}" SET (autovacuum_enabled = false)'))
         topic = b.create_topic(bootstrap)
         t0 = time.perf_counter()
-        dups = produce(bootstrap, topic, args.n, args.keys, args.dup_share)
+        dups = produce(bootstrap, topic, args.n, args.keys, args.dup_share, args.ids)
         b.note(f"produced {args.n} ({dups} duplicates) in {time.perf_counter() - t0:.1f} s")
         if args.warmup:
             warm(engine, bootstrap, args, conf)
@@ -241,29 +268,30 @@ def main() -> None:
         after = dead_tuples(engine) if pg else {}
 
     dedup_rate, plain_rate = statistics.median(dedup_rates), statistics.median(plain_rates)
-    b.emit("consumer_db", args.db)
-    b.emit("consumer_messages", args.n)
-    b.emit("consumer_rounds", args.rounds)
-    b.emit("consumer_warmup_messages", args.warmup)
-    b.emit("consumer_history_rows", args.history if args.db == "postgresql" else 0)
-    b.emit("consumer_duplicates", dups)
-    b.emit("consumer_dedup_msgs_per_s", dedup_rate)
-    b.emit("baseline_plain_consumer_msgs_per_s", plain_rate)
-    b.emit("consumer_dedup_vs_plain_ratio", b.ratio(dedup_rate, plain_rate))
-    b.emit("consumer_dedup_vs_plain_ratio_per_round",
+    c = "consumer" if args.ids == "v4" else f"consumer_{args.ids}"  # v7 runs print lines of their own
+    b.emit(f"{c}_db", args.db)
+    b.emit(f"{c}_messages", args.n)
+    b.emit(f"{c}_rounds", args.rounds)
+    b.emit(f"{c}_warmup_messages", args.warmup)
+    b.emit(f"{c}_history_rows", args.history if args.db == "postgresql" else 0)
+    b.emit(f"{c}_duplicates", dups)
+    b.emit(f"{c}_dedup_msgs_per_s", dedup_rate)
+    b.emit(f"baseline_plain_{c}_msgs_per_s", plain_rate)
+    b.emit(f"{c}_dedup_vs_plain_ratio", b.ratio(dedup_rate, plain_rate))
+    b.emit(f"{c}_dedup_vs_plain_ratio_per_round",
            " ".join(f"{d / p:.3f}" for d, p in zip(dedup_rates, plain_rates, strict=True)))
     if pg:
         for label in ("processed", "events"):
-            b.emit(f"consumer_{label}_table_n_dead_tup_before", before[label])
-            b.emit(f"consumer_{label}_table_n_dead_tup_after", after[label])
-            b.emit(f"consumer_{label}_table_n_live_tup_after", after[f"{label}_live"])
+            b.emit(f"{c}_{label}_table_n_dead_tup_before", before[label])
+            b.emit(f"{c}_{label}_table_n_dead_tup_after", after[label])
+            b.emit(f"{c}_{label}_table_n_live_tup_after", after[f"{label}_live"])
 
 
 def warm(engine, bootstrap: str, args, conf: dict) -> None:
     """``--warmup`` messages through each side once, untimed (its own topic and consumer name)."""
     topic = b.create_topic(bootstrap)
     t0 = time.perf_counter()
-    dups = produce(bootstrap, topic, args.warmup, args.keys, args.dup_share)
+    dups = produce(bootstrap, topic, args.warmup, args.keys, args.dup_share, args.ids)
     baseline(engine, bootstrap, topic, args.warmup, args.consumer_batch, conf)
     dedup_run(engine, bootstrap, topic, args, conf, f"{Sink.name}.warmup", dups, n=args.warmup)
     b.note(f"warm-up: {args.warmup} messages through each side in {time.perf_counter() - t0:.1f} s")
