@@ -29,6 +29,7 @@ writer committed, so a rolled-back message is never published.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import logging
 import random
 import threading
@@ -583,7 +584,7 @@ class Relay:
         o = self.tables.outbox
         quotas = self._quotas(held)
         claimed = None if quotas is None else self.dialect.claim_by_quota(
-            conn, o, claim_columns(o, self.dialect.readable_timestamp), held, quotas, DUE_NOW, blocked,
+            conn, o, self._claim_columns, held, quotas, DUE_NOW, blocked,
             self._after, topics=self.config.topics)
         rows: Sequence[Any]
         due_ids: sa.Select[Any] | None
@@ -628,6 +629,12 @@ class Relay:
             self._refresh_due = True
         return self._decode(conn, rows, on_commit)
 
+    @functools.cached_property
+    def _claim_columns(self) -> list[sa.ColumnElement[Any]]:
+        """What the claim reads (:func:`claim_columns`), built once: about 0.3 ms of an idle round when
+        built for every claim (eleven column expressions, for the claim's form to be looked up by their names)."""
+        return claim_columns(self.tables.outbox, self.dialect.readable_timestamp)
+
     def _quotas(self, held: list[int]) -> list[int] | None:
         """How many rows the claim takes at most from each of ``held``, adding up to ``batch_size``;
         ``None`` when the batch is smaller than the partition count (no share for each of them).
@@ -669,7 +676,7 @@ class Relay:
             return cached[1], cached[2]
         o = self.tables.outbox
         ids, due_ids = self._due_ids(held, per_partition, blocked)
-        cols = claim_columns(o, self.dialect.readable_timestamp)
+        cols = self._claim_columns
         stmt = sa.select(*cols).join_from(o, ids, o.c.id == ids.c.id).order_by(o.c.id)
         stmt = self.dialect.lock_claim(stmt.limit(self.config.batch_size), o)
         self._claim_cache = (key, stmt, due_ids)

@@ -292,6 +292,12 @@ class Dialect:
         """Apply the row-claiming lock to a SELECT (``FOR UPDATE SKIP LOCKED`` where available)."""
         return select
 
+    def fixed_select(self, select: sa.Select[Any]) -> Callable[[Connection], Sequence[Sequence[Any]]]:
+        """``select``, whose values are all part of it (no parameter at run time), as a function that
+        runs it on a connection and returns its rows: for a statement built once and run in every
+        relay round (the lease lock). A dialect may run it past ``Connection.execute``'s per-call set-up."""
+        return lambda connection: connection.execute(select).all()
+
     def check_server(self, connection: Connection) -> None:
         """Raise :class:`~outbox.errors.UnsupportedDatabase` if the server is too old for the relay."""
 

@@ -1,0 +1,126 @@
+"""What one relay round sends on PostgreSQL with psycopg: the properties an idle relay's latency rests on.
+
+A round at low load claims a few rows: it locks the relay's lease rows, claims, publishes, deletes
+and commits. The lease lock and the delete are the same statements every round, so on psycopg they
+run on the driver's cursor, compiled once (as the claim and the writer's ``add()`` do), not through
+``Connection.execute``, whose per-call set-up (the IN list expanded again, a cache key, the result
+wrapped) cost about a millisecond of a 3.5 ms idle round (docs/benchmarks.md, tenth session). A
+relay whose statements are watched (a ``before_cursor_execute`` listener such as OpenTelemetry's,
+``echo``) still shows every one of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.orm import Session
+
+from outbox import Outbox, default_tables
+from outbox.brokers.memory import MemoryPublisher
+from outbox.config import RelayConfig
+from outbox.dialects import dialect_for
+from outbox.relay import Relay
+
+T = default_tables().outbox
+L = default_tables().leases
+FAST = {"min_poll_interval": 0.01, "poll_interval": 0.05, "progress_interval": 0, "batch_size": 100}
+
+
+@pytest.fixture
+def pg(dialect_name: str, engine: sa.Engine) -> sa.Engine:
+    if dialect_name != "postgresql":
+        pytest.skip("the driver-cursor paths are PostgreSQL's with psycopg")
+    return engine
+
+
+@pytest.fixture
+def relay(pg: sa.Engine) -> Iterator[Relay]:
+    r = Relay(pg, MemoryPublisher(), config=RelayConfig(**FAST))
+    r.start()
+    yield r
+    r.close()
+
+
+def add_one(engine: sa.Engine, n: int) -> None:
+    with Session(engine) as s, s.begin():
+        Outbox().add(s, "cost.round", {"n": n}, key=f"k{n}")
+
+
+def _is_lease_lock(statement: str) -> bool:
+    s = " ".join(statement.split()).upper()
+    return s.startswith("SELECT") and f"FROM {L.name.upper()}" in s and "FOR UPDATE" in s
+
+
+def _is_delete(statement: str) -> bool:
+    return " ".join(statement.split()).upper().startswith(f"DELETE FROM {T.name.upper()}")
+
+
+def test_a_round_locks_the_leases_and_deletes_on_psycopgs_cursor(pg: sa.Engine, relay: Relay,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """No statement-level ``before_execute`` event (``Connection.execute``) for the lease lock and the
+    delete; psycopg's cursor ran both; the row was published once and deleted."""
+    import psycopg
+
+    add_one(pg, 0)
+    assert relay.run_once() == 1  # warm: statements built, leases locked once
+    sent: list[str] = []
+    real = psycopg.Cursor.execute
+
+    def execute(self: Any, query: Any, *args: Any, **kwargs: Any) -> Any:
+        sent.append(str(query))
+        return real(self, query, *args, **kwargs)
+
+    monkeypatch.setattr(psycopg.Cursor, "execute", execute)
+    core: list[str] = []
+
+    def note(conn: Any, clause: Any, *_: Any) -> None:
+        core.append(str(clause.compile(dialect=conn.dialect)))
+
+    event.listen(relay.engine, "before_execute", note)
+    try:
+        add_one(pg, 1)
+        assert relay.run_once() == 1
+    finally:
+        event.remove(relay.engine, "before_execute", note)
+    assert [q for q in sent if _is_lease_lock(q)], sent
+    assert [q for q in sent if _is_delete(q)], sent
+    assert not [c for c in core if _is_lease_lock(c) or _is_delete(c)], core
+    assert len(relay.publisher.snapshot()) == 2  # type: ignore[attr-defined]
+    with pg.connect() as c:
+        assert c.execute(sa.select(sa.func.count()).select_from(T)).scalar_one() == 0
+
+
+def test_a_watched_relay_shows_the_lease_lock_and_the_delete_to_cursor_listeners(pg: sa.Engine,
+                                                                                relay: Relay) -> None:
+    add_one(pg, 0)
+    assert relay.run_once() == 1
+    seen: list[str] = []
+
+    def note(conn: Any, cursor: Any, statement: str, *_: Any) -> None:
+        seen.append(statement)
+
+    event.listen(relay.engine, "before_cursor_execute", note)
+    try:
+        add_one(pg, 1)
+        assert relay.run_once() == 1
+    finally:
+        event.remove(relay.engine, "before_cursor_execute", note)
+    assert [s for s in seen if _is_lease_lock(s)], seen
+    assert [s for s in seen if _is_delete(s)], seen
+
+
+def test_the_direct_delete_raises_sqlalchemys_error_and_the_transaction_can_roll_back(pg: sa.Engine) -> None:
+    """A driver error on the direct path is SQLAlchemy's ``DBAPIError`` subclass, as the relay
+    classifies errors of ``Connection.execute``: here a table that does not exist."""
+    missing = sa.Table("outbox_no_such_table", sa.MetaData(), sa.Column("id", sa.BigInteger, primary_key=True))
+    with pg.connect() as conn:
+        dialect = dialect_for(conn)
+        with pytest.raises(sa.exc.ProgrammingError) as info:
+            dialect.delete_ids(conn, missing, [1, 2, 3])
+        assert "outbox_no_such_table" in str(info.value)
+        conn.rollback()
+        assert conn.execute(sa.select(sa.literal(1))).scalar_one() == 1
