@@ -244,11 +244,11 @@ class PostgreSQLDialect(Dialect):
 
     def delete_ids(self, connection: Connection, table: sa.Table, ids: Sequence[int]) -> None:
         """One ``DELETE ... WHERE id = ANY(...)``; on psycopg, where nothing watches the statements
-        (:func:`_unwatched`), compiled once per table and run on the driver's cursor (:class:`_RawDelete`):
+        (:func:`_unwatched`), compiled once per table and run on the driver's cursor (:class:`_RawByIds`):
         the relay's mark runs it in every round, and through ``Connection.execute`` building the
         statement and its cache key cost several times the statement's own client time for a few ids."""
         if _unwatched(connection):
-            _once(table, ("raw-delete",), lambda: _RawDelete(table, connection.dialect)).run(connection, ids)
+            _by_ids(table, (), connection.dialect).run(connection, ids, {})
             return
         connection.execute(table.delete().where(table.c.id == sa.any_(_id_array(ids))))
 
@@ -260,6 +260,12 @@ class PostgreSQLDialect(Dialect):
         return _FixedSelect(select)
 
     def update_ids(self, connection: Connection, table: sa.Table, ids: Sequence[int], values: dict[str, Any]) -> None:
+        """One ``UPDATE ... WHERE id = ANY(...)``; on psycopg, where nothing watches, compiled once per
+        table and set of columns and run on the driver's cursor, as :meth:`delete_ids` (audit mode
+        marks every round's rows published with it)."""
+        if _unwatched(connection):
+            _by_ids(table, tuple(values), connection.dialect).run(connection, ids, values)
+            return
         connection.execute(table.update().where(table.c.id == sa.any_(_id_array(ids))).values(**values))
 
     def lock_claim(self, select: sa.Select[Any], table: sa.Table) -> sa.Select[Any]:
@@ -912,20 +918,38 @@ class _FixedSelect:
         return self.raw.run(connection, {})
 
 
-class _RawDelete:
-    """``DELETE FROM table WHERE id = ANY(<ids>)`` (:func:`_id_array`) compiled once by SQLAlchemy, run
-    on psycopg's own cursor. A driver error goes through SQLAlchemy's own handling, as for
-    :class:`_RawInsert`, and is raised as the ``DBAPIError`` ``Connection.execute`` would raise."""
+def _by_ids(table: sa.Table, columns: tuple[str, ...], dialect: sa.engine.Dialect) -> _RawByIds:
+    """The DELETE (no ``columns``) or the UPDATE of ``columns`` of rows by id, built once (see :func:`_once`)."""
+    return _once(table, ("by-ids", columns), lambda: _RawByIds(table, columns, dialect))  # type: ignore[no-any-return]
 
-    def __init__(self, table: sa.Table, dialect: sa.engine.Dialect) -> None:
-        compiled = table.delete().where(table.c.id == sa.any_(_id_array([]))).compile(dialect=dialect)
+
+class _RawByIds:
+    """``DELETE FROM table WHERE id = ANY(<ids>)`` (:func:`_id_array`), or ``UPDATE table SET <columns>``
+    with the same condition, compiled once by SQLAlchemy and run on psycopg's own cursor. The SQL text
+    and the bind processing are SQLAlchemy's (each column's values go through its type, the column
+    names are the table's: ``KeyError`` for any other, never SQL from strings). A driver error goes
+    through SQLAlchemy's own handling, as for :class:`_RawInsert`, and is raised as the ``DBAPIError``
+    ``Connection.execute`` would raise."""
+
+    def __init__(self, table: sa.Table, columns: tuple[str, ...], dialect: sa.engine.Dialect) -> None:
+        where = table.c.id == sa.any_(_id_array([]))
+        if columns:
+            stmt: Any = table.update().where(where).values(
+                {table.c[c]: sa.bindparam(f"set_{c}", type_=table.c[c].type) for c in columns})
+        else:
+            stmt = table.delete().where(where)
+        compiled = stmt.compile(dialect=dialect)
         self.sql = compiled.string
-        (self.name,) = compiled.bind_names.values()
-        self.process = _bind_processors(compiled, dialect).get(self.name)
+        self.names = {bind.key: name for bind, name in compiled.bind_names.items()}
+        self.processors = _bind_processors(compiled, dialect)
 
-    def run(self, connection: Connection, ids: Sequence[int]) -> None:
-        text = _id_text(ids)
-        params = {self.name: text if self.process is None else self.process(text)}
+    def run(self, connection: Connection, ids: Sequence[int], values: Mapping[str, Any]) -> None:
+        names = self.names
+        params = {names["row_ids"]: _id_text(ids)}
+        for column, value in values.items():
+            params[names[f"set_{column}"]] = value
+        for name, proc in self.processors.items():
+            params[name] = proc(params[name])
         cursor = connection.connection.driver_connection.cursor()  # type: ignore[union-attr]
         try:
             cursor.execute(self.sql, params)

@@ -2,7 +2,8 @@
 
 A round at low load claims a few rows: it locks the relay's lease rows, claims, publishes, deletes
 and commits. The lease lock and the delete are the same statements every round, so on psycopg they
-run on the driver's cursor, compiled once (as the claim and the writer's ``add()`` do), not through
+run on the driver's cursor, compiled once (as the claim and the writer's ``add()`` do; so does audit
+mode's UPDATE marking the rows published), not through
 ``Connection.execute``, whose per-call set-up (the IN list expanded again, a cache key, the result
 wrapped) cost about a millisecond of a 3.5 ms idle round (docs/benchmarks.md, tenth session). A
 relay whose statements are watched (a ``before_cursor_execute`` listener such as OpenTelemetry's,
@@ -11,6 +12,7 @@ relay whose statements are watched (a ``before_cursor_execute`` listener such as
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Iterator
 from typing import Any
 
@@ -38,8 +40,13 @@ def pg(dialect_name: str, engine: sa.Engine) -> sa.Engine:
 
 
 @pytest.fixture
-def relay(pg: sa.Engine) -> Iterator[Relay]:
-    r = Relay(pg, MemoryPublisher(), config=RelayConfig(**FAST))
+def relay_config(request: pytest.FixtureRequest) -> dict[str, Any]:
+    return {**FAST, **getattr(request, "param", {})}
+
+
+@pytest.fixture
+def relay(pg: sa.Engine, relay_config: dict[str, Any]) -> Iterator[Relay]:
+    r = Relay(pg, MemoryPublisher(), config=RelayConfig(**relay_config))
     r.start()
     yield r
     r.close()
@@ -59,14 +66,15 @@ def _is_delete(statement: str) -> bool:
     return " ".join(statement.split()).upper().startswith(f"DELETE FROM {T.name.upper()}")
 
 
-def test_a_round_locks_the_leases_and_deletes_on_psycopgs_cursor(pg: sa.Engine, relay: Relay,
-                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    """No statement-level ``before_execute`` event (``Connection.execute``) for the lease lock and the
-    delete; psycopg's cursor ran both; the row was published once and deleted."""
+def _is_update(statement: str) -> bool:
+    return " ".join(statement.split()).upper().startswith(f"UPDATE {T.name.upper()} SET")
+
+
+@pytest.fixture
+def driver_statements(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every statement psycopg's cursor is asked to execute."""
     import psycopg
 
-    add_one(pg, 0)
-    assert relay.run_once() == 1  # warm: statements built, leases locked once
     sent: list[str] = []
     real = psycopg.Cursor.execute
 
@@ -75,23 +83,55 @@ def test_a_round_locks_the_leases_and_deletes_on_psycopgs_cursor(pg: sa.Engine, 
         return real(self, query, *args, **kwargs)
 
     monkeypatch.setattr(psycopg.Cursor, "execute", execute)
+    return sent
+
+
+@pytest.fixture
+def core_statements(relay: Relay) -> Iterator[list[str]]:
+    """Every statement ``Connection.execute`` runs on the relay's engine (the statement-level
+    ``before_execute`` event, which is not a cursor event)."""
     core: list[str] = []
 
     def note(conn: Any, clause: Any, *_: Any) -> None:
         core.append(str(clause.compile(dialect=conn.dialect)))
 
     event.listen(relay.engine, "before_execute", note)
-    try:
-        add_one(pg, 1)
-        assert relay.run_once() == 1
-    finally:
-        event.remove(relay.engine, "before_execute", note)
-    assert [q for q in sent if _is_lease_lock(q)], sent
-    assert [q for q in sent if _is_delete(q)], sent
-    assert not [c for c in core if _is_lease_lock(c) or _is_delete(c)], core
+    yield core
+    event.remove(relay.engine, "before_execute", note)
+
+
+def test_a_round_locks_the_leases_and_deletes_on_psycopgs_cursor(pg: sa.Engine, relay: Relay,
+                                                                 driver_statements: list[str],
+                                                                 core_statements: list[str]) -> None:
+    """No ``Connection.execute`` for the lease lock and the delete; psycopg's cursor ran both; the
+    row was published once and deleted."""
+    add_one(pg, 0)
+    assert relay.run_once() == 1  # warm: statements built, leases locked once
+    driver_statements.clear()
+    core_statements.clear()
+    add_one(pg, 1)
+    assert relay.run_once() == 1
+    assert [q for q in driver_statements if _is_lease_lock(q)], driver_statements
+    assert [q for q in driver_statements if _is_delete(q)], driver_statements
+    assert not [c for c in core_statements if _is_lease_lock(c) or _is_delete(c)], core_statements
     assert len(relay.publisher.snapshot()) == 2  # type: ignore[attr-defined]
     with pg.connect() as c:
         assert c.execute(sa.select(sa.func.count()).select_from(T)).scalar_one() == 0
+
+
+@pytest.mark.parametrize("relay_config", [{"delete_published": False}], indirect=True)
+def test_audit_mode_marks_published_on_psycopgs_cursor(pg: sa.Engine, relay: Relay, driver_statements: list[str],
+                                                       core_statements: list[str]) -> None:
+    add_one(pg, 0)
+    before = dt.datetime.now(dt.timezone.utc)
+    assert relay.run_once() == 1
+    assert [q for q in driver_statements if _is_update(q)], driver_statements
+    assert not [c for c in core_statements if _is_update(c)], core_statements
+    with pg.connect() as c:
+        status, published_at = c.execute(sa.select(T.c.status, T.c.published_at)).one()
+    assert status == "published"
+    assert published_at.tzinfo is not None and before - dt.timedelta(seconds=5) <= published_at
+    assert published_at <= dt.datetime.now(dt.timezone.utc)
 
 
 def test_a_watched_relay_shows_the_lease_lock_and_the_delete_to_cursor_listeners(pg: sa.Engine,
