@@ -550,7 +550,7 @@ class LeaseManager:
         if self._lock_stmt is None or self._lock_stmt[0] != key:  # built once per set of partitions
             q = sa.select(le.c.partition, le.c.generation).where(
                 self._mine(le), le.c.partition.in_(parts), le.c.owner == self.relay_id)
-            self._lock_stmt = (key, self.dialect.fixed_select(self.dialect.lock_rows(q)))
+            self._lock_stmt = (key, self.dialect.prepared_select(self.dialect.lock_rows(q)))
         mine = {p: gen for p, gen in self._lock_stmt[1](conn)}
         ok = [p for p in parts if mine.get(p) == self.held[p]]
         lost = [p for p in parts if p in mine and mine[p] != self.held[p]]

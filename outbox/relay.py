@@ -60,7 +60,7 @@ from ._rows import (
 )
 from ._sqlerrors import ADDED_COLUMNS, missing_column_error
 from .config import RelayConfig
-from .dialects.base import Blocker
+from .dialects.base import Blocker, PreparedSelect
 from .errors import BrokerUnavailable, ConfigurationError, SchemaMissing
 from .leases import LeaseManager, _ranges, default_relay_id
 from .message import OutboxRecord
@@ -169,6 +169,7 @@ class Relay:
         self._after: dict[int, int] = {}
         self._reread_due = False  # the next claim reads every partition from its start (see _claim_rows)
         self._claim_cache: tuple[tuple[Any, ...], sa.Select[Any], sa.Select[Any]] | None = None
+        self._promote_select: tuple[tuple[int, ...], PreparedSelect] | None = None  # see _promote
         self._last_watermark_reset = 0.0
         # row id -> whether it was delivered: rows no statement could update (see _give_up_row)
         self._unmarkable: dict[int, bool] = {}
@@ -514,15 +515,19 @@ class Relay:
         transaction, which waits on it).
         """
         o = self.tables.outbox
-        q = (
-            sa.select(o.c.id, o.c.partition)
-            .where(o.c.partition.in_(held), o.c.status == STATUS_PENDING)
-            .where(o.c.available_at > DUE_NOW, o.c.available_at <= now)
-        )
-        topic_clause = self.dialect.topic_filter(o, self.config.topics)
-        if topic_clause is not None:  # this relay group's rows only
-            q = q.where(topic_clause)
-        found = {r[0]: r[1] for r in conn.execute(q)}
+        key = tuple(held)
+        if self._promote_select is None or self._promote_select[0] != key:  # built once per set of partitions
+            q = (
+                sa.select(o.c.id, o.c.partition)
+                .where(o.c.partition.in_(held), o.c.status == STATUS_PENDING)
+                .where(o.c.available_at > DUE_NOW,
+                       o.c.available_at <= sa.bindparam("promote_now", now, type_=o.c.available_at.type))
+            )
+            topic_clause = self.dialect.topic_filter(o, self.config.topics)
+            if topic_clause is not None:  # this relay group's rows only
+                q = q.where(topic_clause)
+            self._promote_select = (key, self.dialect.prepared_select(q))
+        found = {r[0]: r[1] for r in self._promote_select[1](conn, {"promote_now": now})}
         if not look_only:
             for chunk in _chunks(sorted(found), 1000):
                 self.dialect.update_ids(conn, o, chunk, {"available_at": DUE_NOW})

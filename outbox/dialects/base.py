@@ -20,6 +20,10 @@ class Blocker(NamedTuple):
     id: int
 
 
+#: a SELECT made ready to run many times (:meth:`Dialect.prepared_select`): connection, parameters -> rows
+PreparedSelect = Callable[[Connection, Mapping[str, Any] | None], Sequence[Sequence[Any]]]
+
+
 def blocking_rows(table: sa.Table, due: Any, partitions: Sequence[int] | None = None) -> sa.Select[Any]:
     """``(partition, topic, key, id)`` of the earliest dead or backing-off row of each (topic, key).
 
@@ -42,6 +46,8 @@ class Dialect:
     """Database-specific behaviour: column types, insert-if-absent, row claiming, notifications."""
 
     name: ClassVar[str] = "base"
+    #: the last statement :meth:`blockers` built, with what it was built for
+    _blockers_select: tuple[tuple[Any, ...], PreparedSelect] | None = None
     #: ``SELECT ... FOR UPDATE SKIP LOCKED`` is available, so several relays can share the table.
     supports_skip_locked: ClassVar[bool] = False
     #: several relay processes may run at once.
@@ -292,11 +298,16 @@ class Dialect:
         """Apply the row-claiming lock to a SELECT (``FOR UPDATE SKIP LOCKED`` where available)."""
         return select
 
-    def fixed_select(self, select: sa.Select[Any]) -> Callable[[Connection], Sequence[Sequence[Any]]]:
-        """``select``, whose values are all part of it (no parameter at run time), as a function that
-        runs it on a connection and returns its rows: for a statement built once and run in every
-        relay round (the lease lock). A dialect may run it past ``Connection.execute``'s per-call set-up."""
-        return lambda connection: connection.execute(select).all()
+    def prepared_select(self, select: sa.Select[Any]) -> PreparedSelect:
+        """``select`` as a function that runs it on a connection, with values for its named bind
+        parameters if it has any, and returns its rows: for a statement built once and run in many
+        relay rounds (the lease lock, the look-ups of delayed rows and blocked keys). A dialect may run
+        it past ``Connection.execute``'s per-call set-up."""
+
+        def run(connection: Connection, params: Mapping[str, Any] | None = None) -> Sequence[Sequence[Any]]:
+            return connection.execute(select, dict(params or {})).all()
+
+        return run
 
     def check_server(self, connection: Connection) -> None:
         """Raise :class:`~outbox.errors.UnsupportedDatabase` if the server is too old for the relay."""
@@ -330,8 +341,17 @@ class Dialect:
     supports_pipelined_claims: ClassVar[bool] = False
 
     def blockers(self, connection: Connection, table: sa.Table, partitions: Sequence[int], due: Any) -> list[Blocker]:
-        """The :class:`Blocker` of every (topic, key) of ``partitions`` that has one (see :func:`blocking_rows`)."""
-        return [Blocker(*r) for r in connection.execute(blocking_rows(table, due, partitions))]
+        """The :class:`Blocker` of every (topic, key) of ``partitions`` that has one (see :func:`blocking_rows`).
+
+        The statement is built once per table, partitions and ``due`` (the last one is kept: a relay
+        looks its blocked keys up every few rounds, for the same partitions) and run as
+        :meth:`prepared_select` runs it.
+        """
+        key = (table, tuple(partitions), due)
+        cached = self._blockers_select
+        if cached is None or cached[0] != key:
+            cached = self._blockers_select = (key, self.prepared_select(blocking_rows(table, due, partitions)))
+        return [Blocker(*r) for r in cached[1](connection)]
 
     def due_ids(
         self, table: sa.Table, partitions: Sequence[int], per_partition: int, due: Any, blocked: Sequence[Blocker],

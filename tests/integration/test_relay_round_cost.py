@@ -2,8 +2,9 @@
 
 A round at low load claims a few rows: it locks the relay's lease rows, claims, publishes, deletes
 and commits. The lease lock and the delete are the same statements every round, so on psycopg they
-run on the driver's cursor, compiled once (as the claim and the writer's ``add()`` do; so does audit
-mode's UPDATE marking the rows published), not through
+run on the driver's cursor, compiled once (as the claim and the writer's ``add()`` do; so do audit
+mode's UPDATE marking the rows published and the look-ups of delayed rows and blocked keys that run
+every few rounds), not through
 ``Connection.execute``, whose per-call set-up (the IN list expanded again, a cache key, the result
 wrapped) cost about a millisecond of a 3.5 ms idle round (docs/benchmarks.md, tenth session). A
 relay whose statements are watched (a ``before_cursor_execute`` listener such as OpenTelemetry's,
@@ -13,6 +14,7 @@ relay whose statements are watched (a ``before_cursor_execute`` listener such as
 from __future__ import annotations
 
 import datetime as dt
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -68,6 +70,16 @@ def _is_delete(statement: str) -> bool:
 
 def _is_update(statement: str) -> bool:
     return " ".join(statement.split()).upper().startswith(f"UPDATE {T.name.upper()} SET")
+
+
+def _is_promote_look_up(statement: str) -> bool:
+    s = " ".join(statement.split()).upper()
+    return s.startswith("SELECT") and f"FROM {T.name.upper()}" in s and "AVAILABLE_AT <=" in s
+
+
+def _is_blockers_look_up(statement: str) -> bool:
+    s = " ".join(statement.split()).upper()
+    return s.startswith("SELECT") and f"FROM {T.name.upper()}" in s and "GROUP BY" in s
 
 
 @pytest.fixture
@@ -134,6 +146,25 @@ def test_audit_mode_marks_published_on_psycopgs_cursor(pg: sa.Engine, relay: Rel
     assert published_at <= dt.datetime.now(dt.timezone.utc)
 
 
+def test_the_look_ups_of_delayed_rows_and_blocked_keys_run_on_psycopgs_cursor(
+        pg: sa.Engine, relay: Relay, driver_statements: list[str], core_statements: list[str]) -> None:
+    """They run every few rounds (``REFRESH``), built once for the relay's partitions; the delayed
+    row's look-up takes the time of each run, so the row goes out once it is due, not before."""
+    with Session(pg) as s, s.begin():
+        Outbox().add(s, "cost.round", {"n": 0}, key="k0", delay=0.3)
+    relay._refresh_due = True
+    assert relay.run_once() == 0
+    assert [q for q in driver_statements if _is_promote_look_up(q)], driver_statements
+    assert [q for q in driver_statements if _is_blockers_look_up(q)], driver_statements
+    assert not [c for c in core_statements if _is_promote_look_up(c) or _is_blockers_look_up(c)], core_statements
+    with pg.connect() as c:
+        due_at = c.execute(sa.select(T.c.available_at)).scalar_one()
+    time.sleep(max(0.0, (due_at - dt.datetime.now(dt.timezone.utc)).total_seconds()) + 0.05)  # a clock to pass
+    relay._refresh_due = True
+    assert relay.run_once() == 1
+    assert len(relay.publisher.snapshot()) == 1  # type: ignore[attr-defined]
+
+
 def test_a_watched_relay_shows_the_lease_lock_and_the_delete_to_cursor_listeners(pg: sa.Engine,
                                                                                 relay: Relay) -> None:
     add_one(pg, 0)
@@ -151,6 +182,15 @@ def test_a_watched_relay_shows_the_lease_lock_and_the_delete_to_cursor_listeners
         event.remove(relay.engine, "before_cursor_execute", note)
     assert [s for s in seen if _is_lease_lock(s)], seen
     assert [s for s in seen if _is_delete(s)], seen
+    seen.clear()
+    event.listen(relay.engine, "before_cursor_execute", note)
+    try:
+        relay._refresh_due = True
+        assert relay.run_once() == 0
+    finally:
+        event.remove(relay.engine, "before_cursor_execute", note)
+    assert [s for s in seen if _is_promote_look_up(s)], seen
+    assert [s for s in seen if _is_blockers_look_up(s)], seen
 
 
 def test_the_direct_delete_raises_sqlalchemys_error_and_the_transaction_can_roll_back(pg: sa.Engine) -> None:
