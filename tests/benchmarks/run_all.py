@@ -19,11 +19,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _bench as b
 
-SCENARIOS = ["relay_kafka", "relay_kafka_metrics", "relay_rabbitmq", "latency", "writer", "consumer", "async_consumer",
-             "backlog_scale", "relays", "async_runner", "retention"]
+SCENARIOS = ["relay_kafka", "relay_kafka_metrics", "relay_rabbitmq", "latency", "idle_latency", "writer", "consumer",
+             "consumer_v7", "async_consumer", "backlog_scale", "relays", "async_runner", "retention"]
 
 #: scenarios that are another script's mode: name -> (script, its flags)
-EXTRA = {"relay_kafka_metrics": ("relay_kafka", ["--metrics"])}
+EXTRA = {"relay_kafka_metrics": ("relay_kafka", ["--metrics"]), "consumer_v7": ("consumer", ["--ids", "v7"])}
 
 
 def main() -> int:
