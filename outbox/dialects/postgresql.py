@@ -874,7 +874,9 @@ class _RawSelect:
     skips the per-call statement cache look-up and result wrapping, and asks for binary rows.
     The rows are plain tuples. Driver errors are raised as SQLAlchemy's ``DBAPIError`` subclasses,
     as ``Connection.execute`` raises them (the relay classifies those), and a lost connection is
-    invalidated. Other drivers go through ``Connection.execute``.
+    invalidated. Other drivers go through ``Connection.execute``, and so does a connection whose
+    statements something watches (:func:`_unwatched`: a cursor listener such as OpenTelemetry's, or
+    ``echo``), so that SQL logs and traces show the claim.
     """
 
     def __init__(self, stmt: sa.Select[Any], dialect: sa.engine.Dialect) -> None:
@@ -887,7 +889,7 @@ class _RawSelect:
         self.processors = _bind_processors(compiled, dialect)
 
     def run(self, connection: Connection, params: Mapping[str, Any]) -> Sequence[Sequence[Any]]:
-        if connection.dialect.driver != "psycopg":
+        if not _unwatched(connection):  # another driver, or a listener / echo that must see the statement
             return connection.execute(self.stmt, dict(params)).all()
         values = {**self.defaults, **params}
         for name, proc in self.processors.items():
@@ -912,8 +914,6 @@ class _PreparedSelect:
         self.raw: _RawSelect | None = None
 
     def __call__(self, connection: Connection, params: Mapping[str, Any] | None = None) -> Sequence[Sequence[Any]]:
-        if not _unwatched(connection):
-            return connection.execute(self.stmt, dict(params or {})).all()
         if self.raw is None:
             self.raw = _RawSelect(self.stmt, connection.dialect)
         return self.raw.run(connection, params or {})

@@ -68,6 +68,11 @@ def _is_delete(statement: str) -> bool:
     return " ".join(statement.split()).upper().startswith(f"DELETE FROM {T.name.upper()}")
 
 
+def _is_claim(statement: str) -> bool:
+    s = " ".join(statement.split()).upper()
+    return s.startswith("SELECT") and f"FROM {T.name.upper()}" in s and "SKIP LOCKED" in s
+
+
 def _is_update(statement: str) -> bool:
     return " ".join(statement.split()).upper().startswith(f"UPDATE {T.name.upper()} SET")
 
@@ -165,8 +170,9 @@ def test_the_look_ups_of_delayed_rows_and_blocked_keys_run_on_psycopgs_cursor(
     assert len(relay.publisher.snapshot()) == 1  # type: ignore[attr-defined]
 
 
-def test_a_watched_relay_shows_the_lease_lock_and_the_delete_to_cursor_listeners(pg: sa.Engine,
-                                                                                relay: Relay) -> None:
+def test_a_watched_relay_shows_its_statements_to_cursor_listeners(pg: sa.Engine, relay: Relay) -> None:
+    """The lease lock, the claim, the delete and the look-ups, through ``Connection.execute``: a
+    listener such as OpenTelemetry's SQLAlchemy instrumentation sees every statement of a round."""
     add_one(pg, 0)
     assert relay.run_once() == 1
     seen: list[str] = []
@@ -181,6 +187,7 @@ def test_a_watched_relay_shows_the_lease_lock_and_the_delete_to_cursor_listeners
     finally:
         event.remove(relay.engine, "before_cursor_execute", note)
     assert [s for s in seen if _is_lease_lock(s)], seen
+    assert [s for s in seen if _is_claim(s)], seen
     assert [s for s in seen if _is_delete(s)], seen
     seen.clear()
     event.listen(relay.engine, "before_cursor_execute", note)
