@@ -21,6 +21,7 @@ import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -172,6 +173,23 @@ def truncate_all(engine: sa.Engine, tables: OutboxTables | None = None, extra: l
             conn.execute(t.delete())
         for name in extra or []:
             conn.execute(sa.text(f"DELETE FROM {name}"))
+
+
+@pytest.fixture
+def psycopg_statements(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every statement psycopg's (sync) cursor is asked to execute, as text, in order: what reaches the
+    driver, whether or not through ``Connection.execute``."""
+    import psycopg
+
+    sent: list[str] = []
+    real = psycopg.Cursor.execute
+
+    def execute(self: Any, query: Any, *args: Any, **kwargs: Any) -> Any:
+        sent.append(str(query))
+        return real(self, query, *args, **kwargs)
+
+    monkeypatch.setattr(psycopg.Cursor, "execute", execute)
+    return sent
 
 
 @pytest.fixture(params=DIALECTS)

@@ -721,6 +721,22 @@ def _bind_processors(compiled: Any, dialect: sa.engine.Dialect) -> dict[str, Cal
     return out
 
 
+def _run_on_cursor(connection: Connection, sql: str, params: dict[str, Any] | list[dict[str, Any]]) -> None:
+    """``sql`` on psycopg's own cursor of ``connection``: one set of ``params`` executed, a list of them
+    ``executemany``. A driver error goes through SQLAlchemy's own handling (``handle_error`` listeners,
+    invalidation of a lost connection) and is raised as the ``DBAPIError`` ``Connection.execute`` raises."""
+    cursor = connection.connection.driver_connection.cursor()  # type: ignore[union-attr]
+    try:
+        if isinstance(params, list):
+            cursor.executemany(sql, params)
+        else:
+            cursor.execute(sql, params)
+    except connection.dialect.loaded_dbapi.Error as exc:
+        connection._handle_dbapi_exception(exc, sql, params, cursor, None)
+    finally:
+        cursor.close()
+
+
 def _raw_insert(table: sa.Table, columns: tuple[str, ...], dialect: sa.engine.Dialect) -> _RawInsert:
     return _once(table, ("raw-insert", columns), lambda: _RawInsert(table, columns, dialect))  # type: ignore[no-any-return]
 
@@ -751,16 +767,7 @@ class _RawInsert:
             for name, proc in processors.items():
                 values[name] = proc(values[name])
             params.append(values)
-        cursor = connection.connection.driver_connection.cursor()  # type: ignore[union-attr]
-        try:
-            if len(params) == 1:
-                cursor.execute(self.sql, params[0])
-            else:
-                cursor.executemany(self.sql, params)
-        except connection.dialect.loaded_dbapi.Error as exc:
-            connection._handle_dbapi_exception(exc, self.sql, params, cursor, None)
-        finally:
-            cursor.close()
+        _run_on_cursor(connection, self.sql, params[0] if len(params) == 1 else params)
 
 
 class _Started:
@@ -951,13 +958,7 @@ class _RawByIds:
             params[names[f"set_{column}"]] = value
         for name, proc in self.processors.items():
             params[name] = proc(params[name])
-        cursor = connection.connection.driver_connection.cursor()  # type: ignore[union-attr]
-        try:
-            cursor.execute(self.sql, params)
-        except connection.dialect.loaded_dbapi.Error as exc:
-            connection._handle_dbapi_exception(exc, self.sql, params, cursor, None)
-        finally:
-            cursor.close()
+        _run_on_cursor(connection, self.sql, params)
 
 
 def _held(partitions: Sequence[int], after: Mapping[int, int], quotas: Sequence[int] | None = None) -> Any:

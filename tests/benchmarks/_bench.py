@@ -13,6 +13,7 @@ import datetime as dt
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import tempfile
@@ -372,6 +373,21 @@ def child_line(proc: subprocess.Popen[str], expect: str, timeout: float = 120.0)
     if data.get("event") != expect:
         raise RuntimeError(f"relay child said {data!r}, expected {expect!r}")
     return data
+
+
+def stop_relay_child(proc: subprocess.Popen[str], published_log: Path | None = None) -> dict[str, float]:
+    """SIGTERM a ``run``-mode relay child, wait for its ``done`` and its exit; then read (and remove)
+    its ``--published-log``: message id -> the time it was acknowledged (empty without one)."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        child_line(proc, "done", timeout=30)
+    finally:
+        proc.wait(30)
+    if published_log is None or not published_log.exists():
+        return {}
+    acked: dict[str, float] = json.loads(published_log.read_text())
+    published_log.unlink(missing_ok=True)
+    return acked
 
 
 def send(proc: subprocess.Popen[str], word: str) -> None:

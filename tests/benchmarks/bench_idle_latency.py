@@ -20,9 +20,7 @@ own. PostgreSQL only (NOTIFY).
 
 from __future__ import annotations
 
-import json
 import multiprocessing as mp
-import signal
 import statistics
 import sys
 import tempfile
@@ -115,18 +113,13 @@ def relay_phase(engine: sa.Engine, args: Any) -> tuple[dict[str, float], dict[st
     log = Path(tempfile.gettempdir()) / f"bench-idle-{uuid.uuid4().hex[:8]}.json"
     child = b.relay_child(b.url_of(engine), publisher="null", mode="run", notify=True, published_log=str(log),
                           poll_interval=args.poll_interval)
+    committed: dict[str, float] = {}
     try:
         b.child_line(child, "ready")
         committed = write(engine, args.rate, args.seconds)
         wait_drained(engine)
     finally:
-        child.send_signal(signal.SIGTERM)
-        try:
-            b.child_line(child, "done", timeout=30)
-        finally:
-            child.wait(30)
-    stamps = json.loads(log.read_text()) if log.exists() else {}
-    log.unlink(missing_ok=True)
+        stamps = b.stop_relay_child(child, log)
     return committed, stamps
 
 

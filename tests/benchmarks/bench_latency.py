@@ -20,9 +20,7 @@ writer that cannot hold the rate would measure a lighter load.
 
 from __future__ import annotations
 
-import json
 import multiprocessing as mp
-import signal
 import statistics
 import sys
 import tempfile
@@ -224,13 +222,7 @@ def relay_phase(engine, bootstrap: str, args, notify: bool, rates: list[int]) ->
             reader.wait_for(set(committed), args.poll_interval + 30)
             loads[rate] = (committed, reader.received, achieved, per_tx)
     finally:
-        child.send_signal(signal.SIGTERM)
-        try:
-            b.child_line(child, "done", timeout=30)
-        finally:
-            child.wait(30)
-    acked = json.loads(log.read_text()) if log.exists() else {}
-    log.unlink(missing_ok=True)
+        acked = b.stop_relay_child(child, log)
     out: dict[int, dict[str, float]] = {}
     for rate, (committed, received, achieved, per_tx) in loads.items():
         lat = latencies(committed, received)

@@ -88,19 +88,9 @@ def _is_blockers_look_up(statement: str) -> bool:
 
 
 @pytest.fixture
-def driver_statements(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Every statement psycopg's cursor is asked to execute."""
-    import psycopg
-
-    sent: list[str] = []
-    real = psycopg.Cursor.execute
-
-    def execute(self: Any, query: Any, *args: Any, **kwargs: Any) -> Any:
-        sent.append(str(query))
-        return real(self, query, *args, **kwargs)
-
-    monkeypatch.setattr(psycopg.Cursor, "execute", execute)
-    return sent
+def driver_statements(psycopg_statements: list[str]) -> list[str]:
+    """Every statement psycopg's cursor is asked to execute (``tests/conftest.py``)."""
+    return psycopg_statements
 
 
 @pytest.fixture

@@ -139,21 +139,12 @@ def test_the_pending_row_maps_only_its_id_and_keeps_every_value(engine: sa.Engin
 
 @pytest.mark.parametrize("dialect_name", ["postgresql"], indirect=True)
 def test_add_on_psycopg_skips_connection_execute_when_no_listener_watches(
-    engine: sa.Engine, monkeypatch: pytest.MonkeyPatch
+    engine: sa.Engine, psycopg_statements: list[str]
 ) -> None:
     """With no cursor-execute listener (nothing that would miss it), the INSERT goes to psycopg's
     cursor directly; the statement-level ``before_execute`` event, which is not a cursor event,
     shows that ``Connection.execute`` did not run it."""
-    import psycopg
-
-    sent: list[str] = []
-    real = psycopg.Cursor.execute
-
-    def execute(self: Any, query: Any, *args: Any, **kwargs: Any) -> Any:
-        sent.append(str(query))
-        return real(self, query, *args, **kwargs)
-
-    monkeypatch.setattr(psycopg.Cursor, "execute", execute)
+    sent = psycopg_statements
     core: list[str] = []
 
     def note(conn: Any, clause: Any, *_: Any) -> None:
