@@ -59,38 +59,37 @@ def add_one(engine: sa.Engine, n: int) -> None:
         Outbox().add(s, "cost.round", {"n": n}, key=f"k{n}")
 
 
+def _sql(statement: str) -> str:
+    """``statement`` on one line, upper case: what the predicates below look at."""
+    return " ".join(statement.split()).upper()
+
+
 def _is_lease_lock(statement: str) -> bool:
-    s = " ".join(statement.split()).upper()
+    s = _sql(statement)
     return s.startswith("SELECT") and f"FROM {L.name.upper()}" in s and "FOR UPDATE" in s
 
 
 def _is_delete(statement: str) -> bool:
-    return " ".join(statement.split()).upper().startswith(f"DELETE FROM {T.name.upper()}")
+    return _sql(statement).startswith(f"DELETE FROM {T.name.upper()}")
 
 
 def _is_claim(statement: str) -> bool:
-    s = " ".join(statement.split()).upper()
+    s = _sql(statement)
     return s.startswith("SELECT") and f"FROM {T.name.upper()}" in s and "SKIP LOCKED" in s
 
 
 def _is_update(statement: str) -> bool:
-    return " ".join(statement.split()).upper().startswith(f"UPDATE {T.name.upper()} SET")
+    return _sql(statement).startswith(f"UPDATE {T.name.upper()} SET")
 
 
 def _is_promote_look_up(statement: str) -> bool:
-    s = " ".join(statement.split()).upper()
+    s = _sql(statement)
     return s.startswith("SELECT") and f"FROM {T.name.upper()}" in s and "AVAILABLE_AT <=" in s
 
 
 def _is_blockers_look_up(statement: str) -> bool:
-    s = " ".join(statement.split()).upper()
+    s = _sql(statement)
     return s.startswith("SELECT") and f"FROM {T.name.upper()}" in s and "GROUP BY" in s
-
-
-@pytest.fixture
-def driver_statements(psycopg_statements: list[str]) -> list[str]:
-    """Every statement psycopg's cursor is asked to execute (``tests/conftest.py``)."""
-    return psycopg_statements
 
 
 @pytest.fixture
@@ -108,18 +107,18 @@ def core_statements(relay: Relay) -> Iterator[list[str]]:
 
 
 def test_a_round_locks_the_leases_and_deletes_on_psycopgs_cursor(pg: sa.Engine, relay: Relay,
-                                                                 driver_statements: list[str],
+                                                                 psycopg_statements: list[str],
                                                                  core_statements: list[str]) -> None:
     """No ``Connection.execute`` for the lease lock and the delete; psycopg's cursor ran both; the
     row was published once and deleted."""
     add_one(pg, 0)
     assert relay.run_once() == 1  # warm: statements built, leases locked once
-    driver_statements.clear()
+    psycopg_statements.clear()
     core_statements.clear()
     add_one(pg, 1)
     assert relay.run_once() == 1
-    assert [q for q in driver_statements if _is_lease_lock(q)], driver_statements
-    assert [q for q in driver_statements if _is_delete(q)], driver_statements
+    assert [q for q in psycopg_statements if _is_lease_lock(q)], psycopg_statements
+    assert [q for q in psycopg_statements if _is_delete(q)], psycopg_statements
     assert not [c for c in core_statements if _is_lease_lock(c) or _is_delete(c)], core_statements
     assert len(relay.publisher.snapshot()) == 2  # type: ignore[attr-defined]
     with pg.connect() as c:
@@ -127,12 +126,12 @@ def test_a_round_locks_the_leases_and_deletes_on_psycopgs_cursor(pg: sa.Engine, 
 
 
 @pytest.mark.parametrize("relay_config", [{"delete_published": False}], indirect=True)
-def test_audit_mode_marks_published_on_psycopgs_cursor(pg: sa.Engine, relay: Relay, driver_statements: list[str],
+def test_audit_mode_marks_published_on_psycopgs_cursor(pg: sa.Engine, relay: Relay, psycopg_statements: list[str],
                                                        core_statements: list[str]) -> None:
     add_one(pg, 0)
     before = dt.datetime.now(dt.timezone.utc)
     assert relay.run_once() == 1
-    assert [q for q in driver_statements if _is_update(q)], driver_statements
+    assert [q for q in psycopg_statements if _is_update(q)], psycopg_statements
     assert not [c for c in core_statements if _is_update(c)], core_statements
     with pg.connect() as c:
         status, published_at = c.execute(sa.select(T.c.status, T.c.published_at)).one()
@@ -142,15 +141,15 @@ def test_audit_mode_marks_published_on_psycopgs_cursor(pg: sa.Engine, relay: Rel
 
 
 def test_the_look_ups_of_delayed_rows_and_blocked_keys_run_on_psycopgs_cursor(
-        pg: sa.Engine, relay: Relay, driver_statements: list[str], core_statements: list[str]) -> None:
+        pg: sa.Engine, relay: Relay, psycopg_statements: list[str], core_statements: list[str]) -> None:
     """They run every few rounds (``REFRESH``), built once for the relay's partitions; the delayed
     row's look-up takes the time of each run, so the row goes out once it is due, not before."""
     with Session(pg) as s, s.begin():
         Outbox().add(s, "cost.round", {"n": 0}, key="k0", delay=0.3)
     relay._refresh_due = True
     assert relay.run_once() == 0
-    assert [q for q in driver_statements if _is_promote_look_up(q)], driver_statements
-    assert [q for q in driver_statements if _is_blockers_look_up(q)], driver_statements
+    assert [q for q in psycopg_statements if _is_promote_look_up(q)], psycopg_statements
+    assert [q for q in psycopg_statements if _is_blockers_look_up(q)], psycopg_statements
     assert not [c for c in core_statements if _is_promote_look_up(c) or _is_blockers_look_up(c)], core_statements
     with pg.connect() as c:
         due_at = c.execute(sa.select(T.c.available_at)).scalar_one()
