@@ -192,7 +192,9 @@ class Outbox:
             raise ConfigurationError(f"Outbox(source=...): {exc}") from None
         self.trace_context = trace_context
         self._row_cls = _row_class(self.tables)
-        self._insert = sa.insert(self.tables.outbox)
+        # inline: no RETURNING of the server-made id, which nothing reads (the row's identity is its
+        # message_id); PostgreSQL would otherwise send a result back for every add()
+        self._insert = sa.insert(self.tables.outbox).inline()
         self._table_key = self.tables.outbox.fullname
         self._dialects: dict[str, dialects.Dialect] = {}  # by SQLAlchemy dialect name
         for t in self.tables.all():

@@ -754,7 +754,8 @@ class _RawInsert:
     """
 
     def __init__(self, table: sa.Table, columns: tuple[str, ...], dialect: sa.engine.Dialect) -> None:
-        compiled = sa.insert(table).compile(dialect=dialect, column_keys=list(columns))
+        # inline: no RETURNING id (the writer never reads it), so no result set for psycopg to build
+        compiled = sa.insert(table).inline().compile(dialect=dialect, column_keys=list(columns))
         self.sql = compiled.string
         self.processors = _bind_processors(compiled, dialect)
         self.names = {bind.key: name for bind, name in compiled.bind_names.items()}

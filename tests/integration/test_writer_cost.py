@@ -62,11 +62,28 @@ def test_add_many_is_one_executemany_without_returning(engine: sa.Engine, statem
             == ids
 
 
-def test_one_add_is_one_plain_insert(engine: sa.Engine, statements: list) -> None:
+def test_one_add_is_one_plain_insert_without_returning(engine: sa.Engine, statements: list) -> None:
+    """Watched (a cursor listener): ``Connection.execute``, which on PostgreSQL would add ``RETURNING id``
+    to a one-row INSERT for a primary key nobody reads."""
     box = Outbox()
     with Session(engine) as s, s.begin():
         box.add(s, "cost", b"x")
-    assert len(_outbox_inserts(statements)) == 1  # (on PostgreSQL Core adds RETURNING id to a one-row INSERT)
+    inserts = _outbox_inserts(statements)
+    assert len(inserts) == 1, inserts
+    assert "RETURNING" not in inserts[0][0].upper()
+
+
+@pytest.mark.parametrize("dialect_name", ["postgresql"], indirect=True)
+def test_one_add_on_psycopgs_cursor_asks_for_no_result(engine: sa.Engine, psycopg_statements: list[str]) -> None:
+    """Unwatched: the INSERT goes to psycopg's own cursor, as a plain INSERT (no result set to build)."""
+    box = Outbox()
+    with Session(engine) as s, s.begin():
+        mid = box.add(s, "cost", b"x")
+    inserts = [q for q in psycopg_statements if q.lstrip().upper().startswith(f"INSERT INTO {T.name.upper()}")]
+    assert len(inserts) == 1, psycopg_statements
+    assert "RETURNING" not in inserts[0].upper()
+    with engine.connect() as c:
+        assert c.execute(sa.select(T.c.message_id).where(T.c.topic == "cost")).scalar_one() == mid
 
 
 def test_listeners_are_registered_once_and_leave_other_sessions_alone(engine: sa.Engine) -> None:
