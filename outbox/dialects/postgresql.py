@@ -10,7 +10,7 @@ import math
 import threading
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal, overload
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql as pg
@@ -721,16 +721,26 @@ def _bind_processors(compiled: Any, dialect: sa.engine.Dialect) -> dict[str, Cal
     return out
 
 
-def _run_on_cursor(connection: Connection, sql: str, params: dict[str, Any] | list[dict[str, Any]]) -> None:
+@overload
+def _run_on_cursor(connection: Connection, sql: str, params: dict[str, Any] | list[dict[str, Any]],
+                   *, rows: Literal[False] = False) -> None: ...
+@overload
+def _run_on_cursor(connection: Connection, sql: str, params: dict[str, Any],
+                   *, rows: Literal[True]) -> list[Any]: ...
+def _run_on_cursor(connection: Connection, sql: str, params: dict[str, Any] | list[dict[str, Any]],
+                   *, rows: bool = False) -> list[Any] | None:
     """``sql`` on psycopg's own cursor of ``connection``: one set of ``params`` executed, a list of them
-    ``executemany``. A driver error goes through SQLAlchemy's own handling (``handle_error`` listeners,
-    invalidation of a lost connection) and is raised as the ``DBAPIError`` ``Connection.execute`` raises."""
-    cursor = connection.connection.driver_connection.cursor()  # type: ignore[union-attr]
+    ``executemany``; with ``rows``, the statement's rows, as plain tuples in binary format. A driver error
+    goes through SQLAlchemy's own handling (``handle_error`` listeners, invalidation of a lost
+    connection and of the pool it came from) and is raised as the ``DBAPIError`` ``Connection.execute``
+    raises."""
+    cursor = connection.connection.driver_connection.cursor(binary=rows)  # type: ignore[union-attr]
     try:
         if isinstance(params, list):
             cursor.executemany(sql, params)
         else:
             cursor.execute(sql, params)
+        return cursor.fetchall() if rows else None
     except connection.dialect.loaded_dbapi.Error as exc:
         connection._handle_dbapi_exception(exc, sql, params, cursor, None)
     finally:
@@ -880,9 +890,9 @@ class _RawSelect:
     For the statement the relay runs every batch: the SQL text and the bind processing are
     SQLAlchemy's (nothing is written by hand, nothing comes from user strings); only the execution
     skips the per-call statement cache look-up and result wrapping, and asks for binary rows.
-    The rows are plain tuples. Driver errors are raised as SQLAlchemy's ``DBAPIError`` subclasses,
-    as ``Connection.execute`` raises them (the relay classifies those), and a lost connection is
-    invalidated. Other drivers go through ``Connection.execute``, and so does a connection whose
+    The rows are plain tuples. Driver errors go through SQLAlchemy's own handling and are raised as
+    its ``DBAPIError`` subclasses, as on ``Connection.execute`` (:func:`_run_on_cursor`; the relay
+    classifies those). Other drivers go through ``Connection.execute``, and so does a connection whose
     statements something watches (:func:`_unwatched`: a cursor listener such as OpenTelemetry's, or
     ``echo``), so that SQL logs and traces show the claim.
     """
@@ -902,16 +912,7 @@ class _RawSelect:
         values = {**self.defaults, **params}
         for name, proc in self.processors.items():
             values[name] = proc(values[name])
-        driver = connection.connection.driver_connection
-        dbapi = connection.dialect.loaded_dbapi
-        try:
-            with driver.cursor(binary=True) as cursor:  # type: ignore[union-attr]
-                cursor.execute(self.sql, values)
-                return cursor.fetchall()
-        except dbapi.Error as exc:
-            if connection.dialect.is_disconnect(exc, connection.connection.dbapi_connection, None):
-                connection.invalidate(exc)
-            raise sa.exc.DBAPIError.instance(self.sql, values, exc, dbapi.Error) from exc
+        return _run_on_cursor(connection, self.sql, values, rows=True)
 
 
 class _PreparedSelect:

@@ -200,3 +200,27 @@ def test_the_direct_delete_raises_sqlalchemys_error_and_the_transaction_can_roll
         assert "outbox_no_such_table" in str(info.value)
         conn.rollback()
         assert conn.execute(sa.select(sa.literal(1))).scalar_one() == 1
+
+
+def test_a_driver_error_of_a_direct_select_goes_through_sqlalchemys_error_handling(pg: sa.Engine) -> None:
+    """The direct SELECTs (the claim, the lease lock, the look-ups) handle a driver error as every other
+    statement does: ``handle_error`` listeners see it (and a lost connection invalidates the pool, as on
+    ``Connection.execute``), and it is raised as SQLAlchemy's ``DBAPIError`` subclass."""
+    missing = sa.Table("outbox_no_such_table", sa.MetaData(), sa.Column("id", sa.BigInteger, primary_key=True))
+    seen: list[BaseException] = []
+
+    def on_error(context: Any) -> None:
+        seen.append(context.original_exception)
+
+    event.listen(pg, "handle_error", on_error)
+    try:
+        with pg.connect() as conn:
+            run = dialect_for(conn).prepared_select(sa.select(missing.c.id).where(missing.c.id > 0))
+            with pytest.raises(sa.exc.ProgrammingError) as info:
+                run(conn)
+            assert "outbox_no_such_table" in str(info.value)
+            conn.rollback()
+            assert conn.execute(sa.select(sa.literal(1))).scalar_one() == 1
+    finally:
+        event.remove(pg, "handle_error", on_error)
+    assert len(seen) == 1 and "outbox_no_such_table" in str(seen[0]), seen
