@@ -41,8 +41,12 @@ def _is_notify(statement: str) -> bool:
     return statement.lstrip().upper().startswith("NOTIFY")
 
 
+def _is_outbox_insert(statement: str) -> bool:
+    return statement.lstrip().upper().startswith(f"INSERT INTO {T.name.upper()}")
+
+
 def _outbox_inserts(seen: list[tuple[str, bool, int]]) -> list[tuple[str, bool, int]]:
-    return [s for s in seen if s[0].lstrip().upper().startswith(f"INSERT INTO {T.name.upper()}")]
+    return [s for s in seen if _is_outbox_insert(s[0])]
 
 
 def test_add_many_is_one_executemany_without_returning(engine: sa.Engine, statements: list) -> None:
@@ -79,7 +83,7 @@ def test_one_add_on_psycopgs_cursor_asks_for_no_result(engine: sa.Engine, psycop
     box = Outbox()
     with Session(engine) as s, s.begin():
         mid = box.add(s, "cost", b"x")
-    inserts = [q for q in psycopg_statements if q.lstrip().upper().startswith(f"INSERT INTO {T.name.upper()}")]
+    inserts = [q for q in psycopg_statements if _is_outbox_insert(q)]
     assert len(inserts) == 1, psycopg_statements
     assert "RETURNING" not in inserts[0].upper()
     with engine.connect() as c:
