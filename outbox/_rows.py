@@ -9,7 +9,7 @@ claim's transaction, and never reaches a publisher.
 The columns that SQLAlchemy would convert on the way out (``message_id``, ``payload``,
 ``headers``) are read raw (see :func:`claim_columns`), so one undecodable value fails its own row
 here, not the whole claim inside the driver's result processing; ``created_at`` is read as the
-dialect says (:meth:`~outbox.dialects.base.Dialect.readable_timestamp`) for the same reason.
+dialect says (:meth:`~outbox.dialects.base.Dialect.claim_timestamp`) for the same reason.
 """
 
 from __future__ import annotations
@@ -40,7 +40,9 @@ CONTENT_TYPE_LENGTH = 127
 _SHORT_KEY = KEY_LENGTH // 4
 _RAW = ("message_id", "payload", "headers", "created_at", "attributes")
 _COLUMNS = ("id", "message_id", "topic", "key", "payload", "headers", "content_type", "partition", "attempts",
-            "created_at", "attributes")
+            "created_at", "attributes", "created_at_text")
+#: read only when present (an object with the column names as attributes may lack them)
+_OPTIONAL = ("created_at", "attributes", "created_at_text")
 #: positions in a claimed row (the claim's columns are in _COLUMNS order)
 ROW_ID, ROW_TOPIC, ROW_KEY, ROW_PARTITION = 0, 2, 3, 7
 _UTC = dt.timezone.utc
@@ -56,17 +58,23 @@ class RowError(ValueError):
 
 
 def claim_columns(
-    table: sa.Table, timestamp: Callable[[sa.ColumnElement[Any]], sa.ColumnElement[Any]] | None = None
+    table: sa.Table,
+    timestamp: Callable[[sa.ColumnElement[Any]], tuple[sa.ColumnElement[Any], sa.ColumnElement[Any]]] | None = None,
 ) -> list[sa.ColumnElement[Any]]:
     """The columns a claim reads, in :func:`decode_row`'s order; converting types are read raw.
 
     ``timestamp``: how the dialect reads ``created_at`` so that no stored value fails the driver
-    (:meth:`~outbox.dialects.base.Dialect.readable_timestamp`); raw by default.
+    (:meth:`~outbox.dialects.base.Dialect.claim_timestamp`: the value, or its text where the driver
+    would fail on it); raw, with no text column, by default.
     """
     cols: list[sa.ColumnElement[Any]] = []
+    created = table.c.created_at
+    value, text = (sa.type_coerce(created, sa.types.NullType()), sa.null()) if timestamp is None else timestamp(created)
     for n in _COLUMNS:
-        if n == "created_at" and timestamp is not None:
-            cols.append(timestamp(table.c[n]).label(n))
+        if n == "created_at":
+            cols.append(value.label(n))
+        elif n == "created_at_text":
+            cols.append(text.label(n))
         elif n in _RAW:
             cols.append(sa.type_coerce(table.c[n], sa.types.NullType()).label(n))
         else:
@@ -85,10 +93,10 @@ def decode_row(row: Any, *, json_as_text: bool) -> OutboxRecord:
     full check that names the problem (the same rules either way).
     """
     try:
-        rid, mid, topic, key, payload, headers, ctype, part, attempts, created, attrs = row  # a claimed Row, _COLUMNS
-    except TypeError:  # an object with the column names as attributes (created_at, attributes may be absent)
-        rid, mid, topic, key, payload, headers, ctype, part, attempts, created, attrs = (
-            getattr(row, n) if n not in ("created_at", "attributes") else getattr(row, n, None) for n in _COLUMNS)
+        rid, mid, topic, key, payload, headers, ctype, part, attempts, created, attrs, created_text = row  # _COLUMNS
+    except TypeError:  # an object with the column names as attributes (the _OPTIONAL ones may be absent)
+        rid, mid, topic, key, payload, headers, ctype, part, attempts, created, attrs, created_text = (
+            getattr(row, n) if n not in _OPTIONAL else getattr(row, n, None) for n in _COLUMNS)
     try:
         if type(mid) is not uuid.UUID:
             mid = _message_id(mid)
@@ -106,7 +114,7 @@ def decode_row(row: Any, *, json_as_text: bool) -> OutboxRecord:
         if type(attempts) is not int or not 0 <= attempts <= MAX_ATTEMPTS_VALUE:
             attempts = _int("attempts", attempts, 0, MAX_ATTEMPTS_VALUE)
         attrs = NO_ATTRIBUTES if attrs is None else _attributes(attrs, json_as_text)
-        created = _created_at(created)
+        created = _created_at(created if created_text is None else created_text)
     except RowError as exc:
         raise RowError(f"row {rid}: {exc}") from None
     return claimed_record(rid, mid, topic, key, payload, headers, ctype, part, attempts, created, attrs)
@@ -115,9 +123,10 @@ def decode_row(row: Any, *, json_as_text: bool) -> OutboxRecord:
 def _created_at(value: Any) -> dt.datetime | None:
     """The row's ``created_at`` as an aware UTC datetime (the broker timestamp), ``None`` if absent.
 
-    Read raw (PostgreSQL: ISO text, see :meth:`~outbox.dialects.base.Dialect.readable_timestamp`):
-    a hand-made value no datetime holds (PostgreSQL's ``'infinity'``, year 10000, BC, MariaDB's zero
-    date) raises :class:`RowError` naming it, so its row alone is refused, never the claim.
+    Read raw (PostgreSQL: the timestamp, or ISO text near and past the ends of what a datetime
+    holds, see :meth:`~outbox.dialects.base.Dialect.claim_timestamp`): a hand-made value no datetime
+    holds (PostgreSQL's ``'infinity'``, year 10000, BC, MariaDB's zero date) raises
+    :class:`RowError` naming it, so its row alone is refused, never the claim.
     """
     if type(value) is dt.datetime:
         tz = value.tzinfo

@@ -90,6 +90,15 @@ class Dialect:
         """
         return sa.type_coerce(column, sa.types.NullType())
 
+    def claim_timestamp(self, column: sa.ColumnElement[Any]) -> tuple[sa.ColumnElement[Any], sa.ColumnElement[Any]]:
+        """How the claim reads ``column`` (``created_at``): two columns, the value and its text.
+
+        A row's value is read in the first (:meth:`readable_timestamp` by default), or, where the
+        driver would fail the whole claim on it, as text in the second (NULL otherwise):
+        :func:`outbox._rows.decode_row` takes the one that is not NULL.
+        """
+        return self.readable_timestamp(column), sa.null()
+
     def error_kind(self, exc: sa.exc.DBAPIError) -> str | None:
         """``"transient"``, ``"permanent"`` or ``None`` (let the generic rules decide) for a driver error.
 
