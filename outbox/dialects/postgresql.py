@@ -159,7 +159,8 @@ class PostgreSQLDialect(Dialect):
         return [f"SET idle_in_transaction_session_timeout = {max(1, math.ceil(seconds * 1000))}"]
 
     def relay_session_statements(self) -> list[str]:
-        """``random_page_cost`` at most 1.1 in the relay's sessions (the common value for SSDs and cached data).
+        """``random_page_cost`` at most 1.1 in the relay's sessions (the common value for SSDs and cached
+        data), and their time zone UTC.
 
         The claim (:meth:`claim_by_quota`) reads each partition's first due rows, whole, through
         the claim index. At the default 4.0 the planner expects those rows' heap pages to cost a
@@ -167,9 +168,16 @@ class PostgreSQLDialect(Dialect):
         partitions' rows: 6.7 ms instead of 1.7 ms for 1,000 rows of 32 partitions, and a walk over
         the whole table for a partition with few rows. The relay reads rows written moments ago,
         which are in memory. A lower setting is kept.
+
+        The claim reads each row's ``created_at`` (:meth:`claim_timestamp`), and psycopg gives it the
+        session's zone: for ``'UTC'`` Python's fixed ``timezone.utc``, for any other name (Debian's
+        default is ``'Etc/UTC'``) a ``ZoneInfo``, whose conversion cost 0.87 instead of 0.26 us a row.
+        Nothing the relay does depends on its session's zone (its times are computed in UTC or
+        compared as instants); the application's sessions keep theirs.
         """
         return ["SELECT set_config('random_page_cost', "
-                "least(current_setting('random_page_cost')::float8, 1.1)::text, false)"]
+                "least(current_setting('random_page_cost')::float8, 1.1)::text, false)",
+                "SET TIME ZONE 'UTC'"]
 
     def lock_rows(self, select: sa.Select[Any]) -> sa.Select[Any]:
         return select.with_for_update(skip_locked=True)
