@@ -212,6 +212,13 @@ def engine(dialect_name: str, _migrated_engines: dict[str, sa.Engine]) -> Iterat
     truncate_all(eng)
 
 
+def postgresql_only(dialect_name: str, engine: sa.Engine, why: str) -> sa.Engine:
+    """``engine`` in a module's ``pg`` fixture: the test is skipped, saying ``why``, on the other dialects."""
+    if dialect_name != "postgresql":
+        pytest.skip(why)
+    return engine
+
+
 @pytest.fixture
 def fresh_database(dialect_name: str) -> Iterator[str]:
     """An empty database of its own (no tables at all), dropped after the test."""

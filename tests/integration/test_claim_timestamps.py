@@ -25,6 +25,7 @@ from outbox._rows import _COLUMNS
 from outbox.brokers.memory import MemoryPublisher
 from outbox.config import RelayConfig
 from outbox.relay import Relay
+from tests.conftest import postgresql_only
 
 T = default_tables().outbox
 FAST = {"min_poll_interval": 0.01, "poll_interval": 0.05, "progress_interval": 0}
@@ -45,9 +46,7 @@ EDGES = [
 
 @pytest.fixture
 def pg(dialect_name: str, engine: sa.Engine) -> sa.Engine:
-    if dialect_name != "postgresql":
-        pytest.skip("the claim's reading of timestamptz is PostgreSQL's")
-    return engine
+    return postgresql_only(dialect_name, engine, "the claim's reading of timestamptz is PostgreSQL's")
 
 
 @pytest.fixture

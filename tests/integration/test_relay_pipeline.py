@@ -25,6 +25,7 @@ from outbox.brokers.memory import MemoryPublisher
 from outbox.config import RelayConfig
 from outbox.message import OutboxRecord
 from outbox.relay import Relay
+from tests.conftest import postgresql_only
 
 T = default_tables().outbox
 FAST = {"min_poll_interval": 0.01, "poll_interval": 0.05, "backoff_initial": 0.05, "backoff_max": 0.1,
@@ -61,9 +62,7 @@ class CountingRelay(Relay):
 
 @pytest.fixture
 def pg(dialect_name: str, engine: sa.Engine) -> sa.Engine:
-    if dialect_name != "postgresql":
-        pytest.skip("pipelined claims are PostgreSQL's (supports_pipelined_claims)")
-    return engine
+    return postgresql_only(dialect_name, engine, "pipelined claims are PostgreSQL's (supports_pipelined_claims)")
 
 
 def add(engine: sa.Engine, n: int, keys: int) -> dict[int, int]:

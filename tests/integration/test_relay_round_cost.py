@@ -28,6 +28,7 @@ from outbox.brokers.memory import MemoryPublisher
 from outbox.config import RelayConfig
 from outbox.dialects import dialect_for
 from outbox.relay import Relay
+from tests.conftest import postgresql_only
 
 T = default_tables().outbox
 L = default_tables().leases
@@ -36,9 +37,7 @@ FAST = {"min_poll_interval": 0.01, "poll_interval": 0.05, "progress_interval": 0
 
 @pytest.fixture
 def pg(dialect_name: str, engine: sa.Engine) -> sa.Engine:
-    if dialect_name != "postgresql":
-        pytest.skip("the driver-cursor paths are PostgreSQL's with psycopg")
-    return engine
+    return postgresql_only(dialect_name, engine, "the driver-cursor paths are PostgreSQL's with psycopg")
 
 
 @pytest.fixture
