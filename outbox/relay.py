@@ -637,7 +637,7 @@ class Relay:
     @functools.cached_property
     def _claim_columns(self) -> list[sa.ColumnElement[Any]]:
         """What the claim reads (:func:`claim_columns`), built once: about 0.3 ms of an idle round when
-        built for every claim (eleven column expressions, for the claim's form to be looked up by their names)."""
+        built for every claim (twelve column expressions, for the claim's form to be looked up by their names)."""
         return claim_columns(self.tables.outbox, self.dialect.claim_timestamp)
 
     def _quotas(self, held: list[int]) -> list[int] | None:

@@ -146,7 +146,7 @@ class PostgreSQLDialect(Dialect):
 
     def claim_timestamp(self, column: sa.ColumnElement[Any]) -> tuple[sa.ColumnElement[Any], sa.ColumnElement[Any]]:
         # Nearly every row: the timestamptz itself (psycopg decodes its binary form in C). Formatting
-        # every row's value as text on the server and parsing it back cost about 15 % of the relay's
+        # every row's value as text on the server and parsing it back cost about 17 % of the relay's
         # own per-row instructions. The few a datetime might not hold in the session's time zone
         # come as readable_timestamp's text, in the second column.
         safe = sa.and_(column >= _SAFE_FIRST, column < _SAFE_PAST_LAST)

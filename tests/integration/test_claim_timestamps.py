@@ -4,7 +4,7 @@ psycopg fails a whole result on a ``timestamptz`` that a Python datetime cannot 
 year 10000, BC), or that it can hold in UTC but not in the session's time zone (the last hours of
 year 9999 east of UTC). So the claim reads such values as text, for their row alone to be refused
 (tests/badinput/test_row_inputs.py). Every other value is read as the timestamp itself: formatting
-it as text on the server and parsing it back on the client cost about 15 % of the relay's own
+it as text on the server and parsing it back on the client cost about 17 % of the relay's own
 per-row instructions (docs/benchmarks.md, twelfth session).
 """
 
