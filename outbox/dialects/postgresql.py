@@ -150,8 +150,7 @@ class PostgreSQLDialect(Dialect):
         # own per-row instructions. The few a datetime might not hold in the session's time zone
         # come as readable_timestamp's text, in the second column.
         safe = sa.and_(column >= _SAFE_FIRST, column < _SAFE_PAST_LAST)
-        return (sa.case((safe, sa.type_coerce(column, sa.types.NullType())), else_=sa.null())
-                .label(getattr(column, "name", None)),
+        return (sa.case((safe, sa.type_coerce(column, sa.types.NullType())), else_=sa.null()),
                 sa.case((~safe, self.readable_timestamp(column)), else_=sa.null()))
 
     def idle_transaction_statements(self, seconds: float, dialect: sa.engine.Dialect) -> list[str]:

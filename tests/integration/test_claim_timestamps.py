@@ -117,8 +117,7 @@ def zoned(request: pytest.FixtureRequest, pg: sa.Engine) -> Iterator[sa.Engine]:
 
 
 @pytest.mark.parametrize("watched", [False, True], ids=["driver-cursor", "watched"])
-def test_edge_instants_keep_their_time_in_any_session_zone(pg: sa.Engine, zoned: sa.Engine, watched: bool,
-                                                           claimed_rows: list[Any]) -> None:
+def test_edge_instants_keep_their_time_in_any_session_zone(pg: sa.Engine, zoned: sa.Engine, watched: bool) -> None:
     """Through psycopg's cursor with binary results, and through ``Connection.execute`` (text results)
     when a cursor listener watches the relay's engine."""
     claims: list[str] = []
