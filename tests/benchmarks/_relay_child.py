@@ -13,6 +13,7 @@ registered by then), takes its fair share of partitions, prints ``ready`` and wa
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import resource
@@ -86,6 +87,8 @@ def main() -> None:
         relay.leases.register()
         say("registered")
         sys.stdin.readline()  # go
+    # as `outbox relay` does before its loop: full collections skip what start-up made
+    gc.freeze()
     relay.start()
     say("ready", partitions=len(relay.leases.held))
     if args.barrier:

@@ -206,36 +206,37 @@ def main() -> None:
                 for chunk in batches(message_specs(warmup * args.consumer_batch, args.dup_share, args.keys,
                                                    args.ids), args.consumer_batch):
                     runs[side]([build(chunk)])
-        for r in range(args.rounds):
-            order = list(sides) if r % 2 == 0 else list(reversed(sides))
-            if not args.run_by_run:
-                specs_of = {s: batches(message_specs(args.n, args.dup_share, args.keys, args.ids), args.consumer_batch)
-                            for s in sides}
-                times: dict[str, list[float]] = {s: [] for s in sides}
-                for j in range(len(specs_of[sides[0]])):
-                    for side in order[j % len(order):] + order[:j % len(order)]:
-                        batch = build(specs_of[side][j])
-                        c0 = (backends.seconds() + time.process_time()) if args.cpu else 0.0
-                        t0 = time.perf_counter()
-                        runs[side]([batch])
-                        times[side].append((time.perf_counter() - t0) / len(batch))
-                        if args.cpu:
-                            cpu[side][0] += time.process_time() + backends.seconds() - c0
-                            cpu[side][1] += len(batch)
+        with b.frozen_heap():  # as `outbox consume` runs its loop, on every side alike
+            for r in range(args.rounds):
+                order = list(sides) if r % 2 == 0 else list(reversed(sides))
+                if not args.run_by_run:
+                    specs_of = {s: batches(message_specs(args.n, args.dup_share, args.keys, args.ids),
+                                           args.consumer_batch) for s in sides}
+                    times: dict[str, list[float]] = {s: [] for s in sides}
+                    for j in range(len(specs_of[sides[0]])):
+                        for side in order[j % len(order):] + order[:j % len(order)]:
+                            batch = build(specs_of[side][j])
+                            c0 = (backends.seconds() + time.process_time()) if args.cpu else 0.0
+                            t0 = time.perf_counter()
+                            runs[side]([batch])
+                            times[side].append((time.perf_counter() - t0) / len(batch))
+                            if args.cpu:
+                                cpu[side][0] += time.process_time() + backends.seconds() - c0
+                                cpu[side][1] += len(batch)
+                    for side in order:
+                        rates[side].append(1 / statistics.median(times[side]))
+                        b.note(f"round {r + 1} {side}: {rates[side][-1]:.0f} msg/s (median batch)")
+                    continue
                 for side in order:
-                    rates[side].append(1 / statistics.median(times[side]))
-                    b.note(f"round {r + 1} {side}: {rates[side][-1]:.0f} msg/s (median batch)")
-                continue
-            for side in order:
-                work = batches(messages(args.n, args.dup_share, args.keys, args.ids), args.consumer_batch)
-                c0 = (backends.seconds() + time.process_time()) if args.cpu else 0.0
-                t0 = time.perf_counter()
-                runs[side](work)
-                rates[side].append(args.n / (time.perf_counter() - t0))
-                if args.cpu:
-                    cpu[side][0] += time.process_time() + backends.seconds() - c0
-                    cpu[side][1] += args.n
-                b.note(f"round {r + 1} {side}: {rates[side][-1]:.0f} msg/s")
+                    work = batches(messages(args.n, args.dup_share, args.keys, args.ids), args.consumer_batch)
+                    c0 = (backends.seconds() + time.process_time()) if args.cpu else 0.0
+                    t0 = time.perf_counter()
+                    runs[side](work)
+                    rates[side].append(args.n / (time.perf_counter() - t0))
+                    if args.cpu:
+                        cpu[side][0] += time.process_time() + backends.seconds() - c0
+                        cpu[side][1] += args.n
+                    b.note(f"round {r + 1} {side}: {rates[side][-1]:.0f} msg/s")
         loop.run_until_complete(aengine.dispose())
         loop.close()
         if engine is not created:

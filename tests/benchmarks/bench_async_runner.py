@@ -204,7 +204,7 @@ def main() -> None:
                     sync_bench.flush_stats(engine)
                     tuples["before"] = sync_bench.dead_tuples(engine)
                 b.note(f"round {r + 1}: {label}")
-                with b.profiled(args.profile if first_async else None):
+                with b.frozen_heap(), b.profiled(args.profile if first_async else None):
                     times.setdefault(label, []).append(run(f"bench.{label}-{r}"))
                 if first_async and pg:
                     sync_bench.flush_stats(engine)

@@ -258,10 +258,12 @@ def main() -> None:
             name = names[r]
             sides = ["dedup", "plain"] if r % 2 == 0 else ["plain", "dedup"]
             for side in sides:
-                if side == "plain":
-                    plain_rates.append(args.n / baseline(engine, bootstrap, topic, args.n, args.consumer_batch, conf))
-                else:
-                    dedup_rates.append(args.n / dedup_run(engine, bootstrap, topic, args, conf, name, dups))
+                with b.frozen_heap():  # as `outbox consume` runs its loop, on both sides
+                    if side == "plain":
+                        plain_rates.append(args.n / baseline(engine, bootstrap, topic, args.n, args.consumer_batch,
+                                                             conf))
+                    else:
+                        dedup_rates.append(args.n / dedup_run(engine, bootstrap, topic, args, conf, name, dups))
                 b.note(f"round {r + 1} {side}: {(plain_rates if side == 'plain' else dedup_rates)[-1]:.0f} msg/s")
         if pg:
             flush_stats(engine)

@@ -32,7 +32,7 @@ from outbox.relay import Relay
 def drain(engine, publisher, batch_size: int, profile: str | None = None) -> tuple[int, float]:
     relay = Relay(engine, publisher, config=RelayConfig(batch_size=batch_size, progress_interval=0))
     relay.start()  # connect, take leases: not timed
-    with b.profiled(profile):
+    with b.frozen_heap(), b.profiled(profile):
         t0 = time.perf_counter()
         n = relay.drain()
         took = time.perf_counter() - t0
@@ -51,18 +51,19 @@ def raw_produce(bootstrap: str, topic: str, n: int, keys: int, size: int = b.PAY
     def on_delivery(err, _msg) -> None:
         delivered[0 if err is None else 1] += 1
 
-    t0 = time.perf_counter()
-    for i, (k, v, h) in enumerate(msgs):
-        while True:
-            try:
-                producer.produce(topic, value=v, key=k, headers=h, on_delivery=on_delivery)
-                break
-            except BufferError:
-                producer.poll(0.05)
-        if i % 128 == 127:
-            producer.poll(0)
-    left = producer.flush(60)
-    took = time.perf_counter() - t0
+    with b.frozen_heap():
+        t0 = time.perf_counter()
+        for i, (k, v, h) in enumerate(msgs):
+            while True:
+                try:
+                    producer.produce(topic, value=v, key=k, headers=h, on_delivery=on_delivery)
+                    break
+                except BufferError:
+                    producer.poll(0.05)
+            if i % 128 == 127:
+                producer.poll(0)
+        left = producer.flush(60)
+        took = time.perf_counter() - t0
     if left or delivered[1] or delivered[0] != n:
         raise SystemExit(f"raw produce: {delivered[0]} delivered, {delivered[1]} failed, {left} left")
     return took
@@ -71,9 +72,10 @@ def raw_produce(bootstrap: str, topic: str, n: int, keys: int, size: int = b.PAY
 def _timed_drain(relay: Relay) -> tuple[int, float, float]:
     """(messages, wall seconds, process CPU seconds: every thread, librdkafka's and the endpoint's too)."""
     relay.start()  # connect, take leases: not timed
-    c0, t0 = time.process_time(), time.perf_counter()
-    n = relay.drain()
-    took, cpu = time.perf_counter() - t0, time.process_time() - c0
+    with b.frozen_heap():
+        c0, t0 = time.process_time(), time.perf_counter()
+        n = relay.drain()
+        took, cpu = time.perf_counter() - t0, time.process_time() - c0
     relay.close()
     return n, took, cpu
 

@@ -96,7 +96,8 @@ def raw_publish(url: str, exchange: str, n: int, keys: int, window: int) -> floa
 
     conn = pika.SelectConnection(pika.URLParameters(url), on_open_callback=lambda c: c.channel(
         on_open_callback=on_channel), on_close_callback=lambda c, r: c.ioloop.stop())
-    conn.ioloop.start()
+    with b.frozen_heap():  # as the relay's side is timed
+        conn.ioloop.start()
     if state["acked"] != n or state["returned"]:
         raise SystemExit(f"raw pika: {state}")
     return state["t1"] - state["t0"]
@@ -111,9 +112,10 @@ def relay_drain(args, exchange: str, queue: str, *, pipeline: bool) -> float:
         relay = Relay(engine, publisher, config=RelayConfig(batch_size=args.batch_size, progress_interval=0,
                                                             pipeline=pipeline))
         relay.start()
-        t0 = time.perf_counter()
-        n_relay = relay.drain()
-        t_relay = time.perf_counter() - t0
+        with b.frozen_heap():  # as `outbox relay` runs its loop
+            t0 = time.perf_counter()
+            n_relay = relay.drain()
+            t_relay = time.perf_counter() - t0
         relay.close()
         depth = queue_depth_and_purge(args.rabbitmq, queue)
         if n_relay != args.n or depth != args.n:
