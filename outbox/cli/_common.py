@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import gc
 import importlib.util
 import json
 import logging
@@ -23,6 +24,31 @@ from ..schema import OutboxTables, TableNames
 log = logging.getLogger("outbox.cli")
 
 DEFAULT_DB_ENV = "OUTBOX_DB_URL"
+
+
+#: The young generation's collection threshold in a daemon's loop (CPython's default: 700). Counted as
+#: objects allocated minus objects freed, so it bounds how many objects may be alive, not how many are made.
+DAEMON_GC_THRESHOLD = 10_000
+
+
+def settle_daemon_heap() -> None:
+    """What ``outbox relay`` and ``outbox consume`` do once start-up is done, before their loop.
+
+    - ``gc.freeze()``: what start-up made (modules, SQLAlchemy's compiled statements) lives as long
+      as the process; frozen, it is left out of every later collection, whose full passes otherwise
+      walked it all (a 30-35 ms pause of the publish loop, the top of the relay-added p99 latency).
+    - The young generation is collected once :data:`DAEMON_GC_THRESHOLD` more objects are alive
+      instead of 700. A batch's records stay alive until the batch ends, so at 700 each collection
+      walked the batch built so far, and promoted it to be walked again by the older generations:
+      1.3-2.3 us of collection a message to Kafka (100,000-row drains, ``gc.callbacks``), 0.02 at
+      10,000, where the relay's 1,000-row batches run from start to end without a collection.
+      Reference cycles wait a little longer for their collection; memory stays bounded by the threshold.
+
+    A threshold the process already raised higher is kept.
+    """
+    gc.freeze()
+    gen0, gen1, gen2 = gc.get_threshold()
+    gc.set_threshold(max(gen0, DAEMON_GC_THRESHOLD), gen1, gen2)
 
 
 def add_db_args(p: argparse.ArgumentParser) -> None:

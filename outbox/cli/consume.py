@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import importlib
 import logging
 import os
@@ -26,7 +25,7 @@ from ..config import Setting
 from ..errors import ConfigurationError
 from ..transports import get as get_transport
 from ..transports.codecs import get_codec
-from ._common import make_async_engine, open_database, sync_database_url, tables_from_args
+from ._common import make_async_engine, open_database, settle_daemon_heap, sync_database_url, tables_from_args
 from ._settings import (
     BROKER_SETTINGS,
     CONNECTION_SETTINGS,
@@ -218,8 +217,9 @@ def _run(args: argparse.Namespace, v: dict[str, Any], consumer: Any, engine: Any
     stop_http = _serve(runner, engine, args, v)
     # A daemon, as the relay (cli/relay.py): what start-up made is left out of every later collection,
     # whose full passes otherwise walk it all (5-7 us of collection a message instead of 14-21 us in
-    # bench_async_consumer.py's batches of 500; docs/benchmarks.md)
-    gc.freeze()
+    # bench_async_consumer.py's batches of 500; docs/benchmarks.md), and the young generation waits
+    # for 10,000 live objects
+    settle_daemon_heap()
     try:
         if aengine is None:
             runner.run()

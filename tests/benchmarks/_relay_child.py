@@ -13,7 +13,6 @@ registered by then), takes its fair share of partitions, prints ``ready`` and wa
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import logging
 import resource
@@ -27,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import sqlalchemy as sa
 from _bench import NullPublisher
 
+from outbox.cli._common import settle_daemon_heap
 from outbox.config import RelayConfig
 from outbox.relay import Relay
 
@@ -87,8 +87,7 @@ def main() -> None:
         relay.leases.register()
         say("registered")
         sys.stdin.readline()  # go
-    # as `outbox relay` does before its loop: full collections skip what start-up made
-    gc.freeze()
+    settle_daemon_heap()  # as `outbox relay` does before its loop
     relay.start()
     say("ready", partitions=len(relay.leases.held))
     if args.barrier:

@@ -93,8 +93,8 @@ class Counter(DedupConsumer):
     name = "jsonl.counter"
 
     def handle(self, session, message):
-        session.execute(sa.text("INSERT INTO jsonl_effects (message_id, frozen) VALUES (:m, :f)"),
-                        {"m": message.id, "f": gc.get_freeze_count()})
+        session.execute(sa.text("INSERT INTO jsonl_effects (message_id, frozen, gen0) VALUES (:m, :f, :g)"),
+                        {"m": message.id, "f": gc.get_freeze_count(), "g": gc.get_threshold()[0]})
 """
 
 
@@ -137,7 +137,8 @@ def test_outbox_relay_and_outbox_consume_find_it_by_name(installed: Path, tmp_pa
     path.write_text(path.read_text() * 2)
     (tmp_path / "app_jsonl.py").write_text(CONSUMER)
     with engine.begin() as c:
-        c.execute(sa.text("CREATE TABLE jsonl_effects (message_id VARCHAR(64) NOT NULL, frozen INTEGER NOT NULL)"))
+        c.execute(sa.text("CREATE TABLE jsonl_effects (message_id VARCHAR(64) NOT NULL, frozen INTEGER NOT NULL, "
+                           "gen0 INTEGER NOT NULL)"))
 
     def effects() -> list[str]:
         with engine.connect() as c:
@@ -150,6 +151,8 @@ def test_outbox_relay_and_outbox_consume_find_it_by_name(installed: Path, tmp_pa
     assert effects() == sorted(str(i) for i in ids)  # each once
     with engine.connect() as c:  # the daemon froze its start-up heap: later collections skip it
         assert c.execute(sa.text("SELECT min(frozen) FROM jsonl_effects")).scalar_one() > 0
+        # and collects the young generation only once 10,000 more objects are alive, not 700
+        assert c.execute(sa.text("SELECT min(gen0) FROM jsonl_effects")).scalar_one() >= 10_000
     engine.dispose()
 
 
