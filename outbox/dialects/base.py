@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, ClassVar, NamedTuple
 
@@ -41,6 +42,35 @@ def blocking_rows(table: sa.Table, due: Any, partitions: Sequence[int] | None = 
         q = q.where(table.c.partition.in_(list(partitions)))
     return q.group_by(table.c.partition, table.c.topic, table.c.key)
 
+
+
+#: seconds a relay connection may rest in its pool and still be handed out without a ping. A relay
+#: checks a connection out for every round, and at low load a round is a few round trips: SQLAlchemy's
+#: ``pool_pre_ping`` would add one to each. A connection used this recently is as likely to be alive
+#: as one pinged; one that broke since fails its round's first statement, which the relay retries as
+#: any lost connection (HikariCP's ``aliveBypassWindowMs`` is the same rule, 500 ms by default).
+PING_AFTER_IDLE = 0.5
+
+_RETURNED_AT = "outbox_returned_at"
+
+
+def _ping_when_idle(engine: Engine) -> None:
+    """Ping ``engine``'s connections on checkout only when they rested :data:`PING_AFTER_IDLE` seconds
+    or more (a new connection is not pinged, as with ``pool_pre_ping``); a failed ping replaces the
+    connection and every other one of the pool, as ``pool_pre_ping`` does."""
+
+    def returned(_dbapi_connection: Any, record: Any) -> None:
+        record.info[_RETURNED_AT] = time.monotonic()
+
+    def checkout(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+        at = record.info.get(_RETURNED_AT)  # the pool clears ``info`` when it reconnects
+        if at is None or time.monotonic() - at < PING_AFTER_IDLE:
+            return
+        if not engine.dialect._do_ping_w_event(dbapi_connection):  # SQLAlchemy's own pre-ping
+            raise sa.exc.InvalidatePoolError()
+
+    sa.event.listen(engine.pool, "checkin", returned)
+    sa.event.listen(engine.pool, "checkout", checkout)
 
 class Dialect:
     """Database-specific behaviour: column types, insert-if-absent, row claiming, notifications."""
@@ -443,7 +473,9 @@ class Dialect:
 
     def relay_engine(self, engine: Engine, idle_transaction_timeout: float) -> Engine:
         """The relay's own engine: ``engine``'s URL, driver arguments and pool listeners, on a pool of
-        its own whose new connections run :meth:`idle_transaction_statements` (and are pre-pinged).
+        its own whose new connections run :meth:`idle_transaction_statements`, and whose connections
+        are pinged on checkout once they have been back in the pool for :data:`PING_AFTER_IDLE`
+        seconds or more.
 
         A relay frozen inside its claim transaction (SIGSTOP, VM pause, a host gone without a TCP
         reset) would otherwise keep its lease rows locked, and so its partitions from every other
@@ -453,10 +485,11 @@ class Dialect:
         if not statements:
             return engine
         statements = [*statements, *self.relay_session_statements()]
-        # same creator (URL, connect_args) and listeners; the pool's own settings, pre-ping on
+        # same creator (URL, connect_args) and listeners; the pool's own settings; the ping below
         pool = engine.pool.recreate()
-        pool._pre_ping = True
+        pool._pre_ping = False
         own = sa.create_engine(engine.url, pool=pool)
+        _ping_when_idle(own)
 
         def set_bound(dbapi_connection: Any, _record: Any) -> None:
             cursor = dbapi_connection.cursor()
