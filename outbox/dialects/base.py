@@ -504,7 +504,7 @@ class Dialect:
         return own
 
     def prepare_relay_engine(self, engine: Engine) -> Engine:
-        """The engine the relay should use (e.g. READ COMMITTED on MySQL, WAL mode on SQLite)."""
+        """The engine the relay should use (e.g. WAL mode on SQLite)."""
         return engine
 
     def maintain_partitions(self, engine: Engine, tables: Any) -> None:

@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import mysql
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import Connection
 from sqlalchemy.sql import Insert
 
 from ..errors import UnsupportedDatabase
@@ -94,10 +94,17 @@ class MySQLDialect(Dialect):
     def lock_claim(self, select: sa.Select[Any], table: sa.Table) -> sa.Select[Any]:
         return select.with_for_update(skip_locked=True)
 
-    def prepare_relay_engine(self, engine: Engine) -> Engine:
-        # REPEATABLE READ would take next-key locks on the claimed id ranges and wait on rows
-        # that writers are still inserting; the relay needs no snapshot across statements.
-        return engine.execution_options(isolation_level="READ COMMITTED")
+    def relay_session_statements(self) -> list[str]:
+        """READ COMMITTED for the relay's sessions, set once per connection.
+
+        REPEATABLE READ would take next-key locks on the claimed id ranges and wait on rows that
+        writers are still inserting; the relay needs no snapshot across statements. Set here, on the
+        relay's own pool's new connections, rather than as SQLAlchemy's ``isolation_level`` execution
+        option: that one sends ``SET SESSION TRANSACTION ISOLATION LEVEL`` at every checkout and again
+        at every return (two round trips a relay round), and a connection lost in between raised the
+        driver's own error there, not SQLAlchemy's ``DBAPIError`` that the relay retries.
+        """
+        return ["SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED"]
 
     # InnoDB plans `DELETE ... WHERE id IN (...)` as a full scan when the table is small (the
     # normal state of a drained outbox) and then waits on rows that writers are still inserting,

@@ -1,4 +1,4 @@
-"""The relay's own pool pings a connection only when it has rested in the pool a while.
+"""The relay's own pool: a ping only for a connection that rested a while, session settings set once.
 
 A relay checks a connection out for every round; at low load a round is a few round trips, and
 SQLAlchemy's ``pool_pre_ping`` added one more to each (``;`` on psycopg). The relay's pool now pings
@@ -7,6 +7,10 @@ rule). These tests pin the three cases down on the servers: a connection just re
 without a ping; one that rested and died meanwhile is found dead by the ping and replaced, so the
 round goes through; one that died within the window fails that round's first statement, a lost
 connection the relay retries, and the next round publishes the row.
+
+On MySQL/MariaDB the relay's sessions run READ COMMITTED, set once per new connection: SQLAlchemy's
+``isolation_level`` execution option, used before, sent ``SET SESSION TRANSACTION ISOLATION LEVEL`` at
+every checkout and at every return, outside its error handling.
 """
 
 from __future__ import annotations
@@ -141,3 +145,29 @@ def test_the_relay_pool_keeps_the_applications_engine_untouched(server: sa.Engin
     own: Any = server.pool
     assert own._pre_ping is True  # tests/conftest.py's engines ask for pool_pre_ping
 
+
+def test_mysql_relay_sessions_read_committed_and_a_round_sends_no_set(
+        dialect_name: str, server: sa.Engine, relay: Relay, monkeypatch: pytest.MonkeyPatch) -> None:
+    if dialect_name != "mariadb":
+        pytest.skip("the isolation level is MySQL/MariaDB's setting (PostgreSQL's default is READ COMMITTED)")
+    import pymysql
+
+    sent: list[str] = []
+    real = pymysql.connections.Connection.query
+
+    def query(self: Any, sql: Any, *args: Any, **kwargs: Any) -> Any:
+        sent.append(sql.decode() if isinstance(sql, bytes) else str(sql))
+        return real(self, sql, *args, **kwargs)
+
+    add_one(server, 0)
+    assert relay.run_once() == 1
+    add_one(server, 1)
+    monkeypatch.setattr(pymysql.connections.Connection, "query", query)
+    assert relay.run_once() == 1
+    monkeypatch.undo()
+    assert sent, "the round sent nothing through pymysql"
+    assert [q for q in sent if q.lstrip().upper().startswith("SET")] == [], sent
+    with relay.engine.connect() as c:
+        assert c.exec_driver_sql("SELECT @@SESSION.tx_isolation").scalar_one() == "READ-COMMITTED"
+    with server.connect() as c:  # the application's sessions keep the server's default
+        assert c.exec_driver_sql("SELECT @@SESSION.tx_isolation").scalar_one() == "REPEATABLE-READ"
