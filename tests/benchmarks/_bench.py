@@ -225,7 +225,8 @@ def _fill_server(engine: sa.Engine, n: int, *, keys: int, topic: str, chunk: int
 
 # ------------------------------------------------------------------ raw baselines
 #: the columns a relay needs to publish a row (what the raw loop reads, so it moves the same bytes)
-RAW_COLUMNS = "id, message_id, topic, key, payload, headers, content_type, partition, attempts, created_at"
+RAW_COLUMNS = ("id", "message_id", "topic", "key", "payload", "headers", "content_type", "partition", "attempts",
+               "created_at")
 
 
 def raw_claim_delete(engine: sa.Engine, batch_size: int = 1000) -> tuple[int, float]:
@@ -240,7 +241,8 @@ def raw_claim_delete(engine: sa.Engine, batch_size: int = 1000) -> tuple[int, fl
     table = default_tables().outbox.name
     pg = engine.dialect.name == "postgresql"
     q = '"' if pg else "`"
-    select = (f"SELECT {RAW_COLUMNS.replace('partition', f'{q}partition{q}')} FROM {q}{table}{q} "
+    columns = ", ".join(engine.dialect.identifier_preparer.quote(c) for c in RAW_COLUMNS)  # KEY, PARTITION: MariaDB
+    select = (f"SELECT {columns} FROM {q}{table}{q} "
               f"WHERE status = 'pending' ORDER BY id LIMIT {int(batch_size)} FOR UPDATE SKIP LOCKED")
     try:
         cur = raw.cursor()
