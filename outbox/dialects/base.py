@@ -43,7 +43,6 @@ def blocking_rows(table: sa.Table, due: Any, partitions: Sequence[int] | None = 
     return q.group_by(table.c.partition, table.c.topic, table.c.key)
 
 
-
 #: seconds a relay connection may rest in its pool and still be handed out without a ping. A relay
 #: checks a connection out for every round, and at low load a round is a few round trips: SQLAlchemy's
 #: ``pool_pre_ping`` would add one to each. A connection used this recently is as likely to be alive
@@ -71,6 +70,7 @@ def _ping_when_idle(engine: Engine) -> None:
 
     sa.event.listen(engine.pool, "checkin", returned)
     sa.event.listen(engine.pool, "checkout", checkout)
+
 
 class Dialect:
     """Database-specific behaviour: column types, insert-if-absent, row claiming, notifications."""

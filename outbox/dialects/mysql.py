@@ -100,8 +100,8 @@ class MySQLDialect(Dialect):
         REPEATABLE READ would take next-key locks on the claimed id ranges and wait on rows that
         writers are still inserting; the relay needs no snapshot across statements. Set here, on the
         relay's own pool's new connections, rather than as SQLAlchemy's ``isolation_level`` execution
-        option: that one sends ``SET SESSION TRANSACTION ISOLATION LEVEL`` at every checkout and again
-        at every return (two round trips a relay round), and a connection lost in between raised the
+        option: that one sends ``SET SESSION TRANSACTION ISOLATION LEVEL`` and ``COMMIT`` at every checkout
+        and again at every return (four round trips a relay round), and a connection lost in between raised the
         driver's own error there, not SQLAlchemy's ``DBAPIError`` that the relay retries.
         """
         return ["SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED"]

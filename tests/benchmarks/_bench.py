@@ -238,11 +238,11 @@ def raw_claim_delete(engine: sa.Engine, batch_size: int = 1000) -> tuple[int, fl
     (rows deleted, seconds).
     """
     raw = engine.raw_connection()
-    table = default_tables().outbox.name
     pg = engine.dialect.name == "postgresql"
-    q = '"' if pg else "`"
-    columns = ", ".join(engine.dialect.identifier_preparer.quote(c) for c in RAW_COLUMNS)  # KEY, PARTITION: MariaDB
-    select = (f"SELECT {columns} FROM {q}{table}{q} "
+    quote = engine.dialect.identifier_preparer.quote  # where needed: KEY and PARTITION are reserved on MariaDB
+    table = quote(default_tables().outbox.name)
+    columns = ", ".join(quote(c) for c in RAW_COLUMNS)
+    select = (f"SELECT {columns} FROM {table} "
               f"WHERE status = 'pending' ORDER BY id LIMIT {int(batch_size)} FOR UPDATE SKIP LOCKED")
     try:
         cur = raw.cursor()
@@ -256,9 +256,9 @@ def raw_claim_delete(engine: sa.Engine, batch_size: int = 1000) -> tuple[int, fl
                     raw.commit()
                     break
                 if pg:
-                    cur.execute(f'DELETE FROM "{table}" WHERE id = ANY(%s)', (ids,))
+                    cur.execute(f"DELETE FROM {table} WHERE id = ANY(%s)", (ids,))
                 else:
-                    cur.execute(f"DELETE FROM `{table}` WHERE id IN ({','.join(['%s'] * len(ids))})", ids)
+                    cur.execute(f"DELETE FROM {table} WHERE id IN ({','.join(['%s'] * len(ids))})", ids)
                 raw.commit()
                 n += len(ids)
             took = time.perf_counter() - t0
