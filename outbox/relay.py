@@ -91,6 +91,20 @@ RENEW_GRACE = 1.5
 MIN_PER_PARTITION = 16
 
 
+def _loop_errors(engine: Engine) -> tuple[type[BaseException], ...]:
+    """:data:`TRANSIENT_ERRORS` plus the engine's driver's own error class.
+
+    SQLAlchemy wraps a driver error in a ``DBAPIError`` where it runs a statement, but not everywhere
+    a listener may touch the connection (``engine_connect``, for one): a connection lost there reaches
+    the loop as the driver's raw ``OperationalError``. It is the database's trouble as much as the
+    wrapped kind, so the loop backs off and reconnects instead of stopping the daemon.
+    """
+    driver_error = getattr(getattr(engine.dialect, "loaded_dbapi", None), "Error", None)
+    if isinstance(driver_error, type) and issubclass(driver_error, BaseException):
+        return (*TRANSIENT_ERRORS, driver_error)
+    return TRANSIENT_ERRORS
+
+
 @dataclass
 class RelayStats:
     published: int = 0
@@ -178,6 +192,7 @@ class Relay:
         self._locked: list[int] = []  # partitions whose lease rows the last claim locked
         self._warned_pool = False  # warned once that the pool cannot lend a connection for claims ahead
         self.db_label = mask_secrets(engine.url.render_as_string(hide_password=True))
+        self._transient = _loop_errors(self.engine)
 
     # ------------------------------------------------------------------ lifecycle
     def stop(self) -> None:
@@ -277,7 +292,7 @@ class Relay:
                     if rest and not self._wake.is_set():
                         self._maybe_rebalance()  # nothing to do: the moment for a renewal that is due
                     failures = 0
-                except TRANSIENT_ERRORS as exc:
+                except self._transient as exc:
                     failures += 1
                     self.stats.errors += 1
                     self._started = False
@@ -410,7 +425,7 @@ class Relay:
         except BaseException as exc:
             if ahead is not None:
                 ahead.abandon()
-            if not isinstance(exc, TRANSIENT_ERRORS):
+            if not isinstance(exc, self._transient):
                 raise
             # Claiming ahead is an optimisation on a second connection: its failure must not undo
             # the batch in flight, which is waited for and marked on its own connection (and fails

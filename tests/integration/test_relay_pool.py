@@ -15,6 +15,7 @@ every checkout and at every return, outside its error handling.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -171,3 +172,42 @@ def test_mysql_relay_sessions_read_committed_and_a_round_sends_no_set(
         assert c.exec_driver_sql("SELECT @@SESSION.tx_isolation").scalar_one() == "READ-COMMITTED"
     with server.connect() as c:  # the application's sessions keep the server's default
         assert c.exec_driver_sql("SELECT @@SESSION.tx_isolation").scalar_one() == "REPEATABLE-READ"
+
+
+def test_a_raw_driver_error_raised_outside_sqlalchemys_wrapping_is_retried_by_the_loop(
+        server: sa.Engine, caplog: pytest.LogCaptureFixture) -> None:
+    """A driver error that reaches the relay's loop unwrapped (here from an ``engine_connect`` listener,
+    where SQLAlchemy does not translate it into a ``DBAPIError``; last session's isolation-level SET ran
+    there) is the database's trouble like any lost connection: the loop logs it, backs off and goes
+    on, and the row is published. Before, it was not in the loop's transient errors and stopped it."""
+    relay = Relay(server, MemoryPublisher(), config=RelayConfig(**FAST, backoff_initial=0.01, backoff_max=0.05))
+    driver_error = server.dialect.loaded_dbapi.OperationalError
+    failures: list[int] = []
+
+    def lose_once(_conn: sa.Connection) -> None:
+        if not failures:
+            failures.append(1)
+            raise driver_error("server closed the connection unexpectedly (injected)")
+
+    sa.event.listen(relay.engine, "engine_connect", lose_once)
+    crashed: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            relay.run()
+        except BaseException as exc:  # what stops the loop is the finding
+            crashed.append(exc)
+
+    add_one(server, 0)
+    t = threading.Thread(target=run, daemon=True)
+    with caplog.at_level("ERROR", logger="outbox.relay"):
+        t.start()
+        try:
+            published = relay.publisher.wait_for(1, timeout=30)  # type: ignore[attr-defined]
+        finally:
+            relay.stop()
+            t.join(30)
+    assert not crashed, crashed
+    assert failures and published
+    assert [m.key for m in relay.publisher.snapshot()] == ["k0"]  # type: ignore[attr-defined]
+    assert any("database unavailable" in r.getMessage() and "injected" in r.getMessage() for r in caplog.records)
