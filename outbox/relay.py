@@ -723,8 +723,9 @@ class Relay:
     def _may_have_gaps(self, rows: Sequence[Any]) -> bool:
         """Whether SKIP LOCKED may have passed over one of our rows in this claim.
 
-        InnoDB's next-key locks can reach our rows at any time: always check there. Elsewhere a
-        previous owner's batch cannot overlap ours (:meth:`LeaseManager.lock_for_claim`), but a
+        Where a dialect's claim can lock into its neighbours' index ranges
+        (``skip_locked_reaches_neighbours``; none of ours), always check. Otherwise a previous
+        owner's batch cannot overlap ours (:meth:`LeaseManager.lock_for_claim`), but a
         partition we acquired stays *suspect* until one claim of it skipped nothing, with no time
         limit: a row lock taken outside a lease lock (a relay of an older version during a rolling
         upgrade, a hand-written ``SELECT ... FOR UPDATE``) must not let later rows overtake it.
@@ -737,9 +738,9 @@ class Relay:
         """Keep, per partition, only the claimed rows before the first row SKIP LOCKED passed over.
 
         Partitions are leased, so normally nobody else holds our rows' locks. But during a lease
-        handover the previous owner may still hold some, and InnoDB's next-key locks can touch a
-        neighbouring partition's first row. Publishing past a skipped row would break per-key
-        order, so the rest of that partition waits for the next round.
+        handover the previous owner may still hold some (and a hand-written ``FOR UPDATE`` any).
+        Publishing past a skipped row would break per-key order, so the rest of that partition
+        waits for the next round.
         """
         by_id = {r[ROW_ID]: r for r in rows}
         claimed_parts: dict[int, list[int]] = defaultdict(list)

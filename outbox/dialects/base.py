@@ -371,8 +371,9 @@ class Dialect:
         return None
 
     #: SKIP LOCKED may pass over rows of partitions this relay owns even outside a lease
-    #: handover (InnoDB's next-key locks reach into neighbouring index ranges), so every claim
-    #: must be checked for gaps, not only claims from freshly taken partitions.
+    #: handover (a database whose claim takes gap or next-key locks reaching into neighbouring
+    #: index ranges), so every claim must be checked for gaps, not only claims from freshly taken
+    #: partitions. None of ours: InnoDB under the relay's READ COMMITTED takes no gap locks.
     skip_locked_reaches_neighbours: ClassVar[bool] = False
     #: whether a relay may claim its next batch in a second transaction while the previous
     #: batch's transaction still holds its row and lease locks (no gap locks that the previous

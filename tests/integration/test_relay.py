@@ -369,6 +369,70 @@ def test_a_locked_row_is_never_overtaken_by_later_rows_of_its_partition(engine: 
     assert seqs_by_key(pub)["k0"] == [0, 2, 4]
 
 
+@pytest.mark.parametrize("dialect_name", ["mariadb"], indirect=True)
+def test_innodb_a_neighbours_held_claim_skips_none_of_our_rows_and_no_gap_check_runs(
+        engine: sa.Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two relays share the partitions (interleaved in the claim index). The neighbour is mid-batch:
+    its claim's locks and its DELETE held in an open transaction, and an application session holds
+    uncommitted rows in every partition. Our relay's claim (READ COMMITTED, ``FOR UPDATE SKIP LOCKED``)
+    still takes every committed row of its own partitions, so it needs no look-up of the due ids
+    again (the gap check, a quarter of a MariaDB drain's database time) once its partitions were
+    claimed cleanly. Before, every InnoDB claim ran it, on the belief that next-key locks reach into
+    neighbouring index ranges: not so with these statements under READ COMMITTED."""
+    import outbox.relay as relay_module
+
+    monkeypatch.setattr(relay_module, "REFRESH", 3600.0)  # no look-ups of delayed rows in the rounds watched
+    write(engine, 128, keys=64)
+    ours, theirs = (Relay(engine, MemoryPublisher(), config=cfg(relay_id=n, lease_ttl=60.0))
+                    for n in ("ours", "theirs"))
+    for r in (ours, theirs):
+        r.start()
+    for _ in range(3):
+        for r in (ours, theirs):
+            r.leases.register()
+            r.leases.rebalance()
+    mine, neighbours = sorted(ours.leases.held), sorted(theirs.leases.held)
+    assert len(mine) == len(neighbours) == 16 and not set(mine) & set(neighbours)
+    assert ours.run_once() > 0  # the first claim of acquired partitions is checked; this one was clean
+    write(engine, 128, keys=64, start=128)
+    held = theirs.engine.connect()
+    held_tx = held.begin()
+    stmt, _ = theirs._claim_statement(neighbours, 16, [])
+    claimed = [r[0] for r in held.execute(stmt).all()]
+    assert claimed
+    theirs.dialect.delete_ids(held, T, claimed[: len(claimed) // 2])
+    app = Session(engine)
+    app.begin()
+    for k in range(64):  # uncommitted rows in every partition, ids after the committed ones
+        Outbox().add(app, "orders", {"seq": -1}, key=f"k{k}")
+    app.flush()
+    seen: list[str] = []
+
+    def note(conn, cursor, statement, params, context, executemany) -> None:
+        seen.append(" ".join(statement.split()))
+
+    sa.event.listen(ours.engine, "before_cursor_execute", note)
+    try:
+        ours.run_once()
+    finally:
+        sa.event.remove(ours.engine, "before_cursor_execute", note)
+        app.rollback()
+        app.close()
+        held_tx.rollback()
+        held.close()
+    with engine.connect() as c:
+        left = c.execute(sa.select(sa.func.count()).select_from(T).where(T.c.partition.in_(mine))).scalar_one()
+    assert left == 0, f"{left} committed rows of our partitions were passed over"
+    gap_checks = [s for s in seen if "claimable" in s and "FOR UPDATE" not in s.upper()]
+    assert gap_checks == [], gap_checks
+    theirs.drain()
+    for r in (ours, theirs):
+        r.close()
+    got = {**seqs_by_key(ours.publisher), **seqs_by_key(theirs.publisher)}  # type: ignore[arg-type]
+    assert got == {f"k{k}": [k, k + 64, k + 128, k + 192] for k in range(64)}
+    assert pending_rows(engine) == []
+
+
 @pytest.mark.parametrize("dialect_name", ["postgresql", "mariadb"], indirect=True)
 def test_a_row_committed_late_with_a_lower_id_is_still_published(engine: sa.Engine) -> None:
     """Claims start after the last published id of each partition; a row whose transaction
