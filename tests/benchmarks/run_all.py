@@ -19,11 +19,42 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _bench as b
 
-SCENARIOS = ["relay_kafka", "relay_kafka_metrics", "relay_rabbitmq", "latency", "idle_latency", "writer", "consumer",
-             "consumer_v7", "async_consumer", "backlog_scale", "relays", "async_runner", "retention"]
+SCENARIOS = ["relay_kafka", "relay_kafka_1k", "relay_kafka_mariadb", "relay_kafka_metrics", "relay_rabbitmq",
+             "latency", "idle_latency", "writer", "consumer", "consumer_v7", "async_consumer", "backlog_scale",
+             "backlog_scale_mariadb", "relays", "async_runner", "retention"]
 
-#: scenarios that are another script's mode: name -> (script, its flags)
-EXTRA = {"relay_kafka_metrics": ("relay_kafka", ["--metrics"]), "consumer_v7": ("consumer", ["--ids", "v7"])}
+#: scenarios that are another script's mode: name -> (script, its flags, whether run_all renames its lines).
+#: A renamed scenario's lines are the script's with its name put in front (``relay_kafka_msgs_per_s`` ->
+#: ``relay_kafka_1k_msgs_per_s``, ``baseline_raw_produce_msgs_per_s`` ->
+#: ``relay_kafka_1k_baseline_raw_produce_msgs_per_s``), so no two scenarios print the same name.
+#: A ``--db`` among the flags overrides run_all's own: P1 and P6 name MariaDB too.
+EXTRA: dict[str, tuple[str, list[str], bool]] = {
+    "relay_kafka_1k": ("relay_kafka", ["--size", "1024"], True),
+    "relay_kafka_mariadb": ("relay_kafka", ["--db", "mariadb"], True),
+    "relay_kafka_metrics": ("relay_kafka", ["--metrics"], False),  # prints relay_kafka_metrics_* itself
+    "consumer_v7": ("consumer", ["--ids", "v7"], False),  # prints consumer_v7_* itself
+    "backlog_scale_mariadb": ("backlog_scale", ["--db", "mariadb"], True),
+}
+
+
+def renamed(line: str, script: str, scenario: str) -> str:
+    """``line`` of ``script``'s output as ``scenario``'s: its name prefixed, anything else untouched."""
+    name, sep, value = line.partition(": ")
+    if not sep or not name or " " in name:
+        return line
+    name = scenario + name[len(script):] if name.startswith(script + "_") else f"{scenario}_{name}"
+    return f"{name}{sep}{value}"
+
+
+def run(cmd: list[str], script: str, scenario: str, rename: bool) -> int:
+    """Run one scenario's process; its stdout passes through (renamed if asked), its stderr untouched."""
+    if not rename:
+        return subprocess.call(cmd)
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, bufsize=1) as child:
+        assert child.stdout is not None
+        for line in child.stdout:
+            print(renamed(line.rstrip("\n"), script, scenario), flush=True)
+    return child.returncode
 
 
 def main() -> int:
@@ -41,7 +72,7 @@ def main() -> int:
         b.emit(name, value)
     failed = []
     for name in chosen:
-        script, extra = EXTRA.get(name, (name, []))
+        script, extra, rename = EXTRA.get(name, (name, [], False))
         cmd = [sys.executable, str(b.HERE / f"bench_{script}.py"), "--db", args.db, *extra]
         if args.quick:
             cmd.append("--quick")
@@ -49,7 +80,7 @@ def main() -> int:
             cmd += ["--kafka", args.kafka]
         b.note(f"running {name}")
         t0 = time.monotonic()
-        rc = subprocess.call(cmd)
+        rc = run(cmd, script, name, rename)
         b.emit(f"{name}_wall_s", time.monotonic() - t0)
         if rc:
             failed.append(name)
