@@ -403,7 +403,9 @@ class Dialect:
         (see :meth:`topic_filter`) when given.
 
         Portable form: one UNION ALL branch per partition, each an index range read; each branch
-        carries only its own partition's blockers, as bound parameters.
+        carries only its own partition's blockers, as bound parameters. Each partition's start id
+        is the bind parameter ``claim_after_<partition>`` (valued from ``after``), so a caller may
+        run the statement built once again with each round's ids (:meth:`due_ids_params`).
         """
         after = after or {}
         topic_clause = self.topic_filter(table, topics)
@@ -414,7 +416,7 @@ class Dialect:
         for p in partitions:
             q = sa.select(table.c.id, table.c.partition).where(
                 table.c.partition == p, table.c.status == "pending", table.c.available_at == due,
-                table.c.id > after.get(p, 0))
+                table.c.id > sa.bindparam(f"claim_after_{p}", after.get(p, 0), type_=sa.BigInteger()))
             # --- relay group's topics (its own clause, independent of the blocked keys below)
             if topic_clause is not None:
                 q = q.where(topic_clause)
@@ -429,6 +431,11 @@ class Dialect:
         if len(members) == 1:
             return members[0].subquery("claimable")
         return sa.union_all(*members).subquery("claimable")
+
+    def due_ids_params(self, partitions: Sequence[int], after: Mapping[int, int]) -> dict[str, Any]:
+        """The parameters that run a statement built on :meth:`due_ids` of ``partitions`` with
+        other start ids (``after``) than it was built with."""
+        return {f"claim_after_{p}": after.get(p, 0) for p in partitions}
 
     @staticmethod
     def topic_filter(table: sa.Table, topics: Sequence[str] | None) -> sa.ColumnElement[bool] | None:

@@ -202,6 +202,9 @@ class PostgreSQLDialect(Dialect):
                .limit(per_partition).lateral("per_partition"))
         return sa.select(per.c.id, per.c.partition).select_from(parts.join(per, sa.true())).subquery("claimable")
 
+    def due_ids_params(self, partitions: Sequence[int], after: Mapping[int, int]) -> dict[str, Any]:
+        return {"claim_after": [after.get(p, 0) for p in partitions]}  # the array of _held
+
     def claim_by_quota(
         self, connection: Connection, table: sa.Table, columns: Sequence[sa.ColumnElement[Any]],
         partitions: Sequence[int], quotas: Sequence[int], due: Any, blocked: Sequence[Blocker],
