@@ -46,6 +46,7 @@ _OPTIONAL = ("created_at", "attributes", "created_at_text")
 #: positions in a claimed row (the claim's columns are in _COLUMNS order)
 ROW_ID, ROW_TOPIC, ROW_KEY, ROW_PARTITION = 0, 2, 3, 7
 _UTC = dt.timezone.utc
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=_UTC)
 #: IANA names of zones that are UTC at every instant, and the zone objects seen with one of them
 _UTC_NAMES = frozenset({"UTC", "Etc/UTC", "Etc/UCT", "UCT", "Etc/Universal", "Universal", "Etc/Zulu", "Zulu"})
 _UTC_ZONES: set[dt.tzinfo] = set()
@@ -138,6 +139,12 @@ def _created_at(value: Any) -> dt.datetime | None:
             _UTC_ZONES.add(tz)
             return value
         return value.astimezone(_UTC)
+    if type(value) is int:  # microseconds since 1970 (MySQL/MariaDB's claim, see its claim_timestamp)
+        try:
+            return _EPOCH + dt.timedelta(microseconds=value)
+        except OverflowError:
+            raise RowError(f"created_at must be a date and time between the years 1 and 9999, got {value} "
+                           "microseconds from 1970; set it to a real time (or delete the row)") from None
     if value is None:
         return None
     if isinstance(value, (str, bytes)):

@@ -135,3 +135,31 @@ def test_edge_instants_keep_their_time_in_any_session_zone(pg: sa.Engine, zoned:
         assert c.execute(sa.select(sa.func.count()).select_from(T)).scalar() == 0
     assert bool(claims) == watched
     assert relay_zones == ["UTC"], "the relay's own sessions are in UTC, whatever the application's are"
+
+
+#: MariaDB's DATETIME(6) range and around 1970 (a negative count)
+MYSQL_EDGES = [
+    dt.datetime(1000, 1, 1, tzinfo=UTC),
+    dt.datetime(1969, 12, 31, 23, 59, 59, 999999, tzinfo=UTC),
+    dt.datetime(1970, 1, 1, tzinfo=UTC),
+    dt.datetime(2026, 12, 4, 19, 40, 1, 123456, tzinfo=UTC),
+    dt.datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC),
+]
+
+
+def test_mariadb_claim_reads_created_at_as_microseconds_and_keeps_every_instant(
+        dialect_name: str, engine: sa.Engine, claimed_rows: list[Any]) -> None:
+    """pymysql parses a DATETIME in Python (a tenth of a MariaDB drain); the claim reads the
+    microseconds since 1970 as an integer instead, and each record carries the stored instant to
+    the microsecond. (The zero date comes as text and its row alone is refused:
+    tests/badinput/test_row_inputs.py.)"""
+    if dialect_name != "mariadb":
+        pytest.skip("the integer reading is MySQL/MariaDB's claim_timestamp")
+    ids = _add(engine, len(MYSQL_EDGES))
+    with engine.begin() as c:
+        for rid, when in zip(ids, MYSQL_EDGES, strict=True):
+            c.execute(sa.update(T).where(T.c.id == rid).values(created_at=when))
+    pub = _drain(engine)
+    assert claimed_rows and all(type(r[CREATED]) is int for r in claimed_rows), claimed_rows[:1]
+    got = {m.id: m.record.created_at for m in pub.messages if m.record is not None}
+    assert got == dict(zip(ids, MYSQL_EDGES, strict=True))

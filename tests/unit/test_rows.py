@@ -88,6 +88,18 @@ def test_bad_attributes_name_the_row_and_the_problem(value: str, fragment: str) 
     assert str(err.value).startswith("row 7: ") and fragment in str(err.value)
 
 
+def test_created_at_as_microseconds_since_1970_is_that_instant_in_utc() -> None:
+    """MySQL/MariaDB's claim reads created_at as an integer (``TIMESTAMPDIFF(MICROSECOND, ...)``)."""
+    import datetime as dt
+
+    for when in (dt.datetime(2026, 12, 4, 19, 40, 1, 123456, tzinfo=dt.timezone.utc),
+                 dt.datetime(1000, 1, 1, tzinfo=dt.timezone.utc),
+                 dt.datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=dt.timezone.utc)):
+        micros = (when - dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)) // dt.timedelta(microseconds=1)
+        got = decode_row(raw(created_at=micros), json_as_text=True).created_at
+        assert got == when and got is not None and got.utcoffset() == dt.timedelta(0), when
+
+
 def test_created_at_is_aware_utc_whatever_zone_the_driver_used() -> None:
     import datetime as dt
     import zoneinfo
@@ -104,7 +116,8 @@ def test_created_at_is_aware_utc_whatever_zone_the_driver_used() -> None:
     ("10000-01-01 00:00:00+00", "got '10000-01-01 00:00:00+00'"),
     ("0000-00-00 00:00:00", "got '0000-00-00 00:00:00'"),
     (b"\xff", "got b'\\xff'"),
-    (12345, "created_at must be a date and time, got a number"),
+    (12345.5, "created_at must be a date and time, got a number"),
+    (10**20, "got 100000000000000000000 microseconds from 1970"),
 ])
 def test_unreadable_created_at_refuses_its_row_naming_the_value(value: object, fragment: str) -> None:
     """A value no datetime holds is refused (the row goes dead), not sent with the send time instead."""
