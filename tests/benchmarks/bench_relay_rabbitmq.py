@@ -127,7 +127,8 @@ def main() -> None:
     p = b.parser(__doc__ or "", n=200_000, keys=1000)
     p.add_argument("--window", type=int, default=1000)
     p.add_argument("--rabbitmq", default=b.RABBITMQ_URL)
-    p.add_argument("--rounds", type=int, default=1, help="rounds of the three sides (order reversed every other round)")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="rounds of the three sides (order reversed every other round; default 3, medians reported)")
     args = b.parse(p)
     exchange = f"bench-{uuid.uuid4().hex[:8]}"
     queue = f"{exchange}-q"
@@ -156,12 +157,18 @@ def main() -> None:
         ch.exchange_delete(exchange=exchange)
         conn.close()
     relay_rate, flat_rate, raw_rate = (statistics.median(rates[k]) for k in ("relay", "relay_no_pipeline", "raw"))
+    # each round's relay against the same round's raw loop, as bench_relay_kafka.py pairs them
+    ratios = [b.ratio(r, w) for r, w in zip(rates["relay"], rates["raw"], strict=True)]
+    flat_ratios = [b.ratio(r, w) for r, w in zip(rates["relay_no_pipeline"], rates["raw"], strict=True)]
     b.emit("relay_rabbitmq_db", args.db)
+    b.emit("relay_rabbitmq_rounds", len(ratios))
     b.emit("relay_rabbitmq_msgs_per_s", relay_rate)
     b.emit("relay_rabbitmq_no_pipeline_msgs_per_s", flat_rate)
     b.emit("baseline_raw_pika_confirms_msgs_per_s", raw_rate)
-    b.emit("relay_rabbitmq_vs_raw_pika_ratio", b.ratio(relay_rate, raw_rate))
-    b.emit("relay_rabbitmq_no_pipeline_vs_raw_pika_ratio", b.ratio(flat_rate, raw_rate))
+    b.emit("relay_rabbitmq_vs_raw_pika_ratios", " ".join(f"{r:.3f}" for r in ratios))
+    b.emit("relay_rabbitmq_vs_raw_pika_ratio", statistics.median(ratios))
+    b.emit("relay_rabbitmq_no_pipeline_vs_raw_pika_ratios", " ".join(f"{r:.3f}" for r in flat_ratios))
+    b.emit("relay_rabbitmq_no_pipeline_vs_raw_pika_ratio", statistics.median(flat_ratios))
     b.emit("relay_rabbitmq_pipeline_vs_no_pipeline_ratio", b.ratio(relay_rate, flat_rate))
 
 
