@@ -7,10 +7,12 @@ leases, fencing and shutdown.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import threading
 import time
+from collections.abc import Iterator
 
 import pytest
 import sqlalchemy as sa
@@ -45,6 +47,21 @@ def seqs_by_key(pub: MemoryPublisher) -> dict[str, list[int]]:
     for m in pub.snapshot():
         out.setdefault(m.key, []).append(json.loads(m.payload)["seq"])
     return out
+
+
+@contextlib.contextmanager
+def statements(engine: sa.Engine) -> Iterator[list[str]]:
+    """Every statement ``engine`` runs inside the block, its whitespace folded."""
+    seen: list[str] = []
+
+    def note(conn, cursor, statement, params, context, executemany) -> None:
+        seen.append(" ".join(statement.split()))
+
+    sa.event.listen(engine, "before_cursor_execute", note)
+    try:
+        yield seen
+    finally:
+        sa.event.remove(engine, "before_cursor_execute", note)
 
 
 def pending_rows(engine: sa.Engine) -> list:
@@ -427,16 +444,10 @@ def test_innodb_a_neighbours_held_claim_skips_none_of_our_rows_and_no_gap_check_
     for k in range(64):  # uncommitted rows in every partition, ids after the committed ones
         Outbox().add(app, "orders", {"seq": -1}, key=f"k{k}")
     app.flush()
-    seen: list[str] = []
-
-    def note(conn, cursor, statement, params, context, executemany) -> None:
-        seen.append(" ".join(statement.split()))
-
-    sa.event.listen(ours.engine, "before_cursor_execute", note)
     try:
-        ours.run_once()
+        with statements(ours.engine) as seen:
+            ours.run_once()
     finally:
-        sa.event.remove(ours.engine, "before_cursor_execute", note)
         app.rollback()
         app.close()
         held_tx.rollback()
@@ -489,17 +500,10 @@ def test_a_delivered_batch_costs_the_lease_lock_the_claim_and_the_delete(engine:
     # ran a rebalance in between (its UPDATEs, and the DELETE of long-expired members)
     relay = Relay(engine, pub, config=cfg(batch_size=100, pipeline=False, lease_ttl=60.0))
     relay.start()
-    seen: list[str] = []
-
-    def note(conn, cursor, statement, params, context, executemany) -> None:
-        seen.append(" ".join(statement.split()[:2]).upper())
-
-    sa.event.listen(relay.engine, "before_cursor_execute", note)
-    try:
+    with statements(relay.engine) as run:
         relay.drain()
-    finally:
-        sa.event.remove(relay.engine, "before_cursor_execute", note)
     relay.close()
+    seen = [" ".join(q.split()[:2]).upper() for q in run]
     assert len(pub.messages) == 300 and pending_rows(engine) == []
     assert not [s for s in seen if "SAVEPOINT" in s], seen
     assert len([s for s in seen if s.startswith("DELETE")]) == relay.stats.rounds >= 3  # one a batch
