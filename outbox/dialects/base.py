@@ -434,7 +434,11 @@ class Dialect:
 
     def due_ids_params(self, partitions: Sequence[int], after: Mapping[int, int]) -> dict[str, Any]:
         """The parameters that run a statement built on :meth:`due_ids` of ``partitions`` with
-        other start ids (``after``) than it was built with."""
+        other start ids (``after``) than it was built with.
+
+        The relay builds its claim once and runs it every round with these: a dialect that
+        overrides :meth:`due_ids` overrides this too (PostgreSQL's passes its ``claim_after`` array).
+        """
         return {f"claim_after_{p}": after.get(p, 0) for p in partitions}
 
     @staticmethod
