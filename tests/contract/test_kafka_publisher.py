@@ -27,6 +27,7 @@ pytestmark = pytest.mark.kafka
         ({"config": {"acks": 1}}, "acks"),
         ({"config": {"enable.idempotence": "false"}}, "enable.idempotence"),
         ({"config": {"on_delivery": print}}, "on_delivery"),
+        ({"config": {"delivery.report.only.error": False}}, "delivery.report.only.error"),
         ({"config": {"no.such.setting": 1}}, "no.such.setting"),
     ],
 )
@@ -195,3 +196,21 @@ def test_a_small_batch_is_not_held_for_linger_ms(kafka_bootstrap, kafka_topic, m
             assert took < 2.5, f"{n} message(s) took {took:.2f} s: held for linger.ms"
     finally:
         pub.close()
+
+
+def test_a_failure_report_lands_on_its_own_message_and_the_rest_of_the_batch_is_delivered(
+        kafka_bootstrap, kafka_topic, make_record):
+    """Only failed messages are reported (``delivery.report.only.error``): a batch that mixes a
+    missing topic into an existing one gets RETRY for exactly those messages, DELIVERED for the rest."""
+    missing = f"missing-{uuid.uuid4().hex[:8]}"
+    records = [make_record(missing if i % 7 == 3 else kafka_topic, b"{}", key=f"k{i}") for i in range(40)]
+    pub = KafkaPublisher(bootstrap_servers=kafka_bootstrap, topic_metadata_timeout_ms=500)
+    try:
+        results = pub.publish(records, timeout=30)
+    finally:
+        pub.close()
+    assert [r.id for r in results] == [r.id for r in records]
+    expected = [Outcome.RETRY if rec.topic == missing else Outcome.DELIVERED for rec in records]
+    assert [r.outcome for r in results] == expected, [(r.outcome, r.error) for r in results]
+    assert all("UNKNOWN_TOPIC" in (r.error or "") or "UNKNOWN_PART" in (r.error or "")
+               for r in results if r.outcome is Outcome.RETRY), results

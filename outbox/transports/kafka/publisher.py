@@ -27,8 +27,15 @@ again on the new one; so does a run of batches that delivered nothing for longer
 unreachable or the producer broke raises :class:`~outbox.errors.BrokerUnavailable`: the relay
 backs off as a whole and counts no attempt against the rows.
 
-A message whose delivery report has not arrived when ``publish`` returns stays queued in
-librdkafka and may still be delivered later (a duplicate once the relay retries it; consumers
+Delivery reports: librdkafka reports only failed messages to Python (``delivery.report.only.error``,
+which the adapter owns): a report per delivered message cost about a microsecond and a half of the
+relay's one thread each. A message counts as DELIVERED only when the producer has settled (holds
+nothing: no message queued or in flight, no report left to serve) with no failure reported for it,
+since librdkafka releases a message only after the broker acknowledged it (acks=all) or after
+reporting its failure.
+
+A message whose verdict is not known when ``publish`` returns stays queued in librdkafka and may
+still be delivered later (a duplicate once the relay retries it; consumers
 deduplicate by message id). Keep ``message_timeout_ms`` below the relay's publish timeout so
 librdkafka gives its verdict first.
 """
@@ -57,7 +64,7 @@ logger = logging.getLogger("outbox.brokers.kafka")  # the name users configure: 
 _COMPRESSIONS = ("none", "gzip", "snappy", "lz4", "zstd")
 
 # Settings the adapter owns: changing them would break the delivery guarantees or the callbacks.
-_RESERVED = {"on_delivery", "dr_cb", "dr_msg_cb", "transactional.id"}
+_RESERVED = {"on_delivery", "dr_cb", "dr_msg_cb", "transactional.id", "delivery.report.only.error"}
 
 
 def _codes(*names: str) -> frozenset[int]:
@@ -196,6 +203,10 @@ class KafkaPublisher:
             "logger": logging.getLogger("outbox.brokers.kafka.librdkafka"),
             **user,
             "error_cb": self._on_error,
+            # A delivery report reaches Python only for a failed message (confluent-kafka skips the
+            # callback, its Message object and its arguments for the others): a message queued on a
+            # producer that has since settled (nothing left in it) without a report was delivered.
+            "delivery.report.only.error": True,
         }
         self._broken: KafkaError | None = None
         """A fatal or fencing error: the producer must be recreated."""
@@ -309,12 +320,14 @@ class KafkaPublisher:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _recreate(self) -> None:
+    def _recreate(self) -> bool:
+        """Replace the producer with a new one; whether the old one settled (see :meth:`_await`) once purged."""
         old, self._producer = self._producer, None
+        settled = False
         if old is not None:
             try:
                 old.purge()
-                self._serve(old, 0)
+                settled = self._drain(old, 0) == 0  # serves the purged messages' (error) reports
             except KafkaException:
                 pass
         # Cleared only now: the old producer's last callbacks, served just above, may report it broken
@@ -322,6 +335,7 @@ class KafkaPublisher:
         # the old producer; charged to the new one it made the resend round give up at once.
         self._broken = None
         self._producer = self._new_producer()
+        return settled
 
     # ------------------------------------------------------------------ serving while idle
 
@@ -352,6 +366,8 @@ class KafkaPublisher:
 
     def _on_delivery(self, results: list[PublishResult | None], records: Sequence[OutboxRecord], index: int,
                      err: KafkaError | None, _msg: Message) -> None:
+        # Called for failed messages only (``delivery.report.only.error``); a delivered one is
+        # recognised by the producer settling without a report for it (:meth:`_settle`).
         if err is None:
             results[index] = delivered(records[index].id)
             return
@@ -417,13 +433,17 @@ class KafkaPublisher:
                 return PublishResult(rec.id, Outcome.FAILED, f"rejected by the Kafka client: {exc}")
 
     def _queue(self, producer: Producer, records: Sequence[OutboxRecord], todo: list[int],
-               results: list[PublishResult | None], held: dict[str, int], deadline: float) -> None:
-        """Queue the records ``todo`` (indexes, in order) on ``producer``; their delivery reports fill ``results``.
+               results: list[PublishResult | None], held: dict[str, int], deadline: float) -> list[int]:
+        """Queue the records ``todo`` (indexes, in order) on ``producer``; returns the indexes it queued.
+
+        A record that could not be queued gets its result now; a queued one that fails gets it from
+        its delivery report, and one delivered from :meth:`_settle`.
 
         ``held`` maps keys whose earlier message was not queued to that message's id: later messages
         with those keys come back RETRY with ``held=True``, so per-key order survives a failure in the
         middle of a batch.
         """
+        queued: list[int] = []
         for n, i in enumerate(todo):
             if self._broken is not None:
                 break  # the rest stay without a verdict: sent again on a new producer, or RETRY
@@ -434,28 +454,45 @@ class KafkaPublisher:
                 continue
             res = self._produce_one(producer, rec, functools.partial(self._on_delivery, results, records, i),
                                     deadline)
-            if res is not None:
+            if res is None:
+                queued.append(i)
+            else:
                 results[i] = res
                 if rec.key is not None:
                     held[rec.key] = rec.id
             if n % 128 == 127:
                 self._serve(producer, 0)
+        return queued
 
-    def _await(self, producer: Producer, todo: list[int], results: list[PublishResult | None],
-               deadline: float) -> None:
-        """Serve delivery reports until every record of ``todo`` has a verdict, the producer breaks or
-        ``deadline`` passes."""
+    def _await(self, producer: Producer, deadline: float) -> bool:
+        """Serve delivery reports until the producer has settled (True), breaks or ``deadline`` passes (False).
+
+        Settled: nothing is left in it, neither queued, in flight nor a report to serve. Every message
+        it was given has then either been acknowledged (acks=all) or had its failure reported, so one
+        of this batch's queued messages without a report was delivered. (The batch is all it holds but
+        for what an earlier batch's timeout left behind, which settles within ``message.timeout.ms``.)
+        """
+        timeout = 0.0
         while True:
-            self._serve(producer, 0)
-            if all(results[i] is not None for i in todo) or self._broken is not None:
-                return
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return
             # flush, not poll: while librdkafka flushes it sends what is lingering at once. The
             # whole batch is queued by now, so linger.ms has done its work (batching the queue
             # while it filled) and waiting it out would only add latency to a small batch.
-            self._drain(producer, min(left, 0.1))
+            left_in_producer = self._drain(producer, timeout)
+            if self._broken is not None:
+                return False
+            if not left_in_producer:
+                return True
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            timeout = min(left, 0.1)
+
+    @staticmethod
+    def _settle(records: Sequence[OutboxRecord], results: list[PublishResult | None], queued: list[int]) -> None:
+        """Once the producer that took ``queued`` has settled: those without a failure report were delivered."""
+        for i in queued:
+            if results[i] is None:
+                results[i] = delivered(records[i].id)
 
     def publish(self, records: Sequence[OutboxRecord], *, timeout: float = 30.0) -> list[PublishResult]:
         """Produce ``records`` and wait up to ``timeout`` s for their delivery reports.
@@ -483,23 +520,26 @@ class KafkaPublisher:
         held: dict[str, int] = {}
         todo = list(range(len(records)))
         assert self._producer is not None
-        self._queue(self._producer, records, todo, results, held, deadline)
-        return functools.partial(self._complete, records, results, held, todo, deadline, timeout)
+        queued = self._queue(self._producer, records, todo, results, held, deadline)
+        return functools.partial(self._complete, records, results, held, todo, queued, deadline, timeout)
 
     def _complete(self, records: Sequence[OutboxRecord], results: list[PublishResult | None], held: dict[str, int],
-                  todo: list[int], deadline: float, timeout: float) -> list[PublishResult]:
+                  todo: list[int], queued: list[int], deadline: float, timeout: float) -> list[PublishResult]:
         """Wait for the verdicts of a batch :meth:`begin_publish` queued; resend on a new producer if it broke."""
         broken: KafkaError | None = None
         for round_no in range(1 + _RESENDS):
             assert self._producer is not None
             if round_no:
-                self._queue(self._producer, records, todo, results, held, deadline)
-            self._await(self._producer, todo, results, deadline)
+                queued = self._queue(self._producer, records, todo, results, held, deadline)
+            settled = self._await(self._producer, deadline)
             broken = self._broken
             if broken is None:
+                if settled:
+                    self._settle(records, results, queued)
                 break
             logger.warning("recreating the Kafka producer: %s", _reason(broken))
-            self._recreate()
+            if self._recreate():  # purged: every message it still held has a failure report now
+                self._settle(records, results, queued)
             if round_no == _RESENDS or time.monotonic() >= deadline:
                 break
             todo = self._to_resend(records, results, todo, held)

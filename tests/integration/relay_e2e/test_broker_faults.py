@@ -20,8 +20,10 @@ from urllib.parse import urlsplit
 import pytest
 import sqlalchemy as sa
 
-from outbox.brokers import KafkaPublisher, RabbitMQPublisher
+from outbox.brokers import KafkaPublisher, Outcome, RabbitMQPublisher
 from outbox.devbroker import free_port
+from outbox.errors import BrokerUnavailable
+from outbox.message import OutboxRecord
 from tests._proxy import FaultProxy
 from tests.faults._harness import OwnTansu
 
@@ -142,6 +144,39 @@ def test_kafka_link_paused_longer_than_message_timeout(db, proxied_tansu, thread
     assert relay.stats.dead == 0 and d.dead_rows() == []
     got = _read_all(proxied_tansu.bootstrap, topic, set(range(n)), timeout=60)
     first_occurrences_in_order(got)
+
+
+@pytest.mark.kafka
+def test_kafka_messages_without_an_acknowledgement_are_never_reported_delivered(proxied_tansu):
+    """The publisher hears only of failed messages (``delivery.report.only.error``) and takes a queued
+    message without a report as delivered only once the producer holds nothing. A link paused
+    mid-batch leaves the batch, and the next one queued behind it, in the producer unacknowledged:
+    neither may come back DELIVERED. Once the link is back, the next batch is delivered."""
+    topic = f"unacked-{uuid.uuid4().hex[:8]}"
+    create_topic(proxied_tansu.bootstrap, topic)
+    pub = KafkaPublisher(bootstrap_servers=proxied_tansu.bootstrap, message_timeout_ms=20_000, connect_timeout=5,
+                         config={"log_level": 0})
+    ids = iter(range(1, 1_000_000))
+
+    def batch(n: int) -> list[OutboxRecord]:
+        return [OutboxRecord(id=next(ids), message_id=uuid.uuid4(), topic=topic, key=f"k{i % 3}", payload=b"{}")
+                for i in range(n)]
+
+    try:
+        assert {r.outcome for r in pub.publish(batch(5), timeout=30)} == {Outcome.DELIVERED}
+        proxied_tansu.proxy.pause()
+        for _ in range(2):  # the second batch finds the first's messages in flight still in the producer
+            try:
+                results = pub.publish(batch(20), timeout=1.0)
+            except BrokerUnavailable:
+                continue  # raised only for a batch of which nothing was delivered
+            assert [r.outcome for r in results] == [Outcome.RETRY] * 20, results
+        proxied_tansu.proxy.resume()
+        results = pub.publish(batch(20), timeout=30)
+        assert [r.outcome for r in results] == [Outcome.DELIVERED] * 20, results
+    finally:
+        proxied_tansu.proxy.resume()
+        pub.close(timeout=5)
 
 
 # ------------------------------------------------------------------ Kafka: a topic created after its rows
