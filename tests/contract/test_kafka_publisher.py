@@ -214,3 +214,59 @@ def test_a_failure_report_lands_on_its_own_message_and_the_rest_of_the_batch_is_
     assert [r.outcome for r in results] == expected, [(r.outcome, r.error) for r in results]
     assert all("UNKNOWN_TOPIC" in (r.error or "") or "UNKNOWN_PART" in (r.error or "")
                for r in results if r.outcome is Outcome.RETRY), results
+
+
+def _java_murmur2(data: bytes) -> int:
+    """Kafka's ``Utils.murmur2`` (the Java client's default partitioner), as an unsigned 32-bit value."""
+    m, length = 0x5BD1E995, len(data)
+    h = (0x9747B28C ^ length) & 0xFFFFFFFF
+    for i in range(0, length - length % 4, 4):
+        k = int.from_bytes(data[i:i + 4], "little")
+        k = (k * m) & 0xFFFFFFFF
+        k ^= k >> 24
+        k = (k * m) & 0xFFFFFFFF
+        h = ((h * m) & 0xFFFFFFFF) ^ k
+    tail, rest = length & ~3, length % 4
+    if rest == 3:
+        h ^= data[tail + 2] << 16
+    if rest >= 2:
+        h ^= data[tail + 1] << 8
+    if rest >= 1:
+        h ^= data[tail]
+        h = (h * m) & 0xFFFFFFFF
+    h ^= h >> 13
+    h = (h * m) & 0xFFFFFFFF
+    return h ^ (h >> 15)
+
+
+def test_keys_land_on_the_java_clients_partition(kafka_bootstrap, kafka_topic, make_record):
+    """A key goes to the partition the Java client's murmur2 partitioner picks (``toPositive(murmur2(key)) % n``),
+    so a service producing the same keys from Java, or reading by partition, agrees with the relay."""
+    from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+
+    assert _java_murmur2(b"21") == -973932308 & 0xFFFFFFFF  # Kafka's own UtilsTest vectors
+    assert _java_murmur2(b"foobar") == -790332482 & 0xFFFFFFFF
+    keys = [f"customer-{i}" for i in range(60)]
+    pub = KafkaPublisher(bootstrap_servers=kafka_bootstrap)
+    try:
+        results = pub.publish([make_record(kafka_topic, k.encode(), key=k) for k in keys], timeout=30)
+    finally:
+        pub.close()
+    assert {r.outcome for r in results} == {Outcome.DELIVERED}
+    reader = Consumer({"bootstrap.servers": kafka_bootstrap, "group.id": f"part-{uuid.uuid4().hex[:8]}",
+                       "enable.auto.commit": False, "log_level": 0})
+    try:
+        reader.assign([TopicPartition(kafka_topic, p, OFFSET_BEGINNING) for p in range(3)])
+        seen: dict[str, int] = {}
+        deadline = time.monotonic() + 30
+        while len(seen) < len(keys) - 3 and time.monotonic() < deadline:  # tansu may lose a partition's first record
+            for m in reader.consume(num_messages=100, timeout=0.2):
+                if m.error() is None:
+                    seen[m.key().decode()] = m.partition()
+    finally:
+        reader.close()
+    assert len(seen) >= len(keys) - 3, f"read back {len(seen)} of {len(keys)}"
+    wrong = {k: (p, (_java_murmur2(k.encode()) & 0x7FFFFFFF) % 3) for k, p in seen.items()
+             if p != (_java_murmur2(k.encode()) & 0x7FFFFFFF) % 3}
+    assert not wrong, f"key: (partition, Java's partition) {wrong}"
+    assert len(set(seen.values())) == 3
