@@ -60,6 +60,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..errors import ConfigurationError
+from ..ids import uuid_text
 from ..incoming import IncomingMessage
 from ..message import OutboxRecord
 from .base import CONTENT_TYPE_HEADER, Envelope
@@ -154,7 +155,7 @@ class CloudEventsCodec:
     # ------------------------------------------------------------------ encode
 
     def encode(self, record: OutboxRecord, binding: str) -> Envelope:
-        mid = str(record.message_id)
+        mid = uuid_text(record.message_id)
         attrs: Mapping[str, str] = getattr(record, "attributes", None) or {}
         headers: dict[str, str | bytes] = _user_headers(record.headers, binding) if record.headers else {}
         ce_type = attrs.get("type") or record.topic

@@ -35,6 +35,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from ..ids import uuid_text
 from ..incoming import IncomingMessage
 from ..message import OutboxRecord
 from .base import CONTENT_TYPE_HEADER, Envelope
@@ -63,7 +64,7 @@ class DebeziumCodec:
         return _RESERVED[binding]
 
     def encode(self, record: OutboxRecord, binding: str) -> Envelope:
-        mid = str(record.message_id)
+        mid = uuid_text(record.message_id)
         reserved = self.reserved(binding)
         headers: dict[str, str | bytes] = (
             {k: v for k, v in record.headers.items() if k.lower() not in reserved} if record.headers else {}

@@ -15,6 +15,7 @@ import datetime as dt
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigurationError
+from ..ids import uuid_text
 from ..incoming import IncomingMessage, header_text
 from ..message import OutboxRecord
 from .base import BINDINGS, CONTENT_TYPE_HEADER, MESSAGE_ID_HEADER, Codec, Envelope
@@ -66,7 +67,7 @@ class NativeCodec:
         return _OWN_KAFKA if binding == "kafka" else _OWN_AMQP
 
     def encode(self, record: OutboxRecord, binding: str) -> Envelope:
-        mid = str(record.message_id)
+        mid = uuid_text(record.message_id)
         # (the relay's per-message path: one dict copy, no comprehension, for the usual row without our names)
         headers: dict[str, str | bytes] = dict(record.headers) if record.headers else {}
         if binding == "kafka":

@@ -23,7 +23,15 @@ from outbox import (
 )
 from outbox._redact import mask_secrets, mask_url
 from outbox.config import RelayConfig
+from outbox.ids import uuid_text
 from outbox.leases import _ranges
+
+
+@pytest.mark.parametrize("value", [uuid.UUID(int=0), uuid.UUID(int=(1 << 128) - 1), uuid.UUID(int=1),
+                                   uuid.UUID(int=1 << 127), *(uuid.uuid4() for _ in range(200)),
+                                   *(uuid7() for _ in range(50))])
+def test_uuid_text_is_str_of_the_uuid(value: uuid.UUID) -> None:
+    assert uuid_text(value) == str(value)
 
 
 def test_uuid7_is_version_7_and_sorts_in_creation_order() -> None:
